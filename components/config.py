@@ -1,0 +1,279 @@
+"""The run configuration: YAML validated into typed objects.
+
+Every stage receives the whole validated config as a plain dict (a KFP parameter) and turns it
+back into `RegMixConfig`, so a pipeline compiled from one YAML carries everything it needs.
+Bad values stop with `ConfigError`: one message naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from components.model import SHAPES, ModelShape
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; its message names the field and the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DomainSource(Strict):
+    """One corpus domain: local files (jsonl/txt/parquet; a file, folder or glob) or a HF dataset."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str | None = None
+    hf_path: str | None = None
+    hf_name: str | None = None
+    hf_split: str = "train"
+    text_column: str = "text"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.hf_path is None):
+            raise ValueError(f"domain '{self.name}': give exactly one of `path` or `hf_path`")
+        return self
+
+
+class CorpusConfig(Strict):
+    tinypile: Literal["tiny", "full"] | None = None  # build the bundled demo corpus
+    spec: str | None = None  # a corpus YAML: {name, domains: [...]}
+    domains: list[DomainSource] | None = None  # or the domains inline
+    validation_tokens: int = Field(16_384, gt=0)  # fixed held-out tokens per domain
+    max_train_tokens: int | None = Field(None, gt=0)  # cap per domain (None: all)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("tinypile", "spec", "domains") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of `tinypile` (tiny|full), `spec` (a corpus YAML) or "
+                f"`domains` (a list); got {given or 'none'}"
+            )
+        if self.domains is not None:
+            check_unique([d.name for d in self.domains], "corpus.domains")
+        return self
+
+
+class TokenizerConfig(Strict):
+    kind: Literal["bpe", "file", "hf"] = "bpe"
+    vocab_size: int = Field(4096, ge=256, le=1 << 20)  # for kind=bpe
+    path: str | None = None  # for kind=file: a tokenizer.json
+    name: str | None = None  # for kind=hf: a Hugging Face tokenizer name
+    train_bytes_per_domain: int = Field(2_000_000, gt=0)  # bpe training sample per domain
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.kind == "file" and not self.path:
+            raise ValueError("tokenizer.kind 'file' needs `path` (a tokenizer.json)")
+        if self.kind == "hf" and not self.name:
+            raise ValueError("tokenizer.kind 'hf' needs `name` (e.g. EleutherAI/gpt-neox-20b)")
+        return self
+
+
+class TrainRecipe(Strict):
+    """The paper's recipe: AdamW, warmup then cosine decay to a floor, clipping, a token budget."""
+
+    tokens: int = Field(gt=0)  # training token budget
+    batch_size: int = Field(16, gt=0)  # sequences per optimizer step
+    micro_batch_size: int | None = Field(None, gt=0)  # None: no gradient accumulation
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _micro(self):
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+        return self
+
+
+class ModelConfig(Strict):
+    shape: str | ModelShape  # a name from components.model.SHAPES, or the fields inline
+
+    @field_validator("shape", mode="before")
+    @classmethod
+    def _shape(cls, v):
+        if isinstance(v, str):
+            if v not in SHAPES:
+                raise ValueError(f"unknown shape '{v}'; known: {', '.join(SHAPES)}")
+            return v
+        if isinstance(v, dict):
+            return ModelShape(**v)
+        return v
+
+    def resolve(self) -> ModelShape:
+        return SHAPES[self.shape] if isinstance(self.shape, str) else self.shape
+
+
+class MixtureConfig(Strict):
+    """The paper's sampler: Dirichlet around the token prior."""
+
+    count: int = Field(32, ge=2)
+    temperature: float = Field(0.5, gt=0)  # prior = token share ** temperature, renormalised
+    strength_min: float = Field(0.1, gt=0)
+    strength_max: float = Field(5.0, gt=0)
+    min_weight: float = Field(0.002, ge=0, lt=1)  # weights below are zeroed
+    max_epochs: float = Field(4.0, gt=0)  # no domain repeated more in a proxy's budget
+    include_prior: bool = True  # also train the prior itself (a natural baseline point)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.strength_min > self.strength_max:
+            raise ValueError("mixtures.strength_min must be <= strength_max")
+        return self
+
+
+class ProxyConfig(Strict):
+    model: ModelConfig
+    train: TrainRecipe
+    per_task: int = Field(1, ge=1)  # proxies trained one after another in one task (pod)
+    parallelism: int = Field(8, ge=1)  # concurrent proxy tasks on a cluster
+
+
+class RegressionConfig(Strict):
+    target: str | dict[str, float] = "mean"  # "mean" of all domains, one domain, or weights
+    model: Literal["auto", "lightgbm", "linear", "gp", "ensemble"] = "lightgbm"
+    folds: int = Field(5, ge=2)
+    tune_trials: int = Field(0, ge=0)
+
+    def target_weights(self, domains: list[str]) -> dict[str, float]:
+        """The target as weights over domains' validation losses."""
+        if self.target == "mean":
+            return {d: 1 / len(domains) for d in domains}
+        if isinstance(self.target, str):
+            return {self.target: 1.0}
+        return dict(self.target)
+
+
+def target_loss(val_loss: dict[str, float], weights: dict[str, float]) -> float:
+    return sum(w * val_loss[d] for d, w in weights.items())
+
+
+class SearchConfig(Strict):
+    method: Literal["cmaes", "tpe", "paper"] = "cmaes"
+    trials: int = Field(3000, ge=10)
+    min_weight: dict[str, float] = {}
+    max_weight: dict[str, float] = {}
+    fixed: dict[str, float] = {}
+    max_epochs: float | None = Field(4.0, gt=0)  # of the large run's budget; None: no cap
+    allow_extrapolation: bool = False
+
+
+class GateConfig(Strict):
+    proxies: int = Field(6, ge=3)  # fresh mixtures (the chosen one included)
+    spearman_threshold: float = Field(0.8, ge=-1, le=1)
+
+
+class LargeConfig(Strict):
+    model: ModelConfig
+    train: TrainRecipe
+
+
+class TrackingConfig(Strict):
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
+
+
+class RegMixConfig(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")  # pipeline and MLflow experiment name
+    seed: int = 0
+    corpus: CorpusConfig
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    mixtures: MixtureConfig = MixtureConfig()
+    proxy: ProxyConfig
+    regression: RegressionConfig = RegressionConfig()
+    search: SearchConfig = SearchConfig()
+    gate: GateConfig = GateConfig()
+    large: LargeConfig
+    tracking: TrackingConfig = TrackingConfig()
+
+    def check_domains(self, domains: list[str]) -> None:
+        """Check every domain the config names exists in the corpus."""
+        known = set(domains)
+        named = {
+            "regression.target": [] if self.regression.target == "mean" else (
+                [self.regression.target] if isinstance(self.regression.target, str)
+                else list(self.regression.target)
+            ),
+            "search.min_weight": list(self.search.min_weight),
+            "search.max_weight": list(self.search.max_weight),
+            "search.fixed": list(self.search.fixed),
+        }
+        for field, names in named.items():
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise ConfigError(
+                    f"{field}: unknown domain(s) {unknown}; the corpus has {sorted(known)}"
+                )
+        if isinstance(self.regression.target, dict):
+            weights = self.regression.target.values()
+            if any(w < 0 for w in weights) or not math.isclose(sum(weights), 1, abs_tol=1e-6):
+                raise ConfigError(
+                    "regression.target: weights must be >= 0 and sum to 1 "
+                    f"(they sum to {sum(weights):.6g}); rescale them"
+                )
+        bounds = {**self.search.min_weight, **self.search.max_weight, **self.search.fixed}
+        for domain, w in bounds.items():
+            if not 0 <= w <= 1:
+                raise ConfigError(f"search: weight for '{domain}' is {w}; weights lie in [0, 1]")
+        if sum(self.search.fixed.values()) > 1 + 1e-9:
+            raise ConfigError("search.fixed: fixed weights sum to more than 1; lower them")
+
+
+def check_unique(names: list[str], field: str) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{field}: duplicate domain name(s) {dupes}; names must be unique")
+
+
+def parse_config(data: dict, source: str = "config") -> RegMixConfig:
+    try:
+        return RegMixConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path) -> RegMixConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}; pass an existing YAML (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    config = parse_config(data, str(path))
+    # Relative corpus paths are relative to the config file, so a config works from any cwd.
+    if config.corpus.spec and not Path(config.corpus.spec).is_absolute():
+        corpus = config.corpus.model_copy(update={"spec": str(path.parent / config.corpus.spec)})
+        config = config.model_copy(update={"corpus": corpus})
+    return config
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: {error.error_count()} invalid value(s):"]
+    for e in error.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown key; remove it or fix its spelling")
+        elif e["type"] == "missing":
+            lines.append(f"  {field}: required; add it")
+        else:
+            lines.append(f"  {field}: {e['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)

@@ -1,0 +1,282 @@
+"""Stage 0, prepare_data: corpus -> tokenizer -> packed per-domain token arrays.
+
+Output folder (the contract every later stage reads through `TokenData`):
+  tokenizer.json          the tokenizer used
+  train/<domain>.npy      token ids of the domain's training documents, EOS between documents
+  validation/<domain>.npy exactly `validation_tokens` ids from held-out documents
+  meta.json               domains, token counts (the sampling prior), vocab, fingerprint
+"""
+
+
+import glob
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from kfp import dsl
+from kfp.dsl import Output
+
+from components import IMAGE
+from components.config import CorpusConfig, DomainSource, TokenizerConfig, check_unique
+
+log = logging.getLogger("regmix.data")
+
+EOS = "<|endoftext|>"
+LOADERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+
+
+class CorpusError(ValueError):
+    """A user-facing corpus problem; the message names the domain or file and the fix."""
+
+
+# ---------------------------------------------------------------- corpus spec and documents
+def resolve_domains(corpus: CorpusConfig) -> tuple[list[DomainSource], Path]:
+    """The corpus's domains and the folder their relative paths are relative to."""
+    if corpus.domains is not None:
+        return list(corpus.domains), Path.cwd()
+    if corpus.tinypile is not None:
+        from components.tinypile import build_tinypile
+
+        spec_path = build_tinypile(tiny=corpus.tinypile == "tiny")
+    else:
+        spec_path = Path(corpus.spec)
+    return read_corpus_spec(spec_path), spec_path.parent
+
+
+def read_corpus_spec(path: Path) -> list[DomainSource]:
+    if not path.is_file():
+        raise CorpusError(f"corpus spec not found: {path}; give a YAML with a `domains` list")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not isinstance(data.get("domains"), list):
+        raise CorpusError(f"{path}: needs a top-level `domains:` list of {{name, path}} entries")
+    try:
+        domains = [DomainSource.model_validate(d) for d in data["domains"]]
+        check_unique([d.name for d in domains], f"{path}: domains")
+    except (ValueError, TypeError) as e:
+        raise CorpusError(f"{path}: {e}") from None
+    if len(domains) < 2:
+        raise CorpusError(f"{path}: a mixture needs at least 2 domains, found {len(domains)}")
+    return domains
+
+
+def domain_files(source: DomainSource, base: Path) -> list[str]:
+    """Expand a domain's `path` (file, folder or glob) into its supported data files."""
+    pattern = Path(source.path).expanduser()
+    pattern = pattern if pattern.is_absolute() else base / pattern
+    if pattern.is_dir():
+        candidates = [str(p) for p in pattern.rglob("*") if p.is_file()]
+    else:
+        candidates = glob.glob(str(pattern), recursive=True)
+    files = sorted(f for f in candidates if Path(f).suffix in LOADERS)
+    if not files:
+        raise CorpusError(
+            f"domain '{source.name}': no .jsonl/.json/.txt/.parquet files at '{pattern}'; "
+            "fix the path or glob"
+        )
+    kinds = {LOADERS[Path(f).suffix] for f in files}
+    if len(kinds) > 1:
+        raise CorpusError(f"domain '{source.name}': mixes file kinds {sorted(kinds)}; use one")
+    return files
+
+
+def load_documents(source: DomainSource, base: Path) -> list[str]:
+    """A domain's documents, loaded through Hugging Face `datasets`."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if source.hf_path:
+        kind, column = "hf", source.text_column
+        args = dict(path=source.hf_path, name=source.hf_name, split=source.hf_split)
+    else:
+        files = domain_files(source, base)
+        kind = LOADERS[Path(files[0]).suffix]
+        # A .txt file is one document (column "text"), not one document per line.
+        column = "text" if kind == "text" else source.text_column
+        args = dict(path=kind, data_files=files, split="train")
+        if kind == "text":
+            args["sample_by"] = "document"
+    try:
+        ds = datasets.load_dataset(**args)
+    except Exception as e:  # datasets raises many types; the user needs the domain and cause
+        raise CorpusError(
+            f"domain '{source.name}': could not load {kind} data: {type(e).__name__}: {e}"
+        ) from None
+    if column not in ds.column_names:
+        raise CorpusError(
+            f"domain '{source.name}': no column '{column}' (columns: {ds.column_names}); "
+            "set `text_column`"
+        )
+    docs = [t for t in ds[column] if isinstance(t, str) and t.strip()]
+    if not docs:
+        raise CorpusError(f"domain '{source.name}': no non-empty documents; add text or drop it")
+    return docs
+
+
+# ---------------------------------------------------------------- tokenizer
+def build_tokenizer(config: TokenizerConfig, documents: dict[str, list[str]]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if config.kind == "file":
+        if not Path(config.path).is_file():
+            raise CorpusError(f"tokenizer.path: no file at '{config.path}'; give a tokenizer.json")
+        return Tokenizer.from_file(config.path)
+    if config.kind == "hf":
+        try:
+            return Tokenizer.from_pretrained(config.name)
+        except Exception as e:
+            raise CorpusError(
+                f"tokenizer.name: could not load '{config.name}' from the Hugging Face hub "
+                f"({type(e).__name__}); offline, download its tokenizer.json and use "
+                "kind: file with path"
+            ) from None
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # An equal byte sample per domain, so big domains do not own the vocabulary.
+    tokenizer.train_from_iterator(
+        (doc for docs in documents.values() for doc in take_bytes(docs, config.train_bytes_per_domain)),
+        trainer,
+    )
+    return tokenizer
+
+
+def take_bytes(docs: list[str], limit: int) -> list[str]:
+    taken, size = [], 0
+    for doc in docs:
+        if size >= limit:
+            break
+        taken.append(doc[: limit - size])
+        size += len(taken[-1])
+    return taken
+
+
+def eos_id(tokenizer) -> int:
+    for name in (EOS, "</s>", "<eos>"):
+        if (token := tokenizer.token_to_id(name)) is not None:
+            return token
+    raise CorpusError("tokenizer: it has no end-of-text token (<|endoftext|>, </s> or <eos>)")
+
+
+# ---------------------------------------------------------------- packing
+def pack(token_lists: list[list[int]], eos: int, dtype) -> np.ndarray:
+    lengths = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
+    packed = np.full(int(lengths.sum()), eos, dtype=dtype)
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    for start, tokens in zip(starts, token_lists):
+        packed[start : start + len(tokens)] = tokens
+    return packed
+
+
+def split_domain(
+    name: str, token_lists: list[list[int]], validation_tokens: int, seed: int, eos: int, dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out whole documents (a fixed, seeded choice) until `validation_tokens` are covered."""
+    order = np.random.default_rng(seed).permutation(len(token_lists))
+    covered, cut = 0, 0
+    while cut < len(order) and covered < validation_tokens:
+        covered += len(token_lists[order[cut]]) + 1
+        cut += 1
+    if covered < validation_tokens or cut == len(order):
+        total = sum(len(t) + 1 for t in token_lists)
+        raise CorpusError(
+            f"domain '{name}': {total} tokens in {len(token_lists)} documents is too small for "
+            f"a {validation_tokens}-token validation split plus training data; add text or "
+            "lower corpus.validation_tokens"
+        )
+    validation = pack([token_lists[i] for i in order[:cut]], eos, dtype)[:validation_tokens]
+    train = pack([token_lists[i] for i in np.sort(order[cut:])], eos, dtype)
+    return train, validation
+
+
+def prepare_data(
+    corpus: CorpusConfig, tokenizer_config: TokenizerConfig, out_dir: Path, seed: int = 0
+) -> dict:
+    """Load every domain, build the tokenizer, and write packed token arrays. Returns meta."""
+    sources, base = resolve_domains(corpus)
+    documents = {s.name: load_documents(s, base) for s in sources}
+    tokenizer = build_tokenizer(tokenizer_config, documents)
+    eos, vocab = eos_id(tokenizer), tokenizer.get_vocab_size()
+    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max else np.uint32
+    out_dir = Path(out_dir)
+    (out_dir / "train").mkdir(parents=True, exist_ok=True)
+    (out_dir / "validation").mkdir(exist_ok=True)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    digest = hashlib.sha256((out_dir / "tokenizer.json").read_bytes())
+    tokens = {}
+    for name, docs in documents.items():
+        encoded = [e.ids for e in tokenizer.encode_batch(docs, add_special_tokens=False)]
+        train, validation = split_domain(name, encoded, corpus.validation_tokens, seed, eos, dtype)
+        if corpus.max_train_tokens:
+            train = train[: corpus.max_train_tokens]
+        for split, array in (("train", train), ("validation", validation)):
+            np.save(out_dir / split / f"{name}.npy", array)
+            digest.update(array.tobytes())
+        tokens[name] = {"train": int(train.size), "validation": int(validation.size)}
+        log.info("%s: %d documents, %d train tokens", name, len(docs), train.size)
+    meta = {
+        "domains": list(documents),
+        "tokens": tokens,
+        "vocab_size": vocab,
+        "eos_id": eos,
+        "dtype": np.dtype(dtype).name,
+        "fingerprint": digest.hexdigest()[:16],
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+# ---------------------------------------------------------------- reading it back
+@dataclass
+class TokenData:
+    """Read access to a prepared data folder; arrays are memory-mapped, never copied whole."""
+
+    root: Path
+    meta: dict
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "TokenData":
+        root = Path(root)
+        return cls(root, json.loads((root / "meta.json").read_text()))
+
+    @property
+    def domains(self) -> list[str]:
+        return self.meta["domains"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["vocab_size"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    def train_tokens(self) -> np.ndarray:
+        return np.array([self.meta["tokens"][d]["train"] for d in self.domains], dtype=np.int64)
+
+    def array(self, split: str, domain: str) -> np.ndarray:
+        return np.load(self.root / split / f"{domain}.npy", mmap_mode="r")
+
+
+# ---------------------------------------------------------------- KFP component
+@dsl.component(base_image=IMAGE)
+def prepare_data_op(config: dict, data: Output[dsl.Dataset]) -> dict:
+    """Tokenize the corpus into per-domain packed arrays; returns the data meta."""
+    import logging
+
+    from components.config import parse_config
+    from components.data import prepare_data
+
+    logging.basicConfig(level=logging.INFO)
+    cfg = parse_config(config)
+    return prepare_data(cfg.corpus, cfg.tokenizer, data.path, seed=cfg.seed)

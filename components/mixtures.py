@@ -1,0 +1,124 @@
+"""Stage 1, sample_mixtures: the paper's Dirichlet sampler around the token prior.
+
+A mixture is `{"id", "weights": {domain: weight}, "hash"}`; weights are >= 0 and sum to 1.
+The hash keys a proxy result by everything that determines it (mixture, corpus fingerprint
+(tokenizer included), model shape, training recipe, seed), so finished results can be reused.
+"""
+
+
+import hashlib
+import json
+
+import numpy as np
+from kfp import dsl
+
+from components import IMAGE
+
+
+def token_prior(train_tokens: np.ndarray, temperature: float) -> np.ndarray:
+    """The paper's prior: each domain's token share raised to a temperature, renormalised."""
+    share = train_tokens / train_tokens.sum()
+    prior = share**temperature
+    return prior / prior.sum()
+
+
+def epoch_caps(train_tokens: np.ndarray, token_budget: int, max_epochs: float) -> np.ndarray:
+    """Largest weight per domain that repeats it at most `max_epochs` times in the budget."""
+    return np.minimum(max_epochs * train_tokens / token_budget, 1.0)
+
+
+def sample_mixtures(
+    prior: np.ndarray,
+    count: int,
+    caps: np.ndarray,
+    rng: np.random.Generator,
+    strength_range: tuple[float, float] = (0.1, 5.0),
+    min_weight: float = 0.002,
+    max_tries: int = 1000,
+) -> np.ndarray:
+    """`count` distinct mixtures: Dirichlet(prior * strength), strength log-uniform.
+
+    Weights under `min_weight` are zeroed and the rest renormalised (tiny weights are noise
+    to a proxy); a draw that would repeat a domain past its cap is rejected, as in the paper.
+    """
+    log_lo, log_hi = np.log(strength_range)
+    found: dict[bytes, np.ndarray] = {}
+    for _ in range(max_tries):
+        batch = max(count - len(found), 1) * 4
+        strength = np.exp(rng.uniform(log_lo, log_hi, size=(batch, 1)))
+        # Dirichlet with tiny concentrations underflows to all-zero rows; gamma draws keep it exact.
+        draws = rng.gamma(prior * strength)
+        draws[draws.sum(1) == 0, rng.integers(len(prior))] = 1.0
+        weights = draws / draws.sum(1, keepdims=True)
+        weights[weights < min_weight] = 0.0
+        weights /= weights.sum(1, keepdims=True)
+        for w in weights[(weights <= caps + 1e-12).all(1)]:
+            found.setdefault(np.round(w, 4).tobytes(), w)  # drop near-duplicates
+            if len(found) == count:
+                return np.stack(list(found.values()))
+    raise ValueError(
+        f"mixtures: found only {len(found)} of {count} distinct mixtures within the max-epochs "
+        "caps; raise mixtures.max_epochs, lower proxy.train.tokens, or add data"
+    )
+
+
+def mixture_hash(weights: dict[str, float], fingerprint: str, shape: dict, recipe: dict,
+                 seed: int) -> str:
+    key = {"weights": {d: round(w, 8) for d, w in sorted(weights.items())},
+           "corpus": fingerprint, "shape": shape, "recipe": recipe, "seed": seed}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def as_mixtures(weights: np.ndarray, domains: list[str], prefix: str, key: dict) -> list[dict]:
+    """Rows of weights as mixture dicts with ids and content hashes."""
+    mixtures = []
+    for i, row in enumerate(weights):
+        named = {d: float(w) for d, w in zip(domains, row, strict=True)}
+        mixtures.append({"id": f"{prefix}{i:04d}", "weights": named,
+                         "hash": mixture_hash(named, **key)})
+    return mixtures
+
+
+def chunk(mixtures: list[dict], per_task: int) -> list[dict]:
+    """Group mixtures into proxy tasks (pods); each task trains its mixtures one after another."""
+    return [{"task": i // per_task, "mixtures": mixtures[i : i + per_task]}
+            for i in range(0, len(mixtures), per_task)]
+
+
+def plan_proxies(config, meta: dict) -> list[dict]:
+    """The training proxies for a run: the prior (optionally) plus sampled mixtures, chunked."""
+    domains = meta["domains"]
+    tokens = np.array([meta["tokens"][d]["train"] for d in domains], dtype=np.int64)
+    mix = config.mixtures
+    prior = token_prior(tokens, mix.temperature)
+    caps = epoch_caps(tokens, config.proxy.train.tokens, mix.max_epochs)
+    rng = np.random.default_rng(config.seed)
+    sampled = sample_mixtures(prior, mix.count - mix.include_prior, caps, rng,
+                              (mix.strength_min, mix.strength_max), mix.min_weight)
+    if mix.include_prior:
+        sampled = np.vstack([np.minimum(prior, caps) / np.minimum(prior, caps).sum(), sampled])
+    mixtures = as_mixtures(sampled, domains, "m", proxy_key(config, meta))
+    return chunk(mixtures, config.proxy.per_task)
+
+
+def proxy_key(config, meta: dict) -> dict:
+    return {"fingerprint": meta["fingerprint"], "shape": config.proxy.model.resolve().to_dict(),
+            "recipe": config.proxy.train.model_dump(mode="json"), "seed": config.seed}
+
+
+@dsl.component(base_image=IMAGE)
+def sample_mixtures_op(config: dict, data_meta: dict, tracking: dict) -> list:
+    """Sample the proxies' mixtures; returns proxy tasks `[{task, mixtures: [...]}, ...]`."""
+    from components.config import parse_config
+    from components.mixtures import plan_proxies
+    from components.tracking import stage_run
+
+    import mlflow
+
+    cfg = parse_config(config)
+    tasks = plan_proxies(cfg, data_meta)
+    mixtures = [m for t in tasks for m in t["mixtures"]]
+    with stage_run(tracking, "mixtures", "sample-mixtures"):
+        mlflow.log_params({"count": len(mixtures), "tasks": len(tasks), "seed": cfg.seed})
+        mlflow.log_dict({"mixtures": mixtures}, "mixtures.json")
+    return tasks

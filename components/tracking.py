@@ -1,0 +1,93 @@
+"""MLflow bookkeeping shared by every stage, and the pipeline's start/finish tracking steps.
+
+The names here are the contract users see in the MLflow UI: one experiment per pipeline name,
+one parent run per pipeline run, one child run per stage task tagged `regmix.stage`.
+"""
+
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from kfp import dsl
+
+from components import IMAGE
+
+STAGE_TAG, PIPELINE_TAG, HASH_TAG = "regmix.stage", "regmix.pipeline_run", "regmix.mixture_hash"
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else SQLite under ./mlruns (absolute, so subprocesses agree)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or (
+        f"sqlite:///{Path('mlruns').resolve() / 'mlflow.db'}"
+    )
+
+
+def experiment_id(tracking_uri: str, name: str) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = None
+    if tracking_uri.startswith("sqlite:///"):
+        # Keep artifacts beside the local database rather than in the caller's cwd.
+        artifacts = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def start_pipeline_run(tracking_uri: str, experiment: str, pipeline_run: str, config: dict) -> dict:
+    """Open the parent run every stage nests under; returns the tracking context stages share."""
+    import mlflow
+
+    exp_id = experiment_id(tracking_uri, experiment)
+    client = mlflow.MlflowClient(tracking_uri)
+    tags = {STAGE_TAG: "pipeline", PIPELINE_TAG: pipeline_run}
+    run = client.create_run(exp_id, run_name=f"pipeline-{pipeline_run}", tags=tags)
+    client.log_dict(run.info.run_id, config, "config.json")
+    return {"uri": tracking_uri, "experiment_id": exp_id, "pipeline_run": pipeline_run,
+            "parent_run_id": run.info.run_id}
+
+
+@contextmanager
+def stage_run(tracking: dict, stage: str, name: str, tags: dict | None = None) -> Iterator:
+    """A child run of the pipeline run for one stage task; failures mark it FAILED."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking["uri"])
+    all_tags = {STAGE_TAG: stage, PIPELINE_TAG: tracking["pipeline_run"], **(tags or {})}
+    with mlflow.start_run(
+        experiment_id=tracking["experiment_id"], run_name=name, tags=all_tags,
+        parent_run_id=tracking["parent_run_id"], nested=True,
+    ) as run:
+        yield run
+
+
+def finish_pipeline_run(tracking: dict, status: str) -> None:
+    import mlflow
+
+    state = "FINISHED" if status == "SUCCEEDED" else "FAILED"
+    mlflow.MlflowClient(tracking["uri"]).set_terminated(
+        tracking["parent_run_id"], status=state, end_time=int(time.time() * 1000)
+    )
+
+
+@dsl.component(base_image=IMAGE)
+def start_tracking_op(config: dict, tracking_uri: str, run_label: str, job_id: str) -> dict:
+    """Create the MLflow parent run for this pipeline run (labelled by the caller or job id)."""
+    from components.tracking import default_tracking_uri, start_pipeline_run
+
+    return start_pipeline_run(
+        tracking_uri or default_tracking_uri(), config["name"], run_label or job_id, config
+    )
+
+
+@dsl.component(base_image=IMAGE)
+def finish_tracking_op(tracking: dict, status: dsl.PipelineTaskFinalStatus):
+    """Exit handler: close the parent run as FINISHED or FAILED."""
+    from components.tracking import finish_pipeline_run
+
+    finish_pipeline_run(tracking, status.state)

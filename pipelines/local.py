@@ -1,0 +1,71 @@
+"""Run the pipeline on this machine through `kfp.local`, then summarise it from MLflow."""
+
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+from kfp import local
+
+from components.config import RegMixConfig
+from components.tracking import PIPELINE_TAG, STAGE_TAG, default_tracking_uri
+from pipelines.pipeline import build_pipeline
+
+
+class PipelineFailed(RuntimeError):
+    """A stage failed; the stage's own log (printed above it) says why."""
+
+
+def run_local(config: RegMixConfig, tracking_uri: str | None = None,
+              pipeline_root: Path = Path("mlruns/pipeline-root")) -> dict:
+    """Run every stage as a local subprocess; returns the run summary."""
+    uri = tracking_uri or config.tracking.uri or default_tracking_uri()
+    label = uuid.uuid4().hex[:12]
+    local.init(runner=local.SubprocessRunner(use_venv=False),
+               pipeline_root=str(pipeline_root.resolve()), raise_on_error=True)
+    started = time.perf_counter()
+    try:
+        build_pipeline(config)(tracking_uri=uri, run_label=label)
+    except RuntimeError as e:
+        raise PipelineFailed(f"pipeline run {label} failed: {e}") from None
+    return summarize(uri, config.name, label, time.perf_counter() - started)
+
+
+def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: float) -> dict:
+    """The run's outcome, read back from MLflow (the record of truth, not in-process state)."""
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.`{PIPELINE_TAG}` = '{label}'",
+                              max_results=10_000)
+    by_stage: dict[str, list] = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags[STAGE_TAG], []).append(run)
+
+    def only(stage):
+        return by_stage[stage][0] if stage in by_stage else None
+
+    fit, search, gate, large = only("regression"), only("search"), only("gate"), only("large")
+    summary = {
+        "pipeline_run": label,
+        "wall_seconds": round(wall_seconds, 1),
+        "chosen_mixture": {k.removeprefix("weight."): float(v)
+                           for k, v in search.data.params.items() if k.startswith("weight.")},
+        "predicted_loss": search.data.metrics["predicted_loss"],
+        "cv_spearman": fit.data.metrics["cv_spearman"],
+        "gate_spearman": gate.data.metrics["gate.spearman"] if gate else None,
+        "gate_passed": bool(gate.data.metrics["gate.passed"]) if gate else False,
+        "gate_reason": gate.data.tags.get("gate.reason") if gate else "gate did not run",
+        "large_target_loss": large.data.metrics.get("target_loss") if large else None,
+        "proxies_trained": len(by_stage.get("proxy", [])) + len(by_stage.get("gate-proxy", [])),
+        "proxies_reused": int(fit.data.metrics["proxies_reused"])
+        + int(gate.data.metrics.get("gate.proxies_reused", 0) if gate else 0),
+        "mlflow": {
+            "tracking_uri": tracking_uri,
+            "experiment": experiment,
+            "experiment_id": exp.experiment_id,
+            "parent_run_id": only("pipeline").info.run_id,
+            "run_ids": {stage: [r.info.run_id for r in rs] for stage, rs in by_stage.items()
+                        if stage not in ("proxy", "gate-proxy")},
+        },
+    }
+    return summary
