@@ -1,0 +1,59 @@
+import pytest
+
+from components.config import ConfigError, load_config, parse_config
+from tests.conftest import tiny_config_dict
+
+
+def test_shipped_configs_load():
+    for name in ("local", "tiny"):
+        config = load_config(f"configs/{name}.yaml")
+        assert config.mixtures.count >= 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"proxy": {"epochs": 3}}, "proxy.epochs: unknown key"),
+        ({"seed": "zero"}, "seed: Input should be a valid integer"),
+        ({"mixtures": {"count": 1}}, "mixtures.count"),
+        ({"mixtures": {"strength_min": 9}}, "strength_min must be <= strength_max"),
+        ({"proxy": {"model": {"shape": "proxy-9b"}}}, "unknown shape 'proxy-9b'"),
+        ({"corpus": {"tinypile": "tiny"}}, "give exactly one of `tinypile`"),
+        ({"proxy": {"train": {"tokens": 100, "batch_size": 8, "micro_batch_size": 3}}},
+         "multiple of micro_batch_size"),
+        ({"gate": {"spearman_threshold": 1.5}}, "gate.spearman_threshold"),
+        ({"name": "Has Spaces"}, "name: String should match pattern"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("`", "`")):
+        parse_config(tiny_config_dict(tmp_path / "c.yaml", **overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"regression": {"target": "klingon"}}, r"regression.target: unknown domain\(s\) \['klingon'\]"),
+        ({"regression": {"target": {"code": 0.5, "licenses": 0.2}}}, "sum to 1"),
+        ({"search": {"fixed": {"code": 0.7, "licenses": 0.6}}}, "fixed weights sum to more than 1"),
+        ({"search": {"max_weight": {"nope": 0.5}}}, "search.max_weight: unknown domain"),
+    ],
+)
+def test_domain_checks(tmp_path, overrides, message):
+    config = parse_config(tiny_config_dict(tmp_path / "c.yaml", **overrides))
+    with pytest.raises(ConfigError, match=message):
+        config.check_domains(["code", "changelogs", "licenses"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_target_weights():
+    config = parse_config(tiny_config_dict("x.yaml"))
+    assert config.regression.target_weights(["a", "b"]) == {"a": 0.5, "b": 0.5}

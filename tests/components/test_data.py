@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pytest
+
+from components.config import CorpusConfig, TokenizerConfig
+from components.data import CorpusError, TokenData, pack, prepare_data_op, split_domain
+from tests.conftest import tiny_config_dict
+
+
+def test_pack_puts_eos_between_documents():
+    packed = pack([[5, 6], [7]], eos=0, dtype=np.uint16)
+    assert packed.tolist() == [5, 6, 0, 7, 0]
+
+
+def test_split_holds_out_whole_documents_exactly():
+    docs = [[i] * 10 for i in range(1, 21)]
+    train, validation = split_domain("d", docs, 25, seed=0, eos=0, dtype=np.uint16)
+    assert validation.size == 25
+    held_out = {int(t) for t in validation if t}
+    assert held_out.isdisjoint({int(t) for t in train if t})  # no document on both sides
+    assert split_domain("d", docs, 25, 0, 0, np.uint16)[1].tolist() == validation.tolist()
+
+
+def test_split_rejects_a_domain_smaller_than_its_validation_set():
+    with pytest.raises(CorpusError, match="domain 'd'.*lower corpus.validation_tokens"):
+        split_domain("d", [[1, 2]], 100, 0, 0, np.uint16)
+
+
+def test_prepare_data_component(tmp_path, corpus_spec):
+    from kfp import dsl
+
+    out = dsl.Dataset(name="data", uri=str(tmp_path / "data"))
+    meta = prepare_data_op.python_func(config=tiny_config_dict(corpus_spec), data=out)
+    assert meta["domains"] == ["code", "changelogs", "licenses"]
+    data = TokenData.open(out.path)
+    assert data.vocab_size == 512 and len(meta["fingerprint"]) == 16
+    for domain in data.domains:
+        assert data.array("validation", domain).size == 1024
+        assert data.array("train", domain).size == meta["tokens"][domain]["train"] > 10_000
+        assert data.array("train", domain).max() < 512
+    assert json.loads((tmp_path / "data" / "meta.json").read_text()) == meta
+
+
+def test_same_corpus_same_fingerprint(tmp_path, corpus_spec, prepared_data):
+    from components.data import prepare_data
+
+    meta = prepare_data(CorpusConfig(spec=str(corpus_spec), validation_tokens=1024),
+                        TokenizerConfig(vocab_size=512, train_bytes_per_domain=200_000), tmp_path)
+    assert meta["fingerprint"] == prepared_data.fingerprint
+
+
+def test_user_corpus_formats(tmp_path):
+    """txt folders (one file, one document) and parquet load through `datasets`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from components.data import load_documents
+    from components.config import DomainSource
+
+    (tmp_path / "txt").mkdir()
+    for i in range(3):
+        (tmp_path / "txt" / f"{i}.txt").write_text(f"line one {i}\nline two\n")
+    docs = load_documents(DomainSource(name="t", path="txt"), tmp_path)
+    assert sorted(docs) == [f"line one {i}\nline two\n" for i in range(3)]
+    pq.write_table(pa.table({"body": ["alpha", "beta"]}), tmp_path / "p.parquet")
+    docs = load_documents(DomainSource(name="p", path="p.parquet", text_column="body"), tmp_path)
+    assert docs == ["alpha", "beta"]
+
+
+@pytest.mark.parametrize(
+    ("files", "source", "message"),
+    [
+        ({}, {"name": "a", "path": "missing/*.jsonl"}, "domain 'a': no .jsonl"),
+        ({"e.jsonl": '{"text": "  "}\n'}, {"name": "e", "path": "e.jsonl"}, "no non-empty documents"),
+        ({"c.jsonl": '{"body": "x"}\n'}, {"name": "c", "path": "c.jsonl"}, "no column 'text'"),
+        ({"b.jsonl": "{not json\n"}, {"name": "b", "path": "b.jsonl"}, "domain 'b': could not load"),
+    ],
+)
+def test_bad_corpora(tmp_path, files, source, message):
+    from components.config import DomainSource
+    from components.data import load_documents
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(CorpusError, match=message):
+        load_documents(DomainSource(**source), tmp_path)
+
+
+def test_bad_spec(tmp_path):
+    from components.data import read_corpus_spec
+
+    spec = tmp_path / "c.yaml"
+    spec.write_text("domains:\n  - {name: a, path: a.jsonl}\n  - {name: a, path: b.jsonl}\n")
+    with pytest.raises(CorpusError, match=r"duplicate domain name\(s\) \['a'\]"):
+        read_corpus_spec(spec)
+    with pytest.raises(CorpusError, match="corpus spec not found"):
+        read_corpus_spec(tmp_path / "nope.yaml")

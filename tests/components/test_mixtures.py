@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+
+from components.config import parse_config
+from components.mixtures import epoch_caps, mixture_hash, sample_mixtures, sample_mixtures_op, token_prior
+from tests.conftest import tiny_config_dict
+
+
+def test_prior_is_tempered_token_share():
+    prior = token_prior(np.array([100, 400]), 0.5)
+    assert np.allclose(prior, [1 / 3, 2 / 3])
+
+
+def test_sampler_honours_simplex_minimum_caps_and_seed():
+    prior = token_prior(np.array([1000, 3000, 500, 8000]), 0.5)
+    caps = np.array([0.3, 1.0, 0.2, 1.0])
+    draw = sample_mixtures(prior, 64, caps, np.random.default_rng(0), min_weight=0.01)
+    assert draw.shape == (64, 4)
+    assert np.allclose(draw.sum(1), 1)
+    assert (draw <= caps + 1e-12).all()
+    assert ((draw == 0) | (draw >= 0.01)).all()
+    assert len({tuple(np.round(r, 4)) for r in draw}) == 64
+    again = sample_mixtures(prior, 64, caps, np.random.default_rng(0), min_weight=0.01)
+    assert np.array_equal(draw, again)
+
+
+def test_sampler_explains_impossible_caps():
+    with pytest.raises(ValueError, match="raise mixtures.max_epochs"):
+        sample_mixtures(np.array([0.5, 0.5]), 4, np.array([0.1, 0.1]), np.random.default_rng(0),
+                        max_tries=5)
+
+
+def test_epoch_caps():
+    caps = epoch_caps(np.array([100, 10_000]), token_budget=1000, max_epochs=2)
+    assert caps.tolist() == [0.2, 1.0]
+
+
+def test_hash_changes_with_what_determines_the_result():
+    base = dict(weights={"a": 0.5, "b": 0.5}, fingerprint="f", shape={"n": 1}, recipe={"t": 1},
+                seed=0)
+    h = mixture_hash(**base)
+    assert h == mixture_hash(**{**base, "weights": {"b": 0.5, "a": 0.5}})
+    for change in ({"seed": 1}, {"fingerprint": "g"}, {"recipe": {"t": 2}},
+                   {"weights": {"a": 0.6, "b": 0.4}}):
+        assert mixture_hash(**{**base, **change}) != h
+
+
+def test_component_plans_chunked_tasks(prepared_data, tracking):
+    config = tiny_config_dict("unused.yaml", mixtures={"count": 10, "max_epochs": 50})
+    tasks = sample_mixtures_op.python_func(config=config, data_meta=prepared_data.meta,
+                                           tracking=tracking)
+    assert [len(t["mixtures"]) for t in tasks] == [4, 4, 2]
+    mixtures = [m for t in tasks for m in t["mixtures"]]
+    assert mixtures[0]["id"] == "m0000"  # the prior comes first
+    cfg = parse_config(config)
+    prior = token_prior(prepared_data.train_tokens(), cfg.mixtures.temperature)
+    assert np.allclose(list(mixtures[0]["weights"].values()), prior)
+    for m in mixtures:
+        assert set(m["weights"]) == set(prepared_data.domains)
+        assert abs(sum(m["weights"].values()) - 1) < 1e-9

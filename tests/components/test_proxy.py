@@ -1,0 +1,81 @@
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from components.config import TrainRecipe, parse_config
+from components.mixtures import as_mixtures, proxy_key
+from components.model import SHAPES
+from components.proxy import MixtureBatches, evaluate, lr_at, train_lm, train_proxy_op
+from tests.conftest import tiny_config_dict
+
+
+def test_batches_follow_the_mixture_and_the_seed(prepared_data):
+    weights = {"code": 0.75, "changelogs": 0.25, "licenses": 0.0}
+    batches = MixtureBatches(prepared_data, weights, context=32, seed=3)
+    x, y = batches.next(400)
+    assert x.shape == y.shape == (400, 32)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    again = MixtureBatches(prepared_data, weights, context=32, seed=3).next(400)[0]
+    assert torch.equal(x, again)
+    assert batches.domains == ["code", "changelogs"]  # zero-weight domains are never drawn
+    counts = batches.rng.multinomial(10_000, batches.p)
+    assert abs(counts[0] / 10_000 - 0.75) < 0.02
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    recipe = TrainRecipe(tokens=1, lr=1.0, min_lr_ratio=0.1, warmup_fraction=0.1)
+    lrs = [lr_at(s, 100, recipe) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_training_is_deterministic_and_learns(prepared_data):
+    recipe = TrainRecipe(tokens=16_384, batch_size=8, lr=0.01)
+    weights = {d: 1 / 3 for d in prepared_data.domains}
+    model, loss, tokens = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, seed=0)
+    again, loss_again, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, seed=0)
+    assert loss == loss_again
+    assert tokens == 16_384
+    assert max(evaluate(model, prepared_data).values()) < np.log(512) - 0.5
+
+
+def test_mixture_moves_the_domain_losses(prepared_data):
+    """The premise of RegMix: more of a domain in the mixture, lower loss on that domain."""
+    recipe = TrainRecipe(tokens=32_768, batch_size=8, lr=0.01)
+    code_heavy = {"code": 0.9, "changelogs": 0.05, "licenses": 0.05}
+    log_heavy = {"code": 0.05, "changelogs": 0.9, "licenses": 0.05}
+    shape = SHAPES["tiny-proxy"]
+    on_code = evaluate(train_lm(prepared_data, code_heavy, shape, recipe, 0)[0], prepared_data)
+    on_logs = evaluate(train_lm(prepared_data, log_heavy, shape, recipe, 0)[0], prepared_data)
+    assert on_code["code"] < on_logs["code"]
+    assert on_logs["changelogs"] < on_code["changelogs"]
+
+
+def test_component_logs_one_run_per_proxy_and_reuses_finished_ones(prepared_data, tracking):
+    from kfp import dsl
+
+    config = tiny_config_dict("unused.yaml")
+    weights = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    mixtures = as_mixtures(weights, prepared_data.domains, "m",
+                           proxy_key(parse_config(config), prepared_data.meta))
+    task = {"task": 0.0, "mixtures": mixtures}  # KFP hands ints back as floats
+    data = dsl.Dataset(name="data", uri=str(prepared_data.root))
+    out = train_proxy_op.python_func(config=config, task=task, data=data, tracking=tracking)
+    assert out["task"] == 0 and [r["reused"] for r in out["results"]] == [False, False]
+    runs = mlflow.MlflowClient(tracking["uri"]).search_runs(
+        [tracking["experiment_id"]], "tags.`regmix.stage` = 'proxy'")
+    assert len(runs) == 2
+    for run in runs:
+        assert run.data.tags["mlflow.parentRunId"] == tracking["parent_run_id"]
+        assert {f"weight.{d}" for d in prepared_data.domains} <= set(run.data.params)
+        assert {f"val_loss.{d}" for d in prepared_data.domains} <= set(run.data.metrics)
+        assert {"train_loss", "tokens", "seconds", "target_loss"} <= set(run.data.metrics)
+    history = mlflow.MlflowClient(tracking["uri"]).get_metric_history(runs[0].info.run_id,
+                                                                      "train_loss")
+    assert len(history) >= 2  # the training curve, stepped
+
+    again = train_proxy_op.python_func(config=config, task=task, data=data, tracking=tracking)
+    assert [r["reused"] for r in again["results"]] == [True, True]
+    assert again["results"][1]["val_loss"] == out["results"][1]["val_loss"]
