@@ -2,6 +2,19 @@
 
 import os
 
+from kfp import dsl
+
 # The image every component runs in on a cluster (kfp.local ignores it). Set REGMIX_IMAGE
 # before compiling to point at your registry; docker/ builds it.
 IMAGE = os.environ.get("REGMIX_IMAGE", "ghcr.io/regmix/regmix:0.1.0")
+
+
+def component(func):
+    """`@dsl.component` on the project image.
+
+    Inside a KFP executor `kfp.dsl` is a runtime subset without the decorator; there the stage
+    modules are only imported for their plain functions, so the function is returned as is.
+    """
+    if not hasattr(dsl, "component"):
+        return func
+    return dsl.component(base_image=IMAGE)(func)

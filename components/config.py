@@ -148,7 +148,7 @@ class ProxyConfig(Strict):
 
 class RegressionConfig(Strict):
     target: str | dict[str, float] = "mean"  # "mean" of all domains, one domain, or weights
-    model: Literal["auto", "lightgbm", "linear", "gp", "ensemble"] = "lightgbm"
+    model: Literal["auto", "lightgbm", "linear", "gp", "ensemble"] = "auto"  # auto: best by CV
     folds: int = Field(5, ge=2)
     tune_trials: int = Field(0, ge=0)
 
@@ -171,7 +171,7 @@ class SearchConfig(Strict):
     min_weight: dict[str, float] = {}
     max_weight: dict[str, float] = {}
     fixed: dict[str, float] = {}
-    max_epochs: float | None = Field(4.0, gt=0)  # of the large run's budget; None: no cap
+    max_epochs: float | None = Field(None, gt=0)  # cap per domain in the large run; None: none
     allow_extrapolation: bool = False
 
 

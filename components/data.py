@@ -21,7 +21,7 @@ import yaml
 from kfp import dsl
 from kfp.dsl import Output
 
-from components import IMAGE
+from components import component
 from components.config import CorpusConfig, DomainSource, TokenizerConfig, check_unique
 
 log = logging.getLogger("regmix.data")
@@ -145,7 +145,8 @@ def build_tokenizer(config: TokenizerConfig, documents: dict[str, list[str]]):
     )
     # An equal byte sample per domain, so big domains do not own the vocabulary.
     tokenizer.train_from_iterator(
-        (doc for docs in documents.values() for doc in take_bytes(docs, config.train_bytes_per_domain)),
+        (doc for docs in documents.values()
+         for doc in take_bytes(docs, config.train_bytes_per_domain)),
         trainer,
     )
     return tokenizer
@@ -173,7 +174,7 @@ def pack(token_lists: list[list[int]], eos: int, dtype) -> np.ndarray:
     lengths = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
     packed = np.full(int(lengths.sum()), eos, dtype=dtype)
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-    for start, tokens in zip(starts, token_lists):
+    for start, tokens in zip(starts, token_lists, strict=True):
         packed[start : start + len(tokens)] = tokens
     return packed
 
@@ -269,7 +270,7 @@ class TokenData:
 
 
 # ---------------------------------------------------------------- KFP component
-@dsl.component(base_image=IMAGE)
+@component
 def prepare_data_op(config: dict, data: Output[dsl.Dataset]) -> dict:
     """Tokenize the corpus into per-domain packed arrays; returns the data meta."""
     import logging

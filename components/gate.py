@@ -13,12 +13,19 @@ from kfp import dsl
 from kfp.dsl import Input
 from scipy.stats import spearmanr
 
-from components import IMAGE
+from components import component
 from components.config import target_loss
-from components.mixtures import as_mixtures, chunk, epoch_caps, proxy_key, sample_mixtures, token_prior
+from components.mixtures import (
+    as_mixtures,
+    chunk,
+    epoch_caps,
+    proxy_key,
+    sample_mixtures,
+    token_prior,
+)
 
 
-def plan_gate_proxies(config, meta: dict, chosen: dict[str, float]) -> list[dict]:
+def plan_gate_proxies(config, meta: dict, chosen: dict[str, float], tracking: dict) -> list[dict]:
     """The chosen mixture plus fresh held-out mixtures, drawn with a seed the training never used."""
     domains = meta["domains"]
     tokens = np.array([meta["tokens"][d]["train"] for d in domains], dtype=np.int64)
@@ -32,7 +39,7 @@ def plan_gate_proxies(config, meta: dict, chosen: dict[str, float]) -> list[dict
     weights = np.vstack([[chosen[d] for d in domains], fresh])
     mixtures = as_mixtures(weights, domains, "g", proxy_key(config, meta))
     mixtures[0]["id"] = "chosen"
-    return chunk(mixtures, config.proxy.per_task)
+    return chunk(mixtures, config.proxy.per_task, tracking)
 
 
 def decide(
@@ -67,16 +74,16 @@ def decide(
     }
 
 
-@dsl.component(base_image=IMAGE)
-def plan_gate_op(config: dict, data_meta: dict, chosen: dict) -> list:
+@component
+def plan_gate_op(config: dict, data_meta: dict, chosen: dict, tracking: dict) -> list:
     """Fresh gate mixtures (the chosen one first), as proxy tasks."""
     from components.config import parse_config
     from components.gate import plan_gate_proxies
 
-    return plan_gate_proxies(parse_config(config), data_meta, chosen["weights"])
+    return plan_gate_proxies(parse_config(config), data_meta, chosen["weights"], tracking)
 
 
-@dsl.component(base_image=IMAGE)
+@component
 def validate_prediction_op(
     config: dict, gate_results: list, fit_report: dict, regressor: Input[dsl.Model], tracking: dict,
 ) -> NamedTuple("GateOutputs", passed=bool, decision=dict):
@@ -95,7 +102,8 @@ def validate_prediction_op(
     results = [r for task in gate_results for r in task["results"]]
     model = Regressor.load(regressor.path)
     weights = np.array([[r["weights"][d] for d in model.domains] for r in results])
-    predicted = dict(zip([r["id"] for r in results], map(float, model.predict(weights)), strict=True))
+    ids = [r["id"] for r in results]
+    predicted = dict(zip(ids, map(float, model.predict(weights)), strict=True))
     decision = decide(results, predicted, fit_report["target"], fit_report["best_train_target"],
                       fit_report["cv_rmse"], cfg.gate.spearman_threshold)
     with stage_run(tracking, "gate", "validate-prediction"):

@@ -7,10 +7,10 @@ a few times the proxy size, on a cluster the paper's 1B shape.
 from kfp import dsl
 from kfp.dsl import Input
 
-from components import IMAGE
+from components import component
 
 
-@dsl.component(base_image=IMAGE)
+@component
 def train_large_op(config: dict, chosen: dict, data: Input[dsl.Dataset], tracking: dict) -> dict:
     """Train the large model on the chosen mixture and log its per-domain validation losses."""
     from components.config import parse_config

@@ -10,9 +10,8 @@ import hashlib
 import json
 
 import numpy as np
-from kfp import dsl
 
-from components import IMAGE
+from components import component
 
 
 def token_prior(train_tokens: np.ndarray, temperature: float) -> np.ndarray:
@@ -79,13 +78,18 @@ def as_mixtures(weights: np.ndarray, domains: list[str], prefix: str, key: dict)
     return mixtures
 
 
-def chunk(mixtures: list[dict], per_task: int) -> list[dict]:
-    """Group mixtures into proxy tasks (pods); each task trains its mixtures one after another."""
-    return [{"task": i // per_task, "mixtures": mixtures[i : i + per_task]}
+def chunk(mixtures: list[dict], per_task: int, tracking: dict) -> list[dict]:
+    """Group mixtures into proxy tasks (pods); each task trains its mixtures one after another.
+
+    Each task carries the tracking context itself: kfp.local 2.17 replaces every upstream
+    task-output parameter inside a ParallelFor body with the loop item, so a loop body may only
+    take the item, pipeline parameters, constants and artifacts.
+    """
+    return [{"task": i // per_task, "mixtures": mixtures[i : i + per_task], "tracking": tracking}
             for i in range(0, len(mixtures), per_task)]
 
 
-def plan_proxies(config, meta: dict) -> list[dict]:
+def plan_proxies(config, meta: dict, tracking: dict) -> list[dict]:
     """The training proxies for a run: the prior (optionally) plus sampled mixtures, chunked."""
     domains = meta["domains"]
     tokens = np.array([meta["tokens"][d]["train"] for d in domains], dtype=np.int64)
@@ -98,7 +102,7 @@ def plan_proxies(config, meta: dict) -> list[dict]:
     if mix.include_prior:
         sampled = np.vstack([np.minimum(prior, caps) / np.minimum(prior, caps).sum(), sampled])
     mixtures = as_mixtures(sampled, domains, "m", proxy_key(config, meta))
-    return chunk(mixtures, config.proxy.per_task)
+    return chunk(mixtures, config.proxy.per_task, tracking)
 
 
 def proxy_key(config, meta: dict) -> dict:
@@ -106,17 +110,17 @@ def proxy_key(config, meta: dict) -> dict:
             "recipe": config.proxy.train.model_dump(mode="json"), "seed": config.seed}
 
 
-@dsl.component(base_image=IMAGE)
+@component
 def sample_mixtures_op(config: dict, data_meta: dict, tracking: dict) -> list:
     """Sample the proxies' mixtures; returns proxy tasks `[{task, mixtures: [...]}, ...]`."""
+    import mlflow
+
     from components.config import parse_config
     from components.mixtures import plan_proxies
     from components.tracking import stage_run
 
-    import mlflow
-
     cfg = parse_config(config)
-    tasks = plan_proxies(cfg, data_meta)
+    tasks = plan_proxies(cfg, data_meta, tracking)
     mixtures = [m for t in tasks for m in t["mixtures"]]
     with stage_run(tracking, "mixtures", "sample-mixtures"):
         mlflow.log_params({"count": len(mixtures), "tasks": len(tasks), "seed": cfg.seed})

@@ -69,7 +69,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv = shape.n_head, shape.n_kv_head or shape.n_head
         self.head_dim = shape.n_embd // shape.n_head
-        self.qkv = nn.Linear(shape.n_embd, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=False)
+        qkv_width = (self.n_head + 2 * self.n_kv) * self.head_dim
+        self.qkv = nn.Linear(shape.n_embd, qkv_width, bias=False)
         self.proj = nn.Linear(shape.n_embd, shape.n_embd, bias=False)
 
     def forward(self, x, cos, sin):

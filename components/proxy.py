@@ -16,7 +16,7 @@ import torch
 from kfp import dsl
 from kfp.dsl import Input
 
-from components import IMAGE
+from components import component
 from components.config import TrainRecipe
 from components.data import TokenData
 from components.model import LM, ModelShape
@@ -187,9 +187,9 @@ def train_proxy(
             "seconds": seconds, "run_id": run.info.run_id, "reused": False}
 
 
-def train_task(data_dir: str, task: dict, config, tracking: dict, stage: str = "proxy") -> dict:
+def train_task(data_dir: str, task: dict, config, stage: str = "proxy") -> dict:
     """Train a task's mixtures one after another in this process (one pod on a cluster)."""
-    data = TokenData.open(data_dir)
+    data, tracking = TokenData.open(data_dir), task["tracking"]
     shape, recipe = config.proxy.model.resolve(), config.proxy.train
     target = config.regression.target_weights(data.domains)
     results = [train_proxy(data, m, shape, recipe, config.seed, tracking, target, stage)
@@ -197,11 +197,10 @@ def train_task(data_dir: str, task: dict, config, tracking: dict, stage: str = "
     return {"task": int(task["task"]), "results": results}
 
 
-@dsl.component(base_image=IMAGE)
-def train_proxy_op(config: dict, task: dict, data: Input[dsl.Dataset], tracking: dict,
-                   stage: str = "proxy") -> dict:
+@component
+def train_proxy_op(config: dict, task: dict, data: Input[dsl.Dataset], stage: str = "proxy") -> dict:
     """Train one proxy task's mixtures; returns `{task, results: [proxy result, ...]}`."""
     from components.config import parse_config
     from components.proxy import train_task
 
-    return train_task(data.path, task, parse_config(config), tracking, stage)
+    return train_task(data.path, task, parse_config(config), stage)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kfp import dsl
 
-from components import IMAGE
+from components import component
 
 STAGE_TAG, PIPELINE_TAG, HASH_TAG = "regmix.stage", "regmix.pipeline_run", "regmix.mixture_hash"
 
@@ -66,16 +66,22 @@ def stage_run(tracking: dict, stage: str, name: str, tags: dict | None = None) -
         yield run
 
 
-def finish_pipeline_run(tracking: dict, status: str) -> None:
+def finish_pipeline_run(tracking_uri: str, experiment: str, pipeline_run: str, status: str) -> None:
+    """Close the parent run; found by its label, since KFP's exit task sees no task outputs."""
     import mlflow
 
-    state = "FINISHED" if status == "SUCCEEDED" else "FAILED"
-    mlflow.MlflowClient(tracking["uri"]).set_terminated(
-        tracking["parent_run_id"], status=state, end_time=int(time.time() * 1000)
+    client = mlflow.MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = [] if found is None else client.search_runs(
+        [found.experiment_id],
+        f"tags.`{PIPELINE_TAG}` = '{pipeline_run}' and tags.`{STAGE_TAG}` = 'pipeline'",
     )
+    state = "FINISHED" if status == "SUCCEEDED" else "FAILED"
+    for run in runs:
+        client.set_terminated(run.info.run_id, status=state, end_time=int(time.time() * 1000))
 
 
-@dsl.component(base_image=IMAGE)
+@component
 def start_tracking_op(config: dict, tracking_uri: str, run_label: str, job_id: str) -> dict:
     """Create the MLflow parent run for this pipeline run (labelled by the caller or job id)."""
     from components.tracking import default_tracking_uri, start_pipeline_run
@@ -85,9 +91,11 @@ def start_tracking_op(config: dict, tracking_uri: str, run_label: str, job_id: s
     )
 
 
-@dsl.component(base_image=IMAGE)
-def finish_tracking_op(tracking: dict, status: dsl.PipelineTaskFinalStatus):
+@component
+def finish_tracking_op(config: dict, tracking_uri: str, run_label: str, job_id: str,
+                       status: dsl.PipelineTaskFinalStatus):
     """Exit handler: close the parent run as FINISHED or FAILED."""
-    from components.tracking import finish_pipeline_run
+    from components.tracking import default_tracking_uri, finish_pipeline_run
 
-    finish_pipeline_run(tracking, status.state)
+    finish_pipeline_run(tracking_uri or default_tracking_uri(), config["name"],
+                        run_label or job_id, status.state)

@@ -55,8 +55,8 @@ def test_user_corpus_formats(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from components.data import load_documents
     from components.config import DomainSource
+    from components.data import load_documents
 
     (tmp_path / "txt").mkdir()
     for i in range(3):

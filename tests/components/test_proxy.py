@@ -60,9 +60,9 @@ def test_component_logs_one_run_per_proxy_and_reuses_finished_ones(prepared_data
     weights = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
     mixtures = as_mixtures(weights, prepared_data.domains, "m",
                            proxy_key(parse_config(config), prepared_data.meta))
-    task = {"task": 0.0, "mixtures": mixtures}  # KFP hands ints back as floats
+    task = {"task": 0.0, "mixtures": mixtures, "tracking": tracking}  # KFP gives ints as floats
     data = dsl.Dataset(name="data", uri=str(prepared_data.root))
-    out = train_proxy_op.python_func(config=config, task=task, data=data, tracking=tracking)
+    out = train_proxy_op.python_func(config=config, task=task, data=data)
     assert out["task"] == 0 and [r["reused"] for r in out["results"]] == [False, False]
     runs = mlflow.MlflowClient(tracking["uri"]).search_runs(
         [tracking["experiment_id"]], "tags.`regmix.stage` = 'proxy'")
@@ -76,6 +76,6 @@ def test_component_logs_one_run_per_proxy_and_reuses_finished_ones(prepared_data
                                                                       "train_loss")
     assert len(history) >= 2  # the training curve, stepped
 
-    again = train_proxy_op.python_func(config=config, task=task, data=data, tracking=tracking)
+    again = train_proxy_op.python_func(config=config, task=task, data=data)
     assert [r["reused"] for r in again["results"]] == [True, True]
     assert again["results"][1]["val_loss"] == out["results"][1]["val_loss"]

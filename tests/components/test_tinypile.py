@@ -318,6 +318,7 @@ def test_detect_license() -> None:
     dep5 = ("Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\n"
             "Files: debian/*\nLicense: GPL-2+\n\nFiles: *\nCopyright: x\nLicense: MIT\n")
     assert tp.detect_license(dep5, "deb") == "MIT"
+    assert tp.detect_license(dep5.replace("MIT", "A and B and C and D"), "deb") == "A and B and others"
     assert tp.detect_license("This is in the public domain.", "deb") == "public-domain"
     assert tp.detect_license("Name: x\nLicense: BSD-3-Clause\n", "pypi") == "BSD-3-Clause"
     meta = "Name: x\nClassifier: License :: OSI Approved :: BSD License\n"
@@ -474,7 +475,8 @@ def test_build_tiny_tinypile_for_real(tmp_path: Path) -> None:
         data = path.read_bytes()
         assert hashlib.sha256(data).hexdigest() == meta["sha256"]
         assert meta["bytes"] == len(data) and 100_000 < len(data) <= 1_100_000, entry["name"]
-        assert meta["description"] and meta["documents"] == data.count(b"\n")
+        assert meta["description"] and meta["license"]
+        assert meta["documents"] == data.count(b"\n")
         for src in meta["sources"]:
             assert src["package"] and src["version"] and src["license"], src
         texts = [json.loads(line)["text"] for line in data.decode("utf-8").splitlines()]

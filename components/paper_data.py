@@ -1,0 +1,196 @@
+"""CSV interchange in the RegMix paper's format: mixtures and losses files paired by `index`.
+
+The mixtures file has an `index` column and one column per domain (weights >= 0, rows summing to
+1); the losses file has an `index` column and one column per target (e.g. a validation loss).
+Every malformed input raises `DataError` naming the file, the line or column, and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+INDEX_COLUMN = "index"
+# The paper's own CSVs round each of 17 weights to 3 decimals, so their rows sum to
+# 0.996..1.003; a looser tolerance would hide real mistakes (a missing column), a tighter
+# one would reject the paper's data. Accepted rows are renormalised to sum to exactly 1.
+ROW_SUM_TOLERANCE = 5e-3
+
+
+class DataError(ValueError):
+    """A CSV file that cannot be used; the message names the file, where, and the fix."""
+
+
+@dataclass
+class ProxyTable:
+    """Mixtures and (optionally) the losses measured on them, paired row by row."""
+
+    index: np.ndarray  # (n,) int
+    domains: list[str]  # mixture columns
+    weights: np.ndarray  # (n, d) float, rows sum to 1
+    targets: list[str]  # loss columns; empty when no losses file was read
+    losses: np.ndarray  # (n, t)
+
+
+@dataclass
+class _Csv:
+    """One numeric CSV: its `index` column and the other columns as a float matrix."""
+
+    path: Path
+    index: np.ndarray
+    columns: list[str]
+    values: np.ndarray
+
+
+def _read_numeric_csv(path: Path) -> _Csv:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        raise DataError(f"{path}: the file is empty; expected a header line with '{INDEX_COLUMN}'")
+    header = [name.strip() for name in rows[0]]
+    if INDEX_COLUMN not in header:
+        raise DataError(
+            f"{path}, line 1: no '{INDEX_COLUMN}' column in the header {header}; "
+            f"add an '{INDEX_COLUMN}' column that pairs mixtures with losses"
+        )
+    duplicated = sorted({name for name in header if header.count(name) > 1})
+    if duplicated:
+        raise DataError(f"{path}, line 1: duplicate column names {duplicated}; rename them")
+    numbered = enumerate(rows[1:], start=2)
+    body = [(line, row) for line, row in numbered if any(cell.strip() for cell in row)]
+    if not body:
+        raise DataError(f"{path}: no data rows below the header")
+    values = np.empty((len(body), len(header)))
+    for i, (line, row) in enumerate(body):
+        if len(row) != len(header):
+            raise DataError(
+                f"{path}, line {line}: {len(row)} cells but the header has {len(header)} columns"
+            )
+        for j, cell in enumerate(row):
+            try:
+                values[i, j] = float(cell)
+            except ValueError:
+                raise DataError(
+                    f"{path}, line {line}, column '{header[j]}': '{cell}' is not a number"
+                ) from None
+            if not np.isfinite(values[i, j]):
+                raise DataError(
+                    f"{path}, line {line}, column '{header[j]}': '{cell}' is not finite; "
+                    "drop the row or re-measure it"
+                )
+    lines = [line for line, _ in body]
+    index_at = header.index(INDEX_COLUMN)
+    raw_index = values[:, index_at]
+    not_integer = np.flatnonzero(raw_index != np.round(raw_index))
+    if not_integer.size:
+        i = not_integer[0]
+        raise DataError(
+            f"{path}, line {lines[i]}: index {raw_index[i]} is not an integer"
+        )
+    index = raw_index.astype(np.int64)
+    seen: dict[int, int] = {}
+    for line, value in zip(lines, index.tolist(), strict=True):
+        if value in seen:
+            raise DataError(
+                f"{path}, line {line}: duplicate index {value} (first on line {seen[value]}); "
+                "every row needs its own index"
+            )
+        seen[value] = line
+    columns = [name for name in header if name != INDEX_COLUMN]
+    return _Csv(path, index, columns, np.delete(values, index_at, axis=1))
+
+
+def _check_mixtures(mixtures: _Csv) -> np.ndarray:
+    """Return the weights with rows renormalised, after checking they are a mixture."""
+    path, weights = mixtures.path, mixtures.values
+    if not mixtures.columns:
+        raise DataError(f"{path}: no domain columns beside '{INDEX_COLUMN}'")
+    negative_row, negative_col = np.nonzero(weights < 0)
+    if negative_row.size:
+        i, j = negative_row[0], negative_col[0]
+        raise DataError(
+            f"{path}, index {mixtures.index[i]}, column '{mixtures.columns[j]}': "
+            f"negative weight {weights[i, j]}; weights must be >= 0"
+        )
+    sums = weights.sum(axis=1)
+    off = np.flatnonzero(np.abs(sums - 1.0) > ROW_SUM_TOLERANCE)
+    if off.size:
+        i = off[0]
+        raise DataError(
+            f"{path}, index {mixtures.index[i]}: weights sum to {sums[i]:.6g}, not 1 "
+            f"(tolerance {ROW_SUM_TOLERANCE}); {off.size} row(s) are off. Normalise each row, "
+            "or check for a missing domain column"
+        )
+    return weights / sums[:, None]
+
+
+def _pair(mixtures: _Csv, losses: _Csv) -> np.ndarray:
+    """Return the losses reordered to the mixtures' rows, after checking the indices match."""
+    only_mixtures = sorted(set(mixtures.index.tolist()) - set(losses.index.tolist()))
+    only_losses = sorted(set(losses.index.tolist()) - set(mixtures.index.tolist()))
+    if only_mixtures or only_losses:
+        raise DataError(
+            f"{mixtures.path} and {losses.path}: the '{INDEX_COLUMN}' columns differ; "
+            f"only in mixtures: {only_mixtures[:10]}, only in losses: {only_losses[:10]}. "
+            "Each mixture needs exactly one losses row with the same index"
+        )
+    row_of = {value: row for row, value in enumerate(losses.index.tolist())}
+    return losses.values[[row_of[value] for value in mixtures.index.tolist()]]
+
+
+def read_proxy_csvs(mixtures_csv: Path, losses_csv: Path | None = None) -> ProxyTable:
+    """Read a mixtures CSV and, for fitting, the losses CSV measured on those mixtures."""
+    mixtures = _read_numeric_csv(mixtures_csv)
+    weights = _check_mixtures(mixtures)
+    if losses_csv is None:
+        no_losses = np.empty((len(weights), 0))
+        return ProxyTable(mixtures.index, mixtures.columns, weights, [], no_losses)
+    losses = _read_numeric_csv(losses_csv)
+    if not losses.columns:
+        raise DataError(f"{losses.path}: no loss columns beside '{INDEX_COLUMN}'")
+    paired = _pair(mixtures, losses)
+    # A regression over d domains needs more rows than domains to say anything about each.
+    if len(weights) <= len(mixtures.columns):
+        raise DataError(
+            f"{mixtures.path}: {len(weights)} rows for {len(mixtures.columns)} domains; "
+            f"fitting needs at least {len(mixtures.columns) + 1} measured mixtures"
+        )
+    return ProxyTable(mixtures.index, mixtures.columns, weights, losses.columns, paired)
+
+
+def resolve_target(table: ProxyTable, spec: str | dict[str, float]) -> tuple[str, np.ndarray]:
+    """Return (name, values) of a target: one loss column, or a weighted mean of several."""
+    weights = {spec: 1.0} if isinstance(spec, str) else dict(spec)
+    if not weights:
+        raise DataError("empty target spec; name a loss column or give {column: weight}")
+    unknown = [name for name in weights if name not in table.targets]
+    if unknown:
+        raise DataError(f"unknown target column(s) {unknown}; available: {table.targets}")
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise DataError(f"target weights {weights} must be >= 0 and not all zero")
+    if isinstance(spec, str):
+        return spec, table.losses[:, table.targets.index(spec)]
+    total = sum(weights.values())
+    values = sum(w / total * table.losses[:, table.targets.index(n)] for n, w in weights.items())
+    name = "weighted_mean(" + ",".join(f"{n}:{w:g}" for n, w in weights.items()) + ")"
+    return name, np.asarray(values)
+
+
+def write_predictions_csv(
+    path: Path, index: np.ndarray, names: list[str], predictions: np.ndarray
+) -> None:
+    """Write predictions in the losses-file format: `index` then one column per name."""
+    predictions = np.asarray(predictions, dtype=float).reshape(len(index), -1)
+    if predictions.shape[1] != len(names):
+        raise ValueError(f"{len(names)} names for {predictions.shape[1]} prediction columns")
+    with Path(path).open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([INDEX_COLUMN, *names])
+        for value, row in zip(np.asarray(index).tolist(), predictions.tolist(), strict=True):
+            writer.writerow([value, *(repr(x) for x in row)])

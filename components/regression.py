@@ -1,0 +1,467 @@
+"""Regression stage: predict a proxy's loss from its data mixture (RegMix, Liu et al. 2025).
+
+Every setting is chosen from the training rows alone, by k-fold cross-validation (CV):
+LightGBM's number of rounds (and, with `tune_trials`, its hyperparameters through Optuna),
+the ridge penalty, and which model to use. Fitted models are saved in safe formats only
+(LightGBM's text model, JSON, .npy) so that loading one never executes code.
+"""
+
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import lightgbm as lgb
+import numpy as np
+import optuna
+from kfp import dsl
+from scipy.stats import spearmanr
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.gaussian_process import GaussianProcessRegressor
+from sklearn.gaussian_process.kernels import ConstantKernel, Kernel, Matern, WhiteKernel
+from sklearn.linear_model import RidgeCV
+from sklearn.model_selection import KFold
+
+from components import component
+
+MODELS = ("lightgbm", "linear", "gp", "ensemble")
+ENSEMBLE_MEMBERS = ("lightgbm", "gp")
+RIDGE_ALPHAS = np.logspace(-6, 3, 28)
+# Zero weights are common (sparse Dirichlet mixtures); the GP works on log(w + eps), so
+# the step from 0 to 0.1 % matters about as much as from 1 % to 10 %.
+GP_LOG_EPS = 1e-3
+# The GP's kernel hyperparameters are fitted by marginal likelihood on at most this many
+# rows: the gradient costs O(rows^2 x domains) memory, and a few hundred rows pin down
+# the length scales. The posterior itself always uses every training row.
+GP_HYPERPARAMETER_ROWS = 256
+GP_OPTIMIZER_ITERATIONS = 60
+LIGHTGBM_MAX_ROUNDS = 3000
+LIGHTGBM_PATIENCE = 50
+REGRESSOR_FILE = "regressor.json"
+
+
+@dataclass
+class FitReport:
+    model: str  # chosen model name
+    cv_spearman: float  # k-fold CV Spearman on training rows (out-of-fold predictions)
+    cv_rmse: float
+    cv_by_model: dict[str, float]  # CV Spearman of every candidate tried
+    seconds: float
+    settings: dict[str, object] = field(default_factory=dict)  # what CV chose, for logging
+
+
+class _Member(Protocol):
+    """One fitted model inside a Regressor."""
+
+    kind: str
+
+    def predict(self, weights: np.ndarray) -> np.ndarray: ...
+
+    def save(self, directory: Path) -> None: ...
+
+
+@dataclass
+class _LightGBM:
+    booster: lgb.Booster
+    kind: str = "lightgbm"
+
+    def predict(self, weights: np.ndarray) -> np.ndarray:
+        return self.booster.predict(weights)
+
+    def save(self, directory: Path) -> None:
+        self.booster.save_model(directory / "model.txt")
+
+    @classmethod
+    def load(cls, directory: Path) -> "_LightGBM":
+        return cls(lgb.Booster(model_file=directory / "model.txt"))
+
+
+@dataclass
+class _Linear:
+    coefficients: np.ndarray
+    intercept: float
+    alpha: float
+    kind: str = "linear"
+
+    def predict(self, weights: np.ndarray) -> np.ndarray:
+        return weights @ self.coefficients + self.intercept
+
+    def save(self, directory: Path) -> None:
+        state = {"coefficients": self.coefficients.tolist(), "intercept": self.intercept}
+        (directory / "linear.json").write_text(json.dumps({**state, "alpha": self.alpha}))
+
+    @classmethod
+    def load(cls, directory: Path) -> "_Linear":
+        state = json.loads((directory / "linear.json").read_text())
+        return cls(np.array(state["coefficients"]), state["intercept"], state["alpha"])
+
+
+def _gp_features(weights: np.ndarray) -> np.ndarray:
+    return np.log(weights + GP_LOG_EPS)
+
+
+def _gp_kernel(domains: int) -> Kernel:
+    # ARD: one length scale per domain, so irrelevant domains get long ones.
+    matern = Matern(length_scale=np.full(domains, 5.0), length_scale_bounds=(1e-1, 1e4), nu=2.5)
+    return ConstantKernel(1.0, (1e-3, 1e3)) * matern + WhiteKernel(1e-2, (1e-8, 1.0))
+
+
+def _gp_posterior(
+    theta: np.ndarray, weights: np.ndarray, y: np.ndarray
+) -> GaussianProcessRegressor:
+    """The GP with fixed kernel hyperparameters `theta`, conditioned on (weights, y)."""
+    kernel = _gp_kernel(weights.shape[1]).clone_with_theta(theta)
+    gp = GaussianProcessRegressor(kernel, optimizer=None, normalize_y=True)
+    return gp.fit(_gp_features(weights), y)
+
+
+def _fit_gp_theta(weights: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+    """Kernel hyperparameters (log scale) by maximum marginal likelihood."""
+    rows = np.random.default_rng(seed).permutation(len(y))[:GP_HYPERPARAMETER_ROWS]
+
+    def optimizer(objective, initial_theta, bounds):
+        from scipy.optimize import minimize
+
+        options = {"maxiter": GP_OPTIMIZER_ITERATIONS}
+        result = minimize(
+            objective, initial_theta, method="L-BFGS-B", jac=True, bounds=bounds, options=options
+        )
+        return result.x, result.fun
+
+    kernel = _gp_kernel(weights.shape[1])
+    gp = GaussianProcessRegressor(kernel, optimizer=optimizer, normalize_y=True)
+    with warnings.catch_warnings():
+        # A length scale at its upper bound just means "this domain does not matter".
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gp.fit(_gp_features(weights[rows]), y[rows])
+    return gp.kernel_.theta
+
+
+@dataclass
+class _GaussianProcess:
+    theta: np.ndarray  # fitted kernel hyperparameters, log scale (sklearn's Kernel.theta)
+    weights: np.ndarray  # training mixtures the posterior is conditioned on
+    y: np.ndarray
+    kind: str = "gp"
+
+    def __post_init__(self) -> None:
+        self._gp = _gp_posterior(self.theta, self.weights, self.y)
+
+    def predict(self, weights: np.ndarray) -> np.ndarray:
+        return self._gp.predict(_gp_features(weights))
+
+    def save(self, directory: Path) -> None:
+        (directory / "kernel.json").write_text(
+            json.dumps({"theta": self.theta.tolist(), "kernel": str(self._gp.kernel_)})
+        )
+        np.save(directory / "weights.npy", self.weights)
+        np.save(directory / "y.npy", self.y)
+
+    @classmethod
+    def load(cls, directory: Path) -> "_GaussianProcess":
+        theta = np.array(json.loads((directory / "kernel.json").read_text())["theta"])
+        weights = np.load(directory / "weights.npy", allow_pickle=False)
+        return cls(theta, weights, np.load(directory / "y.npy", allow_pickle=False))
+
+
+_MEMBER_LOADERS = {"lightgbm": _LightGBM.load, "linear": _Linear.load, "gp": _GaussianProcess.load}
+
+
+@dataclass
+class Regressor:
+    """A fitted model for one target: the mean of its members (one, or several for an ensemble)."""
+
+    model: str
+    domains: list[str]
+    members: list[_Member]
+    # Ridge coefficients on the raw weights (the paper's domain analysis), whatever the model.
+    linear_coefficients: dict[str, float] | None = None
+
+    def _check(self, weights: np.ndarray) -> np.ndarray:
+        weights = np.atleast_2d(np.asarray(weights, dtype=float))
+        if weights.shape[1] != len(self.domains):
+            raise ValueError(
+                f"weights have {weights.shape[1]} columns, the regressor {len(self.domains)} "
+                f"domains ({self.domains})"
+            )
+        return weights
+
+    def predict(self, weights: np.ndarray) -> np.ndarray:
+        return self.predict_with_spread(weights)[0]
+
+    def predict_with_spread(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean prediction and the members' disagreement (std; 0 for a single model)."""
+        weights = self._check(weights)
+        each = np.stack([member.predict(weights) for member in self.members])
+        return each.mean(axis=0), each.std(axis=0)
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        names = []
+        for i, member in enumerate(self.members):
+            names.append(f"{i}_{member.kind}")
+            (directory / names[-1]).mkdir(exist_ok=True)
+            member.save(directory / names[-1])
+        state = {
+            "model": self.model,
+            "domains": self.domains,
+            "members": names,
+            "linear_coefficients": self.linear_coefficients,
+        }
+        (directory / REGRESSOR_FILE).write_text(json.dumps(state, indent=1))
+
+    @classmethod
+    def load(cls, directory: Path) -> "Regressor":
+        directory = Path(directory)
+        state = json.loads((directory / REGRESSOR_FILE).read_text())
+        members = [
+            _MEMBER_LOADERS[name.split("_", 1)[1]](directory / name) for name in state["members"]
+        ]
+        return cls(state["model"], state["domains"], members, state["linear_coefficients"])
+
+
+def _spearman(y: np.ndarray, predicted: np.ndarray) -> float:
+    rho = spearmanr(y, predicted)[0]
+    return 0.0 if np.isnan(rho) else float(rho)  # constant predictions rank nothing
+
+
+def _rmse(y: np.ndarray, predicted: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((y - predicted) ** 2)))
+
+
+def _lightgbm_defaults(rows: int, seed: int) -> dict[str, object]:
+    # min_data_in_leaf scales with the rows so that 20-row folds can still split.
+    return {
+        "objective": "regression",
+        "learning_rate": 0.05,
+        "num_leaves": 15,
+        "min_data_in_leaf": int(np.clip(rows // 25, 2, 20)),
+        "min_data_in_bin": 1,
+        "feature_fraction": 0.8,
+        "bagging_fraction": 0.8,
+        "bagging_freq": 1,
+        "lambda_l2": 1.0,
+        "feature_pre_filter": False,
+        "deterministic": True,
+        "num_threads": 1,
+        "seed": seed,
+        "verbosity": -1,
+    }
+
+
+def _lightgbm_cv(
+    weights: np.ndarray, y: np.ndarray, params: dict[str, object], splits: list
+) -> tuple[int, np.ndarray]:
+    """Rounds by CV early stopping, and the out-of-fold predictions at that many rounds."""
+    result = lgb.cv(
+        params,
+        lgb.Dataset(weights, y, params={"verbosity": -1}),
+        num_boost_round=LIGHTGBM_MAX_ROUNDS,
+        folds=splits,
+        callbacks=[lgb.early_stopping(LIGHTGBM_PATIENCE, verbose=False)],
+        return_cvbooster=True,
+    )
+    boosters = result["cvbooster"]
+    rounds = boosters.best_iteration
+    out_of_fold = np.empty_like(y)
+    for booster, (_, held_out) in zip(boosters.boosters, splits, strict=True):
+        out_of_fold[held_out] = booster.predict(weights[held_out], num_iteration=rounds)
+    return rounds, out_of_fold
+
+
+def _suggest_lightgbm(trial: optuna.Trial, rows: int) -> dict[str, object]:
+    """The tuned part of LightGBM's settings: Optuna's search space."""
+    return {
+        "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.2, log=True),
+        "num_leaves": trial.suggest_int("num_leaves", 3, 63, log=True),
+        "min_data_in_leaf": trial.suggest_int("min_data_in_leaf", 2, max(3, rows // 8)),
+        "feature_fraction": trial.suggest_float("feature_fraction", 0.4, 1.0),
+        "bagging_fraction": trial.suggest_float("bagging_fraction", 0.5, 1.0),
+        "lambda_l2": trial.suggest_float("lambda_l2", 1e-3, 30.0, log=True),
+    }
+
+
+def _tune_lightgbm(
+    weights: np.ndarray, y: np.ndarray, splits: list, seed: int, trials: int
+) -> tuple[dict[str, object], int, np.ndarray]:
+    """Optuna TPE over LightGBM's settings, scored by CV mean squared error.
+
+    Returns the best settings, their rounds and their out-of-fold predictions.
+    """
+    defaults = _lightgbm_defaults(len(y), seed)
+    found: dict[int, tuple[dict[str, object], int, np.ndarray]] = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {**defaults, **_suggest_lightgbm(trial, len(y))}
+        rounds, out_of_fold = _lightgbm_cv(weights, y, params, splits)
+        found[trial.number] = (params, rounds, out_of_fold)
+        return float(np.mean((y - out_of_fold) ** 2))
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
+    # Start from the defaults so tuning can only improve on the untuned CV score.
+    tuned = _suggest_lightgbm(optuna.trial.FixedTrial(defaults), len(y))
+    study.enqueue_trial(tuned)
+    study.optimize(objective, n_trials=trials)
+    return found[study.best_trial.number]
+
+
+def _cross_fit(fit_predict, weights: np.ndarray, y: np.ndarray, splits: list) -> np.ndarray:
+    """Out-of-fold predictions of `fit_predict(train_weights, train_y, held_out_weights)`."""
+    out_of_fold = np.empty_like(y)
+    for train, held_out in splits:
+        out_of_fold[held_out] = fit_predict(weights[train], y[train], weights[held_out])
+    return out_of_fold
+
+
+def _fit_ridge(weights: np.ndarray, y: np.ndarray) -> _Linear:
+    # RidgeCV picks the penalty by efficient leave-one-out CV on the rows it is given.
+    ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(weights, y)
+    return _Linear(ridge.coef_, float(ridge.intercept_), float(ridge.alpha_))
+
+
+def fit_regressor(
+    weights: np.ndarray,
+    y: np.ndarray,
+    domains: list[str],
+    model: str = "auto",
+    folds: int = 5,
+    seed: int = 0,
+    tune_trials: int = 0,
+) -> tuple[Regressor, FitReport]:
+    """Fit one target's loss from mixture weights; `model="auto"` picks the best by CV.
+
+    Out-of-fold predictions come from `folds`-fold CV on these rows (capped at the number of
+    rows). Two shortcuts keep this fast, each slightly optimistic for its own model: LightGBM's
+    rounds are chosen by early stopping on the same folds, and the GP's kernel is fitted once
+    by marginal likelihood, then each fold only recomputes the posterior.
+    """
+    start = time.perf_counter()
+    weights = np.asarray(weights, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if model not in (*MODELS, "auto"):
+        raise ValueError(f"unknown model '{model}'; choose one of {(*MODELS, 'auto')}")
+    if weights.ndim != 2 or weights.shape != (len(y), len(domains)):
+        raise ValueError(
+            f"weights {weights.shape} must be (rows, domains) = ({len(y)}, {len(domains)})"
+        )
+    if len(y) < 3 or not (np.isfinite(weights).all() and np.isfinite(y).all()):
+        raise ValueError(f"need at least 3 rows of finite weights and targets, got {len(y)}")
+
+    splits = list(KFold(min(folds, len(y)), shuffle=True, random_state=seed).split(weights))
+    candidates = MODELS if model == "auto" else (model,)
+    needed = set(candidates) | (set(ENSEMBLE_MEMBERS) if "ensemble" in candidates else set())
+    out_of_fold: dict[str, np.ndarray] = {}
+    final: dict[str, object] = {}  # kind -> zero-argument builder of the member on all rows
+    settings: dict[str, object] = {}
+
+    linear = _fit_ridge(weights, y)
+    if "linear" in needed:
+        out_of_fold["linear"] = _cross_fit(
+            lambda w, t, held_out: _fit_ridge(w, t).predict(held_out), weights, y, splits
+        )
+        final["linear"] = lambda: linear
+        settings["linear_alpha"] = linear.alpha
+    if "lightgbm" in needed:
+        if tune_trials > 0:
+            params, rounds, out_of_fold["lightgbm"] = _tune_lightgbm(
+                weights, y, splits, seed, tune_trials
+            )
+        else:
+            params = _lightgbm_defaults(len(y), seed)
+            rounds, out_of_fold["lightgbm"] = _lightgbm_cv(weights, y, params, splits)
+        final["lightgbm"] = lambda: _LightGBM(lgb.train(params, lgb.Dataset(weights, y), rounds))
+        settings["lightgbm"] = {**params, "rounds": rounds}
+    if "gp" in needed:
+        theta = _fit_gp_theta(weights, y, seed)
+        out_of_fold["gp"] = _cross_fit(
+            lambda w, t, held_out: _gp_posterior(theta, w, t).predict(_gp_features(held_out)),
+            weights,
+            y,
+            splits,
+        )
+        final["gp"] = lambda: _GaussianProcess(theta, weights, y)
+        settings["gp_theta"] = theta.tolist()
+    if "ensemble" in candidates:
+        out_of_fold["ensemble"] = np.mean([out_of_fold[k] for k in ENSEMBLE_MEMBERS], axis=0)
+
+    cv_by_model = {name: _spearman(y, out_of_fold[name]) for name in candidates}
+    chosen = max(cv_by_model, key=cv_by_model.get)
+    kinds = ENSEMBLE_MEMBERS if chosen == "ensemble" else (chosen,)
+    regressor = Regressor(
+        chosen,
+        list(domains),
+        [final[kind]() for kind in kinds],
+        dict(zip(domains, linear.coefficients.tolist(), strict=True)),
+    )
+    report = FitReport(
+        model=chosen,
+        cv_spearman=cv_by_model[chosen],
+        cv_rmse=_rmse(y, out_of_fold[chosen]),
+        cv_by_model=cv_by_model,
+        seconds=time.perf_counter() - start,
+        settings=settings,
+    )
+    return regressor, report
+
+
+# ---------------------------------------------------------------- the pipeline stage
+def proxy_matrix(results: list[dict], domains: list[str], target: dict[str, float]):
+    """Proxy results as (weights matrix, target losses) in the corpus's domain order."""
+    from components.config import target_loss
+
+    weights = np.array([[r["weights"][d] for d in domains] for r in results])
+    losses = np.array([target_loss(r["val_loss"], target) for r in results])
+    return weights, losses
+
+
+@component
+def fit_regression_op(
+    config: dict, proxy_results: list, data_meta: dict, tracking: dict,
+    regressor: dsl.Output[dsl.Model],
+) -> dict:
+    """Fit mixture -> target loss on every finished proxy; log CV quality and the model."""
+    from pathlib import Path
+
+    import mlflow
+    import numpy as np
+
+    from components.config import parse_config
+    from components.regression import fit_regressor, proxy_matrix
+    from components.tracking import stage_run
+
+    cfg = parse_config(config)
+    results = [r for task in proxy_results for r in task["results"]]
+    domains = data_meta["domains"]
+    target = cfg.regression.target_weights(domains)
+    weights, losses = proxy_matrix(results, domains, target)
+    model, report = fit_regressor(weights, losses, domains, model=cfg.regression.model,
+                                  folds=cfg.regression.folds, seed=cfg.seed,
+                                  tune_trials=cfg.regression.tune_trials)
+    out = Path(regressor.path)
+    model.save(out)
+    np.save(out / "train_weights.npy", weights)
+    best = int(np.argmin(losses))
+    summary = {
+        "model": report.model, "cv_spearman": report.cv_spearman, "cv_rmse": report.cv_rmse,
+        "target": target, "best_train_id": results[best]["id"],
+        "best_train_target": float(losses[best]), "proxies": len(results),
+    }
+    with stage_run(tracking, "regression", "fit-regression"):
+        mlflow.log_params({"model": report.model, "folds": cfg.regression.folds,
+                           "target": str(cfg.regression.target), "proxies": len(results)})
+        mlflow.log_metrics({
+            "cv_spearman": report.cv_spearman, "cv_rmse": report.cv_rmse,
+            "fit_seconds": report.seconds, "best_train_target": float(losses[best]),
+            "proxies_trained": sum(not r["reused"] for r in results),
+            "proxies_reused": sum(r["reused"] for r in results),
+            **{f"cv_spearman.{m}": v for m, v in report.cv_by_model.items()},
+        })
+        if model.linear_coefficients:
+            mlflow.log_dict(model.linear_coefficients, "linear_coefficients.json")
+        mlflow.log_artifacts(str(out), "regressor")
+    return summary

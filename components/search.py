@@ -1,0 +1,442 @@
+"""Search stage: the mixture that a fitted regressor predicts to have the lowest loss.
+
+Every candidate satisfies the constraints (per-domain minimum and maximum, fixed weights, and
+the max-epochs cap from token counts): optimisers propose one unconstrained logit per domain,
+and `logits_to_mixtures` maps them smoothly into the bounds with weights summing to 1. Points
+from elsewhere (the paper's samples, a prior) are projected onto the bounds exactly.
+"""
+
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import optuna
+from cmaes import CMA
+from kfp import dsl
+from scipy.spatial.distance import cdist
+from scipy.special import expit, logit
+
+from components import component
+from components.regression import Regressor
+
+METHODS = ("cmaes", "tpe")
+# Logits live in a box so that CMA-ES cannot drift without bound along the one direction that
+# changes nothing (adding a constant to every logit); sigmoid(-15) = 3e-7 of a domain's room.
+LOGIT_RANGE = 15.0
+CMAES_SIGMA = 1.5  # a first step of about a factor e^1.5 in each small weight
+CMAES_POPULATION = 32  # larger than CMA-ES's default: tree models give a rugged surface
+TPE_BATCH = 32
+# The paper's sampler (RegMix, synthesize_mixture.py): the prior is tempered, then each
+# sample draws its own Dirichlet concentration strength, log-uniform in this range; small
+# strengths give sparse mixtures, large ones mixtures close to the prior.
+PRIOR_TEMPERATURE = 0.5
+STRENGTH_RANGE = (0.1, 5.0)
+PROJECTION_ITERATIONS = 100  # bisection halvings: far below 1e-9 for any bound range
+
+
+@dataclass
+class Constraints:
+    min_weight: dict[str, float] = field(default_factory=dict)  # per domain
+    max_weight: dict[str, float] = field(default_factory=dict)
+    fixed: dict[str, float] = field(default_factory=dict)  # domain -> exact weight
+    # With token_budget and max_epochs: w_d <= max_epochs * available_tokens[d] / token_budget,
+    # so that no domain is repeated more than max_epochs times in the final run.
+    available_tokens: dict[str, int] | None = None
+    token_budget: int | None = None
+    max_epochs: float | None = None
+
+    def _epoch_cap(self, domains: list[str]) -> np.ndarray:
+        if self.available_tokens is None or self.token_budget is None or self.max_epochs is None:
+            return np.ones(len(domains))
+        tokens = np.array([self.available_tokens[d] for d in domains], dtype=float)
+        return np.minimum(1.0, self.max_epochs * tokens / self.token_budget)
+
+    def _free_bounds(self, domains: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Bounds before fixed weights are applied."""
+        lower = np.array([self.min_weight.get(d, 0.0) for d in domains], dtype=float)
+        upper = np.array([self.max_weight.get(d, 1.0) for d in domains], dtype=float)
+        return lower, np.minimum(upper, self._epoch_cap(domains))
+
+    def lower_bounds(self, domains: list[str]) -> np.ndarray:
+        lower = self._free_bounds(domains)[0]
+        for i, d in enumerate(domains):
+            lower[i] = self.fixed.get(d, lower[i])
+        return lower
+
+    def upper_bounds(self, domains: list[str]) -> np.ndarray:
+        upper = self._free_bounds(domains)[1]
+        for i, d in enumerate(domains):
+            upper[i] = self.fixed.get(d, upper[i])
+        return upper
+
+    def check(self, domains: list[str]) -> None:
+        """Raise ValueError, saying what to change, unless some mixture satisfies everything."""
+        known = set(domains)
+        named = {
+            "min_weight": self.min_weight,
+            "max_weight": self.max_weight,
+            "fixed": self.fixed,
+            "available_tokens": self.available_tokens or {},
+        }
+        for what, values in named.items():
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ValueError(f"{what} names unknown domains {unknown}; domains are {domains}")
+        token_settings = (self.available_tokens, self.token_budget, self.max_epochs)
+        if any(s is not None for s in token_settings) and None in token_settings:
+            raise ValueError(
+                "the max-epochs cap needs available_tokens, token_budget and max_epochs together"
+            )
+        if self.available_tokens is not None:
+            missing = sorted(known - set(self.available_tokens))
+            if missing:
+                raise ValueError(f"available_tokens lacks domains {missing}")
+            if self.token_budget <= 0 or self.max_epochs <= 0:
+                raise ValueError("token_budget and max_epochs must be positive")
+        for what, values in (("min_weight", self.min_weight), ("max_weight", self.max_weight)):
+            outside = {d: w for d, w in values.items() if not 0.0 <= w <= 1.0}
+            if outside:
+                raise ValueError(f"{what} {outside} outside [0, 1]")
+        lower, upper = self._free_bounds(domains)
+        for i, d in enumerate(domains):
+            if lower[i] > upper[i]:
+                raise ValueError(
+                    f"domain '{d}': minimum weight {lower[i]:g} above its maximum {upper[i]:g} "
+                    "(max_weight or the max-epochs cap)"
+                )
+            if d in self.fixed and not lower[i] <= self.fixed[d] <= upper[i]:
+                raise ValueError(
+                    f"domain '{d}': fixed weight {self.fixed[d]:g} outside its bounds "
+                    f"[{lower[i]:g}, {upper[i]:g}] (min_weight, max_weight, max-epochs cap)"
+                )
+        lower, upper = self.lower_bounds(domains), self.upper_bounds(domains)
+        if lower.sum() > 1.0 + 1e-12:
+            raise ValueError(
+                f"minimum and fixed weights sum to {lower.sum():.6g} > 1; lower some of them"
+            )
+        if upper.sum() < 1.0 - 1e-12:
+            raise ValueError(
+                f"maximum weights (max_weight, max-epochs cap, fixed) sum to {upper.sum():.6g} "
+                "< 1: no mixture fits; raise max_epochs or max_weight, or add data"
+            )
+
+
+@dataclass
+class SearchResult:
+    weights: dict[str, float]  # the chosen mixture, sums to 1, honours constraints
+    predicted: float
+    spread: float  # ensemble disagreement at the chosen point
+    method: str  # "cmaes", "tpe", "paper"
+    trials: int
+    seconds: float
+    nearest_distance: float | None  # L1 distance to the nearest training mixture, if given
+
+
+def _solve_row_sums(row_sum, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Bisection, row by row, for the x in [low, high] at which row_sum(x) = 1.
+
+    row_sum must be non-decreasing in x, at most 1 at `low` and at least 1 at `high`.
+    """
+    for _ in range(PROJECTION_ITERATIONS):
+        middle = (low + high) / 2
+        below = row_sum(middle) < 1.0
+        low, high = np.where(below, middle, low), np.where(below, high, middle)
+    return (low + high) / 2
+
+
+def project_onto_bounds(points: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Euclidean projection of each row onto {w : lower <= w <= upper, sum(w) = 1}.
+
+    The projection is clip(v + t, lower, upper) for the scalar t at which the row sums to 1.
+    Bounds hold exactly (clip); the sum is 1 to within about 1e-15.
+    """
+    points = np.atleast_2d(points)
+    shift = _solve_row_sums(
+        lambda t: np.clip(points + t, lower, upper).sum(axis=1, keepdims=True),
+        (lower - points).min(axis=1, keepdims=True),  # every weight at its lower bound
+        (upper - points).max(axis=1, keepdims=True),  # every weight at its upper bound
+    )
+    return np.clip(points + shift, lower, upper)
+
+
+def logits_to_mixtures(logits: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Map each row of logits z to w = lower + (upper - lower) * sigmoid(z + s), sum(w) = 1.
+
+    The per-row shift s is solved for. Every weight moves smoothly and strictly with its own
+    logit, so an optimiser sees no flat regions (clipping would make all weights beyond a
+    bound look the same), yet every weight stays within its bounds: fixed weights (lower ==
+    upper) stay fixed, and any point strictly inside the bounds is reachable.
+    """
+    logits = np.atleast_2d(logits)
+    room = upper - lower
+    # At s = -max(z) - 40 every sigmoid is below 1e-17 (sum ~ sum(lower) <= 1); at
+    # s = -min(z) + 40 every sigmoid is 1 to within 1e-17 (sum ~ sum(upper) >= 1).
+    shift = _solve_row_sums(
+        lambda s: (lower + room * expit(logits + s)).sum(axis=1, keepdims=True),
+        -logits.max(axis=1, keepdims=True) - 40.0,
+        -logits.min(axis=1, keepdims=True) + 40.0,
+    )
+    return np.clip(lower + room * expit(logits + shift), lower, upper)
+
+
+def _mixture_to_logits(mixture: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Logits that `logits_to_mixtures` maps back to (about) a feasible `mixture`."""
+    room = upper - lower
+    share = np.divide(mixture - lower, room, out=np.full_like(mixture, 0.5), where=room > 0)
+    return np.clip(logit(share), -LOGIT_RANGE, LOGIT_RANGE)
+
+
+def sample_dirichlet_around(prior: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """The paper's mixture sampler: Dirichlet draws around a tempered prior, varied strength."""
+    tempered = np.asarray(prior, dtype=float) ** PRIOR_TEMPERATURE
+    tempered /= tempered.sum()
+    strengths = np.exp(rng.uniform(*np.log(STRENGTH_RANGE), size=(n, 1)))
+    # A Dirichlet draw is normalised Gamma draws; this vectorises over per-row strengths.
+    # Tiny concentrations can underflow every Gamma draw of a row to 0: redraw those rows.
+    samples = rng.gamma(tempered * strengths)
+    empty = samples.sum(axis=1) == 0
+    while empty.any():
+        samples[empty] = rng.gamma(tempered * strengths[empty])
+        empty = samples.sum(axis=1) == 0
+    return samples / samples.sum(axis=1, keepdims=True)
+
+
+def nearest_l1_distance(points: np.ndarray, train_weights: np.ndarray) -> np.ndarray:
+    """For each point, the L1 distance to its nearest training mixture."""
+    return cdist(points, train_weights, metric="cityblock").min(axis=1)
+
+
+def default_trust_distance(train_weights: np.ndarray) -> float:
+    """How far from the training mixtures a chosen point may lie by default.
+
+    The largest nearest-neighbour L1 distance among the training mixtures themselves: the
+    emptiest region the regression was already trained to cover. Farther out, predictions
+    are extrapolations that no proxy measured anything near.
+    """
+    distances = cdist(train_weights, train_weights, metric="cityblock")
+    np.fill_diagonal(distances, np.inf)
+    return float(distances.min(axis=1).max())
+
+
+def _feasible_bounds(
+    regressor: Regressor, prior: np.ndarray, constraints: Constraints | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    domains = regressor.domains
+    prior = np.asarray(prior, dtype=float)
+    if prior.shape != (len(domains),) or (prior < 0).any() or prior.sum() <= 0:
+        raise ValueError(f"prior must be {len(domains)} non-negative weights, got {prior}")
+    constraints = constraints or Constraints()
+    constraints.check(domains)
+    return prior / prior.sum(), constraints.lower_bounds(domains), constraints.upper_bounds(domains)
+
+
+def _finish(
+    regressor: Regressor,
+    best: np.ndarray,
+    method: str,
+    trials: int,
+    start: float,
+    train_weights: np.ndarray | None,
+    max_distance: float | None,
+    allow_extrapolation: bool,
+) -> SearchResult:
+    """Package the chosen point, refusing it if it lies too far from every training mixture."""
+    predicted, spread = regressor.predict_with_spread(best[None, :])
+    nearest = None
+    if train_weights is not None:
+        train_weights = np.asarray(train_weights, dtype=float)
+        nearest = float(nearest_l1_distance(best[None, :], train_weights)[0])
+        limit = default_trust_distance(train_weights) if max_distance is None else max_distance
+        if nearest > limit and not allow_extrapolation:
+            raise ValueError(
+                f"the {method} optimum lies at L1 distance {nearest:.3f} from the nearest training "
+                f"mixture, beyond the trusted {limit:.3f}: its predicted loss is an extrapolation. "
+                "Measure proxies near it, tighten the constraints, or pass "
+                "allow_extrapolation=True"
+            )
+    return SearchResult(
+        weights=dict(zip(regressor.domains, best.tolist(), strict=True)),
+        predicted=float(predicted[0]),
+        spread=float(spread[0]),
+        method=method,
+        trials=trials,
+        seconds=time.perf_counter() - start,
+        nearest_distance=nearest,
+    )
+
+
+def search_mixture(
+    regressor: Regressor,
+    prior: np.ndarray,
+    constraints: Constraints | None = None,
+    method: str = "cmaes",
+    trials: int = 3000,
+    seed: int = 0,
+    train_weights: np.ndarray | None = None,
+    allow_extrapolation: bool = False,
+    max_distance: float | None = None,
+) -> SearchResult:
+    """Minimise the predicted loss over the constrained simplex, starting from `prior`.
+
+    "cmaes" runs CMA-ES, "tpe" Optuna's TPE (slower per trial: suits a few hundred), both over
+    one logit per domain, proposing and predicting in batches. With `train_weights`, a
+    result farther than `max_distance` (L1; default `default_trust_distance`) from every
+    training mixture raises ValueError unless `allow_extrapolation`.
+    """
+    start = time.perf_counter()
+    if method not in METHODS:
+        raise ValueError(f"unknown search method '{method}'; choose one of {METHODS}")
+    prior, lower, upper = _feasible_bounds(regressor, prior, constraints)
+
+    initial = project_onto_bounds(prior, lower, upper)[0]
+    initial_logits = _mixture_to_logits(initial, lower, upper)
+    best, best_loss = initial, float(regressor.predict(initial[None, :])[0])
+    ask_tell = _cmaes_batches if method == "cmaes" else _tpe_batches
+    evaluated = 1
+    for logits, tell in ask_tell(initial_logits, trials - 1, seed):
+        mixtures = logits_to_mixtures(logits, lower, upper)
+        losses = regressor.predict(mixtures)
+        tell(losses)
+        evaluated += len(losses)
+        if losses.min() < best_loss:
+            best, best_loss = mixtures[losses.argmin()], float(losses.min())
+    return _finish(
+        regressor, best, method, evaluated, start, train_weights, max_distance, allow_extrapolation
+    )
+
+
+def _cmaes_batches(initial_logits: np.ndarray, trials: int, seed: int):
+    """Yield (logits batch, tell) pairs from CMA-ES until `trials` points were proposed."""
+    dims = len(initial_logits)
+    optimizer = CMA(
+        mean=initial_logits,
+        sigma=CMAES_SIGMA,
+        bounds=np.tile([-LOGIT_RANGE, LOGIT_RANGE], (dims, 1)),
+        seed=seed,
+        population_size=CMAES_POPULATION,
+    )
+    while trials >= optimizer.population_size:
+        batch = np.array([optimizer.ask() for _ in range(optimizer.population_size)])
+
+        def tell(losses: np.ndarray, batch=batch) -> None:
+            optimizer.tell(list(zip(batch, losses, strict=True)))
+
+        yield batch, tell
+        trials -= len(batch)
+
+
+def _tpe_batches(initial_logits: np.ndarray, trials: int, seed: int):
+    """Yield (logits batch, tell) pairs from Optuna's TPE until `trials` points were proposed."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True))
+    space = {
+        f"logit_{i}": optuna.distributions.FloatDistribution(-LOGIT_RANGE, LOGIT_RANGE)
+        for i in range(len(initial_logits))
+    }
+    study.enqueue_trial(dict(zip(space, initial_logits.tolist(), strict=True)))
+    while trials > 0:
+        batch = [study.ask(space) for _ in range(min(TPE_BATCH, trials))]
+        logits = np.array([[trial.params[name] for name in space] for trial in batch])
+
+        def tell(losses: np.ndarray, batch=batch) -> None:
+            for trial, loss in zip(batch, losses.tolist(), strict=True):
+                study.tell(trial, loss)
+
+        yield logits, tell
+        trials -= len(batch)
+
+
+def paper_search(
+    regressor: Regressor,
+    prior: np.ndarray,
+    constraints: Constraints | None = None,
+    samples: int = 100_000,
+    top_k: int = 128,
+    seed: int = 0,
+    train_weights: np.ndarray | None = None,
+    allow_extrapolation: bool = False,
+    max_distance: float | None = None,
+) -> SearchResult:
+    """The paper's recipe: sample around the prior, average the `top_k` best predicted.
+
+    Unlike the paper, every sample is first projected onto the constraints (the max-epochs
+    cap included), so the ranking only compares mixtures that could be trained.
+    """
+    start = time.perf_counter()
+    prior, lower, upper = _feasible_bounds(regressor, prior, constraints)
+    candidates = project_onto_bounds(
+        sample_dirichlet_around(prior, samples, np.random.default_rng(seed)), lower, upper
+    )
+    top = candidates[np.argsort(regressor.predict(candidates))[:top_k]]
+    # The mean of feasible points is feasible; projecting again only removes rounding.
+    best = project_onto_bounds(top.mean(axis=0), lower, upper)[0]
+    return _finish(
+        regressor, best, "paper", samples, start, train_weights, max_distance, allow_extrapolation
+    )
+
+
+# ---------------------------------------------------------------- the pipeline stage
+def search_constraints(config, meta: dict) -> Constraints:
+    """The config's bounds plus the large run's max-epochs cap over each domain's tokens."""
+    search = config.search
+    cap = {} if search.max_epochs is None else {
+        "available_tokens": {d: meta["tokens"][d]["train"] for d in meta["domains"]},
+        "token_budget": config.large.train.tokens, "max_epochs": search.max_epochs,
+    }
+    return Constraints(min_weight=dict(search.min_weight), max_weight=dict(search.max_weight),
+                       fixed=dict(search.fixed), **cap)
+
+
+@component
+def search_mixture_op(
+    config: dict, regressor: dsl.Input[dsl.Model], data_meta: dict, tracking: dict,
+    mixture: dsl.Output[dsl.Artifact],
+) -> dict:
+    """Search the simplex for the lowest predicted loss; compare with the paper's recipe."""
+    from pathlib import Path
+
+    import mlflow
+    import numpy as np
+    import yaml
+
+    from components.config import parse_config
+    from components.mixtures import token_prior
+    from components.regression import Regressor
+    from components.search import paper_search, search_constraints, search_mixture
+    from components.tracking import stage_run
+
+    cfg = parse_config(config)
+    model = Regressor.load(Path(regressor.path))
+    train_weights = np.load(Path(regressor.path) / "train_weights.npy")
+    tokens = np.array([data_meta["tokens"][d]["train"] for d in model.domains])
+    prior = token_prior(tokens, cfg.mixtures.temperature)
+    constraints = search_constraints(cfg, data_meta)
+    options = dict(constraints=constraints, seed=cfg.seed, train_weights=train_weights,
+                   allow_extrapolation=cfg.search.allow_extrapolation)
+    if cfg.search.method == "paper":
+        chosen = paper_search(model, prior, **options)
+    else:
+        chosen = search_mixture(model, prior, method=cfg.search.method,
+                                trials=cfg.search.trials, **options)
+    recipe = paper_search(model, prior, **{**options, "allow_extrapolation": True})
+    honoured = {"min_weight": constraints.min_weight, "max_weight": constraints.max_weight,
+                "fixed": constraints.fixed, "max_epochs": constraints.max_epochs,
+                "token_budget": constraints.token_budget}
+    record = {
+        "weights": chosen.weights, "predicted": chosen.predicted, "spread": chosen.spread,
+        "method": chosen.method, "trials": chosen.trials, "seconds": chosen.seconds,
+        "nearest_distance": chosen.nearest_distance,
+        # KFP parameters cannot carry nulls: unset constraints are left out
+        "constraints": {k: v for k, v in honoured.items() if v is not None},
+        "paper_recipe": {"weights": recipe.weights, "predicted": recipe.predicted},
+    }
+    Path(mixture.path).write_text(yaml.safe_dump(record, sort_keys=False))
+    with stage_run(tracking, "search", "search-mixture"):
+        mlflow.log_params({f"weight.{d}": round(w, 6) for d, w in chosen.weights.items()})
+        mlflow.log_params({"method": chosen.method, "trials": chosen.trials})
+        mlflow.log_metrics({"predicted_loss": chosen.predicted, "spread": chosen.spread,
+                            "search_seconds": chosen.seconds,
+                            "paper_recipe_predicted_loss": recipe.predicted})
+        mlflow.log_artifact(mixture.path, "mixture")
+    return record

@@ -1,0 +1,112 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from components.paper_data import read_proxy_csvs
+from components.regression import MODELS, Regressor, fit_regressor
+
+PAPER_DATA = Path(__file__).resolve().parents[3] / "shared" / "regmix-paper-data"
+PILE_CC = "metric/the_pile_pile_cc_val_loss"
+
+
+def smooth_problem(rows: int, domains: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse Dirichlet mixtures and a smooth loss: diminishing returns in each domain's weight."""
+    importance = np.random.default_rng(domains).uniform(0.2, 1.0, size=domains)  # fixed per size
+    rng = np.random.default_rng(seed)
+    weights = rng.dirichlet(np.full(domains, 0.5), size=rows)
+    loss = 3.0 - np.log(weights + 0.01) @ -importance / domains * 0.3
+    return weights, loss + rng.normal(0, 0.005, size=rows)
+
+
+def names(domains: int) -> list[str]:
+    return [f"d{i}" for i in range(domains)]
+
+
+def test_auto_picks_a_model_with_high_cv_spearman():
+    weights, y = smooth_problem(150, 6)
+    regressor, report = fit_regressor(weights, y, names(6))
+    assert set(report.cv_by_model) == set(MODELS)
+    assert report.model == max(report.cv_by_model, key=report.cv_by_model.get)
+    assert report.cv_spearman > 0.95
+    assert report.cv_rmse > 0 and report.seconds > 0
+    fresh_weights, fresh_y = smooth_problem(100, 6, seed=1)
+    assert spearmanr(regressor.predict(fresh_weights), fresh_y)[0] > 0.9
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_save_load_round_trip_is_exact(tmp_path, model):
+    weights, y = smooth_problem(60, 5)
+    regressor, report = fit_regressor(weights, y, names(5), model=model, folds=3)
+    assert report.model == model and list(report.cv_by_model) == [model]
+    regressor.save(tmp_path / "model")
+    saved = {path.suffix for path in (tmp_path / "model").rglob("*") if path.is_file()}
+    assert saved <= {".json", ".txt", ".npy"}  # never pickle
+    loaded = Regressor.load(tmp_path / "model")
+    probe, _ = smooth_problem(40, 5, seed=2)
+    for before, after in zip(
+        regressor.predict_with_spread(probe), loaded.predict_with_spread(probe), strict=True
+    ):
+        np.testing.assert_array_equal(before, after)
+    assert loaded.domains == names(5)
+    assert loaded.linear_coefficients == regressor.linear_coefficients
+
+
+def test_spread_is_member_disagreement():
+    weights, y = smooth_problem(60, 5)
+    ensemble, _ = fit_regressor(weights, y, names(5), model="ensemble", folds=3)
+    single, _ = fit_regressor(weights, y, names(5), model="gp", folds=3)
+    probe, _ = smooth_problem(30, 5, seed=3)
+    mean, spread = ensemble.predict_with_spread(probe)
+    each = np.stack([member.predict(probe) for member in ensemble.members])
+    np.testing.assert_allclose(mean, each.mean(axis=0))
+    np.testing.assert_allclose(spread, np.abs(each[0] - each[1]) / 2)
+    assert spread.max() > 0
+    assert single.predict_with_spread(probe)[1].max() == 0
+
+
+def test_linear_coefficients_name_every_domain():
+    weights, y = smooth_problem(60, 5)
+    regressor, _ = fit_regressor(weights, y, names(5), model="lightgbm", folds=3)
+    assert list(regressor.linear_coefficients) == names(5)
+
+
+def test_tiny_local_pipeline_sizes_work():
+    weights, y = smooth_problem(24, 20)
+    regressor, report = fit_regressor(weights, y, names(20), folds=5)
+    assert np.isfinite(report.cv_spearman) and np.isfinite(regressor.predict(weights)).all()
+    # Fewer rows than folds: the folds are capped at the rows.
+    _, report = fit_regressor(weights[:4], y[:4], names(20), model="linear", folds=5)
+    assert np.isfinite(report.cv_rmse)
+
+
+def test_tuning_keeps_the_best_of_the_defaults_and_the_trials():
+    weights, y = smooth_problem(80, 5)
+    _, untuned = fit_regressor(weights, y, names(5), model="lightgbm", folds=3)
+    _, tuned = fit_regressor(weights, y, names(5), model="lightgbm", folds=3, tune_trials=4)
+    assert tuned.cv_rmse <= untuned.cv_rmse + 1e-12
+    assert tuned.settings["lightgbm"]["rounds"] >= 1
+
+
+def test_bad_inputs_raise():
+    weights, y = smooth_problem(30, 4)
+    with pytest.raises(ValueError, match="unknown model"):
+        fit_regressor(weights, y, names(4), model="forest")
+    with pytest.raises(ValueError, match=r"\(rows, domains\)"):
+        fit_regressor(weights, y, names(5))
+    regressor, _ = fit_regressor(weights, y, names(4), model="linear")
+    with pytest.raises(ValueError, match="4 domains"):
+        regressor.predict(np.ones((2, 3)) / 3)
+
+
+@pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared paper data not present")
+def test_real_paper_data_with_128_training_rows():
+    train = read_proxy_csvs(
+        PAPER_DATA / "train_mixture_1m.csv", PAPER_DATA / "train_pile_loss_1m.csv"
+    )
+    test = read_proxy_csvs(PAPER_DATA / "test_mixture_1m.csv", PAPER_DATA / "test_pile_loss_1m.csv")
+    target = train.targets.index(PILE_CC)
+    regressor, _ = fit_regressor(train.weights[:128], train.losses[:128, target], train.domains)
+    rho = spearmanr(regressor.predict(test.weights), test.losses[:, test.targets.index(PILE_CC)])
+    assert rho[0] >= 0.97

@@ -1,0 +1,166 @@
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from components.regression import fit_regressor
+from components.search import (
+    Constraints,
+    default_trust_distance,
+    paper_search,
+    project_onto_bounds,
+    sample_dirichlet_around,
+    search_mixture,
+)
+
+DOMAINS = [f"d{i}" for i in range(8)]
+TARGET = np.array([0.30, 0.25, 0.15, 0.10, 0.08, 0.06, 0.04, 0.02])
+
+
+@dataclass
+class QuadraticLoss:
+    """A stand-in regressor with a known optimum: loss = 1 + |w - target|^2.
+
+    Over any constraint set the minimiser is the Euclidean projection of `target` onto it.
+    """
+
+    domains: list[str]
+    target: np.ndarray
+
+    def predict_with_spread(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        loss = 1.0 + ((np.atleast_2d(weights) - self.target) ** 2).sum(axis=1)
+        return loss, np.zeros(len(loss))
+
+    def predict(self, weights: np.ndarray) -> np.ndarray:
+        return self.predict_with_spread(weights)[0]
+
+
+CONSTRAINED = Constraints(
+    min_weight={"d7": 0.05},
+    max_weight={"d0": 0.2},
+    fixed={"d3": 0.12},
+    available_tokens={d: 1000 for d in DOMAINS} | {"d1": 100},
+    token_budget=1000,
+    max_epochs=1.5,  # caps d1 at 1.5 * 100 / 1000 = 0.15
+)
+
+
+def assert_honours(weights: np.ndarray, constraints: Constraints) -> None:
+    assert abs(weights.sum() - 1.0) <= 1e-9
+    assert (weights >= constraints.lower_bounds(DOMAINS) - 1e-9).all()
+    assert (weights <= constraints.upper_bounds(DOMAINS) + 1e-9).all()
+
+
+def as_array(result) -> np.ndarray:
+    return np.array([result.weights[d] for d in DOMAINS])
+
+
+def test_projection_is_exact_and_idempotent():
+    rng = np.random.default_rng(0)
+    lower = np.array([0.0, 0.1, 0.0, 0.05, 0.0, 0.0, 0.2, 0.0])
+    upper = np.array([0.3, 0.4, 1.0, 0.05, 0.2, 1.0, 0.5, 0.1])
+    points = rng.normal(0, 2, size=(500, 8))
+    projected = project_onto_bounds(points, lower, upper)
+    assert (projected >= lower).all() and (projected <= upper).all()
+    np.testing.assert_allclose(projected.sum(axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(project_onto_bounds(projected, lower, upper), projected, atol=1e-12)
+
+
+def test_bounds_combine_min_max_fixed_and_epoch_cap():
+    lower, upper = CONSTRAINED.lower_bounds(DOMAINS), CONSTRAINED.upper_bounds(DOMAINS)
+    assert (lower[3], upper[3]) == (0.12, 0.12)
+    assert upper[0] == 0.2 and upper[1] == pytest.approx(0.15) and lower[7] == 0.05
+    CONSTRAINED.check(DOMAINS)
+
+
+def known_optimum(constraints: Constraints) -> np.ndarray:
+    lower, upper = constraints.lower_bounds(DOMAINS), constraints.upper_bounds(DOMAINS)
+    return project_onto_bounds(TARGET, lower, upper)[0]
+
+
+@pytest.mark.parametrize("constraints", [Constraints(), CONSTRAINED])
+def test_cmaes_finds_the_known_optimum(constraints):
+    result = search_mixture(QuadraticLoss(DOMAINS, TARGET), np.full(8, 1 / 8), constraints)
+    assert_honours(as_array(result), constraints)
+    np.testing.assert_allclose(as_array(result), known_optimum(constraints), atol=2e-3)
+    assert result.method == "cmaes" and result.trials <= 3000 and result.spread == 0
+    assert result.nearest_distance is None
+
+
+def test_tpe_honours_constraints_and_improves_on_the_prior():
+    loss = QuadraticLoss(DOMAINS, TARGET)
+    prior = np.full(8, 1 / 8)
+    result = search_mixture(loss, prior, CONSTRAINED, method="tpe", trials=150)
+    assert_honours(as_array(result), CONSTRAINED)
+    start = project_onto_bounds(
+        prior, CONSTRAINED.lower_bounds(DOMAINS), CONSTRAINED.upper_bounds(DOMAINS)
+    )
+    assert result.predicted <= loss.predict(start)[0]
+    assert result.trials == 150
+
+
+def test_paper_recipe_honours_constraints_and_cmaes_is_no_worse():
+    loss = QuadraticLoss(DOMAINS, TARGET)
+    prior = np.full(8, 1 / 8)
+    paper = paper_search(loss, prior, CONSTRAINED, samples=20_000)
+    assert_honours(as_array(paper), CONSTRAINED)
+    cmaes = search_mixture(loss, prior, CONSTRAINED)
+    assert cmaes.predicted <= paper.predicted
+    assert paper.method == "paper" and paper.trials == 20_000
+
+
+def test_the_paper_sampler_gives_mixtures_around_the_prior():
+    prior = np.array([0.6, 0.3, 0.1])
+    samples = sample_dirichlet_around(prior, 20_000, np.random.default_rng(0))
+    assert (samples >= 0).all()
+    np.testing.assert_allclose(samples.sum(axis=1), 1.0)
+    tempered = np.sqrt(prior) / np.sqrt(prior).sum()
+    np.testing.assert_allclose(samples.mean(axis=0), tempered, atol=0.02)
+
+
+@pytest.mark.parametrize(
+    ("constraints", "message"),
+    [
+        (Constraints(min_weight={"d9": 0.1}), r"min_weight names unknown domains \['d9'\]"),
+        (Constraints(min_weight={d: 0.2 for d in DOMAINS}), "sum to 1.6 > 1"),
+        (Constraints(max_weight={d: 0.1 for d in DOMAINS}), "sum to 0.8 < 1"),
+        (Constraints(fixed={"d0": 0.5}, max_weight={"d0": 0.4}), "fixed weight 0.5 outside"),
+        (Constraints(min_weight={"d0": 0.5}, max_weight={"d0": 0.4}), "minimum weight 0.5 above"),
+        (Constraints(token_budget=10), "together"),
+        (
+            Constraints(available_tokens={d: 1 for d in DOMAINS}, token_budget=100, max_epochs=4),
+            "raise max_epochs",
+        ),
+    ],
+)
+def test_infeasible_constraints_are_refused(constraints, message):
+    with pytest.raises(ValueError, match=message):
+        constraints.check(DOMAINS)
+    with pytest.raises(ValueError, match=message):
+        search_mixture(QuadraticLoss(DOMAINS, TARGET), np.full(8, 1 / 8), constraints)
+
+
+def test_points_far_from_the_training_mixtures_are_refused():
+    rng = np.random.default_rng(0)
+    # Training mixtures all far from the target: the optimum is an extrapolation.
+    train = rng.dirichlet(np.ones(8), size=40) * 0.2 + np.eye(8)[7] * 0.8
+    loss = QuadraticLoss(DOMAINS, TARGET)
+    with pytest.raises(ValueError, match="allow_extrapolation=True"):
+        search_mixture(loss, np.full(8, 1 / 8), train_weights=train)
+    result = search_mixture(loss, np.full(8, 1 / 8), train_weights=train, allow_extrapolation=True)
+    assert result.nearest_distance > default_trust_distance(train)
+    near = search_mixture(loss, np.full(8, 1 / 8), train_weights=np.vstack([train, TARGET]))
+    assert near.nearest_distance < 0.01
+
+
+def test_search_on_a_fitted_regressor():
+    rng = np.random.default_rng(0)
+    weights = rng.dirichlet(np.full(8, 0.5), size=80)
+    y = ((weights - TARGET) ** 2).sum(axis=1)
+    regressor, _ = fit_regressor(weights, y, DOMAINS, model="ensemble", folds=3)
+    result = search_mixture(regressor, weights.mean(axis=0), CONSTRAINED, train_weights=weights)
+    assert_honours(as_array(result), CONSTRAINED)
+    lower, upper = CONSTRAINED.lower_bounds(DOMAINS), CONSTRAINED.upper_bounds(DOMAINS)
+    feasible_training = project_onto_bounds(weights, lower, upper)
+    assert result.predicted <= regressor.predict(feasible_training).min()
+    assert result.spread >= 0 and result.seconds < 10
