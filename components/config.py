@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from components.model import SHAPES, ModelShape
+from components.shapes import SHAPES, ModelShape
 
 
 class ConfigError(ValueError):

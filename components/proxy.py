@@ -19,7 +19,8 @@ from kfp.dsl import Input
 from components import component
 from components.config import TrainRecipe
 from components.data import TokenData
-from components.model import LM, ModelShape
+from components.model import LM
+from components.shapes import ModelShape
 from components.tracking import HASH_TAG, STAGE_TAG
 
 

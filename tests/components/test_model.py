@@ -1,6 +1,7 @@
 import torch
 
-from components.model import LM, SHAPES, ModelShape
+from components.model import LM
+from components.shapes import SHAPES, ModelShape
 
 
 def test_paper_proxy_shape_is_about_one_million_non_embedding_params():

@@ -5,8 +5,8 @@ import torch
 
 from components.config import TrainRecipe, parse_config
 from components.mixtures import as_mixtures, proxy_key
-from components.model import SHAPES
 from components.proxy import MixtureBatches, evaluate, lr_at, train_lm, train_proxy_op
+from components.shapes import SHAPES
 from tests.conftest import tiny_config_dict
 
 

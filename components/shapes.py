@@ -1,0 +1,42 @@
+"""Model shapes as data, like litgpt's config hub: the paper's shapes and the local CPU shapes.
+
+Kept apart from the model (and torch) so that stages which only read configs start fast.
+"""
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    mlp_hidden: int
+    context: int
+    n_kv_head: int | None = None  # grouped-query attention; None means n_head
+    rope_base: float = 10_000.0
+
+    def __post_init__(self):
+        kv = self.n_kv_head or self.n_head
+        if self.n_embd % self.n_head or self.n_head % kv:
+            raise ValueError(
+                f"model shape: n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
+                f"and n_head by n_kv_head ({kv})"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The paper's shapes (RegMix, Liu et al. 2025, table 7) and the local CPU shapes.
+SHAPES: dict[str, ModelShape] = {
+    "proxy-1m": ModelShape(n_layer=2, n_embd=256, n_head=8, mlp_hidden=512, context=2048),
+    "proxy-60m": ModelShape(n_layer=10, n_embd=768, n_head=8, mlp_hidden=1536, context=2048),
+    "large-1b": ModelShape(
+        n_layer=22, n_embd=2048, n_head=32, n_kv_head=4, mlp_hidden=5632, context=2048
+    ),
+    "local-proxy": ModelShape(n_layer=2, n_embd=64, n_head=4, mlp_hidden=128, context=128),
+    "local-large": ModelShape(n_layer=4, n_embd=160, n_head=5, mlp_hidden=320, context=128),
+    "tiny-proxy": ModelShape(n_layer=1, n_embd=32, n_head=2, mlp_hidden=64, context=64),
+    "tiny-large": ModelShape(n_layer=2, n_embd=48, n_head=2, mlp_hidden=96, context=64),
+}
