@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--quick", action="store_true", help="Pile-CC only, fewer sizes (~1 min)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--tune-trials", type=int, default=20)
+    parser.add_argument("--tune-trials", type=int, default=10)
     args = parser.parse_args()
     data = load(args.data)
     every = data.train.targets

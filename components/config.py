@@ -151,6 +151,8 @@ class RegressionConfig(Strict):
     model: Literal["auto", "lightgbm", "linear", "gp", "ensemble"] = "auto"  # auto: best by CV
     folds: int = Field(5, ge=2)
     tune_trials: int = Field(0, ge=0)
+    # The fan-in proceeds when at least this share of proxies finished; failures are logged.
+    min_proxy_fraction: float = Field(0.9, gt=0, le=1)
 
     def target_weights(self, domains: list[str]) -> dict[str, float]:
         """The target as weights over domains' validation losses."""
@@ -176,13 +178,41 @@ class SearchConfig(Strict):
 
 
 class GateConfig(Strict):
+    """Validate the prediction on fresh proxies before spending the large run."""
+
     proxies: int = Field(6, ge=3)  # fresh mixtures (the chosen one included)
-    spearman_threshold: float = Field(0.8, ge=-1, le=1)
+    spearman_threshold: float = Field(0.8, ge=-1, le=1)  # on the bootstrap lower bound
+    confidence: float = Field(0.9, gt=0, lt=1)  # two-sided bootstrap interval
+    bootstrap: int = Field(2000, ge=100)
+    seeds: int = Field(3, ge=1)  # chosen and best-proxy mixtures retrained per seed: the noise
 
 
 class LargeConfig(Strict):
+    """The target-size run on the chosen mixture, and the evidence that it wins."""
+
     model: ModelConfig
     train: TrainRecipe
+    seeds: int = Field(1, ge=1)  # each large/baseline mixture trained with this many seeds
+    # Comparison mixtures trained like the chosen one: "prior" (the token distribution, the
+    # natural choice), "uniform", "best_proxy" (the best training proxy's mixture).
+    baselines: list[Literal["prior", "uniform", "best_proxy"]] = []
+    extra_baselines: dict[str, dict[str, float]] = {}  # user mixtures by name
+
+
+class RankCheckConfig(Strict):
+    """The paper's premise measured on your corpus: proxy ranking = larger-model ranking."""
+
+    mixtures: int = Field(0, ge=0)  # training mixtures retrained at the larger size; 0: off
+    model: ModelConfig | None = None
+    train: TrainRecipe | None = None
+
+    @model_validator(mode="after")
+    def _needs(self):
+        if self.mixtures and (self.model is None or self.train is None):
+            raise ValueError("rank_check with mixtures > 0 needs `model` and `train`")
+        if self.mixtures == 1 or self.mixtures == 2:
+            raise ValueError("rank_check.mixtures: a rank correlation needs at least 3 (0: off)")
+        return self
 
 
 class TrackingConfig(Strict):
@@ -200,39 +230,42 @@ class RegMixConfig(Strict):
     search: SearchConfig = SearchConfig()
     gate: GateConfig = GateConfig()
     large: LargeConfig
+    rank_check: RankCheckConfig = RankCheckConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     def check_domains(self, domains: list[str]) -> None:
-        """Check every domain the config names exists in the corpus."""
+        """Check every domain the config names exists in the corpus, and mixtures sum to 1."""
         known = set(domains)
-        named = {
-            "regression.target": [] if self.regression.target == "mean" else (
-                [self.regression.target] if isinstance(self.regression.target, str)
-                else list(self.regression.target)
-            ),
-            "search.min_weight": list(self.search.min_weight),
-            "search.max_weight": list(self.search.max_weight),
-            "search.fixed": list(self.search.fixed),
-        }
-        for field, names in named.items():
-            unknown = sorted(set(names) - known)
-            if unknown:
-                raise ConfigError(
-                    f"{field}: unknown domain(s) {unknown}; the corpus has {sorted(known)}"
-                )
-        if isinstance(self.regression.target, dict):
-            weights = self.regression.target.values()
-            if any(w < 0 for w in weights) or not math.isclose(sum(weights), 1, abs_tol=1e-6):
-                raise ConfigError(
-                    "regression.target: weights must be >= 0 and sum to 1 "
-                    f"(they sum to {sum(weights):.6g}); rescale them"
-                )
-        bounds = {**self.search.min_weight, **self.search.max_weight, **self.search.fixed}
-        for domain, w in bounds.items():
-            if not 0 <= w <= 1:
-                raise ConfigError(f"search: weight for '{domain}' is {w}; weights lie in [0, 1]")
+        target = self.regression.target
+        if isinstance(target, dict):
+            check_mixture("regression.target", target, known)
+        elif target != "mean":
+            check_names("regression.target", [target], known)
+        for name, mixture in self.large.extra_baselines.items():
+            check_mixture(f"large.extra_baselines.{name}", mixture, known)
+        for field in ("min_weight", "max_weight", "fixed"):
+            bounds = getattr(self.search, field)
+            check_names(f"search.{field}", list(bounds), known)
+            for domain, w in bounds.items():
+                if not 0 <= w <= 1:
+                    raise ConfigError(f"search.{field}.{domain}: {w} is outside [0, 1]")
         if sum(self.search.fixed.values()) > 1 + 1e-9:
             raise ConfigError("search.fixed: fixed weights sum to more than 1; lower them")
+
+
+def check_names(field: str, names: list[str], known: set[str]) -> None:
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ConfigError(f"{field}: unknown domain(s) {unknown}; the corpus has {sorted(known)}")
+
+
+def check_mixture(field: str, weights: dict[str, float], known: set[str]) -> None:
+    check_names(field, list(weights), known)
+    total = sum(weights.values())
+    if any(w < 0 for w in weights.values()) or not math.isclose(total, 1, abs_tol=1e-6):
+        raise ConfigError(
+            f"{field}: weights must be >= 0 and sum to 1 (they sum to {total:.6g}); rescale them"
+        )
 
 
 def check_unique(names: list[str], field: str) -> None:

@@ -1,11 +1,16 @@
 """Stage 5, validate_prediction: does the regression's prediction hold on fresh proxies?
 
 Fresh mixtures, never seen by the regression, are trained as proxies alongside the chosen
-mixture. The gate passes when the predicted and measured rankings agree (Spearman at least the
-threshold) and the chosen mixture measures no worse than the best training proxy by more than
-the regression's cross-validated error.
+mixture. The gate passes when
+- the rank agreement between predicted and measured loss holds with confidence: the lower
+  bound of a bootstrap interval on Spearman reaches the threshold, and
+- the chosen mixture is not measurably worse than the best training proxy: both are retrained
+  with several seeds and compared against that seed noise, not by a raw difference.
+When it fails, the decision says why and estimates from the regression's learning curve how
+many more proxies would be needed.
 """
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -19,17 +24,31 @@ from components.mixtures import (
     as_mixtures,
     chunk,
     epoch_caps,
+    mixture_hash,
     proxy_key,
     sample_mixtures,
     token_prior,
 )
 
+CHOSEN, BEST = "chosen", "best"
 
-def plan_gate_proxies(config, meta: dict, chosen: dict[str, float], tracking: dict) -> list[dict]:
-    """The chosen mixture plus fresh held-out mixtures, drawn with a seed the training never used."""
+
+def seeded(name: str, weights: dict[str, float], seed: int, key: dict) -> dict:
+    return {"id": f"{name}@seed{seed}", "weights": weights, "seed": seed, "role": "noise",
+            "hash": mixture_hash(weights, **{**key, "seed": seed})}
+
+
+def plan_gate_proxies(
+    config, meta: dict, chosen: dict[str, float], best: dict[str, float], tracking: dict,
+) -> list[dict]:
+    """Fresh held-out mixtures (the chosen one first) plus seed replicas for the noise.
+
+    The best training proxy at the run's own seed has the same content hash as in training,
+    so it is reused, not retrained.
+    """
     domains = meta["domains"]
     tokens = np.array([meta["tokens"][d]["train"] for d in domains], dtype=np.int64)
-    mix = config.mixtures
+    mix, key = config.mixtures, proxy_key(config, meta)
     rng = np.random.default_rng([config.seed, 1])  # a separate stream from the training draw
     fresh = sample_mixtures(
         token_prior(tokens, mix.temperature), config.gate.proxies - 1,
@@ -37,50 +56,100 @@ def plan_gate_proxies(config, meta: dict, chosen: dict[str, float], tracking: di
         (mix.strength_min, mix.strength_max), mix.min_weight,
     )
     weights = np.vstack([[chosen[d] for d in domains], fresh])
-    mixtures = as_mixtures(weights, domains, "g", proxy_key(config, meta))
-    mixtures[0]["id"] = "chosen"
+    mixtures = [{**m, "role": "fresh"} for m in as_mixtures(weights, domains, "g", key)]
+    mixtures[0]["id"] = CHOSEN
+    seeds = [config.seed + i for i in range(config.gate.seeds)]
+    if len(seeds) > 1:
+        mixtures += [seeded(CHOSEN, chosen, s, key) for s in seeds[1:]]
+        mixtures += [seeded(BEST, best, s, key) for s in seeds]
     return chunk(mixtures, config.proxy.per_task, tracking)
 
 
-def decide(
-    results: list[dict], predicted: dict[str, float], target: dict[str, float],
-    best_train: float, cv_rmse: float, threshold: float,
-) -> dict:
+def bootstrap_spearman(
+    predicted: np.ndarray, measured: np.ndarray, draws: int, confidence: float, seed: int,
+) -> tuple[float, float, float]:
+    """Spearman and its percentile bootstrap interval over the fresh proxies."""
+    point = float(spearmanr(predicted, measured).statistic)
+    rng = np.random.default_rng(seed)
+    samples = rng.integers(0, len(predicted), size=(draws, len(predicted)))
+    values = [spearmanr(predicted[i], measured[i]).statistic for i in samples]
+    values = np.array([v for v in values if not np.isnan(v)])  # ties-only draws have no rank
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail]) if values.size else (np.nan, np.nan)
+    return (0.0 if np.isnan(point) else point), float(low), float(high)
+
+
+def proxies_needed(curve: list[list[float]], threshold: float) -> int | None:
+    """Training proxies at which the learning curve's Spearman would reach `threshold`.
+
+    Fits 1 - rho = a * n^-b on the (n, CV Spearman) points; None when it is not improving.
+    """
+    points = [(n, r) for n, r in curve if r < 1]
+    if len(points) < 2 or threshold >= 1:
+        return None
+    n, rho = np.array(points, dtype=float).T
+    slope, intercept = np.polyfit(np.log(n), np.log(1 - rho), 1)
+    if slope >= 0:
+        return None
+    return math.ceil(math.exp((math.log(1 - threshold) - intercept) / slope))
+
+
+def decide(results: list[dict], predicted: dict[str, float], target: dict[str, float],
+           fit_report: dict, gate) -> dict:
     """The gate decision and every number behind it."""
     measured = {r["id"]: target_loss(r["val_loss"], target) for r in results}
-    ids = sorted(measured)
-    spearman = float(spearmanr([predicted[i] for i in ids], [measured[i] for i in ids]).statistic)
-    spearman = 0.0 if np.isnan(spearman) else spearman
-    chosen = measured["chosen"]
-    ranks_ok = spearman >= threshold
-    chosen_ok = chosen <= best_train + cv_rmse
+    fresh = sorted(r["id"] for r in results if r.get("role", "fresh") == "fresh")
+    spearman, low, high = bootstrap_spearman(
+        np.array([predicted[i] for i in fresh]), np.array([measured[i] for i in fresh]),
+        gate.bootstrap, gate.confidence, seed=0,
+    )
+    chosen = [v for i, v in measured.items() if i == CHOSEN or i.startswith(f"{CHOSEN}@")]
+    best = [v for i, v in measured.items() if i.startswith(f"{BEST}@")] or [
+        fit_report["best_train_target"]]
+    if len(chosen) > 1 and len(best) > 1:
+        # Not measurably worse: the gap is within two standard errors of the seed noise.
+        noise = math.sqrt(np.var(chosen, ddof=1) / len(chosen) + np.var(best, ddof=1) / len(best))
+        tolerance, basis = 2 * noise, f"2 x seed-noise s.e. over {len(chosen)} seeds"
+    else:
+        tolerance, basis = fit_report["cv_rmse"], "CV RMSE (one seed: no noise estimate)"
+    gap = float(np.mean(chosen) - np.mean(best))
+    ranks_ok, chosen_ok = low >= gate.spearman_threshold, gap <= tolerance
     reasons = []
     if not ranks_ok:
-        reasons.append(f"Spearman {spearman:.3f} on {len(ids)} fresh proxies < {threshold}")
+        reasons.append(
+            f"Spearman {spearman:.3f} on {len(fresh)} fresh proxies, {gate.confidence:.0%} "
+            f"interval [{low:.3f}, {high:.3f}]: lower bound < {gate.spearman_threshold}"
+        )
+        needed = proxies_needed(fit_report.get("learning_curve", []), gate.spearman_threshold)
+        more = ("the learning curve is flat: more proxies are unlikely to help; train proxies "
+                "longer or use a less noisy target" if needed is None else
+                f"the learning curve suggests about {max(needed - fit_report['proxies'], 0)} "
+                f"more training proxies ({needed} in all)")
+        reasons.append(more)
     if not chosen_ok:
-        reasons.append(f"chosen mixture measured {chosen:.4f} > best training proxy "
-                       f"{best_train:.4f} + CV RMSE {cv_rmse:.4f}")
+        reasons.append(f"chosen mixture measured {np.mean(chosen):.4f}, worse than the best "
+                       f"training proxy {np.mean(best):.4f} by {gap:.4f} > {basis} "
+                       f"{tolerance:.4f}")
     return {
-        "passed": ranks_ok and chosen_ok,
+        "passed": bool(ranks_ok and chosen_ok),
         "reason": "; ".join(reasons) or "prediction validated",
-        "spearman": spearman,
-        "threshold": threshold,
-        "chosen_measured": chosen,
-        "chosen_predicted": predicted["chosen"],
-        "best_train_measured": best_train,
-        "cv_rmse": cv_rmse,
-        "measured": measured,
-        "predicted": predicted,
+        "spearman": spearman, "spearman_low": low, "spearman_high": high,
+        "threshold": gate.spearman_threshold, "fresh_proxies": len(fresh),
+        "chosen_measured": float(np.mean(chosen)), "chosen_predicted": predicted[CHOSEN],
+        "best_train_measured": float(np.mean(best)), "gap": gap, "tolerance": tolerance,
+        "tolerance_basis": basis, "measured": measured, "predicted": predicted,
     }
 
 
 @component
-def plan_gate_op(config: dict, data_meta: dict, chosen: dict, tracking: dict) -> list:
-    """Fresh gate mixtures (the chosen one first), as proxy tasks."""
+def plan_gate_op(config: dict, data_meta: dict, chosen: dict, fit_report: dict,
+                 tracking: dict) -> list:
+    """Fresh gate mixtures and seed replicas, as proxy tasks."""
     from components.config import parse_config
     from components.gate import plan_gate_proxies
 
-    return plan_gate_proxies(parse_config(config), data_meta, chosen["weights"], tracking)
+    return plan_gate_proxies(parse_config(config), data_meta, chosen["weights"],
+                             fit_report["best_train_weights"], tracking)
 
 
 @component
@@ -99,19 +168,23 @@ def validate_prediction_op(
     from components.tracking import stage_run
 
     cfg = parse_config(config)
-    results = [r for task in gate_results for r in task["results"]]
+    results = [r for task in gate_results for r in task["results"] if "error" not in r]
     model = Regressor.load(regressor.path)
     weights = np.array([[r["weights"][d] for d in model.domains] for r in results])
     ids = [r["id"] for r in results]
     predicted = dict(zip(ids, map(float, model.predict(weights)), strict=True))
-    decision = decide(results, predicted, fit_report["target"], fit_report["best_train_target"],
-                      fit_report["cv_rmse"], cfg.gate.spearman_threshold)
+    decision = decide(results, predicted, fit_report["target"], fit_report, cfg.gate)
     with stage_run(tracking, "gate", "validate-prediction"):
-        mlflow.log_metrics({"gate.spearman": decision["spearman"],
-                            "gate.passed": float(decision["passed"]),
-                            "gate.chosen_measured": decision["chosen_measured"],
-                            "gate.chosen_predicted": decision["chosen_predicted"],
-                            "gate.proxies_reused": sum(r["reused"] for r in results)})
+        mlflow.log_metrics({
+            "gate.spearman": decision["spearman"], "gate.spearman_low": decision["spearman_low"],
+            "gate.spearman_high": decision["spearman_high"],
+            "gate.passed": float(decision["passed"]),
+            "gate.chosen_measured": decision["chosen_measured"],
+            "gate.chosen_predicted": decision["chosen_predicted"],
+            "gate.best_train_measured": decision["best_train_measured"],
+            "gate.tolerance": decision["tolerance"],
+            "gate.proxies_reused": sum(r["reused"] for r in results),
+        })
         mlflow.set_tag("gate.reason", decision["reason"])
         mlflow.log_dict(decision, "gate.json")
     return namedtuple("GateOutputs", ["passed", "decision"])(decision["passed"], decision)

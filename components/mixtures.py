@@ -13,6 +13,8 @@ import numpy as np
 
 from components import component
 
+SAMPLE_BLOCK = 256  # candidates per draw; fixed so the sequence is independent of count
+
 
 def token_prior(train_tokens: np.ndarray, temperature: float) -> np.ndarray:
     """The paper's prior: each domain's token share raised to a temperature, renormalised."""
@@ -33,21 +35,23 @@ def sample_mixtures(
     rng: np.random.Generator,
     strength_range: tuple[float, float] = (0.1, 5.0),
     min_weight: float = 0.002,
-    max_tries: int = 1000,
+    max_blocks: int = 400,
 ) -> np.ndarray:
     """`count` distinct mixtures: Dirichlet(prior * strength), strength log-uniform.
 
     Weights under `min_weight` are zeroed and the rest renormalised (tiny weights are noise
     to a proxy); a draw that would repeat a domain past its cap is rejected, as in the paper.
+    Candidates come in fixed-size blocks, so the first n mixtures do not depend on `count`:
+    asking for 8 more later extends the same sequence (and finished proxies are reused).
     """
     log_lo, log_hi = np.log(strength_range)
     found: dict[bytes, np.ndarray] = {}
-    for _ in range(max_tries):
-        batch = max(count - len(found), 1) * 4
-        strength = np.exp(rng.uniform(log_lo, log_hi, size=(batch, 1)))
+    for _ in range(max_blocks):
+        strength = np.exp(rng.uniform(log_lo, log_hi, size=(SAMPLE_BLOCK, 1)))
         # Dirichlet with tiny concentrations underflows to all-zero rows; gamma draws keep it exact.
         draws = rng.gamma(prior * strength)
-        draws[draws.sum(1) == 0, rng.integers(len(prior))] = 1.0
+        empty = draws.sum(1) == 0
+        draws[empty, rng.integers(len(prior), size=empty.sum())] = 1.0
         weights = draws / draws.sum(1, keepdims=True)
         weights[weights < min_weight] = 0.0
         weights /= weights.sum(1, keepdims=True)

@@ -193,8 +193,9 @@ def train_task(data_dir: str, task: dict, config, stage: str = "proxy") -> dict:
     data, tracking = TokenData.open(data_dir), task["tracking"]
     shape, recipe = config.proxy.model.resolve(), config.proxy.train
     target = config.regression.target_weights(data.domains)
-    results = [train_proxy(data, m, shape, recipe, config.seed, tracking, target, stage)
-               for m in task["mixtures"]]
+    # A mixture may carry its own seed (the gate's seed replicas measure the noise).
+    results = [train_proxy(data, m, shape, recipe, int(m.get("seed", config.seed)), tracking,
+                           target, stage) for m in task["mixtures"]]
     return {"task": int(task["task"]), "results": results}
 
 

@@ -31,6 +31,16 @@ def run_local(config: RegMixConfig, tracking_uri: str | None = None,
     return summarize(uri, config.name, label, time.perf_counter() - started)
 
 
+def mean_metric(runs: list, name: str) -> float | None:
+    values = [r.data.metrics[name] for r in runs if name in r.data.metrics]
+    return sum(values) / len(values) if values else None
+
+
+def evidence_metric(by_stage: dict, name: str) -> float | None:
+    return next((r.data.metrics[name] for r in by_stage.get("evidence", [])
+                 if name in r.data.metrics), None)
+
+
 def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: float) -> dict:
     """The run's outcome, read back from MLflow (the record of truth, not in-process state)."""
     client = mlflow.MlflowClient(tracking_uri)
@@ -44,7 +54,7 @@ def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: floa
     def only(stage):
         return by_stage[stage][0] if stage in by_stage else None
 
-    fit, search, gate, large = only("regression"), only("search"), only("gate"), only("large")
+    fit, search, gate = only("regression"), only("search"), only("gate")
     summary = {
         "pipeline_run": label,
         "wall_seconds": round(wall_seconds, 1),
@@ -55,7 +65,10 @@ def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: floa
         "gate_spearman": gate.data.metrics["gate.spearman"] if gate else None,
         "gate_passed": bool(gate.data.metrics["gate.passed"]) if gate else False,
         "gate_reason": gate.data.tags.get("gate.reason") if gate else "gate did not run",
-        "large_target_loss": large.data.metrics.get("target_loss") if large else None,
+        "large_target_loss": mean_metric(by_stage.get("large", []), "target_loss"),
+        "baselines": {r.data.params.get("mixture_id", r.info.run_name): r.data.metrics["target_loss"]
+                      for r in by_stage.get("baseline", [])},
+        "rank_invariance_spearman": evidence_metric(by_stage, "rank_invariance.spearman"),
         "proxies_trained": len(by_stage.get("proxy", [])) + len(by_stage.get("gate-proxy", [])),
         "proxies_reused": int(fit.data.metrics["proxies_reused"])
         + int(gate.data.metrics.get("gate.proxies_reused", 0) if gate else 0),

@@ -1,8 +1,14 @@
 """The RegMix pipeline: wiring only; every stage lives in `components/`.
 
 prepare_data -> sample_mixtures -> train_proxy x N (ParallelFor) -> fit_regression (Collected)
--> search_mixture -> gate proxies (ParallelFor) -> validate_prediction -> [If passed] train_large
+-> search_mixture -> gate proxies (ParallelFor) -> validate_prediction
+-> [If passed] large runs: chosen mixture + baselines x seeds (ParallelFor) -> compare
+Optionally, beside the gate: the rank-invariance check (training mixtures retrained larger).
 An exit handler closes the MLflow parent run as FINISHED or FAILED whatever happens.
+
+kfp.local 2.17 replaces upstream task-output parameters inside a ParallelFor body with the
+loop item, so loop bodies take only the item, pipeline parameters and artifacts; the planning
+steps put the tracking context into each item.
 """
 
 from kfp import dsl
@@ -10,7 +16,13 @@ from kfp import dsl
 from components.config import RegMixConfig
 from components.data import prepare_data_op
 from components.gate import plan_gate_op, validate_prediction_op
-from components.large import train_large_op
+from components.large import (
+    compare_baselines_op,
+    plan_large_op,
+    plan_rank_check_op,
+    rank_invariance_op,
+    train_target_op,
+)
 from components.mixtures import sample_mixtures_op
 from components.proxy import train_proxy_op
 from components.regression import fit_regression_op
@@ -24,6 +36,7 @@ def build_pipeline(config: RegMixConfig):
     # defaults to None).
     defaults = config.model_dump(mode="json", exclude_none=True)
     parallelism = config.proxy.parallelism
+    rank_check = config.rank_check.mixtures > 0
 
     @dsl.pipeline(name=config.name, description="RegMix: data mixture as regression")
     def regmix(config: dict = defaults, tracking_uri: str = "", run_label: str = ""):
@@ -36,21 +49,38 @@ def build_pipeline(config: RegMixConfig):
             plan = sample_mixtures_op(config=config, data_meta=meta, tracking=tracking)
             with dsl.ParallelFor(plan.output, parallelism=parallelism) as task:
                 proxies = train_proxy_op(config=config, task=task, data=tokens)
-            fit = fit_regression_op(config=config, proxy_results=dsl.Collected(proxies.output),
-                                    data_meta=meta, tracking=tracking)
+            proxy_results = dsl.Collected(proxies.output)
+            fit = fit_regression_op(config=config, proxy_results=proxy_results, data_meta=meta,
+                                    tracking=tracking)
+            fit_report = fit.outputs["Output"]
             search = search_mixture_op(config=config, regressor=fit.outputs["regressor"],
                                        data_meta=meta, tracking=tracking)
             chosen = search.outputs["Output"]
-            gate_plan = plan_gate_op(config=config, data_meta=meta, chosen=chosen, tracking=tracking)
+
+            gate_plan = plan_gate_op(config=config, data_meta=meta, chosen=chosen,
+                                     fit_report=fit_report, tracking=tracking)
             with dsl.ParallelFor(gate_plan.output, parallelism=parallelism) as gate_task:
                 gate_proxies = train_proxy_op(config=config, task=gate_task, data=tokens,
                                               stage="gate-proxy")
             gate = validate_prediction_op(
                 config=config, gate_results=dsl.Collected(gate_proxies.output),
-                fit_report=fit.outputs["Output"], regressor=fit.outputs["regressor"],
-                tracking=tracking,
+                fit_report=fit_report, regressor=fit.outputs["regressor"], tracking=tracking,
             )
             with dsl.If(gate.outputs["passed"] == True, name="gate-passed"):  # noqa: E712
-                train_large_op(config=config, chosen=chosen, data=tokens, tracking=tracking)
+                large_plan = plan_large_op(config=config, data_meta=meta, chosen=chosen,
+                                           fit_report=fit_report, tracking=tracking)
+                with dsl.ParallelFor(large_plan.output, parallelism=parallelism) as large_run:
+                    large = train_target_op(config=config, run=large_run, data=tokens)
+                compare_baselines_op(config=config, results=dsl.Collected(large.output),
+                                     fit_report=fit_report, tracking=tracking)
+
+            if rank_check:
+                rank_plan = plan_rank_check_op(config=config, data_meta=meta,
+                                               proxy_results=proxy_results, tracking=tracking)
+                with dsl.ParallelFor(rank_plan.output, parallelism=parallelism) as rank_run:
+                    ranked = train_target_op(config=config, run=rank_run, data=tokens)
+                rank_invariance_op(config=config, proxy_results=proxy_results,
+                                   rank_results=dsl.Collected(ranked.output), data_meta=meta,
+                                   tracking=tracking)
 
     return regmix

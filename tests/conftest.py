@@ -54,7 +54,7 @@ def tiny_config_dict(spec: Path, **overrides) -> dict:
         "large": {"model": {"shape": "tiny-large"}, "train": {"tokens": 16384, "batch_size": 8}},
     }
     for key, value in overrides.items():
-        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
     return config
 
 

@@ -24,10 +24,18 @@ def test_sampler_honours_simplex_minimum_caps_and_seed():
     assert np.array_equal(draw, again)
 
 
+def test_more_mixtures_extend_the_same_sequence():
+    prior = token_prior(np.array([1000, 3000, 500, 8000]), 0.5)
+    caps = np.ones(4)
+    first = sample_mixtures(prior, 40, caps, np.random.default_rng(7))
+    more = sample_mixtures(prior, 48, caps, np.random.default_rng(7))
+    assert np.array_equal(more[:40], first)
+
+
 def test_sampler_explains_impossible_caps():
     with pytest.raises(ValueError, match="raise mixtures.max_epochs"):
         sample_mixtures(np.array([0.5, 0.5]), 4, np.array([0.1, 0.1]), np.random.default_rng(0),
-                        max_tries=5)
+                        max_blocks=5)
 
 
 def test_epoch_caps():

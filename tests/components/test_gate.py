@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+from components.config import GateConfig, parse_config
+from components.gate import bootstrap_spearman, decide, plan_gate_proxies, proxies_needed
+from tests.conftest import tiny_config_dict
+
+TARGET = {"a": 0.5, "b": 0.5}
+
+
+def result(id_, loss, role="fresh"):
+    return {"id": id_, "role": role, "val_loss": {"a": loss, "b": loss}}
+
+
+def fit_report(**extra):
+    return {"best_train_target": 3.0, "cv_rmse": 0.05, "proxies": 32,
+            "learning_curve": [[8, 0.5], [16, 0.7], [32, 0.8]], **extra}
+
+
+def test_bootstrap_interval_brackets_the_point_and_is_seeded():
+    rng = np.random.default_rng(0)
+    predicted = rng.normal(size=10)
+    measured = predicted + rng.normal(scale=0.3, size=10)
+    point, low, high = bootstrap_spearman(predicted, measured, 1000, 0.9, seed=0)
+    assert low <= point <= high and high - low > 0.05
+    assert (point, low, high) == bootstrap_spearman(predicted, measured, 1000, 0.9, seed=0)
+
+
+def test_gate_passes_when_ranks_agree_and_chosen_is_within_seed_noise():
+    fresh = [result("chosen", 2.95)] + [result(f"g{i}", 3.0 + 0.1 * i) for i in range(1, 9)]
+    noise = [result("chosen@seed1", 2.97, "noise"), result("best@seed0", 2.96, "noise"),
+             result("best@seed1", 2.99, "noise")]
+    predicted = {r["id"]: r["val_loss"]["a"] + 0.01 for r in fresh}
+    decision = decide(fresh + noise, predicted, TARGET, fit_report(), GateConfig(proxies=9))
+    assert decision["passed"], decision["reason"]
+    assert decision["spearman"] == pytest.approx(1.0)
+    assert decision["chosen_measured"] == pytest.approx(2.96)
+    assert "seed-noise" in decision["tolerance_basis"]
+
+
+def test_gate_fails_on_scrambled_ranks_and_estimates_more_proxies():
+    fresh = [result("chosen", 2.9)] + [result(f"g{i}", 3.0 + 0.1 * i) for i in range(1, 9)]
+    rng = np.random.default_rng(1)
+    predicted = {r["id"]: float(v) for r, v in zip(fresh, rng.permutation(9), strict=True)}
+    decision = decide(fresh, predicted, TARGET, fit_report(), GateConfig(proxies=9, seeds=1))
+    assert not decision["passed"]
+    assert "lower bound < 0.8" in decision["reason"]
+    assert "more training proxies" in decision["reason"]
+
+
+def test_gate_fails_when_chosen_is_worse_beyond_the_noise():
+    fresh = [result("chosen", 3.5)] + [result(f"g{i}", 3.0 + 0.1 * i) for i in range(1, 9)]
+    noise = [result("chosen@seed1", 3.51, "noise"), result("best@seed0", 3.0, "noise"),
+             result("best@seed1", 3.01, "noise")]
+    predicted = {r["id"]: r["val_loss"]["a"] for r in fresh}
+    decision = decide(fresh + noise, predicted, TARGET, fit_report(),
+                      GateConfig(proxies=9, spearman_threshold=-1))
+    assert not decision["passed"] and "worse than the best training proxy" in decision["reason"]
+
+
+def test_proxies_needed_from_a_power_law_curve():
+    curve = [[n, 1 - 2.0 * n**-0.5] for n in (16, 32, 64)]
+    assert proxies_needed(curve, 0.9) == pytest.approx(400, abs=2)  # 2 n^-0.5 = 0.1
+    assert proxies_needed([[16, 0.8], [32, 0.7]], 0.9) is None  # getting worse: no estimate
+
+
+def test_plan_has_fresh_mixtures_chosen_first_and_seed_replicas(prepared_data):
+    config = parse_config(tiny_config_dict("x.yaml", gate={"proxies": 4, "seeds": 2},
+                                           mixtures={"count": 8, "max_epochs": 50}))
+    chosen = {"code": 0.2, "changelogs": 0.5, "licenses": 0.3}
+    best = {"code": 0.6, "changelogs": 0.2, "licenses": 0.2}
+    tasks = plan_gate_proxies(config, prepared_data.meta, chosen, best, {"t": 1})
+    mixtures = [m for t in tasks for m in t["mixtures"]]
+    assert [m["id"] for m in mixtures] == ["chosen", "g0001", "g0002", "g0003", "chosen@seed1",
+                                           "best@seed0", "best@seed1"]
+    assert len({m["hash"] for m in mixtures}) == len(mixtures)
+    assert all(t["tracking"] == {"t": 1} for t in tasks)

@@ -1,0 +1,46 @@
+import pytest
+
+from components.config import parse_config
+from components.large import compare, plan_large_runs, plan_rank_check, rank_invariance
+from tests.conftest import tiny_config_dict
+
+TARGET = {"code": 1.0}
+
+
+def loss(name, value, **extra):
+    return {"name": name, "id": name, "val_loss": {"code": value}, **extra}
+
+
+def test_plan_trains_chosen_and_baselines_over_seeds(prepared_data):
+    config = parse_config(tiny_config_dict(
+        "x.yaml", large={"model": {"shape": "tiny-large"}, "train": {"tokens": 1000},
+                         "seeds": 2, "baselines": ["prior", "uniform"],
+                         "extra_baselines": {"mine": {"code": 1.0}}}))
+    chosen = {"code": 0.2, "changelogs": 0.5, "licenses": 0.3}
+    runs = plan_large_runs(config, prepared_data.meta, chosen, chosen, {"t": 1})
+    assert [r["id"] for r in runs] == [f"{n}@seed{s}" for n in ("chosen", "prior", "uniform",
+                                                                 "mine") for s in (0, 1)]
+    assert [r["role"] for r in runs][:3] == ["large", "large", "baseline"]
+    prior = runs[2]["weights"]
+    tokens = prepared_data.train_tokens()
+    assert prior["code"] == pytest.approx(tokens[0] / tokens.sum())
+    assert len({r["hash"] for r in runs}) == len(runs)
+
+
+def test_compare_judges_wins_against_the_seed_spread():
+    stats = compare([loss("chosen", 3.00), loss("chosen", 3.02), loss("prior", 3.20),
+                     loss("prior", 3.22), loss("uniform", 3.01), loss("uniform", 3.05)], TARGET)
+    assert stats["prior"]["chosen_wins"] and stats["prior"]["margin"] == pytest.approx(0.2)
+    assert not stats["uniform"]["chosen_wins"]  # 0.02 apart, inside a 0.028 spread
+
+
+def test_rank_check_spans_the_losses_and_measures_agreement(prepared_data):
+    config = parse_config(tiny_config_dict(
+        "x.yaml", rank_check={"mixtures": 3, "model": {"shape": "tiny-large"},
+                              "train": {"tokens": 1000}}))
+    proxies = [loss(f"m{i}", 3 + i, weights={"code": 1.0}) for i in range(7)]
+    runs = plan_rank_check(config, prepared_data.meta, proxies, {"t": 1})
+    assert [r["name"] for r in runs] == ["m0", "m3", "m6"]
+    larger = [loss("m0", 2.0), loss("m3", 2.5), loss("m6", 2.4)]
+    check = rank_invariance(proxies, larger, TARGET)
+    assert check["spearman"] == pytest.approx(0.5) and check["mixtures"] == 3
