@@ -36,8 +36,8 @@ def test_compare_judges_wins_against_the_seed_spread():
 
 def test_rank_check_spans_the_losses_and_measures_agreement(prepared_data):
     config = parse_config(tiny_config_dict(
-        "x.yaml", rank_check={"mixtures": 3, "model": {"shape": "tiny-large"},
-                              "train": {"tokens": 1000}}))
+        "x.yaml", regression={"target": "code"},
+        rank_check={"mixtures": 3, "model": {"shape": "tiny-large"}, "train": {"tokens": 1000}}))
     proxies = [loss(f"m{i}", 3 + i, weights={"code": 1.0}) for i in range(7)]
     runs = plan_rank_check(config, prepared_data.meta, proxies, {"t": 1})
     assert [r["name"] for r in runs] == ["m0", "m3", "m6"]
