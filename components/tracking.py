@@ -93,9 +93,23 @@ def start_tracking_op(config: dict, tracking_uri: str, run_label: str, job_id: s
 
 @component
 def finish_tracking_op(config: dict, tracking_uri: str, run_label: str, job_id: str,
-                       status: dsl.PipelineTaskFinalStatus):
-    """Exit handler: close the parent run as FINISHED or FAILED."""
+                       status: dsl.PipelineTaskFinalStatus, report: dsl.Output[dsl.HTML],
+                       summary: dsl.Output[dsl.Markdown]):
+    """Exit handler: write the run report (shown in the KFP UI) and close the parent run."""
+    import logging
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from components.report import build_report
     from components.tracking import default_tracking_uri, finish_pipeline_run
 
-    finish_pipeline_run(tracking_uri or default_tracking_uri(), config["name"],
-                        run_label or job_id, status.state)
+    uri, label = tracking_uri or default_tracking_uri(), run_label or job_id
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            html = build_report(uri, config["name"], label, Path(tmp))
+            shutil.copy(html, report.path)
+            shutil.copy(html.with_name("report.md"), summary.path)
+    except Exception:  # a report problem must not hide how the run itself ended
+        logging.getLogger("regmix.report").exception("could not write the run report")
+    finish_pipeline_run(uri, config["name"], label, status.state)

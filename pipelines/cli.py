@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 from components.config import ConfigError, RegMixConfig, load_config
@@ -61,14 +62,61 @@ def format_summary(s: dict) -> str:
     )
 
 
-def cmd_compile(args) -> int:
-    from kfp import compiler
+def cmd_report(args) -> int:
+    from components.report import build_report
+    from components.tracking import default_tracking_uri
 
-    from pipelines.pipeline import build_pipeline
+    uri = args.tracking_uri or default_tracking_uri()
+    try:
+        html = build_report(uri, args.experiment, args.run, Path(args.out or f"report-{args.run}"))
+    except ValueError as e:
+        raise ConfigError(f"report: {e}; list runs with `mlflow ui` or the run summary") from None
+    print(f"wrote {html} and {html.with_name('report.md')} (also logged to MLflow)")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from pipelines.kfp_api import compile_package
+
+    compile_package(load_config(args.config), args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from pipelines import kfp_api
 
     config = load_config(args.config)
-    compiler.Compiler().compile(build_pipeline(config), str(args.out))
-    print(f"wrote {args.out}")
+    with tempfile.TemporaryDirectory() as tmp:
+        package = kfp_api.compile_package(config, Path(tmp) / "pipeline.yaml")
+        client = kfp_api.connect(args.host, args.namespace)
+        run_id = kfp_api.submit(client, config, package, args.namespace, args.experiment,
+                                args.run_name)
+    print(f"run {run_id}: {kfp_api.run_url(args.host, run_id)}")
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from pipelines import kfp_api
+
+    kfp_api.check_cron(args.cron)  # before any work: a 5-field crontab line is a common slip
+    config = load_config(args.config)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = kfp_api.compile_package(config, Path(tmp) / "pipeline.yaml")
+        client = kfp_api.connect(args.host, args.namespace)
+        recurring_id = kfp_api.schedule(client, config, package, args.cron, args.namespace,
+                                        args.experiment, args.name)
+    print(f"recurring run {recurring_id} ({args.cron}): "
+          f"{kfp_api.recurring_run_url(args.host, recurring_id)}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from pipelines import kfp_api
+
+    runs = kfp_api.list_runs(kfp_api.connect(args.host, args.namespace), args.namespace, args.limit)
+    for r in runs:
+        print(f"{r['created_at']:<26} {r['state'] or '':<10} {r['id']}  {r['name']}")
     return 0
 
 
@@ -95,10 +143,47 @@ def parser() -> argparse.ArgumentParser:
                      "or sqlite:///mlruns/mlflow.db)")
     run.set_defaults(func=cmd_run)
 
-    comp = sub.add_parser("compile", help="compile the pipeline to KFP YAML")
+    report = sub.add_parser("report", help="write a run's report (HTML, Markdown, plots)")
+    report.add_argument("run", help="the pipeline run label (printed by `regmix run`)")
+    report.add_argument("--experiment", default="regmix-local", help="the config's `name`")
+    report.add_argument("--tracking-uri", help="MLflow tracking URI (default as for run)")
+    report.add_argument("--out", help="output folder (default: report-RUN)")
+    report.set_defaults(func=cmd_report)
+
+    comp = sub.add_parser("compile", help="compile the pipeline to KFP YAML (cluster settings "
+                          "from the config's `cluster` section)")
     comp.add_argument("--config", required=True)
     comp.add_argument("--out", required=True, type=Path)
     comp.set_defaults(func=cmd_compile)
+
+    def kfp_parser(name: str, help: str, config: bool = True) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help)
+        cmd.add_argument("--host", required=True,
+                         help="the KFP API / UI address, e.g. http://localhost:8080")
+        cmd.add_argument("--namespace", help="your profile namespace (multi-user Kubeflow only)")
+        if config:
+            cmd.add_argument("--config", required=True, help="a run config YAML (see configs/)")
+            cmd.add_argument("--experiment", help="KFP experiment (default: the config's name)")
+        return cmd
+
+    submit = kfp_parser("submit", "compile and start one run on Kubeflow Pipelines")
+    submit.add_argument("--run-name", help="the run's name (default: the config's name)")
+    submit.set_defaults(func=cmd_submit)
+
+    schedule = kfp_parser("schedule", "compile and create a recurring run (KFP cron: 6 fields, "
+                          "seconds first)")
+    schedule.add_argument(
+        "--cron", required=True,
+        help="KFP's cron has 6 fields, SECONDS FIRST: second minute hour day-of-month month "
+        "day-of-week, e.g. '0 0 3 * * *' for 03:00 every day (or @daily, @every 6h); a 5-field "
+        "crontab line is rejected",
+    )
+    schedule.add_argument("--name", help="the recurring run's name (default: <config name>-scheduled)")
+    schedule.set_defaults(func=cmd_schedule)
+
+    runs = kfp_parser("runs", "list the newest runs", config=False)
+    runs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    runs.set_defaults(func=cmd_runs)
 
     corpus = sub.add_parser("corpus", help="corpus tools").add_subparsers(dest="action",
                                                                           required=True)

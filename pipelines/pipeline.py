@@ -28,6 +28,7 @@ from components.proxy import train_proxy_op
 from components.regression import fit_regression_op
 from components.search import search_mixture_op
 from components.tracking import finish_tracking_op, start_tracking_op
+from pipelines.cluster import apply_cluster_settings
 
 
 def build_pipeline(config: RegMixConfig):
@@ -37,6 +38,7 @@ def build_pipeline(config: RegMixConfig):
     defaults = config.model_dump(mode="json", exclude_none=True)
     parallelism = config.proxy.parallelism
     rank_check = config.rank_check.mixtures > 0
+    cluster = config.cluster
 
     @dsl.pipeline(name=config.name, description="RegMix: data mixture as regression")
     def regmix(config: dict = defaults, tracking_uri: str = "", run_label: str = ""):
@@ -49,8 +51,8 @@ def build_pipeline(config: RegMixConfig):
             plan = sample_mixtures_op(config=config, data_meta=meta, tracking=tracking)
             with dsl.ParallelFor(plan.output, parallelism=parallelism) as task:
                 proxies = train_proxy_op(config=config, task=task, data=tokens)
-            proxy_results = dsl.Collected(proxies.output)
-            fit = fit_regression_op(config=config, proxy_results=proxy_results, data_meta=meta,
+            fit = fit_regression_op(config=config, proxy_results=dsl.Collected(proxies.output),
+                                    data_meta=meta,
                                     tracking=tracking)
             fit_report = fit.outputs["Output"]
             search = search_mixture_op(config=config, regressor=fit.outputs["regressor"],
@@ -75,12 +77,16 @@ def build_pipeline(config: RegMixConfig):
                                      fit_report=fit_report, tracking=tracking)
 
             if rank_check:
+                # One Collected per consumer: the KFP compiler cannot share one between tasks.
                 rank_plan = plan_rank_check_op(config=config, data_meta=meta,
-                                               proxy_results=proxy_results, tracking=tracking)
+                                               proxy_results=dsl.Collected(proxies.output),
+                                               tracking=tracking)
                 with dsl.ParallelFor(rank_plan.output, parallelism=parallelism) as rank_run:
                     ranked = train_target_op(config=config, run=rank_run, data=tokens)
-                rank_invariance_op(config=config, proxy_results=proxy_results,
+                rank_invariance_op(config=config, proxy_results=dsl.Collected(proxies.output),
                                    rank_results=dsl.Collected(ranked.output), data_meta=meta,
                                    tracking=tracking)
+
+        apply_cluster_settings(cluster)  # every task's image, resources, volumes, retries
 
     return regmix

@@ -1,0 +1,207 @@
+"""The run report: plots and the numbers behind the decision, read back from MLflow.
+
+Written as Markdown (PNG files beside it) and as one self-contained HTML file (images inline),
+logged to the pipeline's parent run under `report/`, and shown in the KFP UI by the exit step.
+"""
+
+import base64
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on pods or CI
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+
+from components.tracking import PIPELINE_TAG, STAGE_TAG  # noqa: E402
+
+
+@dataclass
+class RunRecord:
+    """Everything one pipeline run logged, by stage."""
+
+    label: str
+    runs: dict[str, list] = field(default_factory=dict)
+    artifacts: dict[str, dict] = field(default_factory=dict)
+
+    def first(self, stage: str):
+        return self.runs.get(stage, [None])[0]
+
+
+def load_record(tracking_uri: str, experiment: str, label: str) -> RunRecord:
+    client = mlflow.MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"no MLflow experiment '{experiment}' at {tracking_uri}")
+    runs = client.search_runs([found.experiment_id], f"tags.`{PIPELINE_TAG}` = '{label}'",
+                              max_results=10_000)
+    if not runs:
+        raise ValueError(f"no runs tagged {PIPELINE_TAG}={label} in experiment '{experiment}'")
+    record = RunRecord(label)
+    for run in runs:
+        record.runs.setdefault(run.data.tags[STAGE_TAG], []).append(run)
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage, name in (("gate", "gate.json"), ("evidence", "baselines.json"),
+                            ("evidence", "rank_invariance.json")):
+            for run in record.runs.get(stage, []):
+                try:
+                    path = client.download_artifacts(run.info.run_id, name, tmp)
+                except Exception:  # noqa: BLE001 - an artifact this run did not log
+                    continue
+                record.artifacts[name] = json.loads(Path(path).read_text())
+    return record
+
+
+def weights_of(run) -> dict[str, float]:
+    return {k.removeprefix("weight."): float(v) for k, v in run.data.params.items()
+            if k.startswith("weight.")}
+
+
+def plot_mixtures(record: RunRecord, path: Path) -> bool:
+    search = record.first("search")
+    prior = next((r for r in record.runs.get("proxy", []) if r.data.params.get("mixture_id")
+                  == "m0000"), None)
+    if search is None:
+        return False
+    chosen = weights_of(search)
+    domains = sorted(chosen, key=chosen.get, reverse=True)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    x = range(len(domains))
+    ax.bar([i - 0.2 for i in x], [chosen[d] for d in domains], 0.4, label="chosen")
+    if prior is not None:
+        natural = weights_of(prior)
+        ax.bar([i + 0.2 for i in x], [natural.get(d, 0) for d in domains], 0.4, label="prior")
+    ax.set_xticks(list(x), domains, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("weight")
+    ax.legend()
+    ax.set_title("Chosen mixture vs the sampling prior")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_gate(record: RunRecord, path: Path) -> bool:
+    gate = record.artifacts.get("gate.json")
+    if gate is None:
+        return False
+    ids = [i for i in gate["predicted"] if i in gate["measured"]]
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.scatter([gate["predicted"][i] for i in ids], [gate["measured"][i] for i in ids])
+    for i in ids:
+        if i.startswith("chosen"):
+            ax.annotate("chosen", (gate["predicted"][i], gate["measured"][i]))
+    ax.set_xlabel("predicted target loss")
+    ax.set_ylabel("measured target loss")
+    ax.set_title(f"Gate: Spearman {gate['spearman']:.3f} "
+                 f"[{gate['spearman_low']:.2f}, {gate['spearman_high']:.2f}]")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_learning_curve(record: RunRecord, path: Path, tracking_uri: str) -> bool:
+    fit = record.first("regression")
+    if fit is None:
+        return False
+    history = mlflow.MlflowClient(tracking_uri).get_metric_history(
+        fit.info.run_id, "learning_curve.cv_spearman")
+    if not history:
+        return False
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    ax.plot([m.step for m in history], [m.value for m in history], marker="o")
+    ax.set_xlabel("training proxies")
+    ax.set_ylabel("CV Spearman")
+    ax.set_title("Regression learning curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_baselines(record: RunRecord, path: Path) -> bool:
+    stats = record.artifacts.get("baselines.json")
+    if not stats:
+        return False
+    names = sorted(stats, key=lambda n: stats[n]["mean"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(names, [stats[n]["mean"] for n in names], yerr=[stats[n]["std"] for n in names],
+           color=["tab:green" if n == "chosen" else "tab:gray" for n in names], capsize=4)
+    low = min(stats[n]["mean"] - stats[n]["std"] for n in names)
+    high = max(stats[n]["mean"] + stats[n]["std"] for n in names)
+    ax.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.1 * (high - low + 1e-3))
+    ax.set_ylabel("large-model target loss")
+    ax.set_title("Chosen mixture vs baselines (mean, seed spread)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def summary_lines(record: RunRecord) -> list[str]:
+    lines = [f"# RegMix run `{record.label}`", ""]
+    fit, search, gate = record.first("regression"), record.first("search"), record.first("gate")
+    proxies = len(record.runs.get("proxy", [])) + len(record.runs.get("gate-proxy", []))
+    lines.append(f"- proxies trained in this run: {proxies}")
+    if fit:
+        m = fit.data.metrics
+        lines.append(f"- regression: {fit.data.params.get('model')} on "
+                     f"{fit.data.params.get('proxies')} proxies, CV Spearman "
+                     f"{m['cv_spearman']:.3f}, CV RMSE {m['cv_rmse']:.4f}")
+    if search:
+        m = search.data.metrics
+        lines.append(f"- search ({search.data.params.get('method')}): predicted target loss "
+                     f"{m['predicted_loss']:.4f} (paper's recipe: "
+                     f"{m.get('paper_recipe_predicted_loss', float('nan')):.4f})")
+    if gate:
+        decision = "PASSED" if gate.data.metrics["gate.passed"] else "FAILED"
+        lines.append(f"- gate: **{decision}**: {gate.data.tags.get('gate.reason', '')}")
+    for name, s in sorted((record.artifacts.get("baselines.json") or {}).items()):
+        verdict = "" if name == "chosen" else (
+            f", chosen wins by {s['margin']:.4f}" if s["chosen_wins"]
+            else f", chosen does not win beyond the seed spread (margin {s['margin']:.4f})")
+        lines.append(f"- large model on `{name}`: {s['mean']:.4f} +- {s['std']:.4f} over "
+                     f"{s['seeds']} seed(s){verdict}")
+    rank = record.artifacts.get("rank_invariance.json")
+    if rank:
+        lines.append(f"- rank invariance (proxy vs larger model, {rank['mixtures']} mixtures): "
+                     f"Spearman {rank['spearman']:.3f}")
+    if search:
+        chosen = weights_of(search)
+        lines += ["", "| domain | chosen weight |", "| --- | --- |"]
+        lines += [f"| {d} | {w:.4f} |" for d, w in sorted(chosen.items(), key=lambda kv: -kv[1])]
+    return lines
+
+
+def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path) -> Path:
+    """Write report.md, report.html and PNGs to `out_dir`; returns the HTML path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = load_record(tracking_uri, experiment, label)
+    plots = {
+        "mixture.png": plot_mixtures(record, out_dir / "mixture.png"),
+        "gate.png": plot_gate(record, out_dir / "gate.png"),
+        "learning_curve.png": plot_learning_curve(record, out_dir / "learning_curve.png",
+                                                  tracking_uri),
+        "baselines.png": plot_baselines(record, out_dir / "baselines.png"),
+    }
+    drawn = [name for name, made in plots.items() if made]
+    lines = summary_lines(record)
+    markdown = "\n".join(lines + [""] + [f"![{n}]({n})" for n in drawn]) + "\n"
+    (out_dir / "report.md").write_text(markdown)
+    images = "".join(
+        f'<img src="data:image/png;base64,{base64.b64encode((out_dir / n).read_bytes()).decode()}"'
+        f' alt="{n}">' for n in drawn)
+    body = "\n".join(f"<h1>{line[2:]}</h1>" if line.startswith("# ") else f"<p>{line[2:]}</p>"
+                     for line in lines if line.startswith(("# ", "- ")))
+    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>RegMix {label}</title>"
+            f"</head><body>{body}{images}</body></html>")
+    (out_dir / "report.html").write_text(html)
+    parent = record.first("pipeline")
+    if parent is not None:
+        mlflow.MlflowClient(tracking_uri).log_artifacts(parent.info.run_id, str(out_dir), "report")
+    return out_dir / "report.html"

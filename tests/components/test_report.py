@@ -1,0 +1,36 @@
+import mlflow
+
+from components.report import build_report
+from components.tracking import stage_run
+
+
+def test_report_reads_the_run_back_from_mlflow(tmp_path, tracking):
+    with stage_run(tracking, "regression", "fit"):
+        mlflow.log_params({"model": "gp", "proxies": 12})
+        mlflow.log_metrics({"cv_spearman": 0.91, "cv_rmse": 0.02})
+        for n, rho in ((4, 0.5), (8, 0.8), (12, 0.91)):
+            mlflow.log_metric("learning_curve.cv_spearman", rho, step=n)
+    with stage_run(tracking, "search", "search"):
+        mlflow.log_params({"weight.code": 0.7, "weight.prose": 0.3, "method": "cmaes"})
+        mlflow.log_metrics({"predicted_loss": 3.1, "paper_recipe_predicted_loss": 3.2})
+    with stage_run(tracking, "gate", "gate"):
+        mlflow.log_metric("gate.passed", 1.0)
+        mlflow.set_tag("gate.reason", "prediction validated")
+        mlflow.log_dict({"spearman": 0.9, "spearman_low": 0.7, "spearman_high": 1.0,
+                         "predicted": {"chosen": 3.1, "g1": 3.3, "g2": 3.5},
+                         "measured": {"chosen": 3.0, "g1": 3.4, "g2": 3.6}}, "gate.json")
+    with stage_run(tracking, "evidence", "compare"):
+        mlflow.log_dict({"chosen": {"mean": 3.0, "std": 0.01, "seeds": 3},
+                         "prior": {"mean": 3.2, "std": 0.02, "seeds": 3, "margin": 0.2,
+                                   "chosen_wins": True}}, "baselines.json")
+
+    html = build_report(tracking["uri"], "regmix-test", "test-run", tmp_path / "report")
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "CV Spearman 0.910" in markdown and "**PASSED**" in markdown
+    assert "large model on `prior`: 3.2000 +- 0.0200 over 3 seed(s), chosen wins by 0.2000" in markdown
+    for png in ("mixture.png", "gate.png", "learning_curve.png", "baselines.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 1000
+        assert f"![{png}]({png})" in markdown
+    assert html.read_text().count("data:image/png;base64") == 4
+    logged = mlflow.MlflowClient(tracking["uri"]).list_artifacts(tracking["parent_run_id"], "report")
+    assert {a.path for a in logged} >= {"report/report.md", "report/report.html"}
