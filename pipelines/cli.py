@@ -13,8 +13,10 @@ from pathlib import Path
 
 from components.config import ConfigError, RegMixConfig, load_config
 from components.data import CorpusError
+from components.paper_data import DataError
+from pipelines import byo
 
-USER_ERRORS = (ConfigError, CorpusError)
+USER_ERRORS = (ConfigError, CorpusError, DataError)
 
 
 def checked_config(path: str) -> RegMixConfig:
@@ -135,6 +137,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="regmix", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
+    byo.add_commands(sub)
 
     run = sub.add_parser("run", help="run the whole pipeline locally through kfp.local")
     run.add_argument("--config", required=True, help="a run config YAML (see configs/)")

@@ -1,0 +1,187 @@
+"""Bring your own results: `regmix fit`, `regmix predict`, `regmix search` on CSV files.
+
+The CSVs are the paper's format (an `index` column pairs a mixtures file, one column per
+domain, with a losses file, one column per target), so the published RegMix data works as is.
+A model folder holds one subfolder per target plus `targets.json` and the training mixtures.
+"""
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from components.paper_data import DataError, read_proxy_csvs, resolve_target, write_predictions_csv
+
+TARGETS_FILE = "targets.json"
+
+
+def parse_target(text: str) -> str | dict[str, float]:
+    """`COLUMN`, or a weighted mean `COLUMN=W,COLUMN=W`."""
+    if "=" not in text:
+        return text
+    spec = {}
+    for part in text.split(","):
+        name, _, weight = part.rpartition("=")
+        try:
+            spec[name.strip()] = float(weight)
+        except ValueError:
+            raise DataError(f"--target '{text}': '{part}' is not COLUMN=WEIGHT") from None
+    return spec
+
+
+def folder_name(target: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", target).strip("_")[:80] or "target"
+
+
+def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: str,
+            folds: int, seed: int, tune_trials: int) -> list[dict]:
+    """Fit one regressor per target; returns a report per target."""
+    from components.regression import fit_regressor
+
+    table = read_proxy_csvs(mixtures, losses)
+    out.mkdir(parents=True, exist_ok=True)
+    reports, index = [], {}
+    for text in targets:
+        name, values = resolve_target(table, parse_target(text))
+        regressor, report = fit_regressor(table.weights, values, table.domains, model=model,
+                                          folds=folds, seed=seed, tune_trials=tune_trials)
+        folder = folder_name(name)
+        regressor.save(out / folder)
+        index[name] = folder
+        reports.append({"target": name, "model": report.model, "cv_spearman": report.cv_spearman,
+                        "cv_rmse": report.cv_rmse, "seconds": report.seconds,
+                        "cv_by_model": report.cv_by_model})
+    np.save(out / "train_weights.npy", table.weights)
+    (out / TARGETS_FILE).write_text(json.dumps(index, indent=2))
+    return reports
+
+
+def load_models(model_dir: Path) -> dict:
+    from components.regression import Regressor
+
+    index_file = Path(model_dir) / TARGETS_FILE
+    if not index_file.is_file():
+        raise DataError(f"--model {model_dir}: no {TARGETS_FILE}; give a folder `regmix fit` "
+                        "wrote")
+    index = json.loads(index_file.read_text())
+    return {name: Regressor.load(Path(model_dir) / folder) for name, folder in index.items()}
+
+
+def predict_csv(model_dir: Path, mixtures: Path, out: Path) -> int:
+    models = load_models(model_dir)
+    table = read_proxy_csvs(mixtures)
+    for name, regressor in models.items():
+        if regressor.domains != table.domains:
+            raise DataError(f"{mixtures}: domain columns {table.domains} differ from those "
+                            f"{name} was fitted on {regressor.domains}")
+    names = list(models)
+    predictions = np.column_stack([models[n].predict(table.weights) for n in names])
+    write_predictions_csv(out, table.index, names, predictions)
+    return len(table.index)
+
+
+def search_model(model_dir: Path, out: Path, target: str | None, method: str, trials: int,
+                 seed: int, constraints_args: dict, allow_extrapolation: bool) -> dict:
+    from components.search import Constraints, paper_search, search_mixture
+
+    models = load_models(model_dir)
+    if target is None and len(models) > 1:
+        raise DataError(f"--target: the model folder holds {list(models)}; name one")
+    name = target or next(iter(models))
+    if name not in models:
+        raise DataError(f"--target '{name}': not in the model folder; it has {list(models)}")
+    regressor = models[name]
+    train_weights = np.load(Path(model_dir) / "train_weights.npy")
+    prior = train_weights.mean(axis=0)  # the sampled region's centre
+    constraints = Constraints(**constraints_args)
+    options = {"constraints": constraints, "seed": seed, "train_weights": train_weights,
+               "allow_extrapolation": allow_extrapolation}
+    started = time.perf_counter()
+    if method == "paper":
+        result = paper_search(regressor, prior, **options)
+    else:
+        result = search_mixture(regressor, prior, method=method, trials=trials, **options)
+    record = {
+        "target": name, "weights": result.weights, "predicted": result.predicted,
+        "uncertainty": result.spread, "method": result.method, "trials": result.trials,
+        "seconds": time.perf_counter() - started, "nearest_training_l1": result.nearest_distance,
+        "constraints": {k: v for k, v in constraints_args.items() if v},
+    }
+    Path(out).write_text(yaml.safe_dump(record, sort_keys=False))
+    return record
+
+
+def weights_arg(text: str) -> dict[str, float]:
+    """`domain=w,domain=w` for --min-weight/--max-weight/--fixed."""
+    spec = parse_target(text)
+    if isinstance(spec, str):
+        raise DataError(f"'{text}': give DOMAIN=WEIGHT[,DOMAIN=WEIGHT...]")
+    return spec
+
+
+def add_commands(sub) -> None:
+    fit = sub.add_parser("fit", help="fit mixture -> loss regressors on CSV results")
+    fit.add_argument("--mixtures", required=True, type=Path, help="mixtures CSV (index, domains)")
+    fit.add_argument("--losses", required=True, type=Path, help="losses CSV (index, targets)")
+    fit.add_argument("--target", required=True, action="append",
+                     help="a loss column, or COLUMN=W,COLUMN=W for a weighted mean; repeatable")
+    fit.add_argument("--out", required=True, type=Path, help="model folder to write")
+    fit.add_argument("--model", default="auto",
+                     choices=["auto", "lightgbm", "linear", "gp", "ensemble"])
+    fit.add_argument("--folds", type=int, default=5)
+    fit.add_argument("--tune-trials", type=int, default=0, help="Optuna trials for LightGBM")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.set_defaults(func=cmd_fit)
+
+    predict = sub.add_parser("predict", help="predict losses for a mixtures CSV")
+    predict.add_argument("--model", required=True, type=Path)
+    predict.add_argument("--mixtures", required=True, type=Path)
+    predict.add_argument("--out", required=True, type=Path)
+    predict.set_defaults(func=cmd_predict)
+
+    search = sub.add_parser("search", help="search the simplex for the lowest predicted loss")
+    search.add_argument("--model", required=True, type=Path)
+    search.add_argument("--out", required=True, type=Path, help="the chosen mixture (YAML)")
+    search.add_argument("--target", help="which fitted target (if the folder has several)")
+    search.add_argument("--method", default="cmaes", choices=["cmaes", "tpe", "paper"])
+    search.add_argument("--trials", type=int, default=3000)
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--min-weight", type=weights_arg, default={}, metavar="D=W,...")
+    search.add_argument("--max-weight", type=weights_arg, default={}, metavar="D=W,...")
+    search.add_argument("--fixed", type=weights_arg, default={}, metavar="D=W,...")
+    search.add_argument("--allow-extrapolation", action="store_true",
+                        help="accept an optimum far from every training mixture")
+    search.set_defaults(func=cmd_search)
+
+
+def cmd_fit(args) -> int:
+    reports = fit_csv(args.mixtures, args.losses, args.target, args.out, args.model, args.folds,
+                      args.seed, args.tune_trials)
+    for r in reports:
+        print(f"{r['target']}: {r['model']} CV Spearman {r['cv_spearman']:.4f} "
+              f"(CV RMSE {r['cv_rmse']:.4f}), fitted in {r['seconds']:.1f} s")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    rows = predict_csv(args.model, args.mixtures, args.out)
+    print(f"wrote {rows} predictions to {args.out}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    constraints = {"min_weight": args.min_weight, "max_weight": args.max_weight,
+                   "fixed": args.fixed}
+    try:
+        record = search_model(args.model, args.out, args.target, args.method, args.trials,
+                              args.seed, constraints, args.allow_extrapolation)
+    except ValueError as e:  # infeasible constraints or a refused extrapolation
+        raise DataError(str(e)) from None
+    print(f"{record['target']}: predicted {record['predicted']:.4f} +- "
+          f"{record['uncertainty']:.4f} ({record['method']}, {record['seconds']:.1f} s); "
+          f"wrote {args.out}")
+    return 0
