@@ -219,6 +219,72 @@ class TrackingConfig(Strict):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
 
 
+# Kubernetes quantities, checked here so a typo fails at load time, not in a pending pod.
+CPU_QUANTITY = r"^([0-9]*[.])?[0-9]+m?$"
+MEMORY_QUANTITY = r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$"
+
+
+class Toleration(Strict):
+    """Lets a pod onto nodes with a matching taint (GPU node pools are usually tainted)."""
+
+    key: str
+    operator: Literal["Exists", "Equal"] = "Exists"
+    value: str | None = None  # for operator Equal
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None  # None: any
+
+
+class TaskPod(Strict):
+    """What one kind of task's pod asks for and where it may run; requests equal limits."""
+
+    gpus: int = Field(0, ge=0)
+    cpu: str | None = Field(None, pattern=CPU_QUANTITY)  # None: not requested
+    memory: str | None = Field(None, pattern=MEMORY_QUANTITY)
+    node_selector: dict[str, str] = {}  # e.g. {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}
+    tolerations: list[Toleration] = []
+
+
+class LargePod(TaskPod):
+    nodes: int = Field(1, ge=1)  # > 1: a PyTorchJob over this many nodes, `gpus` on each
+
+
+class DataVolume(Strict):
+    """A PersistentVolumeClaim (k8s/ makes `regmix-data`) for download caches and large-run jobs."""
+
+    claim: str
+    mount_path: str = "/data"
+
+
+class ClusterConfig(Strict):
+    """How the compiled pipeline runs on Kubernetes; the defaults ask for nothing.
+
+    kfp.local ignores all of it, so a config without this section runs locally as before.
+    """
+
+    image: str | None = None  # None: $REGMIX_IMAGE when compiling, else components.IMAGE
+    namespace: str = "regmix"  # where the pipeline's pods (and large-run PyTorchJobs) run
+    gpu_resource: str = "nvidia.com/gpu"  # the extended resource GPUs are requested as
+    data: TaskPod = TaskPod()  # data preparation
+    cpu: TaskPod = TaskPod()  # planning, regression, search, gate, tracking
+    proxy: TaskPod = TaskPod()  # every proxy task (training and gate proxies)
+    large: LargePod = LargePod()  # every larger-model run (large, baselines, rank check)
+    volume: DataVolume | None = None
+    shm_size: str = Field("16Gi", pattern=MEMORY_QUANTITY)  # /dev/shm of GPU pods (NCCL)
+    mlflow_secret: str | None = None  # a Secret with MLFLOW_TRACKING_URI/_USERNAME/_PASSWORD
+    service_account: str | None = None  # runs' service account; None: KFP's default
+    retries: int = Field(0, ge=0)  # per task, for preempted nodes and flaky pulls
+    backoff: str = Field("60s", pattern=r"^[0-9]+s$")  # first wait; doubles each retry
+    backoff_max: str = Field("3600s", pattern=r"^[0-9]+s$")
+
+    @model_validator(mode="after")
+    def _multinode(self):
+        if self.large.nodes > 1 and (self.image is None or self.volume is None):
+            raise ValueError(
+                "cluster.large.nodes > 1 runs a PyTorchJob: set cluster.image (its pods' image) "
+                "and cluster.volume (a ReadWriteMany claim its nodes share)"
+            )
+        return self
+
+
 class RegMixConfig(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")  # pipeline and MLflow experiment name
     seed: int = 0
@@ -232,6 +298,7 @@ class RegMixConfig(Strict):
     large: LargeConfig
     rank_check: RankCheckConfig = RankCheckConfig()
     tracking: TrackingConfig = TrackingConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     def check_domains(self, domains: list[str]) -> None:
         """Check every domain the config names exists in the corpus, and mixtures sum to 1."""
@@ -288,7 +355,9 @@ def load_config(path: str | Path) -> RegMixConfig:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config sections")
     config = parse_config(data, str(path))

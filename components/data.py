@@ -117,6 +117,41 @@ def load_documents(source: DomainSource, base: Path) -> list[str]:
     return docs
 
 
+def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> list[str]:
+    """Cheap checks before any work: files exist, are readable UTF-8 and big enough; the
+    tokenizer can be loaded. Returns the domain names. Problems raise CorpusError."""
+    sources, base = resolve_domains(corpus)
+    for source in (s for s in sources if s.path):
+        files = domain_files(source, base)
+        size = 0
+        for name in files:
+            try:
+                with open(name, "rb") as handle:
+                    head = handle.read(1 << 20)
+                size += os.path.getsize(name)
+            except OSError as e:
+                raise CorpusError(f"domain '{source.name}': cannot read {name}: {e.strerror}")
+            if Path(name).suffix != ".parquet":
+                try:
+                    head.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    if e.start < len(head) - 4:  # not just a character cut at the 1 MB mark
+                        raise CorpusError(
+                            f"domain '{source.name}': {name} is not UTF-8 text (byte "
+                            f"{e.start}); convert it, e.g. iconv -t UTF-8"
+                        ) from None
+        # A token is at least one byte: fewer bytes than validation tokens can never split.
+        if size <= corpus.validation_tokens:
+            raise CorpusError(
+                f"domain '{source.name}': {size} bytes cannot hold a "
+                f"{corpus.validation_tokens}-token validation split plus training data; add "
+                "text or lower corpus.validation_tokens"
+            )
+    if tokenizer.kind != "bpe":
+        build_tokenizer(tokenizer, {})
+    return [s.name for s in sources]
+
+
 # ---------------------------------------------------------------- tokenizer
 def build_tokenizer(config: TokenizerConfig, documents: dict[str, list[str]]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

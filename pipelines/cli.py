@@ -21,11 +21,10 @@ USER_ERRORS = (ConfigError, CorpusError, DataError)
 
 def checked_config(path: str) -> RegMixConfig:
     """Load a config and check it against its corpus's domains before any work starts."""
-    from components.data import resolve_domains
+    from components.data import preflight
 
     config = load_config(path)
-    domains, _ = resolve_domains(config.corpus)
-    config.check_domains([d.name for d in domains])
+    config.check_domains(preflight(config.corpus, config.tokenizer))
     return config
 
 

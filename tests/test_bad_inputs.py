@@ -1,0 +1,139 @@
+"""Every user mistake stops with exit code 2 and one message naming the field or file and the
+fix; never a traceback, never a started pipeline. One table, through the real CLI."""
+
+import pytest
+import yaml
+
+from pipelines.cli import main
+
+def config_text(spec, **changes) -> str:
+    config = {
+        "name": "regmix-bad",
+        "corpus": {"spec": str(spec), "validation_tokens": 512},
+        "proxy": {"model": {"shape": "tiny-proxy"}, "train": {"tokens": 1000}},
+        "large": {"model": {"shape": "tiny-large"}, "train": {"tokens": 1000}},
+    }
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = config
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return yaml.safe_dump(config)
+
+
+CONFIG_CASES = [
+    ({"bogus": 1}, "bogus: unknown key"),
+    ({"proxy__epochs": 3}, "proxy.epochs: unknown key"),
+    ({"seed": "zero"}, "seed: Input should be a valid integer"),
+    ({"regression__target": {"code": 0.5, "licenses": 0.4}}, "sum to 1 (they sum to 0.9)"),
+    ({"regression__target": "wikipedia"}, "regression.target: unknown domain(s) ['wikipedia']"),
+    ({"gate__spearman_threshold": 2}, "gate.spearman_threshold"),
+    ({"mixtures__count": 1}, "mixtures.count"),
+    ({"proxy__model__shape": "proxy-9b"}, "unknown shape 'proxy-9b'"),
+    ({"corpus__tinypile": "tiny"}, "give exactly one of `tinypile`"),
+    ({"proxy__train__lr": -1}, "proxy.train.lr"),
+    ({"search__fixed": {"code": 0.6, "licenses": 0.6}}, "fixed weights sum to more than 1"),
+    ({"search__max_weight": {"code": 1.5}}, "search.max_weight.code: 1.5 is outside [0, 1]"),
+    ({"search__min_weight": {"klingon": 0.1}}, "search.min_weight: unknown domain(s)"),
+    ({"large__extra_baselines": {"mine": {"code": 0.7}}}, "large.extra_baselines.mine"),
+    ({"tokenizer__kind": "file"}, "tokenizer.kind 'file' needs `path`"),
+    ({"tokenizer__kind": "file", "tokenizer__path": "/nope/tokenizer.json"},
+     "tokenizer.path: no file at '/nope/tokenizer.json'"),
+    ({"rank_check__mixtures": 4}, "rank_check with mixtures > 0 needs `model` and `train`"),
+    ({"rank_check__mixtures": 2, "rank_check__model": {"shape": "tiny-large"},
+      "rank_check__train": {"tokens": 1000}}, "a rank correlation needs at least 3"),
+    ({"gate__proxies": 1}, "gate.proxies"),
+    ({"name": "Bad Name"}, "name: String should match pattern"),
+    ({"proxy__train__micro_batch_size": 3}, "multiple of micro_batch_size"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), CONFIG_CASES)
+def test_bad_config(tmp_path, capsys, corpus_spec, changes, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(config_text(corpus_spec, **changes))
+    assert_user_error(capsys, ["run", "--config", str(config)], message)
+
+
+def corpus_case(tmp_path, files: dict[str, bytes], path: str) -> str:
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    spec = tmp_path / "corpus.yaml"
+    spec.write_text(yaml.safe_dump({"domains": [{"name": "a", "path": path},
+                                                {"name": "b", "path": "b.jsonl"}]}))
+    (tmp_path / "b.jsonl").write_text('{"text": "%s"}\n' % ("word " * 400))
+    return config_text(spec)
+
+
+CORPUS_CASES = [
+    ({}, "missing/*.jsonl", "domain 'a': no .jsonl/.json/.txt/.parquet files"),
+    ({"a.txt": b"\xff\xfe bad bytes " * 100}, "a.txt", "is not UTF-8 text"),
+    ({"a.jsonl": b'{"text": "tiny"}\n'}, "a.jsonl", "cannot hold a 512-token validation split"),
+    ({"a.jsonl": b"", "a.txt": b"x"}, "a.*", "mixes file kinds"),
+]
+
+
+@pytest.mark.parametrize(("files", "path", "message"), CORPUS_CASES)
+def test_bad_corpus(tmp_path, capsys, files, path, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(corpus_case(tmp_path, files, path))
+    assert_user_error(capsys, ["run", "--config", str(config)], message)
+
+
+def test_missing_and_malformed_config_files(tmp_path, capsys):
+    assert_user_error(capsys, ["run", "--config", str(tmp_path / "no.yaml")], "config file not found")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed")
+    assert_user_error(capsys, ["run", "--config", str(tmp_path / "bad.yaml")], "not valid YAML")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    assert_user_error(capsys, ["run", "--config", str(tmp_path / "list.yaml")],
+                      "top level must be a mapping")
+
+
+def mixtures_csv(rows: list[str], header="index,a,b,c") -> str:
+    return "\n".join([header, *rows]) + "\n"
+
+
+GOOD_ROWS = [f"{i},0.{i},0.{9 - i},0.1" for i in range(1, 9)]
+GOOD_LOSSES = mixtures_csv([f"{i},{3 + i / 10}" for i in range(1, 9)], "index,loss")
+
+CSV_CASES = [
+    (mixtures_csv(GOOD_ROWS, "a,b,c"), GOOD_LOSSES, "no 'index' column"),
+    (mixtures_csv(GOOD_ROWS[:-1] + ["8,nan,0.9,0.1"]), GOOD_LOSSES, "'nan' is not finite"),
+    (mixtures_csv(GOOD_ROWS[:-1] + ["8,inf,0.9,0.1"]), GOOD_LOSSES, "'inf' is not finite"),
+    (mixtures_csv(GOOD_ROWS[:-1] + ["8,-0.1,1.0,0.1"]), GOOD_LOSSES, "negative weight -0.1"),
+    (mixtures_csv(GOOD_ROWS[:-1] + ["8,0.5,0.9,0.1"]), GOOD_LOSSES, "weights sum to 1.5, not 1"),
+    (mixtures_csv(GOOD_ROWS[:-1] + ["9,0.1,0.8,0.1"]), GOOD_LOSSES, "the 'index' columns differ"),
+    (mixtures_csv(GOOD_ROWS[:3]), mixtures_csv(["1,3", "2,3", "3,3"], "index,loss"),
+     "3 rows for 3 domains"),
+    (mixtures_csv(GOOD_ROWS[:-1] + ["8,abc,0.9,0.1"]), GOOD_LOSSES, "'abc' is not a number"),
+    (mixtures_csv(GOOD_ROWS + ["8,0.1,0.8,0.1"]), GOOD_LOSSES, "duplicate index 8"),
+    (mixtures_csv(GOOD_ROWS[:-1] + ["8,0.1,0.9"]), GOOD_LOSSES, "3 cells but the header has 4"),
+    ("", GOOD_LOSSES, "the file is empty"),
+    (mixtures_csv(GOOD_ROWS), mixtures_csv([f"{i},{3 + i / 10}" for i in range(1, 9)],
+                                           "index,other"), "unknown target column(s) ['loss']"),
+]
+
+
+@pytest.mark.parametrize(("mixtures", "losses", "message"), CSV_CASES)
+def test_bad_csv(tmp_path, capsys, mixtures, losses, message):
+    (tmp_path / "m.csv").write_text(mixtures)
+    (tmp_path / "l.csv").write_text(losses)
+    args = ["fit", "--mixtures", str(tmp_path / "m.csv"), "--losses", str(tmp_path / "l.csv"),
+            "--target", "loss", "--out", str(tmp_path / "model")]
+    assert_user_error(capsys, args, message)
+
+
+def test_bad_cli_values(tmp_path, capsys):
+    assert_user_error(capsys, ["fit", "--mixtures", str(tmp_path / "none.csv"), "--losses",
+                               str(tmp_path / "none.csv"), "--target", "x", "--out",
+                               str(tmp_path)], "file not found")
+    assert_user_error(capsys, ["predict", "--model", str(tmp_path), "--mixtures", "m.csv",
+                               "--out", "p.csv"], "no targets.json")
+
+
+def assert_user_error(capsys, argv: list[str], message: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err and err.count("\n") <= 3, err
