@@ -66,6 +66,37 @@ def stage_run(tracking: dict, stage: str, name: str, tags: dict | None = None) -
         yield run
 
 
+def proxy_runs(tracking_uri: str, experiment: str, stage: str = "proxy",
+               page_size: int = 1000) -> list[dict]:
+    """Every finished run of a stage in an experiment as proxy results (weights, losses),
+    paged through MLflow's search API; what `regmix export` and the regression can read."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"no MLflow experiment '{experiment}' at {tracking_uri}")
+    results, token = [], None
+    while True:
+        page = client.search_runs(
+            [found.experiment_id],
+            f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'",
+            max_results=page_size, page_token=token,
+        )
+        for run in page:
+            params, metrics = run.data.params, run.data.metrics
+            results.append({
+                "id": params.get("mixture_id", run.info.run_name),
+                "hash": run.data.tags.get(HASH_TAG),
+                "run_id": run.info.run_id,
+                "weights": {k[7:]: float(v) for k, v in params.items() if k.startswith("weight.")},
+                "val_loss": {k[9:]: v for k, v in metrics.items() if k.startswith("val_loss.")},
+            })
+        token = page.token
+        if not token:
+            return results
+
+
 def finish_pipeline_run(tracking_uri: str, experiment: str, pipeline_run: str, status: str) -> None:
     """Close the parent run; found by its label, since KFP's exit task sees no task outputs."""
     import mlflow

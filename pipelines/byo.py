@@ -114,6 +114,24 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
     return record
 
 
+def export_csv(tracking_uri: str, experiment: str, stage: str, mixtures: Path,
+               losses: Path) -> int:
+    """Write an experiment's finished proxies as the paper's two CSVs (paired by index)."""
+    from components.tracking import proxy_runs
+
+    results = sorted(proxy_runs(tracking_uri, experiment, stage), key=lambda r: r["id"])
+    if not results:
+        raise DataError(f"experiment '{experiment}' has no finished '{stage}' runs to export")
+    domains = sorted({d for r in results for d in r["weights"]})
+    targets = sorted({d for r in results for d in r["val_loss"]})
+    index = np.arange(1, len(results) + 1)
+    weights = np.array([[r["weights"].get(d, 0.0) for d in domains] for r in results])
+    values = np.array([[r["val_loss"].get(t, np.nan) for t in targets] for r in results])
+    write_predictions_csv(mixtures, index, domains, weights)
+    write_predictions_csv(losses, index, [f"val_loss.{t}" for t in targets], values)
+    return len(results)
+
+
 def weights_arg(text: str) -> dict[str, float]:
     """`domain=w,domain=w` for --min-weight/--max-weight/--fixed."""
     spec = parse_target(text)
@@ -156,6 +174,14 @@ def add_commands(sub) -> None:
                         help="accept an optimum far from every training mixture")
     search.set_defaults(func=cmd_search)
 
+    export = sub.add_parser("export", help="write an experiment's proxy results as CSVs")
+    export.add_argument("--experiment", required=True, help="the config's `name`")
+    export.add_argument("--stage", default="proxy", help="runs tagged regmix.stage=STAGE")
+    export.add_argument("--tracking-uri", help="MLflow tracking URI (default as for run)")
+    export.add_argument("--mixtures", required=True, type=Path)
+    export.add_argument("--losses", required=True, type=Path)
+    export.set_defaults(func=cmd_export)
+
 
 def cmd_fit(args) -> int:
     reports = fit_csv(args.mixtures, args.losses, args.target, args.out, args.model, args.folds,
@@ -184,4 +210,16 @@ def cmd_search(args) -> int:
     print(f"{record['target']}: predicted {record['predicted']:.4f} +- "
           f"{record['uncertainty']:.4f} ({record['method']}, {record['seconds']:.1f} s); "
           f"wrote {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from components.tracking import default_tracking_uri
+
+    try:
+        rows = export_csv(args.tracking_uri or default_tracking_uri(), args.experiment,
+                          args.stage, args.mixtures, args.losses)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    print(f"wrote {rows} proxies to {args.mixtures} and {args.losses}")
     return 0
