@@ -1,0 +1,62 @@
+"""Issue 6's evidence in one command: run configs/evidence.yaml and print the numbers.
+
+Gate Spearman on fresh proxies (with its bootstrap interval), the large model's target loss on
+the chosen mixture vs the natural (token prior), uniform and best-proxy mixtures over seeds,
+and the rank-invariance Spearman proxy -> ~10x larger model. Long: run it on a quiet machine.
+
+    python benchmarks/evidence.py [--config configs/evidence.yaml] [--json]
+"""
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+from components.config import load_config
+from components.report import load_record
+from pipelines.local import run_local
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(Path(__file__).parents[1] / "configs" /
+                                                 "evidence.yaml"))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    config = load_config(args.config)
+    summary = run_local(config)
+    uri = summary["mlflow"]["tracking_uri"]
+    record = load_record(uri, config.name, summary["pipeline_run"])
+    gate = record.artifacts.get("gate.json", {})
+    evidence = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "wall_seconds": summary["wall_seconds"],
+        "cv_spearman": summary["cv_spearman"],
+        "gate_spearman": gate.get("spearman"),
+        "gate_interval": [gate.get("spearman_low"), gate.get("spearman_high")],
+        "gate_passed": summary["gate_passed"], "gate_reason": summary["gate_reason"],
+        "large": record.artifacts.get("baselines.json"),
+        "rank_invariance": (record.artifacts.get("rank_invariance.json") or {}).get("spearman"),
+        "pipeline_run": summary["pipeline_run"],
+    }
+    if args.json:
+        print(json.dumps(evidence))
+        return
+    print(f"evidence run {evidence['pipeline_run']} ({evidence['machine']}, "
+          f"{evidence['wall_seconds']:.0f} s)")
+    print(f"  regression CV Spearman {evidence['cv_spearman']:.3f}")
+    print(f"  gate Spearman {evidence['gate_spearman']:.3f} interval "
+          f"{evidence['gate_interval']} -> {'passed' if evidence['gate_passed'] else 'failed'}: "
+          f"{evidence['gate_reason']}")
+    for name, s in sorted((evidence["large"] or {}).items(), key=lambda kv: kv[1]["mean"]):
+        verdict = "" if name == "chosen" else (
+            "  chosen wins beyond the seed spread" if s["chosen_wins"] else "  not beyond spread")
+        print(f"  large on {name:<11} {s['mean']:.4f} +- {s['std']:.4f} ({s['seeds']} seeds)"
+              f"{verdict}")
+    if evidence["rank_invariance"] is not None:
+        print(f"  rank invariance proxy -> larger: Spearman {evidence['rank_invariance']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
