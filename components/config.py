@@ -90,8 +90,14 @@ class TrainRecipe(Strict):
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 autocast where the device has it (CUDA), float32 elsewhere
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(1000, ge=0)  # optimizer steps between checkpoints; 0: none
+    # How several GPUs (torchrun, accelerate launch) share the model: each holds a replica
+    # (ddp), or a shard of parameters, gradients and optimizer state (fsdp, for large models).
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    compile: bool = False  # torch.compile: ~15% faster steps on CPU, but ~1 min to compile
 
     @model_validator(mode="after")
     def _micro(self):
@@ -142,7 +148,8 @@ class MixtureConfig(Strict):
 class ProxyConfig(Strict):
     model: ModelConfig
     train: TrainRecipe
-    per_task: int = Field(1, ge=1)  # proxies trained one after another in one task (pod)
+    per_task: int = Field(1, ge=1)  # proxies trained in one task (pod)
+    packed: bool = False  # train a task's proxies at once as one batched model (components/packed.py)
     parallelism: int = Field(8, ge=1)  # concurrent proxy tasks on a cluster
 
 
@@ -260,7 +267,9 @@ class ClusterConfig(Strict):
     kfp.local ignores all of it, so a config without this section runs locally as before.
     """
 
-    image: str | None = None  # None: $REGMIX_IMAGE when compiling, else components.IMAGE
+    # docker/Dockerfile's image, whose pods then must run as its uid 1000; None: $REGMIX_IMAGE
+    # when compiling, else components.IMAGE
+    image: str | None = None
     namespace: str = "regmix"  # where the pipeline's pods (and large-run PyTorchJobs) run
     gpu_resource: str = "nvidia.com/gpu"  # the extended resource GPUs are requested as
     data: TaskPod = TaskPod()  # data preparation

@@ -115,9 +115,10 @@ def plan_large_op(config: dict, data_meta: dict, chosen: dict, fit_report: dict,
 def train_target_op(config: dict, run: dict, data: Input[dsl.Dataset]) -> dict:
     """Train one larger model (large, baseline or rank-check run) and log its losses."""
     from components.config import parse_config
-    from components.large import train_target
+    from components.launcher import run_target
 
-    return train_target(data.path, run, parse_config(config))
+    # In process, torchrun over the pod's GPUs, or a PyTorchJob over several nodes.
+    return run_target(data.path, run, parse_config(config))
 
 
 @component

@@ -93,7 +93,7 @@ def cmd_submit(args) -> int:
         client = kfp_api.connect(args.host, args.namespace)
         run_id = kfp_api.submit(client, config, package, args.namespace, args.experiment,
                                 args.run_name)
-    print(f"run {run_id}: {kfp_api.run_url(args.host, run_id)}")
+    print(f"run {run_id}: {kfp_api.ui_url(args.host, f'runs/details/{run_id}')}")
     return 0
 
 
@@ -108,7 +108,7 @@ def cmd_schedule(args) -> int:
         recurring_id = kfp_api.schedule(client, config, package, args.cron, args.namespace,
                                         args.experiment, args.name)
     print(f"recurring run {recurring_id} ({args.cron}): "
-          f"{kfp_api.recurring_run_url(args.host, recurring_id)}")
+          f"{kfp_api.ui_url(args.host, f'recurringrun/details/{recurring_id}')}")
     return 0
 
 
@@ -160,8 +160,8 @@ def parser() -> argparse.ArgumentParser:
 
     def kfp_parser(name: str, help: str, config: bool = True) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help)
-        cmd.add_argument("--host", required=True,
-                         help="the KFP API / UI address, e.g. http://localhost:8080")
+        cmd.add_argument("--host", help="the KFP UI/API address, e.g. http://localhost:8080 "
+                         "(default: found in the cluster, or through your kubectl access)")
         cmd.add_argument("--namespace", help="your profile namespace (multi-user Kubeflow only)")
         if config:
             cmd.add_argument("--config", required=True, help="a run config YAML (see configs/)")

@@ -13,7 +13,7 @@ def test_compile_writes_a_pipeline_with_loop_collect_and_gate(tmp_path, capsys):
     text = out.read_text()
     for stage in ("prepare-data-op", "sample-mixtures-op", "train-proxy-op",
                   "fit-regression-op", "search-mixture-op", "validate-prediction-op",
-                  "train-large-op", "finish-tracking-op"):
+                  "train-target-op", "compare-baselines-op", "finish-tracking-op"):
         assert stage in text
     assert "parameterIterator" in text  # dsl.ParallelFor over the mixture tasks
     assert "iteratorPolicy" in text and "parallelismLimit: 8" in text

@@ -1,0 +1,83 @@
+"""Kubeflow Pipelines from the command line: compile, submit a run, schedule runs, list runs.
+
+Thin plain functions over `kfp.Client` (KFP's v2beta1 REST API). A run gets the whole config as
+its `config` parameter, so the compiled package is all a run needs.
+"""
+
+from pathlib import Path
+
+import kfp
+from kfp import compiler
+
+from components.config import ConfigError, RegMixConfig
+from pipelines.pipeline import build_pipeline
+
+
+def compile_package(config: RegMixConfig, out: Path) -> Path:
+    """The pipeline YAML for this config, cluster settings included."""
+    compiler.Compiler().compile(build_pipeline(config), str(out))
+    return out
+
+
+def connect(host: str | None, namespace: str | None = None) -> kfp.Client:
+    """A client for the KFP API at `host`; without one, kfp finds it: in the cluster (a Kubeflow
+    notebook, with its service account's token) or through kubectl's credentials.
+    `namespace` is the user's profile namespace in multi-user Kubeflow."""
+    return kfp.Client(host=host, namespace=namespace or "kubeflow")  # kfp's "none given"
+
+
+def run_arguments(config: RegMixConfig) -> dict:
+    # Without a URI the pods use $MLFLOW_TRACKING_URI (from `cluster.mlflow_secret`).
+    return {"tracking_uri": config.tracking.uri} if config.tracking.uri else {}
+
+
+def submit(client: kfp.Client, config: RegMixConfig, package: Path, namespace: str | None = None,
+           experiment: str | None = None, run_name: str | None = None) -> str:
+    """Start one run in the experiment (made if missing, named after the config by default);
+    returns the run's id."""
+    result = client.create_run_from_pipeline_package(
+        str(package), arguments=run_arguments(config), run_name=run_name or config.name,
+        experiment_name=experiment or config.name, namespace=namespace,
+        service_account=config.cluster.service_account,
+    )
+    return result.run_id
+
+
+def check_cron(expression: str) -> str:
+    """KFP's cron (Go's robfig/cron) has 6 fields, seconds first, or a descriptor like @daily."""
+    fields = expression.split()
+    if expression.startswith("@") or len(fields) == 6:
+        return expression
+    if len(fields) == 5:
+        raise ConfigError(
+            f"--cron '{expression}' has 5 fields; KFP's cron has 6, seconds first: "
+            f"use '0 {expression}'"
+        )
+    raise ConfigError(f"--cron '{expression}' has {len(fields)} fields; KFP's cron has 6: "
+                      "second minute hour day-of-month month day-of-week, e.g. '0 0 3 * * *'")
+
+
+def schedule(client: kfp.Client, config: RegMixConfig, package: Path, cron: str,
+             namespace: str | None = None, experiment: str | None = None,
+             name: str | None = None) -> str:
+    """A recurring run on a cron schedule, one run at a time, no backfill; returns its id."""
+    exp = client.create_experiment(experiment or config.name, namespace=namespace)
+    recurring = client.create_recurring_run(
+        exp.experiment_id, name or f"{config.name}-scheduled", cron_expression=check_cron(cron),
+        pipeline_package_path=str(package), params=run_arguments(config), max_concurrency=1,
+        no_catchup=True, service_account=config.cluster.service_account,
+    )
+    return recurring.recurring_run_id
+
+
+def list_runs(client: kfp.Client, namespace: str | None = None, limit: int = 20) -> list[dict]:
+    """The newest runs: id, name, state, creation time."""
+    response = client.list_runs(page_size=limit, sort_by="created_at desc", namespace=namespace)
+    return [{"id": r.run_id, "name": r.display_name, "state": r.state,
+             "created_at": r.created_at.isoformat() if r.created_at else ""}
+            for r in response.runs or []]
+
+
+def ui_url(host: str | None, page: str) -> str:
+    """A KFP UI page; in the cluster, relative to the Kubeflow dashboard as kfp's own links are."""
+    return f"{(host or '/pipeline').rstrip('/')}/#/{page}"

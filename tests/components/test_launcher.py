@@ -1,0 +1,155 @@
+"""The large run's launcher: the PyTorchJob it builds, and how it follows one through the real
+`kubernetes` client against a local fake of the API paths it uses (no cluster can run here)."""
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+import components.large
+from components import launcher
+from components.config import load_config
+from tests.fake_api import FakeApi
+
+JOBS = "/apis/kubeflow.org/v1/namespaces/regmix/pytorchjobs"
+RUN = {"id": "chosen@seed0", "name": "chosen", "role": "large", "weights": {"arxiv": 1.0},
+       "seed": 0, "hash": "abc", "tracking": {"pipeline_run": "run-1"}}
+
+
+def multinode_config(nodes: int = 4, mount_path: str = "/data"):
+    config = load_config("configs/pile.yaml")
+    cluster = config.cluster.model_copy(update={
+        "large": config.cluster.large.model_copy(update={"nodes": nodes}),
+        "volume": config.cluster.volume.model_copy(update={"mount_path": mount_path})})
+    return config.model_copy(update={"cluster": cluster})
+
+
+def condition(kind: str, reason: str = "", message: str = "") -> dict:
+    return {"type": kind, "status": "True", "reason": reason, "message": message}
+
+
+def fake_kubernetes(states: list[dict], on_create=None, exists: bool = False) -> FakeApi:
+    """PyTorchJob create/get (each get shows the next status) and the master pod's log."""
+    jobs: dict[str, dict] = {}
+
+    def create(match, query, body):
+        if exists:
+            return 409, {"kind": "Status", "reason": "AlreadyExists", "code": 409}
+        jobs[body["metadata"]["name"]] = body
+        if on_create:
+            on_create(body)
+        return 201, body
+
+    def get(match, query, body):
+        status = states.pop(0) if len(states) > 1 else states[0]
+        return 200, {**jobs.get(match["name"], {}), "status": status}
+
+    return FakeApi({
+        ("POST", JOBS): create,
+        ("GET", JOBS + "/(?P<name>[^/]+)"): get,
+        ("GET", "/api/v1/namespaces/regmix/pods/(?P<pod>[^/]+)/log"):
+            lambda m, q, b: (200, f"{m['pod']}: CUDA out of memory\n"),
+    })
+
+
+def api_client(url: str) -> client.ApiClient:
+    configuration = client.Configuration()
+    configuration.host = url
+    return client.ApiClient(configuration)
+
+
+def test_manifest_is_a_pytorchjob_of_nonroot_gpu_pods_valid_for_kubernetes():
+    manifest = launcher.pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
+    assert (manifest["apiVersion"], manifest["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+    spec = manifest["spec"]
+    assert spec["nprocPerNode"] == "8"
+    assert spec["runPolicy"] == {"backoffLimit": 2, "cleanPodPolicy": "Running"}
+    replicas = spec["pytorchReplicaSpecs"]
+    assert (replicas["Master"]["replicas"], replicas["Worker"]["replicas"]) == (1, 3)
+    pod = replicas["Worker"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["name"] == "pytorch" and container["image"] == "ghcr.io/regmix/regmix:0.1.0"
+    assert container["command"][-3:] == ["-m", "components.launcher", "/data/jobs/x"]
+    assert container["resources"]["limits"] == {"cpu": "96", "memory": "960Gi",
+                                                "nvidia.com/gpu": "8"}
+    assert container["resources"]["requests"] == container["resources"]["limits"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                   "effect": "NoSchedule"}]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "regmix-data"}} in pod["volumes"]
+    secret_env = {e["name"] for e in container["env"] if "valueFrom" in e}
+    assert secret_env == set(launcher.MLFLOW_ENV)
+    # The pod template, as Kubernetes' own schema sees it (the CRD embeds a core PodTemplateSpec).
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
+                                  "metadata": {"name": "worker"},
+                                  "template": replicas["Worker"]["template"]}, "1.32", strict=True)
+
+
+def test_the_job_is_followed_until_it_succeeds_logging_each_change(caplog):
+    manifest = launcher.pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
+    states = [{}, {"conditions": [condition("Created")]},
+              {"conditions": [condition("Created"), condition("Running")],
+               "replicaStatuses": {"Master": {"active": 1}, "Worker": {"active": 3}}},
+              {"conditions": [condition("Created"), condition("Succeeded", "JobSucceeded")]}]
+    with fake_kubernetes(states) as api, caplog.at_level(logging.INFO, "regmix.launcher"):
+        job = launcher.run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
+        ((_, created),) = api.calls("POST", JOBS)
+    assert created == manifest
+    assert job["metadata"]["name"] == "regmix-large-x"
+    logged = caplog.text
+    assert "Running (Master {'active': 1}, Worker {'active': 3})" in logged
+    assert "Succeeded JobSucceeded" in logged
+
+
+def test_a_failed_job_fails_the_task_with_its_reason_and_the_master_log():
+    manifest = launcher.pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
+    states = [{"conditions": [condition("Failed", "BackoffLimitExceeded", "pods failed 3 times")]}]
+    with fake_kubernetes(states) as api, pytest.raises(launcher.JobFailed) as failed:
+        launcher.run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
+    message = str(failed.value)
+    assert "regmix/regmix-large-x failed: BackoffLimitExceeded: pods failed 3 times" in message
+    assert "regmix-large-x-master-0: CUDA out of memory" in message
+
+
+def test_a_retried_task_follows_the_job_its_first_attempt_made():
+    manifest = launcher.pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
+    with fake_kubernetes([{"conditions": [condition("Succeeded")]}], exists=True) as api:
+        launcher.run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
+
+
+def fake_train_target(data_dir, run, config):
+    return {"id": run["id"], "val_loss": {"arxiv": 2.5},
+            "tokens": sum(1 for _ in (Path(data_dir) / "train").iterdir())}
+
+
+def test_a_multinode_run_shares_data_and_result_through_the_volume(tmp_path, monkeypatch):
+    data = tmp_path / "artifact"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "arxiv.npy").write_bytes(b"tokens")
+    volume = tmp_path / "volume"
+    monkeypatch.setattr(components.large, "train_target", fake_train_target)
+
+    def run_the_pods(job):  # what the job's master pod does: torchrun -m components.launcher WORK
+        launcher.main([job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+                       ["containers"][0]["command"][-1]])
+
+    with fake_kubernetes([{"conditions": [condition("Succeeded")]}], on_create=run_the_pods) as api:
+        monkeypatch.setattr(launcher, "in_cluster_api", lambda: api_client(api.url))
+        result = launcher.run_target(str(data), RUN, multinode_config(2, str(volume)))
+    assert result == {"id": "chosen@seed0", "val_loss": {"arxiv": 2.5}, "tokens": 1}
+    (work,) = (volume / "jobs").iterdir()
+    assert re.fullmatch(r"regmix-large-[0-9a-f]{12}", work.name)
+    assert (work / "data" / "train" / "arxiv.npy").read_bytes() == b"tokens"
+    request = json.loads((work / "request.json").read_text())
+    assert request["run"] == RUN and request["data_dir"] == str(work / "data")
+
+
+def test_one_node_without_several_gpus_trains_in_process(monkeypatch):
+    monkeypatch.setattr(components.large, "train_target", lambda data_dir, run, config: {"ran": data_dir})
+    assert launcher.run_target("/data/x", RUN, load_config("configs/tiny.yaml")) == {"ran": "/data/x"}

@@ -1,0 +1,106 @@
+"""`regmix submit/schedule/runs` through the real kfp.Client against a local fake of the part of
+KFP's v2beta1 REST API they use (a real Kubeflow Pipelines cannot run here)."""
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from pipelines.cli import main
+from tests.fake_api import FakeApi
+
+API = "/apis/v2beta1"
+PILE = "configs/pile.yaml"
+pytestmark = pytest.mark.filterwarnings("ignore:This client only works:FutureWarning")
+
+
+def fake_kfp(runs: list[dict]) -> FakeApi:
+    experiments: list[dict] = []
+
+    def find_experiments(match, query, body):
+        (predicate,) = json.loads(query["filter"])["predicates"]
+        found = [e for e in experiments if e["display_name"] == predicate["stringValue"]]
+        return 200, {"experiments": found} if found else {}
+
+    def create_experiment(match, query, body):
+        experiments.append({**body, "experiment_id": f"exp-{len(experiments) + 1}"})
+        return 200, experiments[-1]
+
+    def create_run(match, query, body):
+        runs.append({**body, "run_id": f"run-{len(runs) + 1}", "state": "PENDING",
+                     "created_at": datetime.now(UTC).isoformat()})
+        return 200, runs[-1]
+
+    def list_runs(match, query, body):
+        newest = sorted(runs, key=lambda r: r["created_at"], reverse=True)
+        return 200, {"runs": newest[: int(query["page_size"])], "total_size": len(runs)}
+
+    def create_recurring_run(match, query, body):
+        return 200, {**body, "recurring_run_id": "rec-1", "status": "ENABLED"}
+
+    return FakeApi({
+        ("GET", f"{API}/healthz"): lambda m, q, b: (200, {"multi_user": False}),
+        ("GET", f"{API}/experiments"): find_experiments,
+        ("POST", f"{API}/experiments"): create_experiment,
+        ("POST", f"{API}/runs"): create_run,
+        ("GET", f"{API}/runs"): list_runs,
+        ("POST", f"{API}/recurringruns"): create_recurring_run,
+    })
+
+
+@pytest.fixture
+def kfp_api():
+    with fake_kfp(runs=[]) as api:
+        yield api
+
+
+def test_submit_makes_the_experiment_once_and_starts_runs_of_the_cluster_pipeline(kfp_api, capsys):
+    for _ in range(2):
+        assert main(["submit", "--host", kfp_api.url, "--config", PILE]) == 0
+    (_, experiment), = kfp_api.calls("POST", f"{API}/experiments")  # made once, then found
+    assert experiment["display_name"] == "regmix-pile"
+    first, second = (body for _, body in kfp_api.calls("POST", f"{API}/runs"))
+    assert first["experiment_id"] == second["experiment_id"] == "exp-1"
+    assert first["display_name"] == "regmix-pile"
+    spec = first["pipeline_spec"]  # the compiled package, its Kubernetes settings included
+    assert spec["pipeline_spec"]["pipelineInfo"]["name"] == "regmix-pile"
+    executors = spec["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert executors["exec-train-proxy-op"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert first["runtime_config"].get("parameters", {}) == {}  # MLflow URI from the Secret
+    out = capsys.readouterr().out
+    assert f"run run-2: {kfp_api.url}/#/runs/details/run-2" in out
+
+
+def test_schedule_creates_a_recurring_run_on_a_six_field_cron(kfp_api, capsys):
+    assert main(["schedule", "--host", kfp_api.url, "--config", PILE,
+                 "--cron", "0 0 3 * * *"]) == 0
+    (_, body), = kfp_api.calls("POST", f"{API}/recurringruns")
+    assert body["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
+    assert body["display_name"] == "regmix-pile-scheduled"
+    assert body["mode"] == "ENABLE" and body["no_catchup"] is True
+    assert int(body["max_concurrency"]) == 1
+    assert body["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "regmix-pile"
+    assert "recurringrun/details/rec-1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("cron", "message"), [
+    ("0 3 * * *", "has 5 fields; KFP's cron has 6, seconds first: use '0 0 3 * * *'"),
+    ("0 0 0 3 * * *", "has 7 fields; KFP's cron has 6"),
+])
+def test_schedule_rejects_other_than_six_fields_before_any_request(kfp_api, capsys, cron, message):
+    assert main(["schedule", "--host", kfp_api.url, "--config", PILE, "--cron", cron]) == 2
+    assert message in capsys.readouterr().err
+    assert kfp_api.requests == []
+
+
+def test_runs_lists_the_newest_runs_first(capsys):
+    runs = [{"run_id": f"run-{i}", "display_name": name, "state": state,
+             "created_at": f"2026-01-0{i}T03:00:00Z"}
+            for i, (name, state) in enumerate([("old", "SUCCEEDED"), ("new", "RUNNING")], 1)]
+    with fake_kfp(runs) as kfp_api:
+        assert main(["runs", "--host", kfp_api.url, "--limit", "5"]) == 0
+        (query, _), = kfp_api.calls("GET", f"{API}/runs")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[1:] == ["RUNNING", "run-2", "new"]
+    assert lines[1].split()[1:] == ["SUCCEEDED", "run-1", "old"]
+    assert query["sort_by"] == "created_at desc" and query["page_size"] == "5"
