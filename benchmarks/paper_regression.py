@@ -56,7 +56,8 @@ def authors_recipe(weights, y, test_weights, test_y) -> np.ndarray:
     model.fit(
         weights,
         y,
-        eval_set=[(test_weights, test_y)],
+        eval_X=(test_weights,),
+        eval_y=(test_y,),
         callbacks=[lgb.early_stopping(3, verbose=False)],
     )
     return model.predict(test_weights)
