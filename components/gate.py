@@ -11,7 +11,6 @@ many more proxies would be needed.
 """
 
 import math
-from typing import NamedTuple
 
 import numpy as np
 from kfp import dsl
@@ -34,7 +33,7 @@ CHOSEN, BEST = "chosen", "best"
 
 
 def seeded(name: str, weights: dict[str, float], seed: int, key: dict) -> dict:
-    return {"id": f"{name}@seed{seed}", "weights": weights, "seed": seed, "role": "noise",
+    return {"id": f"{name}@seed{seed}", "weights": weights, "seed": seed,
             "hash": mixture_hash(weights, **{**key, "seed": seed})}
 
 
@@ -56,7 +55,7 @@ def plan_gate_proxies(
         (mix.strength_min, mix.strength_max), mix.min_weight,
     )
     weights = np.vstack([[chosen[d] for d in domains], fresh])
-    mixtures = [{**m, "role": "fresh"} for m in as_mixtures(weights, domains, "g", key)]
+    mixtures = as_mixtures(weights, domains, "g", key)
     mixtures[0]["id"] = CHOSEN
     seeds = [config.seed + i for i in range(config.gate.seeds)]
     if len(seeds) > 1:
@@ -98,7 +97,7 @@ def decide(results: list[dict], predicted: dict[str, float], target: dict[str, f
            fit_report: dict, gate) -> dict:
     """The gate decision and every number behind it."""
     measured = {r["id"]: target_loss(r["val_loss"], target) for r in results}
-    fresh = sorted(r["id"] for r in results if r.get("role", "fresh") == "fresh")
+    fresh = sorted(r["id"] for r in results if "@seed" not in r["id"])  # not seed replicas
     spearman, low, high = bootstrap_spearman(
         np.array([predicted[i] for i in fresh]), np.array([measured[i] for i in fresh]),
         gate.bootstrap, gate.confidence, seed=0,
@@ -155,10 +154,12 @@ def plan_gate_op(config: dict, data_meta: dict, chosen: dict, fit_report: dict,
 @component
 def validate_prediction_op(
     config: dict, gate_results: list, fit_report: dict, regressor: Input[dsl.Model], tracking: dict,
-) -> NamedTuple("GateOutputs", passed=bool, decision=dict):
-    """Compare predicted and measured losses on the fresh proxies; log the decision."""
-    from collections import namedtuple
+) -> bool:
+    """Compare predicted and measured losses on the fresh proxies; log the decision.
 
+    Returns only `passed`: kfp.local 2.17 cannot resolve a dsl.If on one of several named
+    outputs, and the decision itself lives in MLflow (gate.json) and the report.
+    """
     import mlflow
     import numpy as np
 
@@ -173,6 +174,10 @@ def validate_prediction_op(
     weights = np.array([[r["weights"][d] for d in model.domains] for r in results])
     ids = [r["id"] for r in results]
     predicted = dict(zip(ids, map(float, model.predict(weights)), strict=True))
+    failed = [r for task in gate_results for r in task["results"] if "error" in r]
+    if any(r["id"] == "chosen" for r in failed):
+        raise RuntimeError(f"the chosen mixture's gate proxy failed ({failed[0]['error']}); "
+                           "the gate cannot judge it. Rerun: finished proxies are reused")
     decision = decide(results, predicted, fit_report["target"], fit_report, cfg.gate)
     with stage_run(tracking, "gate", "validate-prediction"):
         mlflow.log_metrics({
@@ -187,4 +192,4 @@ def validate_prediction_op(
         })
         mlflow.set_tag("gate.reason", decision["reason"])
         mlflow.log_dict(decision, "gate.json")
-    return namedtuple("GateOutputs", ["passed", "decision"])(decision["passed"], decision)
+    return decision["passed"]

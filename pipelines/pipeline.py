@@ -68,7 +68,7 @@ def build_pipeline(config: RegMixConfig):
                 config=config, gate_results=dsl.Collected(gate_proxies.output),
                 fit_report=fit_report, regressor=fit.outputs["regressor"], tracking=tracking,
             )
-            with dsl.If(gate.outputs["passed"] == True, name="gate-passed"):  # noqa: E712
+            with dsl.If(gate.output == True, name="gate-passed"):  # noqa: E712
                 large_plan = plan_large_op(config=config, data_meta=meta, chosen=chosen,
                                            fit_report=fit_report, tracking=tracking)
                 with dsl.ParallelFor(large_plan.output, parallelism=parallelism) as large_run:

@@ -8,8 +8,8 @@ from tests.conftest import tiny_config_dict
 TARGET = {"a": 0.5, "b": 0.5}
 
 
-def result(id_, loss, role="fresh"):
-    return {"id": id_, "role": role, "val_loss": {"a": loss, "b": loss}}
+def result(id_, loss):
+    return {"id": id_, "val_loss": {"a": loss, "b": loss}}
 
 
 def fit_report(**extra):
@@ -28,8 +28,8 @@ def test_bootstrap_interval_brackets_the_point_and_is_seeded():
 
 def test_gate_passes_when_ranks_agree_and_chosen_is_within_seed_noise():
     fresh = [result("chosen", 2.95)] + [result(f"g{i}", 3.0 + 0.1 * i) for i in range(1, 9)]
-    noise = [result("chosen@seed1", 2.97, "noise"), result("best@seed0", 2.96, "noise"),
-             result("best@seed1", 2.99, "noise")]
+    noise = [result("chosen@seed1", 2.97), result("best@seed0", 2.96),
+             result("best@seed1", 2.99)]
     predicted = {r["id"]: r["val_loss"]["a"] + 0.01 for r in fresh}
     decision = decide(fresh + noise, predicted, TARGET, fit_report(), GateConfig(proxies=9))
     assert decision["passed"], decision["reason"]
@@ -50,8 +50,8 @@ def test_gate_fails_on_scrambled_ranks_and_estimates_more_proxies():
 
 def test_gate_fails_when_chosen_is_worse_beyond_the_noise():
     fresh = [result("chosen", 3.5)] + [result(f"g{i}", 3.0 + 0.1 * i) for i in range(1, 9)]
-    noise = [result("chosen@seed1", 3.51, "noise"), result("best@seed0", 3.0, "noise"),
-             result("best@seed1", 3.01, "noise")]
+    noise = [result("chosen@seed1", 3.51), result("best@seed0", 3.0),
+             result("best@seed1", 3.01)]
     predicted = {r["id"]: r["val_loss"]["a"] for r in fresh}
     decision = decide(fresh + noise, predicted, TARGET, fit_report(),
                       GateConfig(proxies=9, spearman_threshold=-1))
