@@ -120,10 +120,15 @@ def decide(results: list[dict], predicted: dict[str, float], target: dict[str, f
             f"interval [{low:.3f}, {high:.3f}]: lower bound < {gate.spearman_threshold}"
         )
         needed = proxies_needed(fit_report.get("learning_curve", []), gate.spearman_threshold)
-        more = ("the learning curve is flat: more proxies are unlikely to help; train proxies "
-                "longer or use a less noisy target" if needed is None else
-                f"the learning curve suggests about {max(needed - fit_report['proxies'], 0)} "
-                f"more training proxies ({needed} in all)")
+        if needed is None:
+            more = ("the learning curve is flat: more proxies are unlikely to help; train "
+                    "proxies longer or use a less noisy target")
+        elif needed <= fit_report["proxies"]:
+            more = ("the regression's CV Spearman already clears the threshold, so the fresh "
+                    "sample is too small to show it: raise gate.proxies")
+        else:
+            more = (f"the learning curve suggests about {needed - fit_report['proxies']} more "
+                    f"training proxies ({needed} in all)")
         reasons.append(more)
     if not chosen_ok:
         reasons.append(f"chosen mixture measured {np.mean(chosen):.4f}, worse than the best "
