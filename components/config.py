@@ -150,6 +150,9 @@ class ProxyConfig(Strict):
     train: TrainRecipe
     per_task: int = Field(1, ge=1)  # proxies trained in one task (pod)
     packed: bool = False  # train a task's proxies at once as one batched model (components/packed.py)
+    # CPU threads per proxy task; None: torch's default (one per core). Where tasks share cores
+    # (kfp.local runs two at a time) use cores / 2: oversubscribed OpenMP threads stall each other.
+    cpu_threads: int | None = Field(None, ge=1)
     parallelism: int = Field(8, ge=1)  # concurrent proxy tasks on a cluster
 
 

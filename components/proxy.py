@@ -1,15 +1,27 @@
 """Stage 2, train_proxy: train a small LM on one mixture and measure its loss on every domain.
 
 The trainer is shared with the large run (`components/large.py`): only shape and recipe differ.
+`accelerate` places it on the device, runs bf16 autocast there, and under `torchrun` or
+`accelerate launch` (configs/accelerate/) spreads it over GPUs: DDP, or FSDP by
+`TrainRecipe.distributed` or the accelerate config. A task's proxies can instead be trained
+packed, as one batched model (`components/packed.py`).
 A proxy result (the contract the regression reads) is
 `{"id", "hash", "weights": {domain: w}, "val_loss": {domain: loss}, "train_loss", "tokens",
 "seconds", "run_id", "reused"}`.
 """
 
 
+import ctypes
+import hashlib
+import logging
 import math
+import os
+import shutil
+import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,8 +32,11 @@ from components import component
 from components.config import TrainRecipe
 from components.data import TokenData
 from components.model import LM
+from components.packed import PackedLM
 from components.shapes import ModelShape
 from components.tracking import HASH_TAG, STAGE_TAG
+
+log = logging.getLogger("regmix.proxy")
 
 
 class MixtureBatches:
@@ -50,8 +65,8 @@ class MixtureBatches:
             if n:
                 starts = self.rng.integers(0, array.size - self.context - 1, size=n)
                 rows.append(array[starts[:, None] + offsets])
-        windows = torch.from_numpy(np.concatenate(rows).astype(np.int64))
-        windows = windows[torch.from_numpy(self.rng.permutation(batch_size))]
+        windows = np.concatenate(rows)[self.rng.permutation(batch_size)]
+        windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1], windows[:, 1:]
 
 
@@ -65,15 +80,97 @@ def lr_at(step: int, total: int, recipe: TrainRecipe) -> float:
     return floor + (recipe.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: LM, recipe: TrainRecipe) -> torch.optim.AdamW:
-    # Weight decay on matrices only, as in the paper's (and most LLM) recipes.
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": recipe.weight_decay},
-         {"params": others, "weight_decay": 0.0}],
-        lr=recipe.lr, betas=recipe.betas,
-    )
+def make_optimizer(params, recipe: TrainRecipe) -> torch.optim.AdamW:
+    # Weight decay on every parameter, as the paper's (TinyLlama) trainer does. The fused kernel
+    # updates all parameters in one pass, on CPU as on GPU.
+    return torch.optim.AdamW(params, lr=recipe.lr, betas=recipe.betas,
+                             weight_decay=recipe.weight_decay, fused=True)
+
+
+def keep_freed_memory() -> None:
+    """Have glibc keep freed memory for reuse rather than return it to the OS.
+
+    A step frees and reallocates the same large blocks (logits, activations); by default glibc
+    maps each one fresh from the OS and faults it in zero-filled, page by page. On the local CPU
+    shape that was a sixth of the training step and almost half of the evaluation.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+
+
+def make_accelerator(recipe: TrainRecipe):
+    """An `Accelerator` with this recipe's precision, however many came before in this process.
+
+    `AcceleratorState` is a process-wide singleton that refuses a second, different precision;
+    only it is reset here, never the distributed state (the process group) beneath it.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    precision = recipe.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    fsdp = None
+    if recipe.distributed == "fsdp":  # takes effect only with several processes
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        # A shard unit per transformer block; checkpoints stay sharded (each rank writes its
+        # own part), the final model is gathered whole.
+        fsdp = FullyShardedDataParallelPlugin(
+            auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["Block"],
+            state_dict_type="SHARDED_STATE_DICT", use_orig_params=True)
+    return Accelerator(mixed_precision=precision, fsdp_plugin=fsdp,
+                       dynamo_backend="inductor" if recipe.compile else "no")
+
+
+class Progress:
+    """What a checkpoint holds beside model and optimizer: the step, the samplers, the curve."""
+
+    def __init__(self, batches: list[MixtureBatches]):
+        self.step = 0
+        self.batches = batches
+        self.logged: list[tuple[int, list[float]]] = []  # (step, one train loss per model)
+
+    def next(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch per model, stacked: (models, batch_size, context) inputs and targets."""
+        x, y = zip(*(b.next(batch_size) for b in self.batches), strict=True)
+        return torch.stack(x), torch.stack(y)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "logged": self.logged,
+                "rngs": [b.rng.bit_generator.state for b in self.batches]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.logged = state["step"], [tuple(item) for item in state["logged"]]
+        for b, rng in zip(self.batches, state["rngs"], strict=True):
+            b.rng.bit_generator.state = rng
+
+
+def save_checkpoint(accelerator, folder: Path, step: int) -> None:
+    """Write the training state to `folder/step-N` atomically, then drop older checkpoints."""
+    final = folder / f"step-{step:09d}"
+    partial = folder / f".{final.name}.partial"
+    accelerator.save_state(str(partial))  # every rank: FSDP gathers, each rank writes its RNG
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(partial, final)  # a checkpoint folder exists whole or not at all
+        for old in folder.iterdir():
+            if old != final:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def latest_checkpoint(folder: Path | None) -> Path | None:
+    found = sorted(folder.glob("step-*")) if folder is not None and folder.is_dir() else []
+    return found[-1] if found else None
 
 
 def train_lm(
@@ -83,60 +180,162 @@ def train_lm(
     recipe: TrainRecipe,
     seed: int,
     on_log: Callable[[int, float], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> tuple[LM, float, int]:
-    """Train an LM on `weights` for `recipe.tokens` tokens; returns (model, last loss, tokens)."""
-    from accelerate import Accelerator
+    """Train an LM on `weights` for `recipe.tokens` tokens; returns (model, last loss, tokens).
+
+    With `checkpoint_dir`, the state is saved there every `recipe.checkpoint_every` steps and a
+    run finding a checkpoint there resumes from it, ending as the uninterrupted run would.
+    """
     from accelerate.utils import set_seed
 
     set_seed(seed)
-    accelerator = Accelerator(mixed_precision=recipe.mixed_precision)
-    micro = recipe.micro_batch_size or recipe.batch_size
-    accumulation = recipe.batch_size // micro
-    steps = max(1, recipe.tokens // (recipe.batch_size * shape.context))
     model = LM(shape, data.vocab_size)
-    optimizer = make_optimizer(model, recipe)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    batches = MixtureBatches(data, weights, shape.context, seed)
-    model.train()
-    loss_value = float("nan")
-    for step in range(steps):
+    log = None if on_log is None else lambda step, losses: on_log(step, losses[0])
+    model, losses, tokens = run_training(
+        model, [MixtureBatches(data, weights, shape.context, seed)], recipe, log, checkpoint_dir)
+    return model, losses[0], tokens
+
+
+def train_packed(
+    data: TokenData,
+    mixtures: list[dict[str, float]],
+    shape: ModelShape,
+    recipe: TrainRecipe,
+    seeds: list[int],
+    on_log: Callable[[int, list[float]], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
+) -> tuple[list[LM], list[float], int]:
+    """`train_lm` for several (mixture, seed) pairs at once, packed into one batched model.
+
+    Each model is initialised and fed exactly as `train_lm` would alone, so each ends as it
+    would have alone, up to float rounding. Returns (models, last losses, tokens per model).
+    """
+    from accelerate.utils import set_seed
+
+    models = []
+    for seed in seeds:
+        set_seed(seed)
+        models.append(LM(shape, data.vocab_size))
+    batches = [MixtureBatches(data, w, shape.context, seed)
+               for w, seed in zip(mixtures, seeds, strict=True)]
+    packed, losses, tokens = run_training(PackedLM(models), batches, recipe, on_log, checkpoint_dir)
+    return packed.unpack(), losses, tokens
+
+
+def run_training(model: LM | PackedLM, batches: list[MixtureBatches], recipe: TrainRecipe,
+                 on_log: Callable[[int, list[float]], None] | None,
+                 checkpoint_dir: str | Path | None) -> tuple:
+    """The training loop of `train_lm` (one model) and `train_packed` (one per sampler)."""
+    from accelerate.utils import DistributedType
+
+    keep_freed_memory()
+    accelerator = make_accelerator(recipe)
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if sharded and isinstance(model, PackedLM):
+        raise ValueError("packed proxies train on one device; run them without FSDP")
+    context = batches[0].context
+    steps = max(1, recipe.tokens // (recipe.batch_size * context))
+    ranks, rank = accelerator.num_processes, accelerator.process_index
+    if recipe.batch_size % ranks:
+        raise ValueError(f"batch_size ({recipe.batch_size}) must divide by the {ranks} processes")
+    per_rank = recipe.batch_size // ranks
+    micro = min(recipe.micro_batch_size or per_rank, per_rank)
+    packed = isinstance(model, PackedLM)
+    model = accelerator.prepare(model)
+    optimizer = accelerator.prepare(make_optimizer(model.parameters(), recipe))
+    progress = Progress(batches)
+    accelerator.register_for_checkpointing(progress)
+    checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    if (checkpoint := latest_checkpoint(checkpoint_dir)) is not None:
+        accelerator.load_state(str(checkpoint))
+    if on_log:
+        for step, losses in progress.logged:  # the curve so far, for a resumed run's log
+            on_log(step, losses)
+
+    def losses_of(x, y):  # (models, B, T) -> (models,) losses
+        return model(x, y) if packed else model(x[0], y[0])[None]
+
+    share = slice(rank * per_rank, (rank + 1) * per_rank)
+    for step in range(progress.step, steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, recipe)
-        total = 0.0
-        for _ in range(accumulation):
-            x, y = batches.next(micro)
-            with accelerator.autocast():
-                _, loss = model(x.to(accelerator.device), y.to(accelerator.device))
-            accelerator.backward(loss / accumulation)
-            total += loss.item() / accumulation
-        accelerator.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        # Every rank draws the whole batch and keeps its share: the data seen is the same
+        # whatever the number of GPUs.
+        x, y = (to_device(t[:, share], accelerator.device) for t in progress.next(recipe.batch_size))
+        losses = torch.zeros(len(batches), device=accelerator.device)
+        for start in range(0, per_rank, micro):
+            syncs = start + micro >= per_rank  # gradients are all-reduced once per step
+            with nullcontext() if syncs else accelerator.no_sync(model):
+                # (prepare made the model's forward run under the recipe's autocast)
+                micro_losses = losses_of(x[:, start : start + micro], y[:, start : start + micro])
+                accelerator.backward(micro_losses.sum() * (micro / per_rank))
+            losses += micro_losses.detach() * (micro / per_rank)
+        if packed:
+            accelerator.unwrap_model(model).clip_grad_norms_(recipe.grad_clip)
+        else:
+            accelerator.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = total
-        if on_log and (step % recipe.log_every == 0 or step == steps - 1):
-            on_log(step, loss_value)
-    return accelerator.unwrap_model(model), loss_value, steps * recipe.batch_size * shape.context
+        progress.step = step + 1
+        if step % recipe.log_every == 0 or step == steps - 1:
+            values = accelerator.reduce(losses, reduction="mean").tolist()
+            progress.logged.append((step, values))
+            if on_log:
+                on_log(step, values)
+        if checkpoint_dir is not None and recipe.checkpoint_every and (
+                progress.step % recipe.checkpoint_every == 0 and progress.step < steps):
+            save_checkpoint(accelerator, checkpoint_dir, progress.step)
+    tokens = steps * recipe.batch_size * context
+    if sharded:  # gather the whole model onto the main process; the other ranks are done
+        state = accelerator.get_state_dict(model)
+        inner = accelerator.unwrap_model(model)
+        model = None
+        if accelerator.is_main_process:
+            model = LM(inner.shape, inner.vocab_size).to(accelerator.device)
+            model.load_state_dict(state)
+        return model, progress.logged[-1][1], tokens
+    return accelerator.unwrap_model(model, keep_fp32_wrapper=False), progress.logged[-1][1], tokens
 
 
-@torch.no_grad()
-def evaluate(model: LM, data: TokenData, batch_size: int = 32) -> dict[str, float]:
-    """Mean next-token loss on each domain's fixed validation tokens (non-overlapping windows)."""
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # From pinned memory the copy is asynchronous: the host samples the next batch meanwhile.
+    if device.type != "cuda":
+        return batch
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
+@torch.inference_mode()
+def evaluate(model: LM, data: TokenData, batch_size: int = 64) -> dict[str, float]:
+    """Mean next-token loss on each domain's fixed validation tokens (non-overlapping windows).
+
+    On a GPU in bf16 autocast (float32 softmax), as training ran there by default.
+    """
     model.eval()
     device = next(model.parameters()).device
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     context = model.shape.context
     losses = {}
     for domain in data.domains:
-        tokens = torch.from_numpy(data.array("validation", domain).astype(np.int64))
+        tokens = torch.from_numpy(data.array("validation", domain).astype(np.int64)).to(device)
         rows = (tokens.numel() - 1) // context
         x = tokens[: rows * context].view(rows, context)
         y = tokens[1 : rows * context + 1].view(rows, context)
-        total = 0.0
-        for i in range(0, rows, batch_size):
-            _, loss = model(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device))
-            total += loss.item() * x[i : i + batch_size].shape[0]
-        losses[domain] = total / rows
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            total = sum(model(x[i : i + batch_size], y[i : i + batch_size]) * len(x[i : i + batch_size])
+                        for i in range(0, rows, batch_size))
+        losses[domain] = float(total) / rows  # one device sync per domain
     model.train()
     return losses
+
+
+def checkpoint_folder(key: str) -> Path:
+    """Where a run keyed by `key` (its content hash) checkpoints: $REGMIX_CACHE/checkpoints/key.
+
+    Keyed by content, so a re-run of a killed task finds and resumes its runs' checkpoints.
+    """
+    root = os.environ.get("REGMIX_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "regmix") / "checkpoints" / key
 
 
 def find_finished(tracking: dict, mixture_hash: str, stage: str = "proxy") -> dict | None:
@@ -152,50 +351,139 @@ def find_finished(tracking: dict, mixture_hash: str, stage: str = "proxy") -> di
     return runs[0] if runs else None
 
 
+def reused_result(previous, mixture: dict, domains: list[str]) -> dict:
+    metrics = previous.data.metrics
+    return {"id": mixture["id"], "hash": mixture["hash"], "weights": mixture["weights"],
+            "val_loss": {d: metrics[f"val_loss.{d}"] for d in domains},
+            "train_loss": metrics["train_loss"], "tokens": int(metrics["tokens"]),
+            "seconds": metrics["seconds"], "run_id": previous.info.run_id, "reused": True}
+
+
+def log_proxy_inputs(mixture: dict, shape: ModelShape, recipe: TrainRecipe, seed: int) -> None:
+    import mlflow
+
+    mlflow.log_params({f"weight.{d}": round(w, 6) for d, w in mixture["weights"].items()})
+    mlflow.log_params({"shape": str(shape.to_dict()), "tokens_budget": recipe.tokens,
+                       "seed": seed, "mixture_id": mixture["id"]})
+
+
+def log_proxy_outcome(run, mixture: dict, val_loss: dict[str, float], train_loss: float,
+                      tokens: int, seconds: float, target: dict[str, float]) -> dict:
+    """Log a trained proxy's losses and costs to the active run; returns its proxy result."""
+    import mlflow
+
+    from components.config import target_loss
+
+    mlflow.log_metrics({f"val_loss.{d}": v for d, v in val_loss.items()})
+    mlflow.log_metric("target_loss", target_loss(val_loss, target))
+    mlflow.log_metrics({"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds})
+    return {"id": mixture["id"], "hash": mixture["hash"], "weights": mixture["weights"],
+            "val_loss": val_loss, "train_loss": train_loss, "tokens": tokens, "seconds": seconds,
+            "run_id": run.info.run_id, "reused": False}
+
+
 def train_proxy(
     data: TokenData, mixture: dict, shape: ModelShape, recipe: TrainRecipe, seed: int,
     tracking: dict, target: dict[str, float], stage: str = "proxy",
 ) -> dict:
     """Train (or reuse) one proxy and log it as one MLflow run; returns the proxy result."""
     import mlflow
+    from accelerate import PartialState
 
-    from components.config import target_loss
     from components.tracking import stage_run
 
-    result = {"id": mixture["id"], "hash": mixture["hash"], "weights": mixture["weights"]}
     previous = find_finished(tracking, mixture["hash"], stage)
     if previous is not None:
-        metrics = previous.data.metrics
-        return {**result, "val_loss": {d: metrics[f"val_loss.{d}"] for d in data.domains},
-                "train_loss": metrics["train_loss"], "tokens": int(metrics["tokens"]),
-                "seconds": metrics["seconds"], "run_id": previous.info.run_id, "reused": True}
+        return reused_result(previous, mixture, data.domains)
+    checkpoints = checkpoint_folder(mixture["hash"])
+    if not PartialState().is_main_process:
+        # Another rank of a multi-GPU run trains its share; the main process evaluates and logs.
+        train_lm(data, mixture["weights"], shape, recipe, seed, checkpoint_dir=checkpoints)
+        return {"id": mixture["id"], "hash": mixture["hash"], "weights": mixture["weights"]}
     with stage_run(tracking, stage, f"{stage}-{mixture['id']}", {HASH_TAG: mixture["hash"]}) as run:
-        mlflow.log_params({f"weight.{d}": round(w, 6) for d, w in mixture["weights"].items()})
-        mlflow.log_params({"shape": str(shape.to_dict()), "tokens_budget": recipe.tokens,
-                           "seed": seed, "mixture_id": mixture["id"]})
+        log_proxy_inputs(mixture, shape, recipe, seed)
         started = time.perf_counter()
         model, train_loss, tokens = train_lm(
             data, mixture["weights"], shape, recipe, seed,
             on_log=lambda step, loss: mlflow.log_metric("train_loss", loss, step=step),
+            checkpoint_dir=checkpoints,
         )
         val_loss = evaluate(model, data)
-        seconds = time.perf_counter() - started
-        mlflow.log_metrics({f"val_loss.{d}": v for d, v in val_loss.items()})
-        mlflow.log_metric("target_loss", target_loss(val_loss, target))
-        mlflow.log_metrics({"tokens": tokens, "seconds": seconds,
-                            "tokens_per_second": tokens / seconds})
-    return {**result, "val_loss": val_loss, "train_loss": train_loss, "tokens": tokens,
-            "seconds": seconds, "run_id": run.info.run_id, "reused": False}
+        result = log_proxy_outcome(run, mixture, val_loss, train_loss, tokens,
+                                   time.perf_counter() - started, target)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the finished run is the record now
+    return result
+
+
+def train_proxies_packed(
+    data: TokenData, mixtures: list[dict], shape: ModelShape, recipe: TrainRecipe,
+    seeds: list[int], tracking: dict, target: dict[str, float], stage: str = "proxy",
+) -> list[dict]:
+    """`train_proxy` for several mixtures (one seed each), the unfinished ones trained packed.
+
+    Each proxy still gets its own MLflow run with the same params and metrics, written once the
+    packed training ends; its `seconds` is its share of the packed run's time.
+    """
+    import mlflow
+
+    from components.tracking import stage_run
+
+    previous = [find_finished(tracking, m["hash"], stage) for m in mixtures]
+    results = {m["id"]: reused_result(p, m, data.domains)
+               for m, p in zip(mixtures, previous, strict=True) if p is not None}
+    todo = [(m, seed) for m, seed, p in zip(mixtures, seeds, previous, strict=True) if p is None]
+    if todo:
+        key = hashlib.sha256("".join(m["hash"] for m, _ in todo).encode()).hexdigest()[:16]
+        checkpoints = checkpoint_folder(f"packed-{key}")
+        curves: list[tuple[int, list[float]]] = []
+        started = time.perf_counter()
+        models, train_losses, tokens = train_packed(
+            data, [m["weights"] for m, _ in todo], shape, recipe, [seed for _, seed in todo],
+            on_log=lambda step, losses: curves.append((step, losses)), checkpoint_dir=checkpoints)
+        val_losses = [evaluate(model, data) for model in models]
+        seconds = (time.perf_counter() - started) / len(todo)
+        for i, (m, seed) in enumerate(todo):
+            tags = {HASH_TAG: m["hash"], "regmix.packed": str(len(todo))}
+            with stage_run(tracking, stage, f"{stage}-{m['id']}", tags) as run:
+                log_proxy_inputs(m, shape, recipe, seed)
+                for step, losses in curves:
+                    mlflow.log_metric("train_loss", losses[i], step=step)
+                results[m["id"]] = log_proxy_outcome(run, m, val_losses[i], train_losses[i],
+                                                     tokens, seconds, target)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return [results[m["id"]] for m in mixtures]
 
 
 def train_task(data_dir: str, task: dict, config, stage: str = "proxy") -> dict:
-    """Train a task's mixtures one after another in this process (one pod on a cluster)."""
+    """Train a task's mixtures in this process (one pod on a cluster): packed, or in turn.
+
+    A mixture that fails comes back as `{"id", "hash", "weights", "error"}` and the others still
+    train; the fan-in decides whether enough of them finished.
+    """
     data, tracking = TokenData.open(data_dir), task["tracking"]
     shape, recipe = config.proxy.model.resolve(), config.proxy.train
     target = config.regression.target_weights(data.domains)
+    if config.proxy.cpu_threads:
+        torch.set_num_threads(config.proxy.cpu_threads)
+    mixtures = task["mixtures"]
     # A mixture may carry its own seed (the gate's seed replicas measure the noise).
-    results = [train_proxy(data, m, shape, recipe, int(m.get("seed", config.seed)), tracking,
-                           target, stage) for m in task["mixtures"]]
+    seeds = [int(m.get("seed", config.seed)) for m in mixtures]
+    if config.proxy.packed and len(mixtures) > 1:
+        try:
+            results = train_proxies_packed(data, mixtures, shape, recipe, seeds, tracking,
+                                           target, stage)
+            return {"task": int(task["task"]), "results": results}
+        except Exception:  # one bad mixture must not sink its pack: train them one by one
+            log.exception("packed training of task %s failed; training its proxies in turn",
+                          task["task"])
+    results = []
+    for m, seed in zip(mixtures, seeds, strict=True):
+        try:
+            results.append(train_proxy(data, m, shape, recipe, seed, tracking, target, stage))
+        except Exception as e:  # reported with the results; its task-mates still train
+            log.exception("proxy %s failed", m["id"])
+            results.append({"id": m["id"], "hash": m["hash"], "weights": m["weights"],
+                            "error": f"{type(e).__name__}: {e}"})
     return {"task": int(task["task"]), "results": results}
 
 

@@ -1,12 +1,27 @@
+import pytest
 import torch
+import torch.nn.functional as F
 
-from components.model import LM
+import components.model
+from components.model import LM, head_loss
 from components.shapes import SHAPES, ModelShape
+
+
+def test_shapes_are_the_papers():
+    """RegMix's models (the lit-gpt configs of its code): 1M, 60M, and the 1B TinyLlama shape."""
+    def dims(name):
+        s = SHAPES[name]
+        return s.n_layer, s.n_embd, s.n_head, s.n_kv_head or s.n_head, s.mlp_hidden, s.context
+
+    assert dims("proxy-1m") == (2, 256, 8, 8, 512, 2048)
+    assert dims("proxy-60m") == (10, 768, 8, 8, 1536, 2048)
+    assert dims("large-1b") == (22, 2048, 16, 16, 5632, 2048)
 
 
 def test_paper_proxy_shape_is_about_one_million_non_embedding_params():
     model = LM(SHAPES["proxy-1m"], vocab_size=50_432)
-    assert 1.2e6 < model.non_embedding_params() < 1.4e6  # the output head is tied to embed
+    assert 1.2e6 < model.non_embedding_params() < 1.4e6  # embedding and output head excluded
+    assert model.head.weight is not model.embed.weight  # untied, as in the paper's models
 
 
 def test_forward_shapes_and_causality():
@@ -14,16 +29,32 @@ def test_forward_shapes_and_causality():
     shape = ModelShape(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, mlp_hidden=64, context=16)
     model = LM(shape, vocab_size=100).eval()
     x = torch.randint(0, 100, (2, 16))
-    logits, _ = model(x)
+    logits = model(x)
     assert logits.shape == (2, 16, 100)
     changed = x.clone()
     changed[:, 10:] = 0  # a change in the future must not move earlier positions
-    assert torch.allclose(model(changed)[0][:, :10], logits[:, :10], atol=1e-5)
+    assert torch.allclose(model(changed)[:, :10], logits[:, :10], atol=1e-5)
 
 
 def test_untrained_loss_is_near_uniform():
     torch.manual_seed(0)
     model = LM(SHAPES["tiny-proxy"], vocab_size=512)
     x, y = torch.randint(0, 512, (2, 4, 64))
-    _, loss = model(x, y)
-    assert abs(loss.item() - torch.log(torch.tensor(512.0)).item()) < 0.3
+    assert abs(model(x, y).item() - torch.log(torch.tensor(512.0)).item()) < 0.3
+
+
+@pytest.mark.parametrize("logits_per_chunk", [1 << 26, 7 * 30])  # one chunk; 7 rows at a time
+def test_fused_head_loss_matches_cross_entropy(monkeypatch, logits_per_chunk):
+    monkeypatch.setattr(components.model, "LOGITS_PER_CHUNK", logits_per_chunk)
+    torch.manual_seed(0)
+    x, weight = torch.randn(50, 16, requires_grad=True), torch.randn(30, 16, requires_grad=True)
+    targets = torch.randint(0, 30, (50,))
+    fused = head_loss(x, weight, targets)
+    fused_grads = torch.autograd.grad(3 * fused, (x, weight))
+    reference = F.cross_entropy(x @ weight.T, targets)
+    reference_grads = torch.autograd.grad(3 * reference, (x, weight))
+    assert fused.item() == pytest.approx(reference.item(), abs=1e-6)
+    for got, want in zip(fused_grads, reference_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+    with torch.inference_mode():
+        assert head_loss(x, weight, targets).item() == pytest.approx(reference.item(), abs=1e-6)

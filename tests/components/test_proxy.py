@@ -1,3 +1,9 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import mlflow
 import numpy as np
 import pytest
@@ -41,6 +47,71 @@ def test_training_is_deterministic_and_learns(prepared_data):
     assert max(evaluate(model, prepared_data).values()) < np.log(512) - 0.5
 
 
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(prepared_data, tmp_path):
+    recipe = TrainRecipe(tokens=16_384, batch_size=8, lr=0.01, log_every=1, checkpoint_every=5)
+    weights = {"code": 0.5, "changelogs": 0.3, "licenses": 0.2}
+    shape = SHAPES["tiny-proxy"]
+    curve = []
+    model, loss, _ = train_lm(prepared_data, weights, shape, recipe, 0,
+                              on_log=lambda step, value: curve.append((step, value)))
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_step_12(step, value):
+        if step == 12:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_lm(prepared_data, weights, shape, recipe, 0, killed_at_step_12, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000000010"]  # whole, and only the last
+    resumed_curve = []
+    resumed, resumed_loss, _ = train_lm(
+        prepared_data, weights, shape, recipe, 0,
+        on_log=lambda step, value: resumed_curve.append((step, value)), checkpoint_dir=tmp_path)
+    assert resumed_loss == loss and resumed_curve == curve  # the curve so far is replayed
+    for (name, p), q in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_runs_with_different_precisions_share_one_process(prepared_data):
+    """accelerate's state is a process-wide singleton; each run still gets its own precision."""
+    weights = {d: 1 / 3 for d in prepared_data.domains}
+    for precision in ("bf16", "no", "bf16"):
+        recipe = TrainRecipe(tokens=2048, batch_size=4, mixed_precision=precision)
+        _, loss, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, seed=0)
+        assert np.isfinite(loss)
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_model_one_process_does(prepared_data, tmp_path):
+    """The multi-GPU path (DDP under torchrun), on CPU over gloo: same batches, same model."""
+    weights = {"code": 0.5, "changelogs": 0.3, "licenses": 0.2}
+    recipe = TrainRecipe(tokens=8192, batch_size=8, micro_batch_size=2, lr=0.01)
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        from accelerate import PartialState
+        from components.config import TrainRecipe
+        from components.data import TokenData
+        from components.proxy import train_lm
+        from components.shapes import SHAPES
+        recipe = TrainRecipe.model_validate_json({recipe.model_dump_json()!r})
+        _, loss, _ = train_lm(TokenData.open(sys.argv[1]), {weights!r}, SHAPES["tiny-proxy"],
+                              recipe, 0)
+        if PartialState().is_main_process:
+            print(json.dumps({{"processes": PartialState().num_processes, "loss": loss}}))
+    """))
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script), str(prepared_data.root)],
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, check=True)
+    ranks = json.loads(out.stdout.strip().splitlines()[-1])
+    _, loss, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, 0)
+    assert ranks["processes"] == 2 and ranks["loss"] == pytest.approx(loss, rel=1e-5)
+
+
 def test_mixture_moves_the_domain_losses(prepared_data):
     """The premise of RegMix: more of a domain in the mixture, lower loss on that domain."""
     recipe = TrainRecipe(tokens=32_768, batch_size=8, lr=0.01)
@@ -79,3 +150,18 @@ def test_component_logs_one_run_per_proxy_and_reuses_finished_ones(prepared_data
     again = train_proxy_op.python_func(config=config, task=task, data=data)
     assert [r["reused"] for r in again["results"]] == [True, True]
     assert again["results"][1]["val_loss"] == out["results"][1]["val_loss"]
+
+
+def test_a_failed_proxy_is_reported_and_its_task_mates_kept(prepared_data, tracking):
+    from kfp import dsl
+
+    config = tiny_config_dict("unused.yaml")
+    good = as_mixtures(np.array([[0.4, 0.3, 0.3]]), prepared_data.domains, "m",
+                       proxy_key(parse_config(config), prepared_data.meta))[0]
+    broken = {"id": "m0009", "hash": "0" * 16, "weights": {d: 0.0 for d in prepared_data.domains}}
+    task = {"task": 1.0, "mixtures": [broken, good], "tracking": tracking}
+    data = dsl.Dataset(name="data", uri=str(prepared_data.root))
+    out = train_proxy_op.python_func(config=config, task=task, data=data)
+    failed, finished = out["results"]
+    assert failed["id"] == "m0009" and "error" in failed and "val_loss" not in failed
+    assert finished["id"] == good["id"] and set(finished["val_loss"]) == set(prepared_data.domains)

@@ -1,0 +1,207 @@
+"""Proxy-training throughput: our trainer vs Hugging Face transformers, MFU, memory, packing.
+
+Trains one shape on synthetic tokens (throughput does not depend on the text) with
+  regmix             `components.proxy.train_lm`, the pipeline's trainer, end to end;
+  hf                 transformers' `LlamaForCausalLM` of the same shape in a plain PyTorch loop
+                     (AdamW, cross-entropy on the logits, clipping; bf16 autocast on GPU);
+  regmix-packed-G    `train_packed`: G proxies at once as one batched model (tokens/s of all G);
+and reports tokens/s, MFU (model FLOP/s over the peak matmul FLOP/s measured here on the same
+device) and peak memory (CUDA: allocated; CPU: the measuring process's peak RSS). Each
+measurement runs in a fresh process after an untimed warm-up, so none inherits another's
+memory; the best of `--repeats` counts.
+
+    python benchmarks/proxy_throughput.py                     # CPU, local-proxy shape
+    python benchmarks/proxy_throughput.py --quick --json      # < 3 minutes on 2 cores
+    python benchmarks/proxy_throughput.py --device cuda       # proxy-1m, 50,432 tokens, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.config import TrainRecipe
+from components.data import TokenData
+from components.model import LM
+from components.shapes import SHAPES
+
+
+def synthetic_data(folder: Path, vocab: int, domains: int = 4, tokens: int = 1 << 20) -> Path:
+    """A prepared-data folder (the `TokenData` layout) of uniformly random tokens."""
+    rng = np.random.default_rng(0)
+    names = [f"d{i}" for i in range(domains)]
+    for split, size in (("train", tokens), ("validation", 8192)):
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            np.save(folder / split / f"{name}.npy", rng.integers(0, vocab, size, dtype=np.uint32))
+    counts = {n: {"train": tokens, "validation": 8192} for n in names}
+    (folder / "meta.json").write_text(json.dumps(
+        {"domains": names, "tokens": counts, "vocab_size": vocab, "eos_id": 0, "dtype": "uint32",
+         "fingerprint": "synthetic"}))
+    return folder
+
+
+def peak_matmul_flops(device: str) -> float:
+    """The best FLOP/s of a large square matmul in the training dtype (fp32 CPU, bf16 GPU)."""
+    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (2048, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(10 if device == "cuda" else 2):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - start) / (10 if device == "cuda" else 2))
+    return 2 * n**3 / best
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def hf_train(data: TokenData, weights: dict, shape, recipe: TrainRecipe, device: str) -> None:
+    """transformers' Llama of the same shape in the plain PyTorch training loop."""
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from components.proxy import MixtureBatches, lr_at
+
+    torch.manual_seed(0)
+    vocab = -(-data.vocab_size // 64) * 64  # the same padded output layer as ours
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=shape.n_embd, intermediate_size=shape.mlp_hidden,
+        num_hidden_layers=shape.n_layer, num_attention_heads=shape.n_head,
+        num_key_value_heads=shape.n_kv_head or shape.n_head, max_position_embeddings=shape.context,
+        rms_norm_eps=1e-5, rope_theta=shape.rope_base, tie_word_embeddings=False,
+        attn_implementation="sdpa", use_cache=False)
+    model = LlamaForCausalLM(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=recipe.betas,
+                                  weight_decay=recipe.weight_decay)
+    batches = MixtureBatches(data, weights, shape.context, seed=0)
+    steps = recipe.tokens // (recipe.batch_size * shape.context)
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, recipe)
+        x, y = (t.to(device) for t in batches.next(recipe.batch_size))
+        with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+            logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.float().view(-1, vocab), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    loss.item()
+
+
+def measure(impl: str, data_dir: str, shape_name: str, device: str, batch: int, steps: int,
+            threads: int | None) -> dict:
+    """One measurement in this (fresh) process: an untimed warm-up, then the timed run."""
+    from components.proxy import train_lm, train_packed
+
+    if threads:
+        torch.set_num_threads(threads)
+    data, shape = TokenData.open(data_dir), SHAPES[shape_name]
+    weights = {d: 1 / len(data.domains) for d in data.domains}
+    packs = int(impl.rsplit("-", 1)[1]) if impl.startswith("regmix-packed") else 1
+
+    def run(steps: int) -> None:
+        recipe = TrainRecipe(tokens=steps * batch * shape.context, batch_size=batch,
+                             mixed_precision="bf16" if device == "cuda" else "no",
+                             checkpoint_every=0, log_every=10**9)
+        if impl == "hf":
+            hf_train(data, weights, shape, recipe, device)
+        elif impl == "regmix":
+            train_lm(data, weights, shape, recipe, seed=0)
+        else:
+            train_packed(data, [weights] * packs, shape, recipe, seeds=list(range(packs)))
+
+    run(2)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    start = time.perf_counter()
+    run(steps)
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"tokens_per_s": packs * steps * batch * shape.context / seconds,
+            "peak_mem_mb": round(peak / 2**20, 1), "seconds": round(seconds, 2)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=["cpu", "cuda"])
+    p.add_argument("--shape", help="a name from components/shapes.py (default: local-proxy on "
+                   "CPU, proxy-1m on GPU)")
+    p.add_argument("--vocab", type=int, help="default: 2048 on CPU, 50432 (the paper's) on GPU")
+    p.add_argument("--batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--steps", type=int, help="timed optimizer steps (default 40; quick 10)")
+    p.add_argument("--packs", default="1,4,16", help="G values for packed training")
+    p.add_argument("--repeats", type=int, help="best of this many (default 3; quick 2)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="fewer steps; under 3 minutes on 2 cores")
+    p.add_argument("--json", action="store_true", help="one JSON object per measurement")
+    args = p.parse_args()
+    gpu = args.device == "cuda"
+    shape = args.shape or ("proxy-1m" if gpu else "local-proxy")
+    vocab = args.vocab or (50432 if gpu else 2048)
+    steps = args.steps or (10 if args.quick else 40)
+    repeats = args.repeats or (2 if args.quick else 3)
+    packs = [int(g) for g in args.packs.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak = peak_matmul_flops(args.device)
+    flops_per_token = LM(SHAPES[shape], vocab).flops_per_token()
+    device_name = torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()}"
+    impls = ["regmix", "hf"] + [f"regmix-packed-{g}" for g in packs]
+    with tempfile.TemporaryDirectory() as folder:
+        data_dir = str(synthetic_data(Path(folder), vocab))
+        best: dict[str, dict] = {}
+        # Fresh process per measurement; rounds interleave implementations so that a burst of
+        # load on a shared machine does not favour one of them.
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+            for _ in range(repeats):
+                for impl in impls:
+                    # Packed runs do G times the work per step; fewer steps keep them short.
+                    n = max(3, steps // int(impl.rsplit("-", 1)[1])) if "packed" in impl else steps
+                    result = pool.submit(measure, impl, data_dir, shape, args.device, args.batch,
+                                         n, args.threads).result()
+                    if impl not in best or result["tokens_per_s"] > best[impl]["tokens_per_s"]:
+                        best[impl] = result
+    rows = [{"impl": impl, "shape": shape, "vocab": vocab, "device": device_name,
+             "tokens_per_s": round(r["tokens_per_s"]), "mfu": round(r["tokens_per_s"] *
+             flops_per_token / peak, 4), "peak_mem_mb": r["peak_mem_mb"]}
+            for impl, r in best.items()]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    print(f"{shape} (vocab {vocab}, batch {args.batch}) on {device_name}; peak matmul "
+          f"{peak / 1e9:.0f} GFLOP/s; {flops_per_token / 1e6:.2f} MFLOP per token")
+    print(f"{'impl':<18} {'tokens/s':>10} {'MFU':>7} {'peak MB':>9}")
+    for row in rows:
+        print(f"{row['impl']:<18} {row['tokens_per_s']:>10} {row['mfu']:>7.1%} "
+              f"{row['peak_mem_mb']:>9}")
+    ours, theirs = best["regmix"]["tokens_per_s"], best["hf"]["tokens_per_s"]
+    print(f"regmix / hf: {ours / theirs:.2f}x")
+    for g in packs:
+        print(f"packed G={g} / unpacked: {best[f'regmix-packed-{g}']['tokens_per_s'] / ours:.2f}x")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
