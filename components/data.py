@@ -130,7 +130,8 @@ def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> list[str]:
                     head = handle.read(1 << 20)
                 size += os.path.getsize(name)
             except OSError as e:
-                raise CorpusError(f"domain '{source.name}': cannot read {name}: {e.strerror}")
+                raise CorpusError(
+                    f"domain '{source.name}': cannot read {name}: {e.strerror}") from None
             if Path(name).suffix != ".parquet":
                 try:
                     head.decode("utf-8")

@@ -34,7 +34,7 @@ from components.data import TokenData
 from components.model import LM
 from components.packed import PackedLM
 from components.shapes import ModelShape
-from components.tracking import HASH_TAG, STAGE_TAG
+from components.tracking import HASH_TAG
 
 log = logging.getLogger("regmix.proxy")
 
@@ -338,14 +338,17 @@ def checkpoint_folder(key: str) -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "regmix") / "checkpoints" / key
 
 
-def find_finished(tracking: dict, mixture_hash: str, stage: str = "proxy") -> dict | None:
-    """A finished run with this content hash, if any: its result is reused, not retrained."""
+def find_finished(tracking: dict, mixture_hash: str) -> dict | None:
+    """A finished run with this content hash, if any: its result is reused, not retrained.
+
+    Any stage: the hash covers everything that determines the result (mixture, corpus,
+    tokenizer, shape, recipe, seed), so the gate reuses the training proxy it replicates.
+    """
     import mlflow
 
     runs = mlflow.MlflowClient(tracking["uri"]).search_runs(
         [tracking["experiment_id"]],
-        filter_string=f"tags.`{HASH_TAG}` = '{mixture_hash}' and tags.`{STAGE_TAG}` = '{stage}' "
-        "and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{HASH_TAG}` = '{mixture_hash}' and attributes.status = 'FINISHED'",
         max_results=1,
     )
     return runs[0] if runs else None
@@ -392,7 +395,7 @@ def train_proxy(
 
     from components.tracking import stage_run
 
-    previous = find_finished(tracking, mixture["hash"], stage)
+    previous = find_finished(tracking, mixture["hash"])
     if previous is not None:
         return reused_result(previous, mixture, data.domains)
     checkpoints = checkpoint_folder(mixture["hash"])
@@ -428,7 +431,7 @@ def train_proxies_packed(
 
     from components.tracking import stage_run
 
-    previous = [find_finished(tracking, m["hash"], stage) for m in mixtures]
+    previous = [find_finished(tracking, m["hash"]) for m in mixtures]
     results = {m["id"]: reused_result(p, m, data.domains)
                for m, p in zip(mixtures, previous, strict=True) if p is not None}
     todo = [(m, seed) for m, seed, p in zip(mixtures, seeds, previous, strict=True) if p is None]

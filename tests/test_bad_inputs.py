@@ -6,6 +6,7 @@ import yaml
 
 from pipelines.cli import main
 
+
 def config_text(spec, **changes) -> str:
     config = {
         "name": "regmix-bad",
