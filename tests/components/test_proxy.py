@@ -74,6 +74,34 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(prepared_da
         assert torch.equal(p, q), name
 
 
+def test_a_rerun_task_resumes_its_proxy_from_the_cache(prepared_data, tracking, tmp_path,
+                                                       monkeypatch):
+    import components.proxy
+    from components.proxy import train_proxy
+
+    monkeypatch.setenv("REGMIX_CACHE", str(tmp_path))
+    recipe = TrainRecipe(tokens=16_384, batch_size=8, lr=0.01, checkpoint_every=10)
+    mixture = {"id": "m0001", "hash": "abcdef0123456789",
+               "weights": {"code": 0.6, "changelogs": 0.2, "licenses": 0.2}}
+    target = {d: 1 / 3 for d in prepared_data.domains}
+    shape = SHAPES["tiny-proxy"]
+
+    def killed(*args):
+        raise RuntimeError("pod evicted")
+
+    with monkeypatch.context() as m:
+        m.setattr(components.proxy, "evaluate", killed)  # killed after its last checkpoint
+        with pytest.raises(RuntimeError):
+            train_proxy(prepared_data, mixture, shape, recipe, 0, tracking, target)
+    folder = tmp_path / "checkpoints" / mixture["hash"]
+    assert [p.name for p in folder.iterdir()] == ["step-000000030"]
+    result = train_proxy(prepared_data, mixture, shape, recipe, 0, tracking, target)
+    uninterrupted = evaluate(train_lm(prepared_data, mixture["weights"], shape, recipe, 0)[0],
+                             prepared_data)
+    assert result["val_loss"] == uninterrupted
+    assert not folder.exists()  # the finished run in MLflow is the record now
+
+
 def test_runs_with_different_precisions_share_one_process(prepared_data):
     """accelerate's state is a process-wide singleton; each run still gets its own precision."""
     weights = {d: 1 / 3 for d in prepared_data.domains}

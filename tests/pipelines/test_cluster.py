@@ -68,7 +68,7 @@ def test_proxies_loop_over_the_mixtures_one_gpu_pod_each(pile):
 def test_large_run_is_guarded_by_the_gate_and_asks_for_a_whole_gpu_node(pile):
     spec, platform = pile
     (condition,) = [t for t in tasks(spec).values() if "condition" in t.get("triggerPolicy", {})]
-    assert "passed" in condition["triggerPolicy"]["condition"]
+    assert "validate-prediction-op-Output" in condition["triggerPolicy"]["condition"]
     assert "train-target-op" in nested_tasks(spec, condition["componentRef"]["name"])
     label, container = executor(spec, "train-target-op")
     assert container["resources"]["accelerator"]["resourceCount"] == "8"
