@@ -55,6 +55,13 @@ def load_record(tracking_uri: str, experiment: str, label: str) -> RunRecord:
     return record
 
 
+def save(fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def weights_of(run) -> dict[str, float]:
     return {k.removeprefix("weight."): float(v) for k, v in run.data.params.items()
             if k.startswith("weight.")}
@@ -78,10 +85,7 @@ def plot_mixtures(record: RunRecord, path: Path) -> bool:
     ax.set_ylabel("weight")
     ax.legend()
     ax.set_title("Chosen mixture vs the sampling prior")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save(fig, path)
 
 
 def plot_gate(record: RunRecord, path: Path) -> bool:
@@ -98,10 +102,7 @@ def plot_gate(record: RunRecord, path: Path) -> bool:
     ax.set_ylabel("measured target loss")
     ax.set_title(f"Gate: Spearman {gate['spearman']:.3f} "
                  f"[{gate['spearman_low']:.2f}, {gate['spearman_high']:.2f}]")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save(fig, path)
 
 
 def plot_learning_curve(record: RunRecord, path: Path, tracking_uri: str) -> bool:
@@ -117,10 +118,7 @@ def plot_learning_curve(record: RunRecord, path: Path, tracking_uri: str) -> boo
     ax.set_xlabel("training proxies")
     ax.set_ylabel("CV Spearman")
     ax.set_title("Regression learning curve")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save(fig, path)
 
 
 def plot_baselines(record: RunRecord, path: Path) -> bool:
@@ -136,10 +134,7 @@ def plot_baselines(record: RunRecord, path: Path) -> bool:
     ax.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.1 * (high - low + 1e-3))
     ax.set_ylabel("large-model target loss")
     ax.set_title("Chosen mixture vs baselines (mean, seed spread)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save(fig, path)
 
 
 def summary_lines(record: RunRecord) -> list[str]:
