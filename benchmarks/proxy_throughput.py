@@ -149,7 +149,7 @@ def main() -> None:
                    "CPU, proxy-1m on GPU)")
     p.add_argument("--vocab", type=int, help="default: 2048 on CPU, 50432 (the paper's) on GPU")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--steps", type=int, help="timed optimizer steps (default 40; quick 10)")
+    p.add_argument("--steps", type=int, help="timed optimizer steps (default 40; quick 8)")
     p.add_argument("--packs", default="1,4,16", help="G values for packed training")
     p.add_argument("--repeats", type=int, help="best of this many (default 3; quick 2)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -159,7 +159,7 @@ def main() -> None:
     gpu = args.device == "cuda"
     shape = args.shape or ("proxy-1m" if gpu else "local-proxy")
     vocab = args.vocab or (50432 if gpu else 2048)
-    steps = args.steps or (10 if args.quick else 40)
+    steps = args.steps or (8 if args.quick else 40)
     repeats = args.repeats or (2 if args.quick else 3)
     packs = [int(g) for g in args.packs.split(",")]
     if args.threads:
@@ -177,7 +177,7 @@ def main() -> None:
             for _ in range(repeats):
                 for impl in impls:
                     # Packed runs do G times the work per step; fewer steps keep them short.
-                    n = max(3, steps // int(impl.rsplit("-", 1)[1])) if "packed" in impl else steps
+                    n = max(2, steps // int(impl.rsplit("-", 1)[1])) if "packed" in impl else steps
                     result = pool.submit(measure, impl, data_dir, shape, args.device, args.batch,
                                          n, args.threads).result()
                     if impl not in best or result["tokens_per_s"] > best[impl]["tokens_per_s"]:
