@@ -5,6 +5,7 @@ Trains one shape on synthetic tokens (throughput does not depend on the text) wi
   hf                 transformers' `LlamaForCausalLM` of the same shape in a plain PyTorch loop
                      (AdamW, cross-entropy on the logits, clipping; bf16 autocast on GPU);
   regmix-packed-G    `train_packed`: G proxies at once as one batched model (tokens/s of all G);
+  regmix-compile     with `--compile`: `train_lm` with `torch.compile` (compiled in the warm-up);
 and reports tokens/s, MFU (model FLOP/s over the peak matmul FLOP/s measured here on the same
 device) and peak memory (CUDA: allocated; CPU: the measuring process's peak RSS). Each
 measurement runs in a fresh process after an untimed warm-up, so none inherits another's
@@ -56,7 +57,7 @@ def peak_matmul_flops(device: str) -> float:
     n, dtype = (8192, torch.bfloat16) if device == "cuda" else (2048, torch.float32)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
-    for _ in range(5):
+    for _ in range(10):
         sync(device)
         start = time.perf_counter()
         for _ in range(10 if device == "cuda" else 2):
@@ -119,10 +120,10 @@ def measure(impl: str, data_dir: str, shape_name: str, device: str, batch: int, 
     def run(steps: int) -> None:
         recipe = TrainRecipe(tokens=steps * batch * shape.context, batch_size=batch,
                              mixed_precision="bf16" if device == "cuda" else "no",
-                             checkpoint_every=0, log_every=10**9)
+                             checkpoint_every=0, log_every=10**9, compile=impl == "regmix-compile")
         if impl == "hf":
             hf_train(data, weights, shape, recipe, device)
-        elif impl == "regmix":
+        elif impl in ("regmix", "regmix-compile"):
             train_lm(data, weights, shape, recipe, seed=0)
         else:
             train_packed(data, [weights] * packs, shape, recipe, seeds=list(range(packs)))
@@ -153,6 +154,7 @@ def main() -> None:
     p.add_argument("--packs", default="1,4,16", help="G values for packed training")
     p.add_argument("--repeats", type=int, help="best of this many (default 3; quick 2)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="also measure regmix with torch.compile")
     p.add_argument("--quick", action="store_true", help="fewer steps; under 3 minutes on 2 cores")
     p.add_argument("--json", action="store_true", help="one JSON object per measurement")
     args = p.parse_args()
@@ -168,6 +170,7 @@ def main() -> None:
     flops_per_token = LM(SHAPES[shape], vocab).flops_per_token()
     device_name = torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()}"
     impls = ["regmix", "hf"] + [f"regmix-packed-{g}" for g in packs]
+    impls += ["regmix-compile"] if args.compile else []
     with tempfile.TemporaryDirectory() as folder:
         data_dir = str(synthetic_data(Path(folder), vocab))
         best: dict[str, dict] = {}
@@ -200,6 +203,8 @@ def main() -> None:
     print(f"regmix / hf: {ours / theirs:.2f}x")
     for g in packs:
         print(f"packed G={g} / unpacked: {best[f'regmix-packed-{g}']['tokens_per_s'] / ours:.2f}x")
+    if args.compile:
+        print(f"compiled / eager: {best['regmix-compile']['tokens_per_s'] / ours:.2f}x")
 
 
 if __name__ == "__main__":

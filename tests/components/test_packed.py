@@ -6,6 +6,7 @@ from components.config import TrainRecipe, parse_config
 from components.mixtures import as_mixtures, proxy_key
 from components.proxy import evaluate, train_lm, train_packed, train_proxy_op
 from components.shapes import SHAPES
+from tests.components.test_proxy import one_cpu_thread  # noqa: F401 (an autouse fixture)
 from tests.conftest import tiny_config_dict
 
 

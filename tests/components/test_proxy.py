@@ -16,6 +16,15 @@ from components.shapes import SHAPES
 from tests.conftest import tiny_config_dict
 
 
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """Tiny models gain nothing from a second thread, and on busy shared cores it stalls them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_batches_follow_the_mixture_and_the_seed(prepared_data):
     weights = {"code": 0.75, "changelogs": 0.25, "licenses": 0.0}
     batches = MixtureBatches(prepared_data, weights, context=32, seed=3)
