@@ -22,11 +22,9 @@ from components.config import target_loss
 from components.mixtures import (
     as_mixtures,
     chunk,
-    epoch_caps,
+    draw_mixtures,
     mixture_hash,
     proxy_key,
-    sample_mixtures,
-    token_prior,
 )
 
 CHOSEN, BEST = "chosen", "best"
@@ -45,15 +43,9 @@ def plan_gate_proxies(
     The best training proxy at the run's own seed has the same content hash as in training,
     so it is reused, not retrained.
     """
-    domains = meta["domains"]
-    tokens = np.array([meta["tokens"][d]["train"] for d in domains], dtype=np.int64)
-    mix, key = config.mixtures, proxy_key(config, meta)
+    domains, key = meta["domains"], proxy_key(config, meta)
     rng = np.random.default_rng([config.seed, 1])  # a separate stream from the training draw
-    fresh = sample_mixtures(
-        token_prior(tokens, mix.temperature), config.gate.proxies - 1,
-        epoch_caps(tokens, config.proxy.train.tokens, mix.max_epochs), rng,
-        (mix.strength_min, mix.strength_max), mix.min_weight,
-    )
+    fresh = draw_mixtures(config, meta, config.gate.proxies - 1, rng)
     weights = np.vstack([[chosen[d] for d in domains], fresh])
     mixtures = as_mixtures(weights, domains, "g", key)
     mixtures[0]["id"] = CHOSEN

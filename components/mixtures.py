@@ -93,19 +93,31 @@ def chunk(mixtures: list[dict], per_task: int, tracking: dict) -> list[dict]:
             for i in range(0, len(mixtures), per_task)]
 
 
+def prior_and_caps(config, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The sampling prior and per-domain max-epochs caps for this config's proxies."""
+    tokens = np.array([meta["tokens"][d]["train"] for d in meta["domains"]], dtype=np.int64)
+    mix = config.mixtures
+    return (token_prior(tokens, mix.temperature),
+            epoch_caps(tokens, config.proxy.train.tokens, mix.max_epochs))
+
+
+def draw_mixtures(config, meta: dict, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` mixtures from the config's sampler (the training draw and the gate's fresh one)."""
+    mix = config.mixtures
+    prior, caps = prior_and_caps(config, meta)
+    return sample_mixtures(prior, count, caps, rng, (mix.strength_min, mix.strength_max),
+                           mix.min_weight)
+
+
 def plan_proxies(config, meta: dict, tracking: dict) -> list[dict]:
     """The training proxies for a run: the prior (optionally) plus sampled mixtures, chunked."""
-    domains = meta["domains"]
-    tokens = np.array([meta["tokens"][d]["train"] for d in domains], dtype=np.int64)
     mix = config.mixtures
-    prior = token_prior(tokens, mix.temperature)
-    caps = epoch_caps(tokens, config.proxy.train.tokens, mix.max_epochs)
     rng = np.random.default_rng(config.seed)
-    sampled = sample_mixtures(prior, mix.count - mix.include_prior, caps, rng,
-                              (mix.strength_min, mix.strength_max), mix.min_weight)
+    sampled = draw_mixtures(config, meta, mix.count - mix.include_prior, rng)
     if mix.include_prior:
+        prior, caps = prior_and_caps(config, meta)
         sampled = np.vstack([np.minimum(prior, caps) / np.minimum(prior, caps).sum(), sampled])
-    mixtures = as_mixtures(sampled, domains, "m", proxy_key(config, meta))
+    mixtures = as_mixtures(sampled, meta["domains"], "m", proxy_key(config, meta))
     return chunk(mixtures, config.proxy.per_task, tracking)
 
 
