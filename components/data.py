@@ -23,6 +23,7 @@ from kfp.dsl import Output
 
 from components import component
 from components.config import CorpusConfig, DomainSource, TokenizerConfig, check_unique
+from components.files import replacing
 
 log = logging.getLogger("regmix.data")
 
@@ -245,31 +246,32 @@ def prepare_data(
     tokenizer = build_tokenizer(tokenizer_config, documents)
     eos, vocab = eos_id(tokenizer), tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max else np.uint32
-    out_dir = Path(out_dir)
-    (out_dir / "train").mkdir(parents=True, exist_ok=True)
-    (out_dir / "validation").mkdir(exist_ok=True)
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    digest = hashlib.sha256((out_dir / "tokenizer.json").read_bytes())
-    tokens = {}
-    for name, docs in documents.items():
-        encoded = [e.ids for e in tokenizer.encode_batch(docs, add_special_tokens=False)]
-        train, validation = split_domain(name, encoded, corpus.validation_tokens, seed, eos, dtype)
-        if corpus.max_train_tokens:
-            train = train[: corpus.max_train_tokens]
-        for split, array in (("train", train), ("validation", validation)):
-            np.save(out_dir / split / f"{name}.npy", array)
-            digest.update(array.tobytes())
-        tokens[name] = {"train": int(train.size), "validation": int(validation.size)}
-        log.info("%s: %d documents, %d train tokens", name, len(docs), train.size)
-    meta = {
-        "domains": list(documents),
-        "tokens": tokens,
-        "vocab_size": vocab,
-        "eos_id": eos,
-        "dtype": np.dtype(dtype).name,
-        "fingerprint": digest.hexdigest()[:16],
-    }
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    with replacing(out_dir) as folder:  # the folder appears whole or not at all
+        (folder / "train").mkdir(parents=True)
+        (folder / "validation").mkdir()
+        tokenizer.save(str(folder / "tokenizer.json"))
+        digest = hashlib.sha256((folder / "tokenizer.json").read_bytes())
+        tokens = {}
+        for name, docs in documents.items():
+            encoded = [e.ids for e in tokenizer.encode_batch(docs, add_special_tokens=False)]
+            train, validation = split_domain(name, encoded, corpus.validation_tokens, seed, eos,
+                                             dtype)
+            if corpus.max_train_tokens:
+                train = train[: corpus.max_train_tokens]
+            for split, array in (("train", train), ("validation", validation)):
+                np.save(folder / split / f"{name}.npy", array)
+                digest.update(array.tobytes())
+            tokens[name] = {"train": int(train.size), "validation": int(validation.size)}
+            log.info("%s: %d documents, %d train tokens", name, len(docs), train.size)
+        meta = {
+            "domains": list(documents),
+            "tokens": tokens,
+            "vocab_size": vocab,
+            "eos_id": eos,
+            "dtype": np.dtype(dtype).name,
+            "fingerprint": digest.hexdigest()[:16],
+        }
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
 
 

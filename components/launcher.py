@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from components.config import RegMixConfig
+from components.files import replacing, write_text
 
 log = logging.getLogger("regmix.launcher")
 
@@ -60,10 +61,8 @@ def run_on_nodes(data_dir: str, run: dict, config: RegMixConfig) -> dict:
     work = Path(config.cluster.volume.mount_path) / "jobs" / name
     shared_data = work / "data"
     if not shared_data.exists():  # a retried task finds the copy made
-        partial = work / "data.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(data_dir, partial)
-        partial.rename(shared_data)
+        with replacing(shared_data) as partial:
+            shutil.copytree(data_dir, partial)
     write_request(work, str(shared_data), run, config)
     run_pytorchjob(pytorchjob_manifest(name, config, str(work)), in_cluster_api())
     return json.loads((work / "result.json").read_text())
@@ -79,7 +78,7 @@ def write_request(work: Path, data_dir: str, run: dict, config: RegMixConfig) ->
     work.mkdir(parents=True, exist_ok=True)
     request = {"data_dir": data_dir, "run": run,
                "config": config.model_dump(mode="json", exclude_none=True)}
-    (work / "request.json").write_text(json.dumps(request))
+    write_text(work / "request.json", json.dumps(request))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,9 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     request = json.loads((work / "request.json").read_text())
     result = train_target(request["data_dir"], request["run"], parse_config(request["config"]))
     if os.environ.get("RANK", "0") == "0":
-        partial = work / "result.json.partial"
-        partial.write_text(json.dumps(result))
-        partial.rename(work / "result.json")  # whole or absent, never half written
+        write_text(work / "result.json", json.dumps(result))  # whole or absent
 
 
 # ---------------------------------------------------------------- the PyTorchJob

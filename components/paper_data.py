@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from components.files import replacing
+
 INDEX_COLUMN = "index"
 # The paper's own CSVs round each of 17 weights to 3 decimals, so their rows sum to
 # 0.996..1.003; a looser tolerance would hide real mistakes (a missing column), a tighter
@@ -189,7 +191,7 @@ def write_predictions_csv(
     predictions = np.asarray(predictions, dtype=float).reshape(len(index), -1)
     if predictions.shape[1] != len(names):
         raise ValueError(f"{len(names)} names for {predictions.shape[1]} prediction columns")
-    with Path(path).open("w", newline="") as handle:
+    with replacing(path) as partial, partial.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow([INDEX_COLUMN, *names])
         for value, row in zip(np.asarray(index).tolist(), predictions.tolist(), strict=True):

@@ -13,6 +13,7 @@ A proxy result (the contract the regression reads) is
 
 import ctypes
 import hashlib
+import json
 import logging
 import math
 import os
@@ -31,10 +32,11 @@ from kfp.dsl import Input
 from components import component
 from components.config import TrainRecipe
 from components.data import TokenData
+from components.files import cache_root, write_text
 from components.model import LM
 from components.packed import PackedLM
 from components.shapes import ModelShape
-from components.tracking import HASH_TAG
+from components.tracking import HASH_TAG, TrackingUnavailable, retried
 
 log = logging.getLogger("regmix.proxy")
 
@@ -330,14 +332,27 @@ def evaluate(model: LM, data: TokenData, batch_size: int = 64) -> dict[str, floa
 
 
 def checkpoint_folder(key: str) -> Path:
-    """Where a run keyed by `key` (its content hash) checkpoints: $REGMIX_CACHE/checkpoints/key.
-
-    Keyed by content, so a re-run of a killed task finds and resumes its runs' checkpoints.
-    """
-    root = os.environ.get("REGMIX_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "regmix") / "checkpoints" / key
+    """Keyed by content hash, so a re-run of a killed task finds and resumes its checkpoints."""
+    return cache_root() / "checkpoints" / key
 
 
+def kept_result_path(mixture_hash: str) -> Path:
+    """Where a trained proxy's outcome waits until MLflow has it: a finished proxy is never lost
+    to an MLflow outage, and the next attempt logs it instead of training it again."""
+    return cache_root() / "results" / f"{mixture_hash}.json"
+
+
+def keep_outcome(mixture_hash: str, outcome: dict) -> dict:
+    write_text(kept_result_path(mixture_hash), json.dumps(outcome))
+    return outcome
+
+
+def kept_outcome(mixture_hash: str) -> dict | None:
+    path = kept_result_path(mixture_hash)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+@retried
 def find_finished(tracking: dict, mixture_hash: str) -> dict | None:
     """A finished run with this content hash, if any: its result is reused, not retrained.
 
@@ -362,26 +377,52 @@ def reused_result(previous, mixture: dict, domains: list[str]) -> dict:
             "seconds": metrics["seconds"], "run_id": previous.info.run_id, "reused": True}
 
 
-def log_proxy_inputs(mixture: dict, shape: ModelShape, recipe: TrainRecipe, seed: int) -> None:
+@retried
+def log_proxy_run(run, mixture: dict, shape: ModelShape, recipe: TrainRecipe, seed: int,
+                  outcome: dict, target: dict[str, float]) -> None:
+    """Log one trained proxy (inputs, loss curve, outcome) to its open MLflow run."""
     import mlflow
-
-    mlflow.log_params({f"weight.{d}": round(w, 6) for d, w in mixture["weights"].items()})
-    mlflow.log_params({"shape": str(shape.to_dict()), "tokens_budget": recipe.tokens,
-                       "seed": seed, "mixture_id": mixture["id"]})
-
-
-def log_proxy_outcome(run, mixture: dict, val_loss: dict[str, float], train_loss: float,
-                      tokens: int, seconds: float, target: dict[str, float]) -> dict:
-    """Log a trained proxy's losses and costs to the active run; returns its proxy result."""
-    import mlflow
+    from mlflow.entities import Metric, Param
 
     from components.config import target_loss
 
-    mlflow.log_metrics({f"val_loss.{d}": v for d, v in val_loss.items()})
-    mlflow.log_metric("target_loss", target_loss(val_loss, target))
-    mlflow.log_metrics({"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds})
+    now = int(time.time() * 1000)
+    params = {f"weight.{d}": round(w, 6) for d, w in mixture["weights"].items()}
+    params |= {"shape": str(shape.to_dict()), "tokens_budget": recipe.tokens, "seed": seed,
+               "mixture_id": mixture["id"]}
+    val_loss, seconds = outcome["val_loss"], outcome["seconds"]
+    metrics = {**{f"val_loss.{d}": v for d, v in val_loss.items()},
+               "target_loss": target_loss(val_loss, target),
+               "tokens": outcome["tokens"], "seconds": seconds,
+               "tokens_per_second": outcome["tokens"] / seconds}
+    # The curve's last point is the final train loss (the last step is always logged).
+    curve = [Metric("train_loss", loss, now, step) for step, loss in outcome["curve"]]
+    client, run_id = mlflow.MlflowClient(), run.info.run_id
+    # MLflow takes at most 100 params and 1000 metrics per batch.
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in list(params.items())[i:i + 100]])
+    every = curve + [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for i in range(0, len(every), 1000):
+        client.log_batch(run_id, metrics=every[i:i + 1000])
+
+
+def record_proxy(tracking: dict, stage: str, mixture: dict, shape: ModelShape, recipe: TrainRecipe,
+                 seed: int, outcome: dict, target: dict[str, float], tags: dict | None = None) -> dict:
+    """One MLflow run for one trained proxy; then its kept copy goes. Returns the proxy result."""
+    from components.tracking import stage_run
+
+    tags = {HASH_TAG: mixture["hash"], **(tags or {})}
+    try:
+        with stage_run(tracking, stage, f"{stage}-{mixture['id']}", tags) as run:
+            log_proxy_run(run, mixture, shape, recipe, seed, outcome, target)
+    except TrackingUnavailable as e:
+        raise TrackingUnavailable(f"{e}. The trained proxy is kept at "
+                                  f"{kept_result_path(mixture['hash'])}; rerun once MLflow is "
+                                  "back and it is logged without training again") from None
+    kept_result_path(mixture["hash"]).unlink(missing_ok=True)
     return {"id": mixture["id"], "hash": mixture["hash"], "weights": mixture["weights"],
-            "val_loss": val_loss, "train_loss": train_loss, "tokens": tokens, "seconds": seconds,
+            "val_loss": outcome["val_loss"], "train_loss": outcome["train_loss"],
+            "tokens": outcome["tokens"], "seconds": outcome["seconds"],
             "run_id": run.info.run_id, "reused": False}
 
 
@@ -390,32 +431,26 @@ def train_proxy(
     tracking: dict, target: dict[str, float], stage: str = "proxy",
 ) -> dict:
     """Train (or reuse) one proxy and log it as one MLflow run; returns the proxy result."""
-    import mlflow
     from accelerate import PartialState
-
-    from components.tracking import stage_run
 
     previous = find_finished(tracking, mixture["hash"])
     if previous is not None:
         return reused_result(previous, mixture, data.domains)
-    checkpoints = checkpoint_folder(mixture["hash"])
-    if not PartialState().is_main_process:
-        # Another rank of a multi-GPU run trains its share; the main process evaluates and logs.
-        train_lm(data, mixture["weights"], shape, recipe, seed, checkpoint_dir=checkpoints)
-        return {"id": mixture["id"], "hash": mixture["hash"], "weights": mixture["weights"]}
-    with stage_run(tracking, stage, f"{stage}-{mixture['id']}", {HASH_TAG: mixture["hash"]}) as run:
-        log_proxy_inputs(mixture, shape, recipe, seed)
-        started = time.perf_counter()
+    outcome = kept_outcome(mixture["hash"])
+    if outcome is None:
+        checkpoints = checkpoint_folder(mixture["hash"])
+        started, curve = time.perf_counter(), []
         model, train_loss, tokens = train_lm(
             data, mixture["weights"], shape, recipe, seed,
-            on_log=lambda step, loss: mlflow.log_metric("train_loss", loss, step=step),
-            checkpoint_dir=checkpoints,
-        )
-        val_loss = evaluate(model, data)
-        result = log_proxy_outcome(run, mixture, val_loss, train_loss, tokens,
-                                   time.perf_counter() - started, target)
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the finished run is the record now
-    return result
+            on_log=lambda step, loss: curve.append((step, loss)), checkpoint_dir=checkpoints)
+        if not PartialState().is_main_process:
+            # Another rank of a multi-GPU run trained its share; the main process logs.
+            return {"id": mixture["id"], "hash": mixture["hash"], "weights": mixture["weights"]}
+        outcome = keep_outcome(mixture["hash"], {
+            "val_loss": evaluate(model, data), "train_loss": train_loss, "tokens": tokens,
+            "seconds": time.perf_counter() - started, "curve": curve})
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the kept outcome is the record now
+    return record_proxy(tracking, stage, mixture, shape, recipe, seed, outcome, target)
 
 
 def train_proxies_packed(
@@ -427,14 +462,13 @@ def train_proxies_packed(
     Each proxy still gets its own MLflow run with the same params and metrics, written once the
     packed training ends; its `seconds` is its share of the packed run's time.
     """
-    import mlflow
-
-    from components.tracking import stage_run
-
     previous = [find_finished(tracking, m["hash"]) for m in mixtures]
     results = {m["id"]: reused_result(p, m, data.domains)
                for m, p in zip(mixtures, previous, strict=True) if p is not None}
-    todo = [(m, seed) for m, seed, p in zip(mixtures, seeds, previous, strict=True) if p is None]
+    outcomes = {m["hash"]: kept_outcome(m["hash"]) for m, p in zip(mixtures, previous, strict=True)
+                if p is None}
+    todo = [(m, seed) for m, seed in zip(mixtures, seeds, strict=True)
+            if m["id"] not in results and outcomes[m["hash"]] is None]
     if todo:
         key = hashlib.sha256("".join(m["hash"] for m, _ in todo).encode()).hexdigest()[:16]
         checkpoints = checkpoint_folder(f"packed-{key}")
@@ -443,17 +477,19 @@ def train_proxies_packed(
         models, train_losses, tokens = train_packed(
             data, [m["weights"] for m, _ in todo], shape, recipe, [seed for _, seed in todo],
             on_log=lambda step, losses: curves.append((step, losses)), checkpoint_dir=checkpoints)
-        val_losses = [evaluate(model, data) for model in models]
         seconds = (time.perf_counter() - started) / len(todo)
-        for i, (m, seed) in enumerate(todo):
-            tags = {HASH_TAG: m["hash"], "regmix.packed": str(len(todo))}
-            with stage_run(tracking, stage, f"{stage}-{m['id']}", tags) as run:
-                log_proxy_inputs(m, shape, recipe, seed)
-                for step, losses in curves:
-                    mlflow.log_metric("train_loss", losses[i], step=step)
-                results[m["id"]] = log_proxy_outcome(run, m, val_losses[i], train_losses[i],
-                                                     tokens, seconds, target)
+        for i, (m, _) in enumerate(todo):
+            outcomes[m["hash"]] = keep_outcome(m["hash"], {
+                "val_loss": evaluate(models[i], data), "train_loss": train_losses[i],
+                "tokens": tokens, "seconds": seconds,
+                "curve": [(step, losses[i]) for step, losses in curves]})
         shutil.rmtree(checkpoints, ignore_errors=True)
+    packed = {m["id"] for m, _ in todo}
+    for m, seed in zip(mixtures, seeds, strict=True):
+        if m["id"] not in results:
+            tags = {"regmix.packed": str(len(todo))} if m["id"] in packed else None
+            results[m["id"]] = record_proxy(tracking, stage, m, shape, recipe, seed,
+                                            outcomes[m["hash"]], target, tags)
     return [results[m["id"]] for m in mixtures]
 
 

@@ -33,6 +33,7 @@ from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import KFold
 
 from components import component
+from components.files import replacing
 
 MODELS = ("lightgbm", "linear", "gp", "ensemble")
 ENSEMBLE_MEMBERS = ("lightgbm", "gp")
@@ -47,7 +48,7 @@ GP_HYPERPARAMETER_ROWS = 256
 GP_OPTIMIZER_ITERATIONS = 60
 LIGHTGBM_MAX_ROUNDS = 3000
 LIGHTGBM_PATIENCE = 50
-REGRESSOR_FILE = "regressor.json"
+REGRESSOR_FILE, TRAIN_WEIGHTS_FILE = "regressor.json", "train_weights.npy"
 
 
 @dataclass
@@ -245,6 +246,8 @@ class Regressor:
     members: list[_Member]
     # Ridge coefficients on the raw weights (the paper's domain analysis), whatever the model.
     linear_coefficients: dict[str, float] | None = None
+    # The mixtures it was fitted on: the search measures how far a chosen point lies from them.
+    train_weights: np.ndarray | None = None
 
     def _check(self, weights: np.ndarray) -> np.ndarray:
         weights = np.atleast_2d(np.asarray(weights, dtype=float))
@@ -265,20 +268,23 @@ class Regressor:
         return each.mean(axis=0), each.std(axis=0)
 
     def save(self, directory: Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        names = []
-        for i, member in enumerate(self.members):
-            names.append(f"{i}_{member.kind}")
-            (directory / names[-1]).mkdir(exist_ok=True)
-            member.save(directory / names[-1])
-        state = {
-            "model": self.model,
-            "domains": self.domains,
-            "members": names,
-            "linear_coefficients": self.linear_coefficients,
-        }
-        (directory / REGRESSOR_FILE).write_text(json.dumps(state, indent=1))
+        """Write the model as one folder that appears whole or not at all."""
+        with replacing(directory) as folder:
+            folder.mkdir(parents=True)
+            names = []
+            for i, member in enumerate(self.members):
+                names.append(f"{i}_{member.kind}")
+                (folder / names[-1]).mkdir()
+                member.save(folder / names[-1])
+            if self.train_weights is not None:
+                np.save(folder / TRAIN_WEIGHTS_FILE, self.train_weights)
+            state = {
+                "model": self.model,
+                "domains": self.domains,
+                "members": names,
+                "linear_coefficients": self.linear_coefficients,
+            }
+            (folder / REGRESSOR_FILE).write_text(json.dumps(state, indent=1))
 
     @classmethod
     def load(cls, directory: Path) -> "Regressor":
@@ -287,7 +293,9 @@ class Regressor:
         members = [
             _MEMBER_LOADERS[name.split("_", 1)[1]](directory / name) for name in state["members"]
         ]
-        return cls(state["model"], state["domains"], members, state["linear_coefficients"])
+        weights = directory / TRAIN_WEIGHTS_FILE
+        return cls(state["model"], state["domains"], members, state["linear_coefficients"],
+                   np.load(weights) if weights.exists() else None)
 
 
 def _spearman(y: np.ndarray, predicted: np.ndarray) -> float:
@@ -464,6 +472,7 @@ def fit_regressor(
         list(domains),
         [final[kind]() for kind in kinds],
         dict(zip(domains, linear.coefficients.tolist(), strict=True)),
+        np.asarray(weights, dtype=float),
     )
     report = FitReport(
         model=chosen,
@@ -554,7 +563,6 @@ def fit_regression_op(
                                cfg.seed)
         out = Path(regressor.path)
         model.save(out)
-        np.save(out / "train_weights.npy", weights)
         best = int(np.argmin(losses))
         mlflow.log_params({"model": report.model, "folds": cfg.regression.folds,
                            "target": str(cfg.regression.target), "proxies": len(results)})

@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # no display on pods or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 
+from components.files import write_text  # noqa: E402
 from components.tracking import PIPELINE_TAG, STAGE_TAG  # noqa: E402
 
 
@@ -187,7 +188,7 @@ def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path) 
     drawn = [name for name, made in plots.items() if made]
     lines = summary_lines(record)
     markdown = "\n".join(lines + [""] + [f"![{n}]({n})" for n in drawn]) + "\n"
-    (out_dir / "report.md").write_text(markdown)
+    write_text(out_dir / "report.md", markdown)
     images = "".join(
         f'<img src="data:image/png;base64,{base64.b64encode((out_dir / n).read_bytes()).decode()}"'
         f' alt="{n}">' for n in drawn)
@@ -195,7 +196,7 @@ def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path) 
                      for line in lines if line.startswith(("# ", "- ")))
     html = (f"<!doctype html><html><head><meta charset='utf-8'><title>RegMix {label}</title>"
             f"</head><body>{body}{images}</body></html>")
-    (out_dir / "report.html").write_text(html)
+    write_text(out_dir / "report.html", html)
     parent = record.first("pipeline")
     if parent is not None:
         mlflow.MlflowClient(tracking_uri).log_artifacts(parent.info.run_id, str(out_dir), "report")

@@ -401,6 +401,7 @@ def search_mixture_op(
     import yaml
 
     from components.config import parse_config
+    from components.files import write_text
     from components.mixtures import token_prior
     from components.regression import Regressor
     from components.search import paper_search, search_constraints, search_mixture
@@ -408,11 +409,10 @@ def search_mixture_op(
 
     cfg = parse_config(config)
     model = Regressor.load(Path(regressor.path))
-    train_weights = np.load(Path(regressor.path) / "train_weights.npy")
     tokens = np.array([data_meta["tokens"][d]["train"] for d in model.domains])
     prior = token_prior(tokens, cfg.mixtures.temperature)
     constraints = search_constraints(cfg, data_meta)
-    options = dict(constraints=constraints, seed=cfg.seed, train_weights=train_weights,
+    options = dict(constraints=constraints, seed=cfg.seed, train_weights=model.train_weights,
                    allow_extrapolation=cfg.search.allow_extrapolation)
     if cfg.search.method == "paper":
         chosen = paper_search(model, prior, **options)
@@ -431,7 +431,7 @@ def search_mixture_op(
         "constraints": {k: v for k, v in honoured.items() if v is not None},
         "paper_recipe": {"weights": recipe.weights, "predicted": recipe.predicted},
     }
-    Path(mixture.path).write_text(yaml.safe_dump(record, sort_keys=False))
+    write_text(mixture.path, yaml.safe_dump(record, sort_keys=False))
     with stage_run(tracking, "search", "search-mixture"):
         mlflow.log_params({f"weight.{d}": round(w, 6) for d, w in chosen.weights.items()})
         mlflow.log_params({"method": chosen.method, "trials": chosen.trials})

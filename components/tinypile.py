@@ -53,6 +53,8 @@ from typing import IO
 
 import yaml
 
+from components.files import cache_root, write_bytes
+
 LOG = logging.getLogger("regmix.tinypile")
 
 BUILDER_VERSION = 3  # bump when extraction changes, so cached builds are rebuilt
@@ -65,12 +67,7 @@ MATH_DOCUMENTS = 3000  # ~5 MB, enough for the full cap; tiny builds take a subs
 BUILD_WORKERS = 2  # domains are extracted in parallel processes
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("REGMIX_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "regmix"
-
-
-DEFAULT_DIR: Path = _cache_root() / "tinypile"
+DEFAULT_DIR: Path = cache_root() / "tinypile"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1285,12 +1282,6 @@ def select_documents(per_source: list[list[str]], cap_bytes: int, seed: str) -> 
     return chosen
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -1331,7 +1322,7 @@ def build_domain(domain: Domain, paths: dict[str, Path], cap_bytes: int, out_dir
         sources[src_index]["documents"] += 1
         sources[src_index]["bytes"] += len(line)
     target = out_dir / f"{domain.name}.jsonl"
-    _atomic_write(target, b"".join(lines))
+    write_bytes(target, b"".join(lines))
     licenses = dict.fromkeys(s["license"] for s in sources)  # unique, in source order
     return {"name": domain.name, "description": domain.description, "path": target.name,
             "license": ", ".join(licenses),
@@ -1413,14 +1404,14 @@ def build_tinypile(out_dir: Path | None = None, tiny: bool = False, force: bool 
             entries.append(entry)
             LOG.info("tinypile %-15s %6.2f MB %6d docs %5.1f s", entry["name"],
                      entry["bytes"] / 1e6, entry["documents"], entry["seconds"])
-        _atomic_write(spec, corpus_yaml(params["name"], [d.name for d in DOMAINS]).encode())
+        write_bytes(spec, corpus_yaml(params["name"], [d.name for d in DOMAINS]).encode())
         manifest = {
             "name": params["name"], "params": params, "domains": entries,
             "total": {"domains": len(entries), "documents": sum(e["documents"] for e in entries),
                       "bytes": sum(e["bytes"] for e in entries)},
             "build_seconds": round(time.monotonic() - start, 1),
         }
-        _atomic_write(build_dir / "manifest.json",
+        write_bytes(build_dir / "manifest.json",
                       (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
         LOG.info("tinypile: built %d domains, %.1f MB in %.1f s -> %s", len(entries),
                  manifest["total"]["bytes"] / 1e6, manifest["build_seconds"], spec)

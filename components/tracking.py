@@ -5,10 +5,12 @@ one parent run per pipeline run, one child run per stage task tagged `regmix.sta
 """
 
 
+import functools
+import logging
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from kfp import dsl
@@ -16,6 +18,50 @@ from kfp import dsl
 from components import component
 
 STAGE_TAG, PIPELINE_TAG, HASH_TAG = "regmix.stage", "regmix.pipeline_run", "regmix.mixture_hash"
+# MLflow calls that fail transiently are retried with exponential backoff: BACKOFF_S, twice
+# that, ... over TRIES attempts (~30 s by default, on top of MLflow's own HTTP retries).
+TRIES = int(os.environ.get("REGMIX_MLFLOW_TRIES", "6"))
+BACKOFF_S = float(os.environ.get("REGMIX_MLFLOW_BACKOFF_S", "1"))
+# MLflow error codes that say "try again later" rather than "this request is wrong".
+TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "IO_ERROR", "DEADLINE_EXCEEDED",
+                   "REQUEST_LIMIT_EXCEEDED", "ABORTED"}
+
+log = logging.getLogger("regmix.tracking")
+
+
+class TrackingUnavailable(RuntimeError):
+    """MLflow did not answer after every retry."""
+
+
+def is_transient(error: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import OperationalError  # e.g. "database is locked" on SQLite
+
+    if isinstance(error, MlflowException):
+        return error.error_code in TRANSIENT_CODES
+    return isinstance(error, OSError | OperationalError)
+
+
+def retried(call):
+    """Retry an MLflow call on transient errors; then raise TrackingUnavailable."""
+
+    @functools.wraps(call)
+    def with_retries(*args, **kwargs):
+        for attempt in range(TRIES):
+            try:
+                return call(*args, **kwargs)
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                if attempt == TRIES - 1:
+                    raise TrackingUnavailable(
+                        f"MLflow failed {call.__name__} {TRIES} times, the last time with "
+                        f"{type(e).__name__}: {str(e)[:300]}") from e
+                delay = BACKOFF_S * 2**attempt
+                log.warning("MLflow %s failed (%s); retrying in %.0f s", call.__name__, e, delay)
+                time.sleep(delay)
+
+    return with_retries
 
 
 def default_tracking_uri() -> str:
@@ -54,16 +100,31 @@ def start_pipeline_run(tracking_uri: str, experiment: str, pipeline_run: str, co
 
 @contextmanager
 def stage_run(tracking: dict, stage: str, name: str, tags: dict | None = None) -> Iterator:
-    """A child run of the pipeline run for one stage task; failures mark it FAILED."""
+    """A child run of the pipeline run for one stage task; failures mark it FAILED.
+
+    Opening and closing it are retried; a block that raises keeps its own exception even when
+    MLflow cannot be told that the run failed.
+    """
     import mlflow
 
     mlflow.set_tracking_uri(tracking["uri"])
     all_tags = {STAGE_TAG: stage, PIPELINE_TAG: tracking["pipeline_run"], **(tags or {})}
-    with mlflow.start_run(
+    run = retried(mlflow.start_run)(
         experiment_id=tracking["experiment_id"], run_name=name, tags=all_tags,
         parent_run_id=tracking["parent_run_id"], nested=True,
-    ) as run:
+    )
+    try:
         yield run
+    except BaseException:
+        try:
+            mlflow.end_run("FAILED")
+        except Exception:
+            log.warning("could not mark MLflow run %s FAILED", run.info.run_id)
+        raise
+    # The fluent end_run forgets the run before it asks the server: mark it FINISHED first.
+    retried(mlflow.MlflowClient(tracking["uri"]).set_terminated)(run.info.run_id, "FINISHED")
+    with suppress(Exception):  # it is FINISHED already; this only clears the active run
+        mlflow.end_run()
 
 
 def proxy_runs(tracking_uri: str, experiment: str, stage: str = "proxy",

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from components.files import write_text
 from components.paper_data import DataError, read_proxy_csvs, resolve_target, write_predictions_csv
 
 TARGETS_FILE = "targets.json"
@@ -54,8 +55,8 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
         reports.append({"target": name, "model": report.model, "cv_spearman": report.cv_spearman,
                         "cv_rmse": report.cv_rmse, "seconds": report.seconds,
                         "cv_by_model": report.cv_by_model})
-    np.save(out / "train_weights.npy", table.weights)
-    (out / TARGETS_FILE).write_text(json.dumps(index, indent=2))
+    # The index last: it names only folders already written whole.
+    write_text(out / TARGETS_FILE, json.dumps(index, indent=2))
     return reports
 
 
@@ -94,7 +95,7 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
     if name not in models:
         raise DataError(f"--target '{name}': not in the model folder; it has {list(models)}")
     regressor = models[name]
-    train_weights = np.load(Path(model_dir) / "train_weights.npy")
+    train_weights = regressor.train_weights
     prior = train_weights.mean(axis=0)  # the sampled region's centre
     constraints = Constraints(**constraints_args)
     options = {"constraints": constraints, "seed": seed, "train_weights": train_weights,
@@ -110,7 +111,7 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
         "seconds": time.perf_counter() - started, "nearest_training_l1": result.nearest_distance,
         "constraints": {k: v for k, v in constraints_args.items() if v},
     }
-    Path(out).write_text(yaml.safe_dump(record, sort_keys=False))
+    write_text(out, yaml.safe_dump(record, sort_keys=False))
     return record
 
 

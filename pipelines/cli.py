@@ -13,6 +13,7 @@ from pathlib import Path
 
 from components.config import ConfigError, RegMixConfig, load_config
 from components.data import CorpusError
+from components.files import write_text
 from components.paper_data import DataError
 from pipelines import byo
 
@@ -38,7 +39,7 @@ def cmd_run(args) -> int:
         print(f"regmix: {e}", file=sys.stderr)
         return 1
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+        write_text(args.summary_json, json.dumps(summary, indent=2))
     print(format_summary(summary))
     return 0
 
@@ -56,7 +57,8 @@ def format_summary(s: dict) -> str:
         f"  regression CV Spearman: {s['cv_spearman']:.3f}\n"
         f"  gate Spearman on fresh proxies: {s['gate_spearman']:.3f} -> {gate} "
         f"({s['gate_reason']}){large}\n"
-        f"  proxies trained: {s['proxies_trained']}, reused: {s['proxies_reused']}\n"
+        f"  proxies trained: {s['proxies_trained']}, reused: {s['proxies_reused']} "
+        f"(trained per stage: {', '.join(f'{k} {v}' for k, v in s['trained'].items())})\n"
         f"  MLflow: {mlflow['tracking_uri']} experiment '{mlflow['experiment']}' "
         f"(id {mlflow['experiment_id']}), parent run {mlflow['parent_run_id']}\n"
         f"  see it: mlflow ui --backend-store-uri {mlflow['tracking_uri']}"

@@ -11,6 +11,8 @@ from components.config import RegMixConfig
 from components.tracking import PIPELINE_TAG, STAGE_TAG, default_tracking_uri
 from pipelines.pipeline import build_pipeline
 
+TRAINING_STAGES = ("proxy", "gate-proxy", "large", "baseline", "rank")
+
 
 class PipelineFailed(RuntimeError):
     """A stage failed; the stage's own log (printed above it) says why."""
@@ -31,14 +33,16 @@ def run_local(config: RegMixConfig, tracking_uri: str | None = None,
     return summarize(uri, config.name, label, time.perf_counter() - started)
 
 
-def mean_metric(runs: list, name: str) -> float | None:
-    values = [r.data.metrics[name] for r in runs if name in r.data.metrics]
-    return sum(values) / len(values) if values else None
-
-
 def evidence_metric(by_stage: dict, name: str) -> float | None:
     return next((r.data.metrics[name] for r in by_stage.get("evidence", [])
                  if name in r.data.metrics), None)
+
+
+def evidence_names(by_stage: dict) -> list[str]:
+    """The mixtures the compare stage compared (its metrics are `large.<name>.mean`)."""
+    return sorted({key.removeprefix("large.").removesuffix(".mean")
+                   for r in by_stage.get("evidence", []) for key in r.data.metrics
+                   if key.startswith("large.") and key.endswith(".mean")})
 
 
 def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: float) -> dict:
@@ -65,10 +69,13 @@ def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: floa
         "gate_spearman": gate.data.metrics["gate.spearman"] if gate else None,
         "gate_passed": bool(gate.data.metrics["gate.passed"]) if gate else False,
         "gate_reason": gate.data.tags.get("gate.reason") if gate else "gate did not run",
-        "large_target_loss": mean_metric(by_stage.get("large", []), "target_loss"),
-        "baselines": {r.data.params.get("mixture_id", r.info.run_name): r.data.metrics["target_loss"]
-                      for r in by_stage.get("baseline", [])},
+        # From the compare stage, which sees reused large runs too (those log no new run).
+        "large_target_loss": evidence_metric(by_stage, "large.chosen.mean"),
+        "baselines": {name: evidence_metric(by_stage, f"large.{name}.mean")
+                      for name in evidence_names(by_stage) if name != "chosen"},
         "rank_invariance_spearman": evidence_metric(by_stage, "rank_invariance.spearman"),
+        # Runs this pipeline run trained, per stage; reused results log no run of their own.
+        "trained": {stage: len(by_stage.get(stage, [])) for stage in TRAINING_STAGES},
         "proxies_trained": len(by_stage.get("proxy", [])) + len(by_stage.get("gate-proxy", [])),
         "proxies_reused": int(fit.data.metrics["proxies_reused"])
         + int(gate.data.metrics.get("gate.proxies_reused", 0) if gate else 0),

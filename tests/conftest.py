@@ -33,6 +33,20 @@ def small_corpus(root: Path, docs_per_domain: int = 40) -> Path:
     return spec
 
 
+@pytest.fixture(scope="session", autouse=True)
+def regmix_cache(tmp_path_factory):
+    """Checkpoints and kept results go to a fresh folder per session; the tinypile build (slow,
+    from the network) stays shared through a link."""
+    from components.tinypile import DEFAULT_DIR
+
+    cache = tmp_path_factory.mktemp("regmix-cache")
+    DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
+    (cache / "tinypile").symlink_to(DEFAULT_DIR)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("REGMIX_CACHE", str(cache))
+        yield cache
+
+
 @pytest.fixture(scope="session")
 def corpus_spec(tmp_path_factory) -> Path:
     return small_corpus(tmp_path_factory.mktemp("corpus"))

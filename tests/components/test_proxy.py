@@ -202,3 +202,43 @@ def test_a_failed_proxy_is_reported_and_its_task_mates_kept(prepared_data, track
     failed, finished = out["results"]
     assert failed["id"] == "m0009" and "error" in failed and "val_loss" not in failed
     assert finished["id"] == good["id"] and set(finished["val_loss"]) == set(prepared_data.domains)
+
+
+def test_a_proxy_trained_while_mlflow_is_down_is_kept_and_logged_later(prepared_data, tracking,
+                                                                       monkeypatch):
+    from kfp import dsl
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    import components.proxy
+    import components.tracking
+    from components.proxy import find_finished, kept_result_path
+
+    monkeypatch.setattr(components.tracking, "BACKOFF_S", 0.0)
+    config = tiny_config_dict("unused.yaml")
+    mixture = as_mixtures(np.array([[0.3, 0.3, 0.4]]), prepared_data.domains, "m",
+                          proxy_key(parse_config(config), prepared_data.meta))[0]
+    task = {"task": 0.0, "mixtures": [mixture], "tracking": tracking}
+    data = dsl.Dataset(name="data", uri=str(prepared_data.root))
+
+    def outage(*args, **kwargs):  # what the client raises once the server stops answering
+        raise MlflowException("Connection refused", error_code=TEMPORARILY_UNAVAILABLE)
+
+    with monkeypatch.context() as down:
+        down.setattr(mlflow.MlflowClient, "log_batch", outage)
+        failed = train_proxy_op.python_func(config=config, task=task, data=data)["results"][0]
+    kept = kept_result_path(mixture["hash"])
+    assert "TrackingUnavailable" in failed["error"] and str(kept) in failed["error"]
+    trained = json.loads(kept.read_text())
+    assert find_finished(tracking, mixture["hash"]) is None
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a kept proxy must not be trained again")
+
+    monkeypatch.setattr(components.proxy, "train_lm", no_training)
+    logged = train_proxy_op.python_func(config=config, task=task, data=data)["results"][0]
+    assert "error" not in logged and logged["val_loss"] == trained["val_loss"]
+    assert not kept.exists()
+    run = find_finished(tracking, mixture["hash"])
+    assert run.info.run_id == logged["run_id"]
+    assert run.data.metrics["train_loss"] == trained["curve"][-1][1]

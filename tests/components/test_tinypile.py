@@ -426,11 +426,6 @@ def test_domain_table_and_corpus_yaml() -> None:
     assert yaml.safe_load(text)["domains"][1] == {"name": "code_go", "path": "code_go.jsonl"}
 
 
-def test_default_dir_respects_regmix_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REGMIX_CACHE", "/somewhere/cache")
-    assert tp._cache_root() / "tinypile" == Path("/somewhere/cache/tinypile")
-    monkeypatch.delenv("REGMIX_CACHE")
-    assert tp._cache_root() == Path.home() / ".cache" / "regmix"
 
 
 def _failing_run(stderr: str):

@@ -1,35 +1,59 @@
-"""The whole pipeline through kfp.local on configs/tiny.yaml, asserted on the MLflow store."""
+"""The whole pipeline through kfp.local on configs/tiny.yaml, asserted on the MLflow store.
+
+Three runs share one store: the first trains everything, an identical rerun trains nothing
+(every proxy and larger-model result is found by its content hash), and a run with 8 more
+training proxies trains exactly those 8 in the proxy stage.
+"""
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from pipelines.cli import main
 
+TINY = Path(__file__).parents[2] / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A working folder (kfp.local writes under cwd) and its MLflow store."""
+    folder = tmp_path_factory.mktemp("e2e")
+    (folder / "mlruns").mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        yield folder, f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
+
+
+def run_pipeline(store, config: Path, name: str) -> dict:
+    folder, uri = store
+    code = main(["run", "--config", str(config), "--tracking-uri", uri,
+                 "--summary-json", f"{name}.json"])
+    assert code == 0
+    return json.loads((folder / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def first(store):
+    return run_pipeline(store, TINY, "first")
+
 
 @pytest.mark.network  # builds (or reuses the cached) tinypile from Debian and PyPI packages
-def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # kfp.local and the default MLflow store write under cwd
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    (tmp_path / "mlruns").mkdir()
-    from pathlib import Path
-
-    config = Path(__file__).parents[2] / "configs" / "tiny.yaml"
-    code = main(["run", "--config", str(config), "--tracking-uri", uri,
-                 "--summary-json", "summary.json"])
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert "chosen mixture" in printed and "gate Spearman" in printed
-
-    summary = json.loads((tmp_path / "summary.json").read_text())
+def test_tiny_pipeline_end_to_end(store, first):
+    summary = first
     assert abs(sum(summary["chosen_mixture"].values()) - 1) < 1e-6
     # 12 training proxies; the gate's 5 fresh ones (chosen included) plus seed replicas of
     # the chosen (seed 1) and the best proxy (seeds 0, 1): seed 0 is the training run, reused.
     assert summary["proxies_trained"] == 12 + 7 and summary["proxies_reused"] == 1
+    # The chosen mixture and a uniform baseline at the large size; 3 rank-check mixtures.
+    assert summary["trained"] == {"proxy": 12, "gate-proxy": 7, "large": 1, "baseline": 1,
+                                  "rank": 3}
+    assert set(summary["baselines"]) == {"uniform"} and summary["large_target_loss"] > 0
     assert -1 <= summary["cv_spearman"] <= 1 and summary["gate_spearman"] is not None
 
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(store[1])
     experiment = client.get_experiment_by_name("regmix-tiny")
     runs = client.search_runs([experiment.experiment_id],
                               f"tags.`regmix.pipeline_run` = '{summary['pipeline_run']}'")
@@ -48,3 +72,28 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch, capsys):
     assert ("large" in stages) == summary["gate_passed"]
     parent = next(r for r in runs if r.data.tags["regmix.stage"] == "pipeline")
     assert parent.info.status == "FINISHED"
+
+
+@pytest.mark.network
+def test_identical_rerun_trains_nothing(store, first):
+    again = run_pipeline(store, TINY, "again")
+    assert again["trained"] == {"proxy": 0, "gate-proxy": 0, "large": 0, "baseline": 0, "rank": 0}
+    assert again["proxies_trained"] == 0 and again["proxies_reused"] == 12 + 8
+    # Same results in, same decisions out.
+    assert again["chosen_mixture"] == first["chosen_mixture"]
+    assert again["large_target_loss"] == first["large_target_loss"]
+    assert again["baselines"] == first["baselines"]
+
+
+@pytest.mark.network
+def test_eight_more_proxies_train_exactly_eight(store, first, tmp_path):
+    config = yaml.safe_load(TINY.read_text())
+    config["mixtures"]["count"] += 8  # the sampler is prefix-stable: the first 12 are the same
+    config["rank_check"]["mixtures"] = 0
+    grown = tmp_path / "grown.yaml"
+    grown.write_text(yaml.safe_dump(config))
+    summary = run_pipeline(store, grown, "grown")
+    assert summary["trained"]["proxy"] == 8 and summary["trained"]["rank"] == 0
+    client = mlflow.MlflowClient(store[1])
+    fit = client.get_run(summary["mlflow"]["run_ids"]["regression"][0])
+    assert fit.data.metrics["proxies_reused"] == 12 and fit.data.metrics["proxies_trained"] == 8
