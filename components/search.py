@@ -207,28 +207,41 @@ def nearest_l1_distance(points: np.ndarray, train_weights: np.ndarray) -> np.nda
     return cdist(points, train_weights, metric="cityblock").min(axis=1)
 
 
-def default_trust_distance(train_weights: np.ndarray) -> float:
-    """How far from the training mixtures a chosen point may lie by default.
-
-    The largest nearest-neighbour L1 distance among the training mixtures themselves: the
-    emptiest region the regression was already trained to cover. Farther out, predictions
-    are extrapolations that no proxy measured anything near.
-    """
-    distances = cdist(train_weights, train_weights, metric="cityblock")
-    np.fill_diagonal(distances, np.inf)
-    return float(distances.min(axis=1).max())
-
-
 def _feasible_bounds(
-    regressor: Regressor, prior: np.ndarray, constraints: Constraints | None
+    regressor: Regressor, prior: np.ndarray, constraints: Constraints | None,
+    train_weights: np.ndarray | None, allow_extrapolation: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The normalised prior and the per-domain bounds the search stays within.
+
+    Unless extrapolation is allowed, each domain's weight is also capped at the largest weight
+    any training mixture gave it: beyond that, no proxy measured anything and the regression's
+    prediction is a guess (a tree model's is flat, a GP's reverts to its mean).
+    """
     domains = regressor.domains
     prior = np.asarray(prior, dtype=float)
     if prior.shape != (len(domains),) or (prior < 0).any() or prior.sum() <= 0:
         raise ValueError(f"prior must be {len(domains)} non-negative weights, got {prior}")
     constraints = constraints or Constraints()
     constraints.check(domains)
-    return prior / prior.sum(), constraints.lower_bounds(domains), constraints.upper_bounds(domains)
+    lower, upper = constraints.lower_bounds(domains), constraints.upper_bounds(domains)
+    if train_weights is not None and not allow_extrapolation:
+        trained = np.asarray(train_weights, dtype=float).max(axis=0)
+        for i, d in enumerate(domains):
+            if lower[i] > trained[i] + 1e-9:
+                raise ValueError(
+                    f"domain '{d}': the constraints ask for at least {lower[i]:g}, but no proxy "
+                    f"was trained above {trained[i]:g} of it, so the prediction there is an "
+                    "extrapolation. Train proxies there, relax min_weight/fixed, or set "
+                    "search.allow_extrapolation (allow_extrapolation=True)"
+                )
+        upper = np.minimum(upper, trained)
+        if upper.sum() < 1.0 - 1e-12:
+            raise ValueError(
+                "no mixture satisfies the constraints inside the trained region (each domain at "
+                "most its largest weight among the training proxies); relax max_weight or "
+                "max_epochs, or set search.allow_extrapolation (allow_extrapolation=True)"
+            )
+    return prior / prior.sum(), lower, upper
 
 
 def _finish(
@@ -238,23 +251,12 @@ def _finish(
     trials: int,
     start: float,
     train_weights: np.ndarray | None,
-    max_distance: float | None,
-    allow_extrapolation: bool,
 ) -> SearchResult:
-    """Package the chosen point, refusing it if it lies too far from every training mixture."""
+    """Package the chosen point with its ensemble spread and distance to the data."""
     predicted, spread = regressor.predict_with_spread(best[None, :])
     nearest = None
     if train_weights is not None:
-        train_weights = np.asarray(train_weights, dtype=float)
-        nearest = float(nearest_l1_distance(best[None, :], train_weights)[0])
-        limit = default_trust_distance(train_weights) if max_distance is None else max_distance
-        if nearest > limit and not allow_extrapolation:
-            raise ValueError(
-                f"the {method} optimum lies at L1 distance {nearest:.3f} from the nearest training "
-                f"mixture, beyond the trusted {limit:.3f}: its predicted loss is an extrapolation. "
-                "Measure proxies near it, tighten the constraints, or pass "
-                "allow_extrapolation=True"
-            )
+        nearest = float(nearest_l1_distance(best[None, :], np.asarray(train_weights, float))[0])
     return SearchResult(
         weights=dict(zip(regressor.domains, best.tolist(), strict=True)),
         predicted=float(predicted[0]),
@@ -275,20 +277,19 @@ def search_mixture(
     seed: int = 0,
     train_weights: np.ndarray | None = None,
     allow_extrapolation: bool = False,
-    max_distance: float | None = None,
 ) -> SearchResult:
     """Minimise the predicted loss over the constrained simplex, starting from `prior`.
 
     "cmaes" runs CMA-ES, "tpe" Optuna's TPE (slower per trial: suits a few hundred), both over
-    one logit per domain, proposing and predicting in batches. With `train_weights`, a
-    result farther than `max_distance` (L1; default `default_trust_distance`) from every
-    training mixture raises ValueError unless `allow_extrapolation`.
+    one logit per domain, proposing and predicting in batches. With `train_weights`, the
+    search stays where proxies were trained (see `_feasible_bounds`) unless
+    `allow_extrapolation`.
     """
     start = time.perf_counter()
     if method not in METHODS:
         raise ValueError(f"unknown search method '{method}'; choose one of {METHODS}")
-    prior, lower, upper = _feasible_bounds(regressor, prior, constraints)
-
+    prior, lower, upper = _feasible_bounds(regressor, prior, constraints, train_weights,
+                                           allow_extrapolation)
     initial = project_onto_bounds(prior, lower, upper)[0]
     initial_logits = _mixture_to_logits(initial, lower, upper)
     best, best_loss = initial, float(regressor.predict(initial[None, :])[0])
@@ -301,9 +302,7 @@ def search_mixture(
         evaluated += len(losses)
         if losses.min() < best_loss:
             best, best_loss = mixtures[losses.argmin()], float(losses.min())
-    return _finish(
-        regressor, best, method, evaluated, start, train_weights, max_distance, allow_extrapolation
-    )
+    return _finish(regressor, best, method, evaluated, start, train_weights)
 
 
 def _cmaes_batches(initial_logits: np.ndarray, trials: int, seed: int):
@@ -356,7 +355,6 @@ def paper_search(
     seed: int = 0,
     train_weights: np.ndarray | None = None,
     allow_extrapolation: bool = False,
-    max_distance: float | None = None,
 ) -> SearchResult:
     """The paper's recipe: sample around the prior, average the `top_k` best predicted.
 
@@ -364,16 +362,15 @@ def paper_search(
     cap included), so the ranking only compares mixtures that could be trained.
     """
     start = time.perf_counter()
-    prior, lower, upper = _feasible_bounds(regressor, prior, constraints)
+    prior, lower, upper = _feasible_bounds(regressor, prior, constraints, train_weights,
+                                           allow_extrapolation)
     candidates = project_onto_bounds(
         sample_dirichlet_around(prior, samples, np.random.default_rng(seed)), lower, upper
     )
     top = candidates[np.argsort(regressor.predict(candidates))[:top_k]]
     # The mean of feasible points is feasible; projecting again only removes rounding.
     best = project_onto_bounds(top.mean(axis=0), lower, upper)[0]
-    return _finish(
-        regressor, best, "paper", samples, start, train_weights, max_distance, allow_extrapolation
-    )
+    return _finish(regressor, best, "paper", samples, start, train_weights)
 
 
 # ---------------------------------------------------------------- the pipeline stage

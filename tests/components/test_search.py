@@ -6,7 +6,6 @@ import pytest
 from components.regression import fit_regressor
 from components.search import (
     Constraints,
-    default_trust_distance,
     paper_search,
     project_onto_bounds,
     sample_dirichlet_around,
@@ -140,15 +139,28 @@ def test_infeasible_constraints_are_refused(constraints, message):
         search_mixture(QuadraticLoss(DOMAINS, TARGET), np.full(8, 1 / 8), constraints)
 
 
-def test_points_far_from_the_training_mixtures_are_refused():
+@pytest.mark.parametrize("search", [search_mixture, paper_search])
+def test_the_search_stays_where_proxies_were_trained(search):
     rng = np.random.default_rng(0)
-    # Training mixtures all far from the target: the optimum is an extrapolation.
+    # Training mixtures all heavy in d7, the optimum (TARGET) light in it: out of reach.
     train = rng.dirichlet(np.ones(8), size=40) * 0.2 + np.eye(8)[7] * 0.8
     loss = QuadraticLoss(DOMAINS, TARGET)
-    with pytest.raises(ValueError, match="allow_extrapolation=True"):
-        search_mixture(loss, np.full(8, 1 / 8), train_weights=train)
-    result = search_mixture(loss, np.full(8, 1 / 8), train_weights=train, allow_extrapolation=True)
-    assert result.nearest_distance > default_trust_distance(train)
+    inside = search(loss, np.full(8, 1 / 8), train_weights=train)
+    assert (as_array(inside) <= train.max(axis=0) + 1e-9).all()
+    outside = search(loss, np.full(8, 1 / 8), train_weights=train, allow_extrapolation=True)
+    assert (as_array(outside) > train.max(axis=0) + 1e-3).any()
+    assert outside.predicted < inside.predicted
+    assert outside.nearest_distance > inside.nearest_distance
+
+
+def test_constraints_that_force_an_extrapolation_are_refused():
+    train = np.random.default_rng(0).dirichlet(np.ones(8), size=40) * 0.2 + np.eye(8)[7] * 0.8
+    loss = QuadraticLoss(DOMAINS, TARGET)
+    with pytest.raises(ValueError, match=r"domain 'd0'.*allow_extrapolation"):
+        search_mixture(loss, np.full(8, 1 / 8), Constraints(fixed={"d0": 0.5}), train_weights=train)
+    with pytest.raises(ValueError, match="inside the trained region"):
+        search_mixture(loss, np.full(8, 1 / 8), Constraints(max_weight={"d7": 0.05}),
+                       train_weights=train)
     near = search_mixture(loss, np.full(8, 1 / 8), train_weights=np.vstack([train, TARGET]))
     assert near.nearest_distance < 0.01
 
