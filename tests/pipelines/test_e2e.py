@@ -43,7 +43,7 @@ def first(store):
 @pytest.mark.network  # builds (or reuses the cached) tinypile from Debian and PyPI packages
 def test_tiny_pipeline_end_to_end(store, first):
     summary = first
-    assert abs(sum(summary["chosen_mixture"].values()) - 1) < 1e-6
+    assert abs(sum(summary["chosen_mixture"].values()) - 1) < 1e-5  # params keep 6 decimals
     # 12 training proxies; the gate's 5 fresh ones (chosen included) plus seed replicas of
     # the chosen (seed 1) and the best proxy (seeds 0, 1): seed 0 is the training run, reused.
     assert summary["proxies_trained"] == 12 + 7 and summary["proxies_reused"] == 1
