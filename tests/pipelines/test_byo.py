@@ -8,6 +8,7 @@ import numpy as np
 import yaml
 from scipy.stats import spearmanr
 
+from components.paper_data import read_proxy_csvs
 from components.tracking import HASH_TAG, stage_run
 from pipelines.cli import main
 
@@ -33,12 +34,21 @@ def test_fit_predict_search_on_the_paper_data(tmp_path, capsys):
     chosen = tmp_path / "mixture.yaml"
     search = ["search", "--model", str(model), "--out", str(chosen), "--trials", "300",
               "--max-weight", "train_the_pile_pile_cc=0.3"]
-    # A linear model's optimum sits in a corner far from every measured mixture: refused...
-    assert main(search) == 2
-    assert "is an extrapolation" in capsys.readouterr().err
-    # ...unless the user asks for it.
+    # A linear model's optimum sits in a corner no proxy measured: the search stays where the
+    # training mixtures are (no domain above its largest trained weight)...
+    train = read_proxy_csvs(PAPER / "train_mixture_1m.csv")  # rows normalised to sum to 1
+    trained_max = dict(zip(train.domains, train.weights.max(axis=0).tolist(), strict=True))
+    assert main(search) == 0
+    inside = yaml.safe_load(chosen.read_text())["weights"]
+    assert all(w <= trained_max[d] + 1e-9 for d, w in inside.items())
+    # ...and refuses constraints that force it out, naming the domain and the way out...
+    arxiv = "train_the_pile_arxiv"
+    assert main([*search, "--fixed", f"{arxiv}={min(1.0, trained_max[arxiv] + 0.2):.3f}"]) == 2
+    assert f"domain '{arxiv}'" in capsys.readouterr().err
+    # ...unless the user asks for an extrapolation.
     assert main([*search, "--allow-extrapolation"]) == 0
     record = yaml.safe_load(chosen.read_text())
+    assert any(w > trained_max[d] + 1e-3 for d, w in record["weights"].items())
     assert abs(sum(record["weights"].values()) - 1) < 1e-9
     assert record["weights"]["train_the_pile_pile_cc"] <= 0.3 + 1e-9
     assert record["constraints"] == {"max_weight": {"train_the_pile_pile_cc": 0.3}}
