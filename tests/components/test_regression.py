@@ -60,9 +60,11 @@ def test_spread_is_member_disagreement():
     probe, _ = smooth_problem(30, 5, seed=3)
     mean, spread = ensemble.predict_with_spread(probe)
     each = np.stack([member.predict(probe) for member in ensemble.members])
-    np.testing.assert_allclose(mean, each.mean(axis=0))
-    np.testing.assert_allclose(spread, np.abs(each[0] - each[1]) / 2)
-    assert spread.max() > 0
+    share = np.array(ensemble.member_weights)  # the blend CV chose, summing to 1
+    np.testing.assert_allclose(share.sum(), 1.0)
+    np.testing.assert_allclose(mean, share @ each)
+    np.testing.assert_allclose(spread, np.sqrt(share[0] * share[1]) * np.abs(each[0] - each[1]))
+    assert spread.max() > 0 or share.min() == 0
     assert single.predict_with_spread(probe)[1].max() == 0
 
 
