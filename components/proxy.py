@@ -387,9 +387,10 @@ def log_proxy_run(run, mixture: dict, shape: ModelShape, recipe: TrainRecipe, se
     from components.config import target_loss
 
     now = int(time.time() * 1000)
-    params = {f"weight.{d}": round(w, 6) for d, w in mixture["weights"].items()}
-    params |= {"shape": str(shape.to_dict()), "tokens_budget": recipe.tokens, "seed": seed,
+    inputs = {f"weight.{d}": round(w, 6) for d, w in mixture["weights"].items()}
+    inputs |= {"shape": str(shape.to_dict()), "tokens_budget": recipe.tokens, "seed": seed,
                "mixture_id": mixture["id"]}
+    params = [Param(k, str(v)) for k, v in inputs.items()]
     val_loss, seconds = outcome["val_loss"], outcome["seconds"]
     metrics = {**{f"val_loss.{d}": v for d, v in val_loss.items()},
                "target_loss": target_loss(val_loss, target),
@@ -400,7 +401,7 @@ def log_proxy_run(run, mixture: dict, shape: ModelShape, recipe: TrainRecipe, se
     client, run_id = mlflow.MlflowClient(), run.info.run_id
     # MLflow takes at most 100 params and 1000 metrics per batch.
     for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in list(params.items())[i:i + 100]])
+        client.log_batch(run_id, params=params[i:i + 100])
     every = curve + [Metric(k, float(v), now, 0) for k, v in metrics.items()]
     for i in range(0, len(every), 1000):
         client.log_batch(run_id, metrics=every[i:i + 1000])
@@ -412,14 +413,14 @@ def record_proxy(tracking: dict, stage: str, mixture: dict, shape: ModelShape, r
     from components.tracking import stage_run
 
     tags = {HASH_TAG: mixture["hash"], **(tags or {})}
+    kept = kept_result_path(mixture["hash"])
     try:
         with stage_run(tracking, stage, f"{stage}-{mixture['id']}", tags) as run:
             log_proxy_run(run, mixture, shape, recipe, seed, outcome, target)
     except TrackingUnavailable as e:
-        raise TrackingUnavailable(f"{e}. The trained proxy is kept at "
-                                  f"{kept_result_path(mixture['hash'])}; rerun once MLflow is "
-                                  "back and it is logged without training again") from None
-    kept_result_path(mixture["hash"]).unlink(missing_ok=True)
+        raise TrackingUnavailable(f"{e}. The trained proxy is kept at {kept}; rerun once MLflow "
+                                  "is back and it is logged without training again") from None
+    kept.unlink(missing_ok=True)
     return {"id": mixture["id"], "hash": mixture["hash"], "weights": mixture["weights"],
             "val_loss": outcome["val_loss"], "train_loss": outcome["train_loss"],
             "tokens": outcome["tokens"], "seconds": outcome["seconds"],

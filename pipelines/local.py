@@ -59,6 +59,8 @@ def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: floa
         return by_stage[stage][0] if stage in by_stage else None
 
     fit, search, gate = only("regression"), only("search"), only("gate")
+    # Runs this pipeline run trained, per stage; reused results log no run of their own.
+    trained = {stage: len(by_stage.get(stage, [])) for stage in TRAINING_STAGES}
     summary = {
         "pipeline_run": label,
         "wall_seconds": round(wall_seconds, 1),
@@ -74,9 +76,8 @@ def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: floa
         "baselines": {name: evidence_metric(by_stage, f"large.{name}.mean")
                       for name in evidence_names(by_stage) if name != "chosen"},
         "rank_invariance_spearman": evidence_metric(by_stage, "rank_invariance.spearman"),
-        # Runs this pipeline run trained, per stage; reused results log no run of their own.
-        "trained": {stage: len(by_stage.get(stage, [])) for stage in TRAINING_STAGES},
-        "proxies_trained": len(by_stage.get("proxy", [])) + len(by_stage.get("gate-proxy", [])),
+        "trained": trained,
+        "proxies_trained": trained["proxy"] + trained["gate-proxy"],
         "proxies_reused": int(fit.data.metrics["proxies_reused"])
         + int(gate.data.metrics.get("gate.proxies_reused", 0) if gate else 0),
         "mlflow": {
