@@ -187,6 +187,18 @@ class SearchConfig(Strict):
     allow_extrapolation: bool = False
 
 
+class ActiveLearningConfig(Strict):
+    """Rounds between search and gate: proxies where the regression is least sure near its
+    optimum are trained, then the regression is refitted and the search run again."""
+
+    rounds: int = Field(0, ge=0)  # 0: off; fixed when the pipeline is compiled
+    proxies: int = Field(8, ge=1)  # added per round
+    candidates: int = Field(2048, ge=16)  # Dirichlet draws around the chosen mixture
+    # Only the best-predicted share of the candidates is "near the optimum"; among those, the
+    # proxies go where the models disagree most and no proxy has been yet.
+    near_fraction: float = Field(0.1, gt=0, le=1)
+
+
 class GateConfig(Strict):
     """Validate the prediction on fresh proxies before spending the large run."""
 
@@ -306,6 +318,7 @@ class RegMixConfig(Strict):
     proxy: ProxyConfig
     regression: RegressionConfig = RegressionConfig()
     search: SearchConfig = SearchConfig()
+    active_learning: ActiveLearningConfig = ActiveLearningConfig()
     gate: GateConfig = GateConfig()
     large: LargeConfig
     rank_check: RankCheckConfig = RankCheckConfig()

@@ -34,7 +34,7 @@ from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import KFold
 
 from components import component
-from components.files import replacing
+from components.files import replacing, write_text
 
 MODELS = ("lightgbm", "linear", "gp", "ensemble")
 ENSEMBLE_MEMBERS = ("lightgbm", "gp")
@@ -61,6 +61,7 @@ ENSEMBLE_GP_WEIGHTS = np.linspace(0.0, 1.0, 11)
 LIGHTGBM_MAX_ROUNDS = 3000
 LIGHTGBM_PATIENCE = 50
 REGRESSOR_FILE, TRAIN_WEIGHTS_FILE = "regressor.json", "train_weights.npy"
+PROXY_RESULTS_FILE = "proxy_results.json"  # beside the model: what it was fitted on
 
 
 @dataclass
@@ -565,31 +566,17 @@ def learning_curve(weights: np.ndarray, losses: np.ndarray, domains: list[str], 
     return curve
 
 
-@component
-def fit_regression_op(
-    config: dict, proxy_results: list, data_meta: dict, tracking: dict,
-    regressor: dsl.Output[dsl.Model],
-) -> dict:
-    """Fit mixture -> target loss on every finished proxy; log CV quality and the model."""
-    from pathlib import Path
-
+def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Path,
+                run_name: str) -> dict:
+    """Fit mixture -> target loss on every finished proxy result; save the model (with the
+    results it was fitted on) to `out`; log CV quality and the model. Returns the fit report."""
     import mlflow
-    import numpy as np
 
-    from components.config import parse_config
-    from components.regression import (
-        finished_proxies,
-        fit_regressor,
-        learning_curve,
-        proxy_matrix,
-    )
     from components.tracking import stage_run
 
-    cfg = parse_config(config)
-    every = [r for task in proxy_results for r in task["results"]]
     domains = data_meta["domains"]
     target = cfg.regression.target_weights(domains)
-    with stage_run(tracking, "regression", "fit-regression"):
+    with stage_run(tracking, "regression", run_name):
         failed = [r for r in every if "error" in r]
         mlflow.log_metrics({"proxies_failed": len(failed),
                             "proxies_trained": sum(not r.get("reused", True) for r in every),
@@ -603,8 +590,9 @@ def fit_regression_op(
                                       tune_trials=cfg.regression.tune_trials)
         curve = learning_curve(weights, losses, domains, report.model, cfg.regression.folds,
                                cfg.seed)
-        out = Path(regressor.path)
         model.save(out)
+        # A later active-learning round refits on these plus its own proxies.
+        write_text(out / PROXY_RESULTS_FILE, json.dumps(every))
         best = int(np.argmin(losses))
         mlflow.log_params({"model": report.model, "folds": cfg.regression.folds,
                            "target": str(cfg.regression.target), "proxies": len(results)})
@@ -624,3 +612,37 @@ def fit_regression_op(
         "best_train_id": results[best]["id"], "best_train_target": float(losses[best]),
         "best_train_weights": results[best]["weights"],
     }
+
+
+@component
+def fit_regression_op(
+    config: dict, proxy_results: list, data_meta: dict, tracking: dict,
+    regressor: dsl.Output[dsl.Model],
+) -> dict:
+    """Fit mixture -> target loss on every finished proxy; log CV quality and the model."""
+    from pathlib import Path
+
+    from components.config import parse_config
+    from components.regression import fit_and_log
+
+    every = [r for task in proxy_results for r in task["results"]]
+    return fit_and_log(parse_config(config), every, data_meta, tracking, Path(regressor.path),
+                       "fit-regression")
+
+
+@component
+def refit_regression_op(
+    config: dict, previous: dsl.Input[dsl.Model], proxy_results: list, data_meta: dict,
+    tracking: dict, active_round: int, regressor: dsl.Output[dsl.Model],
+) -> dict:
+    """An active-learning round's refit: the previous fit's proxies plus this round's."""
+    import json
+    from pathlib import Path
+
+    from components.config import parse_config
+    from components.regression import PROXY_RESULTS_FILE, fit_and_log
+
+    earlier = json.loads((Path(previous.path) / PROXY_RESULTS_FILE).read_text())
+    every = earlier + [r for task in proxy_results for r in task["results"]]
+    return fit_and_log(parse_config(config), every, data_meta, tracking, Path(regressor.path),
+                       f"fit-regression-round-{active_round}")

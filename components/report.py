@@ -28,8 +28,10 @@ class RunRecord:
     runs: dict[str, list] = field(default_factory=dict)
     artifacts: dict[str, dict] = field(default_factory=dict)
 
-    def first(self, stage: str):
-        return self.runs.get(stage, [None])[0]
+    def latest(self, stage: str):
+        """The stage's last run (active-learning rounds fit and search more than once)."""
+        runs = self.runs.get(stage)
+        return max(runs, key=lambda r: r.info.start_time) if runs else None
 
 
 def load_record(tracking_uri: str, experiment: str, label: str) -> RunRecord:
@@ -69,7 +71,7 @@ def weights_of(run) -> dict[str, float]:
 
 
 def plot_mixtures(record: RunRecord, path: Path) -> bool:
-    search = record.first("search")
+    search = record.latest("search")
     prior = next((r for r in record.runs.get("proxy", []) if r.data.params.get("mixture_id")
                   == "m0000"), None)
     if search is None:
@@ -107,7 +109,7 @@ def plot_gate(record: RunRecord, path: Path) -> bool:
 
 
 def plot_learning_curve(record: RunRecord, path: Path, tracking_uri: str) -> bool:
-    fit = record.first("regression")
+    fit = record.latest("regression")
     if fit is None:
         return False
     history = mlflow.MlflowClient(tracking_uri).get_metric_history(
@@ -140,7 +142,7 @@ def plot_baselines(record: RunRecord, path: Path) -> bool:
 
 def summary_lines(record: RunRecord) -> list[str]:
     lines = [f"# RegMix run `{record.label}`", ""]
-    fit, search, gate = record.first("regression"), record.first("search"), record.first("gate")
+    fit, search, gate = record.latest("regression"), record.latest("search"), record.latest("gate")
     proxies = len(record.runs.get("proxy", [])) + len(record.runs.get("gate-proxy", []))
     lines.append(f"- proxies trained in this run: {proxies}")
     if fit:
@@ -197,7 +199,7 @@ def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path) 
     html = (f"<!doctype html><html><head><meta charset='utf-8'><title>RegMix {label}</title>"
             f"</head><body>{body}{images}</body></html>")
     write_text(out_dir / "report.html", html)
-    parent = record.first("pipeline")
+    parent = record.latest("pipeline")
     if parent is not None:
         mlflow.MlflowClient(tracking_uri).log_artifacts(parent.info.run_id, str(out_dir), "report")
     return out_dir / "report.html"

@@ -11,7 +11,7 @@ from components.config import RegMixConfig
 from components.tracking import PIPELINE_TAG, STAGE_TAG, default_tracking_uri
 from pipelines.pipeline import build_pipeline
 
-TRAINING_STAGES = ("proxy", "gate-proxy", "large", "baseline", "rank")
+TRAINING_STAGES = ("proxy", "active-proxy", "gate-proxy", "large", "baseline", "rank")
 
 
 class PipelineFailed(RuntimeError):
@@ -55,10 +55,10 @@ def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: floa
     for run in runs:
         by_stage.setdefault(run.data.tags[STAGE_TAG], []).append(run)
 
-    def only(stage):
-        return by_stage[stage][0] if stage in by_stage else None
+    def latest(stage):  # active-learning rounds refit and search again: the last one counts
+        return max(by_stage[stage], key=lambda r: r.info.start_time) if stage in by_stage else None
 
-    fit, search, gate = only("regression"), only("search"), only("gate")
+    fit, search, gate = latest("regression"), latest("search"), latest("gate")
     # Runs this pipeline run trained, per stage; reused results log no run of their own.
     trained = {stage: len(by_stage.get(stage, [])) for stage in TRAINING_STAGES}
     summary = {
@@ -77,14 +77,14 @@ def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: floa
                       for name in evidence_names(by_stage) if name != "chosen"},
         "rank_invariance_spearman": evidence_metric(by_stage, "rank_invariance.spearman"),
         "trained": trained,
-        "proxies_trained": trained["proxy"] + trained["gate-proxy"],
+        "proxies_trained": trained["proxy"] + trained["active-proxy"] + trained["gate-proxy"],
         "proxies_reused": int(fit.data.metrics["proxies_reused"])
         + int(gate.data.metrics.get("gate.proxies_reused", 0) if gate else 0),
         "mlflow": {
             "tracking_uri": tracking_uri,
             "experiment": experiment,
             "experiment_id": exp.experiment_id,
-            "parent_run_id": only("pipeline").info.run_id,
+            "parent_run_id": latest("pipeline").info.run_id,
             "run_ids": {stage: [r.info.run_id for r in rs] for stage, rs in by_stage.items()
                         if stage not in ("proxy", "gate-proxy")},
         },

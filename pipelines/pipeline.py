@@ -1,7 +1,8 @@
 """The RegMix pipeline: wiring only; every stage lives in `components/`.
 
 prepare_data -> sample_mixtures -> train_proxy x N (ParallelFor) -> fit_regression (Collected)
--> search_mixture -> gate proxies (ParallelFor) -> validate_prediction
+-> search_mixture -> [active learning x rounds: propose -> train_proxy (ParallelFor) -> refit
+-> search_mixture] -> gate proxies (ParallelFor) -> validate_prediction
 -> [If passed] large runs: chosen mixture + baselines x seeds (ParallelFor) -> compare
 Optionally, beside the gate: the rank-invariance check (training mixtures retrained larger).
 An exit handler closes the MLflow parent run as FINISHED or FAILED whatever happens.
@@ -13,6 +14,7 @@ steps put the tracking context into each item.
 
 from kfp import dsl
 
+from components.active import propose_proxies_op
 from components.config import RegMixConfig
 from components.data import prepare_data_op
 from components.gate import plan_gate_op, validate_prediction_op
@@ -25,7 +27,7 @@ from components.large import (
 )
 from components.mixtures import sample_mixtures_op
 from components.proxy import train_proxy_op
-from components.regression import fit_regression_op
+from components.regression import fit_regression_op, refit_regression_op
 from components.search import search_mixture_op
 from components.tracking import finish_tracking_op, start_tracking_op
 from pipelines.cluster import apply_cluster_settings
@@ -38,6 +40,7 @@ def build_pipeline(config: RegMixConfig):
     defaults = config.model_dump(mode="json", exclude_none=True)
     parallelism = config.proxy.parallelism
     rank_check = config.rank_check.mixtures > 0
+    active_rounds = config.active_learning.rounds
     cluster = config.cluster
 
     @dsl.pipeline(name=config.name, description="RegMix: data mixture as regression")
@@ -54,10 +57,22 @@ def build_pipeline(config: RegMixConfig):
             fit = fit_regression_op(config=config, proxy_results=dsl.Collected(proxies.output),
                                     data_meta=meta,
                                     tracking=tracking)
-            fit_report = fit.outputs["Output"]
             search = search_mixture_op(config=config, regressor=fit.outputs["regressor"],
                                        data_meta=meta, tracking=tracking)
-            chosen = search.outputs["Output"]
+            for active_round in range(1, active_rounds + 1):  # unrolled: KFP has no loops
+                proposal = propose_proxies_op(config=config, regressor=fit.outputs["regressor"],
+                                              chosen=search.outputs["Output"], data_meta=meta,
+                                              tracking=tracking, active_round=active_round)
+                with dsl.ParallelFor(proposal.output, parallelism=parallelism) as active_task:
+                    active = train_proxy_op(config=config, task=active_task, data=tokens,
+                                            stage="active-proxy")
+                fit = refit_regression_op(config=config, previous=fit.outputs["regressor"],
+                                          proxy_results=dsl.Collected(active.output),
+                                          data_meta=meta, tracking=tracking,
+                                          active_round=active_round)
+                search = search_mixture_op(config=config, regressor=fit.outputs["regressor"],
+                                           data_meta=meta, tracking=tracking)
+            fit_report, chosen = fit.outputs["Output"], search.outputs["Output"]
 
             gate_plan = plan_gate_op(config=config, data_meta=meta, chosen=chosen,
                                      fit_report=fit_report, tracking=tracking)

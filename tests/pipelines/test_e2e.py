@@ -44,12 +44,13 @@ def first(store):
 def test_tiny_pipeline_end_to_end(store, first):
     summary = first
     assert abs(sum(summary["chosen_mixture"].values()) - 1) < 1e-5  # params keep 6 decimals
-    # 12 training proxies; the gate's 5 fresh ones (chosen included) plus seed replicas of
-    # the chosen (seed 1) and the best proxy (seeds 0, 1): seed 0 is the training run, reused.
-    assert summary["proxies_trained"] == 12 + 7 and summary["proxies_reused"] == 1
+    # 12 training proxies; 3 from one active-learning round; the gate's 5 fresh ones (chosen
+    # included) plus seed replicas of the chosen (seed 1) and the best proxy (seeds 0, 1):
+    # seed 0 is the training run, reused.
+    assert summary["proxies_trained"] == 12 + 3 + 7 and summary["proxies_reused"] == 1
     # The chosen mixture and a uniform baseline at the large size; 3 rank-check mixtures.
-    assert summary["trained"] == {"proxy": 12, "gate-proxy": 7, "large": 1, "baseline": 1,
-                                  "rank": 3}
+    assert summary["trained"] == {"proxy": 12, "active-proxy": 3, "gate-proxy": 7, "large": 1,
+                                  "baseline": 1, "rank": 3}
     assert set(summary["baselines"]) == {"uniform"} and summary["large_target_loss"] > 0
     assert -1 <= summary["cv_spearman"] <= 1 and summary["gate_spearman"] is not None
 
@@ -60,6 +61,10 @@ def test_tiny_pipeline_end_to_end(store, first):
     stages = [r.data.tags["regmix.stage"] for r in runs]
     assert stages.count("proxy") == 12 and stages.count("gate-proxy") == 7
     assert {"pipeline", "mixtures", "regression", "search", "gate"} <= set(stages)
+    # The active round refits on all 15 proxies and searches again before the gate.
+    assert stages.count("regression") == 2 and stages.count("search") == 2
+    refit = next(r for r in runs if r.info.run_name == "fit-regression-round-1")
+    assert refit.data.params["proxies"] == "15"
     domains = list(summary["chosen_mixture"])
     assert len(domains) >= 12
     for run in runs:
@@ -77,8 +82,9 @@ def test_tiny_pipeline_end_to_end(store, first):
 @pytest.mark.network
 def test_identical_rerun_trains_nothing(store, first):
     again = run_pipeline(store, TINY, "again")
-    assert again["trained"] == {"proxy": 0, "gate-proxy": 0, "large": 0, "baseline": 0, "rank": 0}
-    assert again["proxies_trained"] == 0 and again["proxies_reused"] == 12 + 8
+    assert again["trained"] == {"proxy": 0, "active-proxy": 0, "gate-proxy": 0, "large": 0,
+                                "baseline": 0, "rank": 0}
+    assert again["proxies_trained"] == 0 and again["proxies_reused"] == 12 + 3 + 8
     # Same results in, same decisions out.
     assert again["chosen_mixture"] == first["chosen_mixture"]
     assert again["large_target_loss"] == first["large_target_loss"]
@@ -95,5 +101,6 @@ def test_eight_more_proxies_train_exactly_eight(store, first, tmp_path):
     summary = run_pipeline(store, grown, "grown")
     assert summary["trained"]["proxy"] == 8 and summary["trained"]["rank"] == 0
     client = mlflow.MlflowClient(store[1])
-    fit = client.get_run(summary["mlflow"]["run_ids"]["regression"][0])
+    fits = [client.get_run(run_id) for run_id in summary["mlflow"]["run_ids"]["regression"]]
+    fit = next(f for f in fits if f.info.run_name == "fit-regression")
     assert fit.data.metrics["proxies_reused"] == 12 and fit.data.metrics["proxies_trained"] == 8

@@ -1,0 +1,95 @@
+import mlflow
+import numpy as np
+import pytest
+from kfp import dsl
+
+from components.active import propose_mixtures, propose_proxies_op
+from components.regression import fit_regression_op, fit_regressor, refit_regression_op
+from components.search import nearest_l1_distance
+from tests.components.test_regression import names, smooth_problem
+from tests.conftest import tiny_config_dict
+
+NO_CAPS = np.ones(5)
+
+
+@pytest.fixture(scope="module")
+def ensemble():
+    weights, y = smooth_problem(60, 5)
+    return fit_regressor(weights, y, names(5), model="ensemble", folds=3)[0]
+
+
+def best_training_mixture(model) -> np.ndarray:
+    return model.train_weights[np.argmin(model.predict(model.train_weights))]
+
+
+def test_proposals_are_new_distinct_feasible_and_near_the_optimum(ensemble):
+    chosen = best_training_mixture(ensemble)
+    proposed = propose_mixtures(ensemble, chosen, NO_CAPS, 4, 512, 0.1, 0.002,
+                                np.random.default_rng(0))
+    assert proposed.shape == (4, 5)
+    np.testing.assert_allclose(proposed.sum(1), 1.0)
+    assert (proposed >= 0).all()
+    assert nearest_l1_distance(proposed, ensemble.train_weights).min() > 0
+    assert len({row.tobytes() for row in proposed}) == 4
+    # Near the optimum: closer to the chosen mixture, and better predicted, than the proxies.
+    assert np.abs(proposed - chosen).sum(1).max() < np.median(
+        np.abs(ensemble.train_weights - chosen).sum(1))
+    assert ensemble.predict(proposed).max() < np.median(ensemble.predict(ensemble.train_weights))
+
+
+def test_proposals_honour_caps_and_are_seeded(ensemble):
+    chosen = best_training_mixture(ensemble)
+    caps = np.maximum(chosen, 0.6)
+    first, again = (propose_mixtures(ensemble, chosen, caps, 3, 256, 0.2, 0.002,
+                                     np.random.default_rng(7)) for _ in range(2))
+    np.testing.assert_array_equal(first, again)
+    assert (first <= caps + 1e-12).all()
+
+
+def test_picks_spread_out_rather_than_pile_up(ensemble):
+    """With a single model (no disagreement) distance alone decides: the second pick is not
+    next to the first."""
+    weights, y = smooth_problem(60, 5)
+    gp = fit_regressor(weights, y, names(5), model="gp", folds=3)[0]
+    chosen = best_training_mixture(gp)
+    a, b = propose_mixtures(gp, chosen, NO_CAPS, 2, 512, 0.2, 0.002, np.random.default_rng(1))
+    typical_gap = np.median(nearest_l1_distance(gp.train_weights[:10], gp.train_weights[10:]))
+    assert np.abs(a - b).sum() > 0.1 * typical_gap
+
+
+def proxy_results(meta: dict, weights: np.ndarray, prefix: str) -> list[dict]:
+    """Proxy results as train_proxy_op returns them, with a smooth made-up loss per domain."""
+    results = []
+    for i, row in enumerate(weights):
+        named = dict(zip(meta["domains"], row.tolist(), strict=True))
+        val_loss = {d: 4.0 - np.log(w + 0.01) * 0.1 for d, w in named.items()}
+        results.append({"id": f"{prefix}{i:04d}", "weights": named, "val_loss": val_loss,
+                        "reused": False})
+    return [{"task": 0, "results": results}]
+
+
+def test_a_round_proposes_trains_and_refits_on_every_proxy(prepared_data, tracking, tmp_path):
+    meta = prepared_data.meta
+    config = tiny_config_dict("unused.yaml",
+                              active_learning={"rounds": 1, "proxies": 3, "candidates": 256})
+    first = dsl.Model(name="regressor", uri=str(tmp_path / "fit"))
+    weights = np.random.default_rng(0).dirichlet(np.ones(3), size=16)
+    report = fit_regression_op.python_func(config=config, proxy_results=proxy_results(
+        meta, weights, "m"), data_meta=meta, tracking=tracking, regressor=first)
+    chosen = {"weights": dict(zip(meta["domains"], weights[0], strict=True))}
+    tasks = propose_proxies_op.python_func(config=config, regressor=first, chosen=chosen,
+                                           data_meta=meta, tracking=tracking, active_round=1)
+    proposed = [m for t in tasks for m in t["mixtures"]]
+    assert [m["id"] for m in proposed] == ["r1a0000", "r1a0001", "r1a0002"]
+    assert all(len(m["hash"]) == 16 and t["tracking"] == tracking for t in tasks
+               for m in t["mixtures"])
+
+    new = np.array([[m["weights"][d] for d in meta["domains"]] for m in proposed])
+    second = dsl.Model(name="regressor", uri=str(tmp_path / "refit"))
+    refit = refit_regression_op.python_func(
+        config=config, previous=first, proxy_results=proxy_results(meta, new, "r1a"),
+        data_meta=meta, tracking=tracking, active_round=1, regressor=second)
+    assert report["proxies"] == 16 and refit["proxies"] == 19
+    runs = mlflow.MlflowClient(tracking["uri"]).search_runs([tracking["experiment_id"]])
+    assert {"fit-regression", "propose-round-1", "fit-regression-round-1"} <= {
+        r.info.run_name for r in runs}
