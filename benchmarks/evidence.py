@@ -5,6 +5,10 @@ the chosen mixture vs the natural (token prior), uniform and best-proxy mixtures
 and the rank-invariance Spearman proxy -> ~10x larger model. Long: run it on a quiet machine.
 
     python benchmarks/evidence.py [--config configs/evidence.yaml] [--json]
+    python benchmarks/evidence.py --set regression.target=wikipedia --set rank_check.mixtures=0
+
+`--set section.key=value` (a YAML value) changes one setting; the experiment stays the same,
+so proxies and larger-model runs already in it are reused by content hash.
 """
 
 import argparse
@@ -13,7 +17,9 @@ import os
 import platform
 from pathlib import Path
 
-from components.config import load_config
+import yaml
+
+from components.config import parse_config
 from components.report import load_record
 from pipelines.local import run_local
 
@@ -22,9 +28,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(Path(__file__).parents[1] / "configs" /
                                                  "evidence.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. regression.target=wikipedia")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    config = load_config(args.config)
+    settings = yaml.safe_load(Path(args.config).read_text())
+    for assignment in args.set:
+        dotted, _, value = assignment.partition("=")
+        *sections, key = dotted.split(".")
+        node = settings
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = yaml.safe_load(value)
+    config = parse_config(settings, args.config)
     summary = run_local(config)
     uri = summary["mlflow"]["tracking_uri"]
     record = load_record(uri, config.name, summary["pipeline_run"])
@@ -39,6 +55,7 @@ def main() -> None:
         "large": record.artifacts.get("baselines.json"),
         "rank_invariance": (record.artifacts.get("rank_invariance.json") or {}).get("spearman"),
         "pipeline_run": summary["pipeline_run"],
+        "overrides": args.set,
     }
     if args.json:
         print(json.dumps(evidence))
