@@ -17,9 +17,7 @@ import os
 import platform
 from pathlib import Path
 
-import yaml
-
-from components.config import parse_config
+from components.config import load_config
 from components.report import load_record
 from pipelines.local import run_local
 
@@ -32,15 +30,7 @@ def main() -> None:
                         help="override one setting, e.g. regression.target=wikipedia")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    settings = yaml.safe_load(Path(args.config).read_text())
-    for assignment in args.set:
-        dotted, _, value = assignment.partition("=")
-        *sections, key = dotted.split(".")
-        node = settings
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[key] = yaml.safe_load(value)
-    config = parse_config(settings, args.config)
+    config = load_config(args.config, args.set)
     summary = run_local(config)
     uri = summary["mlflow"]["tracking_uri"]
     record = load_record(uri, config.name, summary["pipeline_run"])

@@ -8,6 +8,7 @@ Bad values stop with `ConfigError`: one message naming the field and the fix.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -373,7 +374,23 @@ def parse_config(data: dict, source: str = "config") -> RegMixConfig:
         raise ConfigError(format_validation_error(e, source)) from None
 
 
-def load_config(path: str | Path) -> RegMixConfig:
+def apply_overrides(data: dict, overrides: Iterable[str]) -> None:
+    """Set `section.key=value` assignments (YAML values) in a config mapping, in place."""
+    for assignment in overrides:
+        dotted, sep, value = assignment.partition("=")
+        if not sep or not dotted:
+            raise ConfigError(f"override '{assignment}': write it as section.key=value, "
+                              "e.g. regression.target=wikipedia")
+        *sections, key = dotted.split(".")
+        node = data
+        for section in sections:
+            node = node.setdefault(section, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{assignment}': '{section}' is not a config section")
+        node[key] = yaml.safe_load(value)
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RegMixConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}; pass an existing YAML (see configs/)")
@@ -385,6 +402,7 @@ def load_config(path: str | Path) -> RegMixConfig:
         raise ConfigError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    apply_overrides(data, overrides)
     config = parse_config(data, str(path))
     # Relative corpus paths are relative to the config file, so a config works from any cwd.
     if config.corpus.spec and not Path(config.corpus.spec).is_absolute():

@@ -17,7 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 
 from components.files import write_text  # noqa: E402
-from components.tracking import PIPELINE_TAG, STAGE_TAG  # noqa: E402
+from components.tracking import (  # noqa: E402
+    PIPELINE_TAG,
+    PROXY_STAGES,
+    latest_run,
+    runs_by_stage,
+)
 
 
 @dataclass
@@ -29,9 +34,7 @@ class RunRecord:
     artifacts: dict[str, dict] = field(default_factory=dict)
 
     def latest(self, stage: str):
-        """The stage's last run (active-learning rounds fit and search more than once)."""
-        runs = self.runs.get(stage)
-        return max(runs, key=lambda r: r.info.start_time) if runs else None
+        return latest_run(self.runs.get(stage))
 
 
 def load_record(tracking_uri: str, experiment: str, label: str) -> RunRecord:
@@ -39,13 +42,9 @@ def load_record(tracking_uri: str, experiment: str, label: str) -> RunRecord:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ValueError(f"no MLflow experiment '{experiment}' at {tracking_uri}")
-    runs = client.search_runs([found.experiment_id], f"tags.`{PIPELINE_TAG}` = '{label}'",
-                              max_results=10_000)
-    if not runs:
+    record = RunRecord(label, runs_by_stage(client, found.experiment_id, label))
+    if not record.runs:
         raise ValueError(f"no runs tagged {PIPELINE_TAG}={label} in experiment '{experiment}'")
-    record = RunRecord(label)
-    for run in runs:
-        record.runs.setdefault(run.data.tags[STAGE_TAG], []).append(run)
     with tempfile.TemporaryDirectory() as tmp:
         for stage, name in (("gate", "gate.json"), ("evidence", "baselines.json"),
                             ("evidence", "rank_invariance.json")):
@@ -143,7 +142,7 @@ def plot_baselines(record: RunRecord, path: Path) -> bool:
 def summary_lines(record: RunRecord) -> list[str]:
     lines = [f"# RegMix run `{record.label}`", ""]
     fit, search, gate = record.latest("regression"), record.latest("search"), record.latest("gate")
-    proxies = len(record.runs.get("proxy", [])) + len(record.runs.get("gate-proxy", []))
+    proxies = sum(len(record.runs.get(stage, [])) for stage in PROXY_STAGES)
     lines.append(f"- proxies trained in this run: {proxies}")
     if fit:
         m = fit.data.metrics

@@ -18,6 +18,8 @@ from kfp import dsl
 from components import component
 
 STAGE_TAG, PIPELINE_TAG, HASH_TAG = "regmix.stage", "regmix.pipeline_run", "regmix.mixture_hash"
+# Stages whose runs are proxies: the training draw, active-learning rounds and the gate.
+PROXY_STAGES = ("proxy", "active-proxy", "gate-proxy")
 # MLflow calls that fail transiently are retried with exponential backoff: BACKOFF_S, twice
 # that, ... over TRIES attempts (~30 s by default, on top of MLflow's own HTTP retries).
 TRIES = int(os.environ.get("REGMIX_MLFLOW_TRIES", "6"))
@@ -125,6 +127,20 @@ def stage_run(tracking: dict, stage: str, name: str, tags: dict | None = None) -
     retried(mlflow.MlflowClient(tracking["uri"]).set_terminated)(run.info.run_id, "FINISHED")
     with suppress(Exception):  # it is FINISHED already; this only clears the active run
         mlflow.end_run()
+
+
+def runs_by_stage(client, experiment_id: str, label: str) -> dict[str, list]:
+    """Every run of one pipeline run, grouped by its stage tag."""
+    by_stage: dict[str, list] = {}
+    for run in client.search_runs([experiment_id], f"tags.`{PIPELINE_TAG}` = '{label}'",
+                                  max_results=10_000):
+        by_stage.setdefault(run.data.tags[STAGE_TAG], []).append(run)
+    return by_stage
+
+
+def latest_run(runs: list | None):
+    """The run that started last (active-learning rounds fit and search more than once)."""
+    return max(runs, key=lambda r: r.info.start_time) if runs else None
 
 
 def proxy_runs(tracking_uri: str, experiment: str, stage: str = "proxy",

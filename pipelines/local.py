@@ -8,10 +8,10 @@ import mlflow
 from kfp import local
 
 from components.config import RegMixConfig
-from components.tracking import PIPELINE_TAG, STAGE_TAG, default_tracking_uri
+from components.tracking import PROXY_STAGES, default_tracking_uri, latest_run, runs_by_stage
 from pipelines.pipeline import build_pipeline
 
-TRAINING_STAGES = ("proxy", "active-proxy", "gate-proxy", "large", "baseline", "rank")
+TRAINING_STAGES = (*PROXY_STAGES, "large", "baseline", "rank")
 
 
 class PipelineFailed(RuntimeError):
@@ -49,16 +49,8 @@ def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: floa
     """The run's outcome, read back from MLflow (the record of truth, not in-process state)."""
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.`{PIPELINE_TAG}` = '{label}'",
-                              max_results=10_000)
-    by_stage: dict[str, list] = {}
-    for run in runs:
-        by_stage.setdefault(run.data.tags[STAGE_TAG], []).append(run)
-
-    def latest(stage):  # active-learning rounds refit and search again: the last one counts
-        return max(by_stage[stage], key=lambda r: r.info.start_time) if stage in by_stage else None
-
-    fit, search, gate = latest("regression"), latest("search"), latest("gate")
+    by_stage = runs_by_stage(client, exp.experiment_id, label)
+    fit, search, gate = (latest_run(by_stage.get(s)) for s in ("regression", "search", "gate"))
     # Runs this pipeline run trained, per stage; reused results log no run of their own.
     trained = {stage: len(by_stage.get(stage, [])) for stage in TRAINING_STAGES}
     summary = {
@@ -77,16 +69,16 @@ def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: floa
                       for name in evidence_names(by_stage) if name != "chosen"},
         "rank_invariance_spearman": evidence_metric(by_stage, "rank_invariance.spearman"),
         "trained": trained,
-        "proxies_trained": trained["proxy"] + trained["active-proxy"] + trained["gate-proxy"],
+        "proxies_trained": sum(trained[stage] for stage in PROXY_STAGES),
         "proxies_reused": int(fit.data.metrics["proxies_reused"])
         + int(gate.data.metrics.get("gate.proxies_reused", 0) if gate else 0),
         "mlflow": {
             "tracking_uri": tracking_uri,
             "experiment": experiment,
             "experiment_id": exp.experiment_id,
-            "parent_run_id": latest("pipeline").info.run_id,
+            "parent_run_id": latest_run(by_stage["pipeline"]).info.run_id,
             "run_ids": {stage: [r.info.run_id for r in rs] for stage, rs in by_stage.items()
-                        if stage not in ("proxy", "gate-proxy")},
+                        if stage not in PROXY_STAGES},
         },
     }
     return summary

@@ -46,7 +46,7 @@ def test_proposals_honour_caps_and_are_seeded(ensemble):
     assert (first <= caps + 1e-12).all()
 
 
-def test_picks_spread_out_rather_than_pile_up(ensemble):
+def test_picks_spread_out_rather_than_pile_up():
     """With a single model (no disagreement) distance alone decides: the second pick is not
     next to the first."""
     weights, y = smooth_problem(60, 5)

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from components.config import ConfigError, load_config, parse_config
 from tests.conftest import tiny_config_dict
@@ -57,3 +58,18 @@ def test_missing_and_malformed_files(tmp_path):
 def test_target_weights():
     config = parse_config(tiny_config_dict("x.yaml"))
     assert config.regression.target_weights(["a", "b"]) == {"a": 0.5, "b": 0.5}
+
+
+def test_overrides_set_one_setting_and_reject_malformed_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict("corpus.yaml")))
+    config = load_config(path, ["regression.target=code", "active_learning.rounds=2",
+                                "large.baselines=[prior, uniform]"])
+    assert config.regression.target == "code" and config.active_learning.rounds == 2
+    assert config.large.baselines == ["prior", "uniform"]
+    with pytest.raises(ConfigError, match="write it as section.key=value"):
+        load_config(path, ["regression.target"])
+    with pytest.raises(ConfigError, match="'seed' is not a config section"):
+        load_config(path, ["seed.value=1"])
+    with pytest.raises(ConfigError, match="active_learning.rounds"):
+        load_config(path, ["active_learning.rounds=-1"])
