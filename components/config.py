@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -157,9 +157,15 @@ class ProxyConfig(Strict):
     parallelism: int = Field(8, ge=1)  # concurrent proxy tasks on a cluster
 
 
+# The regression stage's models (components/regression.py), named here so that configs and the
+# command line validate them without importing the stage's heavy libraries.
+RegressionModel = Literal["auto", "lightgbm", "linear", "gp", "law", "ensemble"]
+REGRESSION_MODELS: tuple[str, ...] = get_args(RegressionModel)[1:]  # all but "auto"
+
+
 class RegressionConfig(Strict):
     target: str | dict[str, float] = "mean"  # "mean" of all domains, one domain, or weights
-    model: Literal["auto", "lightgbm", "linear", "gp", "ensemble"] = "auto"  # auto: best by CV
+    model: RegressionModel = "auto"  # auto: the best of the others by CV
     folds: int = Field(5, ge=2)
     tune_trials: int = Field(0, ge=0)
     # The fan-in proceeds when at least this share of proxies finished; failures are logged.

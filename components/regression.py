@@ -8,6 +8,7 @@ executes code.
 """
 
 
+import itertools
 import json
 import time
 import warnings
@@ -19,6 +20,7 @@ import lightgbm as lgb
 import numpy as np
 import optuna
 from kfp import dsl
+from scipy.optimize import least_squares
 from scipy.stats import spearmanr
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.gaussian_process import GaussianProcessRegressor
@@ -34,14 +36,15 @@ from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import KFold
 
 from components import component
+from components.config import REGRESSION_MODELS
 from components.files import replacing, write_text
 
-MODELS = ("lightgbm", "linear", "gp", "ensemble")
-ENSEMBLE_MEMBERS = ("lightgbm", "gp")
+MODELS = REGRESSION_MODELS
+ENSEMBLE_MEMBERS = ("lightgbm", "gp", "law")
 RIDGE_ALPHAS = np.logspace(-6, 3, 28)
-# Zero weights are common (sparse Dirichlet mixtures); the GP works on log(w + eps), so
-# the step from 0 to 0.1 % matters about as much as from 1 % to 10 %.
-GP_LOG_EPS = 1e-3
+# Zero weights are common (sparse Dirichlet mixtures); the GP and the mixing law work on
+# log(w + eps), so the step from 0 to 0.1 % matters about as much as from 1 % to 10 %.
+LOG_EPS = 1e-3
 # The GP's kernel hyperparameters are fitted by marginal likelihood twice, once on each half
 # of the rows (at most this many rows each: the gradient costs O(rows^2 x domains) memory,
 # and a few hundred rows pin down the length scales). Each half's rows are then scored in CV
@@ -56,8 +59,14 @@ GP_OPTIMIZER_ITERATIONS = 30
 # On the paper's Pile-CC with 32 training rows that gives 95.5 % test Spearman (92 % with the
 # half kernels); with 128 rows averaging the half kernels is better (99.3 against 99.1 %).
 GP_MIN_HALF_ROWS = 64
-# Candidate weights of the GP in the ensemble (LightGBM gets the rest), picked by CV error.
-ENSEMBLE_GP_WEIGHTS = np.linspace(0.0, 1.0, 11)
+# The mixing law's exponents are shrunk toward 0 by this much (in the loss's std units per
+# unit exponent), and its residuals count linearly past a tenth of the loss's std (soft L1):
+# a few runs that diverged or got a lucky seed then do not bend the law.
+LAW_RIDGE = 1e-3
+LAW_ROBUST_SCALE = 0.1
+# The ensemble's blend weights (one per member, summing to 1) are the point of this grid over
+# the simplex with the lowest CV error.
+ENSEMBLE_GRID_STEPS = 10
 LIGHTGBM_MAX_ROUNDS = 3000
 LIGHTGBM_PATIENCE = 50
 REGRESSOR_FILE, TRAIN_WEIGHTS_FILE = "regressor.json", "train_weights.npy"
@@ -120,6 +129,51 @@ class _Linear:
         return cls(np.array(state["coefficients"]), state["intercept"], state["alpha"])
 
 
+def _law_features(weights: np.ndarray) -> np.ndarray:
+    return np.hstack([weights, np.log(weights + LOG_EPS)])
+
+
+@dataclass
+class _MixingLaw:
+    """A data mixing law (Ye et al. 2024): loss = floor + exp(scale + exponents . features).
+
+    The features are the weights (the law's own form) and their logs (for the steep gain of a
+    domain's first tenth of a percent). A parametric member that ranks well where trees and
+    kernels stall: on the paper's data it beats the GP on DM Mathematics and Ubuntu IRC, the
+    hardest targets, whose losses jump when their own domain goes from absent to present.
+    """
+
+    parameters: np.ndarray  # floor, scale, then one exponent per feature
+    kind: str = "law"
+
+    def predict(self, weights: np.ndarray) -> np.ndarray:
+        return _law(self.parameters, _law_features(weights))
+
+    def save(self, directory: Path) -> None:
+        (directory / "law.json").write_text(json.dumps({"parameters": self.parameters.tolist()}))
+
+    @classmethod
+    def load(cls, directory: Path) -> "_MixingLaw":
+        return cls(np.array(json.loads((directory / "law.json").read_text())["parameters"]))
+
+
+def _law(parameters: np.ndarray, features: np.ndarray) -> np.ndarray:
+    floor, scale, exponents = parameters[0], parameters[1], parameters[2:]
+    return floor + np.exp(np.clip(scale + features @ exponents, -50, 50))
+
+
+def _fit_law(weights: np.ndarray, y: np.ndarray) -> _MixingLaw:
+    features, spread = _law_features(weights), max(float(y.std()), 1e-12)
+    start = np.r_[y.min() - 0.1 * spread, np.log(spread), np.zeros(features.shape[1])]
+    fit = least_squares(
+        lambda p: np.r_[(_law(p, features) - y) / spread, LAW_RIDGE * p[2:]],
+        start,
+        loss="soft_l1",
+        f_scale=LAW_ROBUST_SCALE,
+    )
+    return _MixingLaw(fit.x)
+
+
 class _OnColumns(Kernel):
     """`kernel` applied to the input columns start..stop only (sklearn has no active dims)."""
 
@@ -170,7 +224,7 @@ class _OnColumns(Kernel):
 
 def _gp_features(weights: np.ndarray) -> np.ndarray:
     """Log-weights for the Matern part, then the raw weights for the linear part."""
-    return np.hstack([np.log(weights + GP_LOG_EPS), weights])
+    return np.hstack([np.log(weights + LOG_EPS), weights])
 
 
 def _gp_kernel(domains: int) -> Kernel:
@@ -253,7 +307,12 @@ class _GaussianProcess:
         return cls(thetas, weights, np.load(directory / "y.npy", allow_pickle=False))
 
 
-_MEMBER_LOADERS = {"lightgbm": _LightGBM.load, "linear": _Linear.load, "gp": _GaussianProcess.load}
+_MEMBER_LOADERS = {
+    "lightgbm": _LightGBM.load,
+    "linear": _Linear.load,
+    "gp": _GaussianProcess.load,
+    "law": _MixingLaw.load,
+}
 
 
 @dataclass
@@ -418,6 +477,17 @@ def _cross_fit(fit_predict, weights: np.ndarray, y: np.ndarray, splits: list) ->
     return out_of_fold
 
 
+def _blend_weights(out_of_fold: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The point of a grid over the simplex (one weight per row of `out_of_fold`) whose blend
+    of the members' out-of-fold predictions has the lowest CV mean squared error."""
+    steps = ENSEMBLE_GRID_STEPS
+    grid = np.array(
+        [c for c in itertools.product(range(steps + 1), repeat=len(out_of_fold)) if sum(c) == steps]
+    ) / steps
+    errors = np.mean((grid @ out_of_fold - y) ** 2, axis=1)
+    return grid[int(np.argmin(errors))]
+
+
 def _fit_ridge(weights: np.ndarray, y: np.ndarray) -> _Linear:
     # RidgeCV picks the penalty by efficient leave-one-out CV on the rows it is given.
     ridge = RidgeCV(alphas=RIDGE_ALPHAS).fit(weights, y)
@@ -496,26 +566,31 @@ def fit_regressor(
             thetas = [_fit_gp_theta(weights, y, seed)]
         final["gp"] = lambda: _GaussianProcess(thetas, weights, y)
         settings["gp_thetas"] = [theta.tolist() for theta in thetas]
+    if "law" in needed:
+        out_of_fold["law"] = _cross_fit(
+            lambda w, t, held_out: _fit_law(w, t).predict(held_out), weights, y, splits
+        )
+        final["law"] = lambda: _fit_law(weights, y)
     blend = None
     if "ensemble" in candidates:
-        # The GP's weight that minimises the blend's CV error (LightGBM gets the rest).
-        gp, lightgbm = out_of_fold["gp"], out_of_fold["lightgbm"]
-        errors = [np.mean((w * gp + (1 - w) * lightgbm - y) ** 2) for w in ENSEMBLE_GP_WEIGHTS]
-        gp_weight = float(ENSEMBLE_GP_WEIGHTS[int(np.argmin(errors))])
-        blend = [{"lightgbm": 1 - gp_weight, "gp": gp_weight}[k] for k in ENSEMBLE_MEMBERS]
-        out_of_fold["ensemble"] = gp_weight * gp + (1 - gp_weight) * lightgbm
-        settings["ensemble_gp_weight"] = gp_weight
+        members = np.stack([out_of_fold[kind] for kind in ENSEMBLE_MEMBERS])
+        blend = _blend_weights(members, y)
+        out_of_fold["ensemble"] = blend @ members
+        settings["ensemble_weights"] = dict(zip(ENSEMBLE_MEMBERS, blend.tolist(), strict=True))
 
     cv_by_model = {name: _spearman(y, out_of_fold[name]) for name in candidates}
     chosen = max(cv_by_model, key=cv_by_model.get)
-    kinds = ENSEMBLE_MEMBERS if chosen == "ensemble" else (chosen,)
+    kinds, shares = (chosen,), None
+    if chosen == "ensemble":  # members CV gave no weight are left out
+        kinds = tuple(k for k, share in zip(ENSEMBLE_MEMBERS, blend, strict=True) if share > 0)
+        shares = [float(share) for share in blend if share > 0]
     regressor = Regressor(
         chosen,
         list(domains),
         [final[kind]() for kind in kinds],
         dict(zip(domains, linear.coefficients.tolist(), strict=True)),
         np.asarray(weights, dtype=float),
-        blend if chosen == "ensemble" else None,
+        shares,
     )
     report = FitReport(
         model=chosen,

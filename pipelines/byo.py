@@ -9,10 +9,12 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import yaml
 
+from components.config import RegressionModel
 from components.files import write_text
 from components.paper_data import DataError, read_proxy_csvs, resolve_target, write_predictions_csv
 
@@ -148,8 +150,7 @@ def add_commands(sub) -> None:
     fit.add_argument("--target", required=True, action="append",
                      help="a loss column, or COLUMN=W,COLUMN=W for a weighted mean; repeatable")
     fit.add_argument("--out", required=True, type=Path, help="model folder to write")
-    fit.add_argument("--model", default="auto",
-                     choices=["auto", "lightgbm", "linear", "gp", "ensemble"])
+    fit.add_argument("--model", default="auto", choices=get_args(RegressionModel))
     fit.add_argument("--folds", type=int, default=5)
     fit.add_argument("--tune-trials", type=int, default=0, help="Optuna trials for LightGBM")
     fit.add_argument("--seed", type=int, default=0)

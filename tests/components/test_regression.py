@@ -5,7 +5,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from components.paper_data import read_proxy_csvs
-from components.regression import MODELS, Regressor, fit_regressor
+from components.regression import MODELS, Regressor, _blend_weights, _fit_law, fit_regressor
 
 PAPER_DATA = Path(__file__).resolve().parents[3] / "shared" / "regmix-paper-data"
 PILE_CC = "metric/the_pile_pile_cc_val_loss"
@@ -63,9 +63,31 @@ def test_spread_is_member_disagreement():
     share = np.array(ensemble.member_weights)  # the blend CV chose, summing to 1
     np.testing.assert_allclose(share.sum(), 1.0)
     np.testing.assert_allclose(mean, share @ each)
-    np.testing.assert_allclose(spread, np.sqrt(share[0] * share[1]) * np.abs(each[0] - each[1]))
-    assert spread.max() > 0 or share.min() == 0
+    np.testing.assert_allclose(spread, np.sqrt(share @ (each - mean) ** 2))
+    assert (share > 0).all()  # members CV gave no weight are left out
+    assert spread.max() > 0 or len(share) == 1
     assert single.predict_with_spread(probe)[1].max() == 0
+
+
+def test_mixing_law_recovers_a_loss_that_follows_one():
+    # loss = floor + exp(scale + t . w), the data-mixing-law form, with a little noise
+    rng = np.random.default_rng(0)
+    weights = rng.dirichlet(np.full(6, 0.5), size=200)
+    exponents = rng.uniform(-3.0, 0.5, size=6)
+    loss = 2.0 + np.exp(0.5 + weights @ exponents) + rng.normal(0, 0.002, size=200)
+    law = _fit_law(weights[:150], loss[:150])
+    held_out = law.predict(weights[150:])
+    assert np.sqrt(np.mean((held_out - loss[150:]) ** 2)) < 0.01 * loss.std()
+    assert spearmanr(held_out, loss[150:])[0] > 0.99
+
+
+def test_blend_weights_lie_on_the_simplex_and_favour_the_accurate_member():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=300)
+    members = np.stack([y + rng.normal(0, 1.0, 300), y + rng.normal(0, 0.1, 300), -y])
+    blend = _blend_weights(members, y)
+    assert blend.shape == (3,) and (blend >= 0).all() and np.isclose(blend.sum(), 1.0)
+    assert blend[1] >= 0.8 and blend[2] == 0
 
 
 def test_linear_coefficients_name_every_domain():
