@@ -135,25 +135,31 @@ class _Linear:
         return cls(np.array(state["coefficients"]), state["intercept"], state["alpha"])
 
 
-def _law_features(weights: np.ndarray) -> np.ndarray:
-    return np.hstack([weights, np.log(weights + LOG_EPS)])
+def _log_and_raw(weights: np.ndarray) -> np.ndarray:
+    """The GP's and the law's features: log-weights, then the raw weights."""
+    return np.hstack([np.log(weights + LOG_EPS), weights])
+
+
+def _law_parameter_count(domains: int) -> int:
+    return 2 + 2 * domains  # floor, scale, one exponent per log-weight and per weight
 
 
 @dataclass
 class _MixingLaw:
     """A data mixing law (Ye et al. 2024): loss = floor + exp(scale + exponents . features).
 
-    The features are the weights (the law's own form) and their logs (for the steep gain of a
-    domain's first tenth of a percent). A parametric member that ranks well where trees and
-    kernels stall: on the paper's data it beats the GP on DM Mathematics and Ubuntu IRC, the
-    hardest targets, whose losses jump when their own domain goes from absent to present.
+    The features are the GP's (`_log_and_raw`): the weights' logs (for the steep gain of a
+    domain's first tenth of a percent) and the weights (the law's own form). A parametric
+    member that ranks well where trees and kernels stall: on the paper's data it beats the GP
+    on DM Mathematics and Ubuntu IRC, the hardest targets, whose losses jump when their own
+    domain goes from absent to present.
     """
 
     parameters: np.ndarray  # floor, scale, then one exponent per feature
     kind: str = "law"
 
     def predict(self, weights: np.ndarray) -> np.ndarray:
-        return _law(self.parameters, _law_features(weights))
+        return _law(self.parameters, _log_and_raw(weights))
 
     def save(self, directory: Path) -> None:
         (directory / "law.json").write_text(json.dumps({"parameters": self.parameters.tolist()}))
@@ -173,8 +179,8 @@ def _law_growth(parameters: np.ndarray, features: np.ndarray) -> np.ndarray:
 
 
 def _fit_law(weights: np.ndarray, y: np.ndarray, ridge: float) -> _MixingLaw:
-    features, spread = _law_features(weights), max(float(y.std()), 1e-12)
-    shrink = ridge * np.eye(features.shape[1], len(features.T) + 2, k=2)  # exponents only
+    features, spread = _log_and_raw(weights), max(float(y.std()), 1e-12)
+    shrink = ridge * np.eye(features.shape[1], features.shape[1] + 2, k=2)  # exponents only
 
     def residuals(p: np.ndarray) -> np.ndarray:
         return np.r_[(_law(p, features) - y) / spread, shrink @ p]
@@ -240,11 +246,6 @@ class _OnColumns(Kernel):
         return True
 
 
-def _gp_features(weights: np.ndarray) -> np.ndarray:
-    """Log-weights for the Matern part, then the raw weights for the linear part."""
-    return np.hstack([np.log(weights + LOG_EPS), weights])
-
-
 def _gp_kernel(domains: int) -> Kernel:
     # ARD Matern on log-weights: one length scale per domain, so irrelevant domains get long
     # ones. Plus a linear kernel on the raw weights: a loss that keeps falling linearly as a
@@ -267,7 +268,7 @@ def _gp_posterior(
     """The GP with fixed kernel hyperparameters `theta`, conditioned on (weights, y)."""
     kernel = _gp_kernel(weights.shape[1]).clone_with_theta(theta)
     gp = GaussianProcessRegressor(kernel, optimizer=None, normalize_y=True)
-    return gp.fit(_gp_features(weights), y)
+    return gp.fit(_log_and_raw(weights), y)
 
 
 def _fit_gp_theta(weights: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
@@ -288,7 +289,7 @@ def _fit_gp_theta(weights: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
     with warnings.catch_warnings():
         # A length scale at its upper bound just means "this domain does not matter".
         warnings.simplefilter("ignore", ConvergenceWarning)
-        gp.fit(_gp_features(weights[rows]), y[rows])
+        gp.fit(_log_and_raw(weights[rows]), y[rows])
     return gp.kernel_.theta
 
 
@@ -305,7 +306,7 @@ class _GaussianProcess:
         self._gps = [_gp_posterior(theta, self.weights, self.y) for theta in self.thetas]
 
     def predict(self, weights: np.ndarray) -> np.ndarray:
-        features = _gp_features(weights)
+        features = _log_and_raw(weights)
         return np.mean([gp.predict(features) for gp in self._gps], axis=0)
 
     def save(self, directory: Path) -> None:
@@ -546,7 +547,7 @@ def fit_regressor(
     # overfits while CV on a few held-out rows can still look good (on the paper's Pile-CC
     # with 32 rows: CV Spearman 0.86, unseen mixtures 0.57).
     blended = ENSEMBLE_MEMBERS
-    if len(y) < LAW_MIN_ROWS_PER_PARAMETER * (2 * len(domains) + 2):
+    if len(y) < LAW_MIN_ROWS_PER_PARAMETER * _law_parameter_count(len(domains)):
         blended = tuple(kind for kind in ENSEMBLE_MEMBERS if kind != "law")
         candidates = tuple(kind for kind in candidates if kind != "law" or model == "law")
     needed = set(candidates) | (set(blended) if "ensemble" in candidates else set())
@@ -580,7 +581,7 @@ def fit_regressor(
         for scored, theta in zip(halves, thetas[::-1], strict=True):
             predicted = _cross_fit(
                 lambda w, t, held_out, theta=theta: _gp_posterior(theta, w, t).predict(
-                    _gp_features(held_out)
+                    _log_and_raw(held_out)
                 ),
                 weights,
                 y,
