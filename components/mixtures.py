@@ -14,6 +14,8 @@ import numpy as np
 from components import component
 
 SAMPLE_BLOCK = 256  # candidates per draw; fixed so the sequence is independent of count
+# The paper's (RegMix, synthesize_mixture.py) range of Dirichlet strengths
+STRENGTH_RANGE = (0.1, 5.0)
 
 
 def token_prior(train_tokens: np.ndarray, temperature: float) -> np.ndarray:
@@ -28,31 +30,42 @@ def epoch_caps(train_tokens: np.ndarray, token_budget: int, max_epochs: float) -
     return np.minimum(max_epochs * train_tokens / token_budget, 1.0)
 
 
+def dirichlet_around(
+    prior: np.ndarray, count: int, rng: np.random.Generator,
+    strength_range: tuple[float, float] = STRENGTH_RANGE,
+) -> np.ndarray:
+    """The paper's draw: each row from Dirichlet(prior * strength), its strength log-uniform.
+
+    Small strengths give sparse mixtures, large ones mixtures close to the prior.
+    """
+    log_lo, log_hi = np.log(strength_range)
+    strength = np.exp(rng.uniform(log_lo, log_hi, size=(count, 1)))
+    # Dirichlet with tiny concentrations underflows to all-zero rows; gamma draws keep it exact.
+    draws = rng.gamma(prior * strength)
+    empty = draws.sum(1) == 0
+    draws[empty, rng.integers(len(prior), size=empty.sum())] = 1.0
+    return draws / draws.sum(1, keepdims=True)
+
+
 def sample_mixtures(
     prior: np.ndarray,
     count: int,
     caps: np.ndarray,
     rng: np.random.Generator,
-    strength_range: tuple[float, float] = (0.1, 5.0),
+    strength_range: tuple[float, float] = STRENGTH_RANGE,
     min_weight: float = 0.002,
     max_blocks: int = 400,
 ) -> np.ndarray:
-    """`count` distinct mixtures: Dirichlet(prior * strength), strength log-uniform.
+    """`count` distinct mixtures drawn by `dirichlet_around`.
 
     Weights under `min_weight` are zeroed and the rest renormalised (tiny weights are noise
     to a proxy); a draw that would repeat a domain past its cap is rejected, as in the paper.
     Candidates come in fixed-size blocks, so the first n mixtures do not depend on `count`:
     asking for 8 more later extends the same sequence (and finished proxies are reused).
     """
-    log_lo, log_hi = np.log(strength_range)
     found: dict[bytes, np.ndarray] = {}
     for _ in range(max_blocks):
-        strength = np.exp(rng.uniform(log_lo, log_hi, size=(SAMPLE_BLOCK, 1)))
-        # Dirichlet with tiny concentrations underflows to all-zero rows; gamma draws keep it exact.
-        draws = rng.gamma(prior * strength)
-        empty = draws.sum(1) == 0
-        draws[empty, rng.integers(len(prior), size=empty.sum())] = 1.0
-        weights = draws / draws.sum(1, keepdims=True)
+        weights = dirichlet_around(prior, SAMPLE_BLOCK, rng, strength_range)
         weights[weights < min_weight] = 0.0
         weights /= weights.sum(1, keepdims=True)
         for w in weights[(weights <= caps + 1e-12).all(1)]:

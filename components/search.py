@@ -18,6 +18,8 @@ from scipy.spatial.distance import cdist
 from scipy.special import expit, logit
 
 from components import component
+from components.config import PAPER_SAMPLES
+from components.mixtures import STRENGTH_RANGE, dirichlet_around
 from components.regression import Regressor
 
 METHODS = ("cmaes", "tpe")
@@ -27,11 +29,6 @@ LOGIT_RANGE = 15.0
 CMAES_SIGMA = 1.5  # a first step of about a factor e^1.5 in each small weight
 CMAES_POPULATION = 32  # larger than CMA-ES's default: tree models give a rugged surface
 TPE_BATCH = 32
-# The paper's sampler (RegMix, synthesize_mixture.py): the prior is tempered, then each
-# sample draws its own Dirichlet concentration strength, log-uniform in this range; small
-# strengths give sparse mixtures, large ones mixtures close to the prior.
-PRIOR_TEMPERATURE = 0.5
-STRENGTH_RANGE = (0.1, 5.0)
 PROJECTION_ITERATIONS = 100  # bisection halvings: far below 1e-9 for any bound range
 
 
@@ -187,21 +184,6 @@ def _mixture_to_logits(mixture: np.ndarray, lower: np.ndarray, upper: np.ndarray
     return np.clip(logit(share), -LOGIT_RANGE, LOGIT_RANGE)
 
 
-def sample_dirichlet_around(prior: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """The paper's mixture sampler: Dirichlet draws around a tempered prior, varied strength."""
-    tempered = np.asarray(prior, dtype=float) ** PRIOR_TEMPERATURE
-    tempered /= tempered.sum()
-    strengths = np.exp(rng.uniform(*np.log(STRENGTH_RANGE), size=(n, 1)))
-    # A Dirichlet draw is normalised Gamma draws; this vectorises over per-row strengths.
-    # Tiny concentrations can underflow every Gamma draw of a row to 0: redraw those rows.
-    samples = rng.gamma(tempered * strengths)
-    empty = samples.sum(axis=1) == 0
-    while empty.any():
-        samples[empty] = rng.gamma(tempered * strengths[empty])
-        empty = samples.sum(axis=1) == 0
-    return samples / samples.sum(axis=1, keepdims=True)
-
-
 def nearest_l1_distance(points: np.ndarray, train_weights: np.ndarray) -> np.ndarray:
     """For each point, the L1 distance to its nearest training mixture."""
     return cdist(points, train_weights, metric="cityblock").min(axis=1)
@@ -350,13 +332,15 @@ def paper_search(
     regressor: Regressor,
     prior: np.ndarray,
     constraints: Constraints | None = None,
-    samples: int = 100_000,
+    samples: int = PAPER_SAMPLES,
     top_k: int = 128,
     seed: int = 0,
     train_weights: np.ndarray | None = None,
     allow_extrapolation: bool = False,
+    strength_range: tuple[float, float] = STRENGTH_RANGE,
 ) -> SearchResult:
-    """The paper's recipe: sample around the prior, average the `top_k` best predicted.
+    """The paper's recipe: sample around the prior (with the proxies' sampler), average the
+    `top_k` best predicted.
 
     Unlike the paper, every sample is first projected onto the constraints (the max-epochs
     cap included), so the ranking only compares mixtures that could be trained.
@@ -365,7 +349,7 @@ def paper_search(
     prior, lower, upper = _feasible_bounds(regressor, prior, constraints, train_weights,
                                            allow_extrapolation)
     candidates = project_onto_bounds(
-        sample_dirichlet_around(prior, samples, np.random.default_rng(seed)), lower, upper
+        dirichlet_around(prior, samples, np.random.default_rng(seed), strength_range), lower, upper
     )
     top = candidates[np.argsort(regressor.predict(candidates))[:top_k]]
     # The mean of feasible points is feasible; projecting again only removes rounding.
@@ -411,12 +395,16 @@ def search_mixture_op(
     constraints = search_constraints(cfg, data_meta)
     options = dict(constraints=constraints, seed=cfg.seed, train_weights=model.train_weights,
                    allow_extrapolation=cfg.search.allow_extrapolation)
+    # The paper's recipe samples as the proxies were sampled: around the same prior, same strengths
+    strengths = (cfg.mixtures.strength_min, cfg.mixtures.strength_max)
     if cfg.search.method == "paper":
-        chosen = paper_search(model, prior, **options)
+        chosen = paper_search(model, prior, samples=cfg.search.trials, strength_range=strengths,
+                              **options)
     else:
         chosen = search_mixture(model, prior, method=cfg.search.method,
                                 trials=cfg.search.trials, **options)
-    recipe = paper_search(model, prior, **{**options, "allow_extrapolation": True})
+    recipe = paper_search(model, prior, strength_range=strengths,
+                          **{**options, "allow_extrapolation": True})
     honoured = {"min_weight": constraints.min_weight, "max_weight": constraints.max_weight,
                 "fixed": constraints.fixed, "max_epochs": constraints.max_epochs,
                 "token_budget": constraints.token_budget}

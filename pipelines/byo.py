@@ -5,6 +5,7 @@ domain, with a losses file, one column per target), so the published RegMix data
 A model folder holds one subfolder per target plus `targets.json` and the training mixtures.
 """
 
+import argparse
 import json
 import re
 import time
@@ -14,7 +15,7 @@ from typing import get_args
 import numpy as np
 import yaml
 
-from components.config import RegressionModel
+from components.config import MIN_SEARCH_TRIALS, PAPER_SAMPLES, SEARCH_TRIALS, RegressionModel
 from components.files import write_text
 from components.paper_data import DataError, read_proxy_csvs, resolve_target, write_predictions_csv
 
@@ -104,7 +105,7 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
                "allow_extrapolation": allow_extrapolation}
     started = time.perf_counter()
     if method == "paper":
-        result = paper_search(regressor, prior, **options)
+        result = paper_search(regressor, prior, samples=trials, **options)
     else:
         result = search_mixture(regressor, prior, method=method, trials=trials, **options)
     record = {
@@ -143,6 +144,15 @@ def weights_arg(text: str) -> dict[str, float]:
     return spec
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer >= minimum (argparse names the flag in its message)."""
+    def parse(text: str) -> int:
+        if not text.lstrip("-").isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"give an integer >= {minimum}, not '{text}'")
+        return int(text)
+    return parse
+
+
 def add_commands(sub) -> None:
     fit = sub.add_parser("fit", help="fit mixture -> loss regressors on CSV results")
     fit.add_argument("--mixtures", required=True, type=Path, help="mixtures CSV (index, domains)")
@@ -151,8 +161,8 @@ def add_commands(sub) -> None:
                      help="a loss column, or COLUMN=W,COLUMN=W for a weighted mean; repeatable")
     fit.add_argument("--out", required=True, type=Path, help="model folder to write")
     fit.add_argument("--model", default="auto", choices=get_args(RegressionModel))
-    fit.add_argument("--folds", type=int, default=5)
-    fit.add_argument("--tune-trials", type=int, default=0, help="Optuna trials for LightGBM")
+    fit.add_argument("--folds", type=at_least(2), default=5)
+    fit.add_argument("--tune-trials", type=at_least(0), default=0, help="Optuna trials for LightGBM")
     fit.add_argument("--seed", type=int, default=0)
     fit.set_defaults(func=cmd_fit)
 
@@ -167,7 +177,9 @@ def add_commands(sub) -> None:
     search.add_argument("--out", required=True, type=Path, help="the chosen mixture (YAML)")
     search.add_argument("--target", help="which fitted target (if the folder has several)")
     search.add_argument("--method", default="cmaes", choices=["cmaes", "tpe", "paper"])
-    search.add_argument("--trials", type=int, default=3000)
+    search.add_argument("--trials", type=at_least(MIN_SEARCH_TRIALS),
+                        help=f"objective evaluations: CMA-ES/TPE trials (default {SEARCH_TRIALS}) "
+                        f"or the paper recipe's samples (default {PAPER_SAMPLES})")
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--min-weight", type=weights_arg, default={}, metavar="D=W,...")
     search.add_argument("--max-weight", type=weights_arg, default={}, metavar="D=W,...")
@@ -205,7 +217,8 @@ def cmd_search(args) -> int:
     constraints = {"min_weight": args.min_weight, "max_weight": args.max_weight,
                    "fixed": args.fixed}
     try:
-        record = search_model(args.model, args.out, args.target, args.method, args.trials,
+        trials = args.trials or (PAPER_SAMPLES if args.method == "paper" else SEARCH_TRIALS)
+        record = search_model(args.model, args.out, args.target, args.method, trials,
                               args.seed, constraints, args.allow_extrapolation)
     except ValueError as e:  # infeasible constraints or a refused extrapolation
         raise DataError(str(e)) from None

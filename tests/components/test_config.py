@@ -36,8 +36,12 @@ def test_bad_values_name_the_field(tmp_path, overrides, message):
     [
         ({"regression": {"target": "klingon"}}, r"regression.target: unknown domain\(s\) \['klingon'\]"),
         ({"regression": {"target": {"code": 0.5, "licenses": 0.2}}}, "sum to 1"),
-        ({"search": {"fixed": {"code": 0.7, "licenses": 0.6}}}, "fixed weights sum to more than 1"),
-        ({"search": {"max_weight": {"nope": 0.5}}}, "search.max_weight: unknown domain"),
+        ({"search": {"fixed": {"code": 0.7, "licenses": 0.6}}}, "search: minimum and fixed weights sum"),
+        ({"search": {"max_weight": {"nope": 0.5}}}, r"search: max_weight names unknown domains \['nope'\]"),
+        ({"search": {"min_weight": {"code": 0.5}, "max_weight": {"code": 0.4}}},
+         "search: domain 'code': minimum weight 0.5 above its maximum 0.4"),
+        ({"search": {"max_weight": {"code": 0.3, "changelogs": 0.3, "licenses": 0.3}}},
+         "search: maximum weights .* sum to 0.9 < 1"),
     ],
 )
 def test_domain_checks(tmp_path, overrides, message):

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 
 from components.config import parse_config
-from components.mixtures import epoch_caps, mixture_hash, sample_mixtures, sample_mixtures_op, token_prior
+from components.mixtures import (
+    dirichlet_around,
+    epoch_caps,
+    mixture_hash,
+    sample_mixtures,
+    sample_mixtures_op,
+    token_prior,
+)
 from tests.conftest import tiny_config_dict
 
 
@@ -30,6 +37,15 @@ def test_more_mixtures_extend_the_same_sequence():
     first = sample_mixtures(prior, 40, caps, np.random.default_rng(7))
     more = sample_mixtures(prior, 48, caps, np.random.default_rng(7))
     assert np.array_equal(more[:40], first)
+
+
+def test_draws_centre_on_the_prior_itself():
+    # The prior arrives tempered (token_prior): the draw must not temper it again.
+    prior = np.array([0.6, 0.3, 0.1])
+    draws = dirichlet_around(prior, 20_000, np.random.default_rng(0), (0.1, 5.0))
+    assert (draws >= 0).all()
+    np.testing.assert_allclose(draws.sum(axis=1), 1.0)
+    np.testing.assert_allclose(draws.mean(axis=0), prior, atol=0.02)
 
 
 def test_sampler_explains_impossible_caps():

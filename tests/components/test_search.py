@@ -8,7 +8,6 @@ from components.search import (
     Constraints,
     paper_search,
     project_onto_bounds,
-    sample_dirichlet_around,
     search_mixture,
 )
 
@@ -106,15 +105,6 @@ def test_paper_recipe_honours_constraints_and_cmaes_is_no_worse():
     cmaes = search_mixture(loss, prior, CONSTRAINED)
     assert cmaes.predicted <= paper.predicted
     assert paper.method == "paper" and paper.trials == 20_000
-
-
-def test_the_paper_sampler_gives_mixtures_around_the_prior():
-    prior = np.array([0.6, 0.3, 0.1])
-    samples = sample_dirichlet_around(prior, 20_000, np.random.default_rng(0))
-    assert (samples >= 0).all()
-    np.testing.assert_allclose(samples.sum(axis=1), 1.0)
-    tempered = np.sqrt(prior) / np.sqrt(prior).sum()
-    np.testing.assert_allclose(samples.mean(axis=0), tempered, atol=0.02)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pytest
 import yaml
 from scipy.stats import spearmanr
 
@@ -53,6 +54,21 @@ def test_fit_predict_search_on_the_paper_data(tmp_path, capsys):
     assert record["weights"]["train_the_pile_pile_cc"] <= 0.3 + 1e-9
     assert record["constraints"] == {"max_weight": {"train_the_pile_pile_cc": 0.3}}
     assert {"predicted", "uncertainty", "method", "nearest_training_l1"} <= set(record)
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["fit", "--mixtures", "m.csv", "--losses", "l.csv", "--target", "t", "--out", "o",
+          "--folds", "1"], "--folds: give an integer >= 2, not '1'"),
+        (["search", "--model", "m", "--out", "o", "--trials", "20"],
+         "--trials: give an integer >= 128, not '20'"),
+    ],
+)
+def test_counts_below_their_minimum_are_refused_by_flag(capsys, command, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(command)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_export_writes_the_paper_format_from_mlflow(tmp_path, tracking):
