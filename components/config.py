@@ -10,10 +10,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from components.shapes import SHAPES, ModelShape
 
@@ -111,17 +120,17 @@ class TrainRecipe(Strict):
 
 
 class ModelConfig(Strict):
-    shape: str | ModelShape  # a name from components.model.SHAPES, or the fields inline
+    # A name from components.shapes.SHAPES, or the fields inline (errors then name the field)
+    shape: Annotated[
+        Annotated[str, Tag("name")] | Annotated[ModelShape, Tag("inline")],
+        Discriminator(lambda v: "name" if isinstance(v, str) else "inline"),
+    ]
 
-    @field_validator("shape", mode="before")
+    @field_validator("shape")
     @classmethod
-    def _shape(cls, v):
-        if isinstance(v, str):
-            if v not in SHAPES:
-                raise ValueError(f"unknown shape '{v}'; known: {', '.join(SHAPES)}")
-            return v
-        if isinstance(v, dict):
-            return ModelShape(**v)
+    def _known(cls, v):
+        if isinstance(v, str) and v not in SHAPES:
+            raise ValueError(f"unknown shape '{v}'; known: {', '.join(SHAPES)}")
         return v
 
     def resolve(self) -> ModelShape:
@@ -435,7 +444,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: {error.error_count()} invalid value(s):"]
     for e in error.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             lines.append(f"  {field}: unknown key; remove it or fix its spelling")
         elif e["type"] == "missing":
             lines.append(f"  {field}: required; add it")

@@ -5,6 +5,8 @@ Kept apart from the model (and torch) so that stages which only read configs sta
 
 from dataclasses import asdict, dataclass
 
+from pydantic import ConfigDict
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -16,7 +18,16 @@ class ModelShape:
     n_kv_head: int | None = None  # grouped-query attention; None means n_head
     rope_base: float = 10_000.0
 
+    # Written inline in a config, unknown keys are errors, as everywhere in configs
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
     def __post_init__(self):
+        sizes = {"n_layer": self.n_layer, "n_embd": self.n_embd, "n_head": self.n_head,
+                 "mlp_hidden": self.mlp_hidden, "context": self.context,
+                 "n_kv_head": 1 if self.n_kv_head is None else self.n_kv_head}
+        small = [name for name, size in sizes.items() if size < 1]
+        if small or self.rope_base <= 0:
+            raise ValueError(f"model shape: {', '.join(small) or 'rope_base'} must be positive")
         kv = self.n_kv_head or self.n_head
         if self.n_embd % self.n_head or self.n_head % kv:
             raise ValueError(

@@ -4,6 +4,8 @@ import yaml
 from components.config import ConfigError, load_config, parse_config
 from tests.conftest import tiny_config_dict
 
+SHAPE = {"n_layer": 1, "n_embd": 32, "n_head": 2, "mlp_hidden": 64, "context": 64}
+
 
 def test_shipped_configs_load():
     for name in ("local", "tiny"):
@@ -19,6 +21,11 @@ def test_shipped_configs_load():
         ({"mixtures": {"count": 1}}, "mixtures.count"),
         ({"mixtures": {"strength_min": 9}}, "strength_min must be <= strength_max"),
         ({"proxy": {"model": {"shape": "proxy-9b"}}}, "unknown shape 'proxy-9b'"),
+        ({"proxy": {"model": {"shape": {**SHAPE, "n_layer": 0}}}},
+         "proxy.model.shape.inline: model shape: n_layer must be positive"),
+        ({"proxy": {"model": {"shape": {**SHAPE, "layers": 2}}}},
+         "proxy.model.shape.inline.layers: unknown key"),
+        ({"proxy": {"model": {"shape": {**SHAPE, "n_head": 3}}}}, "n_embd .32. must divide by n_head .3."),
         ({"corpus": {"tinypile": "tiny"}}, "give exactly one of `tinypile`"),
         ({"proxy": {"train": {"tokens": 100, "batch_size": 8, "micro_batch_size": 3}}},
          "multiple of micro_batch_size"),
