@@ -33,6 +33,11 @@ MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKIN
 IMAGE_UID = 1000  # the image's non-root user (docker/Dockerfile)
 
 
+def volume_env(mount_path: str) -> dict[str, str]:
+    """Caches and kept checkpoints/results on the shared volume: they outlive a pod."""
+    return {"HF_HOME": f"{mount_path}/cache/huggingface", "REGMIX_CACHE": f"{mount_path}/cache/regmix"}
+
+
 class JobFailed(RuntimeError):
     """A large run's PyTorchJob failed; the message has its reason and its master's last lines."""
 
@@ -102,6 +107,7 @@ def pytorchjob_manifest(name: str, config: RegMixConfig, work_dir: str) -> dict:
                  cluster.gpu_resource: str(large.gpus) if large.gpus else None}
     resources = {k: v for k, v in resources.items() if v is not None}
     env = [{"name": "HOME", "value": "/tmp"}]  # the root filesystem is read-only
+    env += [{"name": k, "value": v} for k, v in volume_env(cluster.volume.mount_path).items()]
     if cluster.mlflow_secret:
         env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": cluster.mlflow_secret,
                                                              "key": key}}} for key in MLFLOW_ENV]

@@ -498,7 +498,8 @@ def train_task(data_dir: str, task: dict, config, stage: str = "proxy") -> dict:
     """Train a task's mixtures in this process (one pod on a cluster): packed, or in turn.
 
     A mixture that fails comes back as `{"id", "hash", "weights", "error"}` and the others still
-    train; the fan-in decides whether enough of them finished.
+    train; the fan-in decides whether enough of them finished. MLflow out of reach fails the
+    task instead (trained results stay kept on disk), so that a retry, not a lost proxy, follows.
     """
     data, tracking = TokenData.open(data_dir), task["tracking"]
     shape, recipe = config.proxy.model.resolve(), config.proxy.train
@@ -513,6 +514,8 @@ def train_task(data_dir: str, task: dict, config, stage: str = "proxy") -> dict:
             results = train_proxies_packed(data, mixtures, shape, recipe, seeds, tracking,
                                            target, stage)
             return {"task": int(task["task"]), "results": results}
+        except TrackingUnavailable:
+            raise  # fail the task, so the orchestrator retries it: the kept results are reused
         except Exception:  # one bad mixture must not sink its pack: train them one by one
             log.exception("packed training of task %s failed; training its proxies in turn",
                           task["task"])
@@ -520,6 +523,8 @@ def train_task(data_dir: str, task: dict, config, stage: str = "proxy") -> dict:
     for m, seed in zip(mixtures, seeds, strict=True):
         try:
             results.append(train_proxy(data, m, shape, recipe, seed, tracking, target, stage))
+        except TrackingUnavailable:
+            raise  # not the mixture's fault: a retried task logs the kept result
         except Exception as e:  # reported with the results; its task-mates still train
             log.exception("proxy %s failed", m["id"])
             results.append({"id": m["id"], "hash": m["hash"], "weights": m["weights"],

@@ -29,6 +29,22 @@ def checked_config(path: str) -> RegMixConfig:
     return config
 
 
+def cluster_config(path: str) -> RegMixConfig:
+    """Load a config for a cluster run and check what can be checked from here: domain names
+    when the corpus lists them, and an MLflow every pod shares (each pod's own SQLite would
+    scatter the runs, and the stages after the proxies would find none)."""
+    config = load_config(path)
+    if config.corpus.domains is not None:
+        config.check_domains([d.name for d in config.corpus.domains])
+    uri = config.tracking.uri
+    if not config.cluster.mlflow_secret and (uri is None or uri.startswith(("sqlite:", "file:"))):
+        raise ConfigError(
+            "cluster.mlflow_secret: the pods need one shared MLflow server; name a Secret holding "
+            "MLFLOW_TRACKING_URI (k8s/ makes regmix-mlflow-client) or set tracking.uri to "
+            "an http(s) server")
+    return config
+
+
 def cmd_run(args) -> int:
     from pipelines.local import PipelineFailed, run_local
 
@@ -89,7 +105,7 @@ def cmd_compile(args) -> int:
 def cmd_submit(args) -> int:
     from pipelines import kfp_api
 
-    config = load_config(args.config)
+    config = cluster_config(args.config)
     with tempfile.TemporaryDirectory() as tmp:
         package = kfp_api.compile_package(config, Path(tmp) / "pipeline.yaml")
         client = kfp_api.connect(args.host, args.namespace)
@@ -103,7 +119,7 @@ def cmd_schedule(args) -> int:
     from pipelines import kfp_api
 
     kfp_api.check_cron(args.cron)  # before any work: a 5-field crontab line is a common slip
-    config = load_config(args.config)
+    config = cluster_config(args.config)
     with tempfile.TemporaryDirectory() as tmp:
         package = kfp_api.compile_package(config, Path(tmp) / "pipeline.yaml")
         client = kfp_api.connect(args.host, args.namespace)

@@ -13,7 +13,7 @@ from kfp import dsl, kubernetes
 from kfp.dsl import pipeline_context
 
 from components.config import ClusterConfig
-from components.launcher import IMAGE_UID, MLFLOW_ENV
+from components.launcher import IMAGE_UID, MLFLOW_ENV, volume_env
 
 Kind = Literal["data", "cpu", "proxy", "large"]
 
@@ -24,10 +24,11 @@ KIND_BY_COMPONENT: dict[str, Kind] = {
     "train-proxy-op": "proxy",
     "train-target-op": "large",
 }
-# The volume holds the download caches (data preparation) and the folders the nodes of a
-# multi-node large run share. Proxies get their data as a KFP artifact: they scale out to any
-# node without a ReadWriteMany claim.
-VOLUME_KINDS: tuple[Kind, ...] = ("data", "large")
+# The (ReadWriteMany) volume holds the download caches (data preparation), the folders the
+# nodes of a multi-node large run share, and every trainer's checkpoints and results kept until
+# MLflow has them: a retried or rescheduled pod then resumes there. Proxies still get their data
+# as a KFP artifact.
+VOLUME_KINDS: tuple[Kind, ...] = ("data", "proxy", "large")
 
 
 def apply_task_settings(task: dsl.PipelineTask, cluster: ClusterConfig,
@@ -56,8 +57,8 @@ def apply_task_settings(task: dsl.PipelineTask, cluster: ClusterConfig,
     if cluster.volume and kind in VOLUME_KINDS:
         mount = cluster.volume.mount_path
         kubernetes.mount_pvc(task, cluster.volume.claim, mount)
-        task.set_env_variable("HF_HOME", f"{mount}/cache/huggingface")
-        task.set_env_variable("REGMIX_CACHE", f"{mount}/cache/regmix")
+        for key, value in volume_env(mount).items():
+            task.set_env_variable(key, value)
     if cluster.mlflow_secret:
         kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {k: k for k in MLFLOW_ENV})
     if cluster.retries:

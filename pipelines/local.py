@@ -7,7 +7,7 @@ from pathlib import Path
 import mlflow
 from kfp import local
 
-from components.config import RegMixConfig
+from components.config import ClusterConfig, RegMixConfig
 from components.tracking import PROXY_STAGES, default_tracking_uri, latest_run, runs_by_stage
 from pipelines.pipeline import build_pipeline
 
@@ -21,6 +21,9 @@ class PipelineFailed(RuntimeError):
 def run_local(config: RegMixConfig, tracking_uri: str | None = None,
               pipeline_root: Path = Path("mlruns/pipeline-root")) -> dict:
     """Run every stage as a local subprocess; returns the run summary."""
+    # The `cluster` section is for Kubernetes (pods, volumes, PyTorchJobs): here every stage is
+    # a subprocess on this machine, whatever the section says.
+    config = config.model_copy(update={"cluster": ClusterConfig()})
     uri = tracking_uri or config.tracking.uri or default_tracking_uri()
     label = uuid.uuid4().hex[:12]
     local.init(runner=local.SubprocessRunner(use_venv=False),

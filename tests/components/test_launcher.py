@@ -84,6 +84,8 @@ def test_manifest_is_a_pytorchjob_of_nonroot_gpu_pods_valid_for_kubernetes():
     assert {"name": "data", "persistentVolumeClaim": {"claimName": "regmix-data"}} in pod["volumes"]
     secret_env = {e["name"] for e in container["env"] if "valueFrom" in e}
     assert secret_env == set(launcher.MLFLOW_ENV)
+    # checkpoints on the shared volume, where every node and a recreated pod find them
+    assert {"name": "REGMIX_CACHE", "value": "/data/cache/regmix"} in container["env"]
     # The pod template, as Kubernetes' own schema sees it (the CRD embeds a core PodTemplateSpec).
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",

@@ -1,6 +1,9 @@
 """User mistakes exit with code 2 and one clear line, never a traceback."""
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from pipelines.cli import main
 
@@ -33,3 +36,21 @@ def test_unknown_domain_in_config_is_caught_before_any_work(tmp_path, capsys, co
     )
     assert main(["run", "--config", str(config)]) == 2
     assert "regression.target: unknown domain(s) ['wikipedia']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"cluster": {"mlflow_secret": None}}, "cluster.mlflow_secret: the pods need one shared MLflow"),
+        ({"regression": {"target": "pilecc"}}, "regression.target: unknown domain(s) ['pilecc']"),
+    ],
+)
+def test_submit_checks_what_it_can_before_contacting_the_cluster(tmp_path, capsys, change, message):
+    config = yaml.safe_load(Path("configs/pile.yaml").read_text())
+    for section, values in change.items():
+        config[section].update(values)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # No KFP server at this address: the check must come first
+    assert main(["submit", "--host", "http://127.0.0.1:9", "--config", str(path)]) == 2
+    assert message in capsys.readouterr().err

@@ -96,6 +96,9 @@ def test_eight_more_proxies_train_exactly_eight(store, first, tmp_path):
     config = yaml.safe_load(TINY.read_text())
     config["mixtures"]["count"] += 8  # the sampler is prefix-stable: the first 12 are the same
     config["rank_check"]["mixtures"] = 0
+    # A cluster section, a multi-node large run included, changes nothing under kfp.local
+    config["cluster"] = {"image": "registry.example/regmix:1", "volume": {"claim": "regmix-data"},
+                         "large": {"nodes": 2, "gpus": 8}, "retries": 1}
     grown = tmp_path / "grown.yaml"
     grown.write_text(yaml.safe_dump(config))
     summary = run_pipeline(store, grown, "grown")
