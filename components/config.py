@@ -248,6 +248,16 @@ class LargeConfig(Strict):
     # natural choice), "uniform", "best_proxy" (the best training proxy's mixture).
     baselines: list[Literal["prior", "uniform", "best_proxy"]] = []
     extra_baselines: dict[str, dict[str, float]] = {}  # user mixtures by name
+    # Concurrent larger-model runs (chosen, baselines, seeds, rank check) on a cluster: each may
+    # hold a whole GPU node, so fewer than proxies
+    parallelism: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _own_names(self):
+        taken = sorted(set(self.extra_baselines) & {"chosen", "prior", "uniform", "best_proxy"})
+        if taken:
+            raise ValueError(f"large.extra_baselines: {taken} name built-in mixtures; rename yours")
+        return self
 
 
 class RankCheckConfig(Strict):

@@ -161,7 +161,11 @@ def build_tokenizer(config: TokenizerConfig, documents: dict[str, list[str]]):
     if config.kind == "file":
         if not Path(config.path).is_file():
             raise CorpusError(f"tokenizer.path: no file at '{config.path}'; give a tokenizer.json")
-        return Tokenizer.from_file(config.path)
+        try:
+            return Tokenizer.from_file(config.path)
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise CorpusError(f"tokenizer.path: '{config.path}' is not a tokenizers JSON file "
+                              f"({str(e)[:200]}); save one with Tokenizer.save") from None
     if config.kind == "hf":
         try:
             return Tokenizer.from_pretrained(config.name)

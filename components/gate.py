@@ -172,8 +172,9 @@ def validate_prediction_op(
     ids = [r["id"] for r in results]
     predicted = dict(zip(ids, map(float, model.predict(weights)), strict=True))
     failed = [r for task in gate_results for r in task["results"] if "error" in r]
-    if any(r["id"] == "chosen" for r in failed):
-        raise RuntimeError(f"the chosen mixture's gate proxy failed ({failed[0]['error']}); "
+    chosen_failed = next((r for r in failed if r["id"] == "chosen"), None)
+    if chosen_failed:
+        raise RuntimeError(f"the chosen mixture's gate proxy failed ({chosen_failed['error']}); "
                            "the gate cannot judge it. Rerun: finished proxies are reused")
     decision = decide(results, predicted, fit_report["target"], fit_report, cfg.gate)
     with stage_run(tracking, "gate", "validate-prediction"):

@@ -38,7 +38,7 @@ def build_pipeline(config: RegMixConfig):
     # KFP parameters cannot hold nulls; an absent key means the same (every optional field
     # defaults to None).
     defaults = config.model_dump(mode="json", exclude_none=True)
-    parallelism = config.proxy.parallelism
+    parallelism, large_parallelism = config.proxy.parallelism, config.large.parallelism
     rank_check = config.rank_check.mixtures > 0
     active_rounds = config.active_learning.rounds
     cluster = config.cluster
@@ -86,7 +86,7 @@ def build_pipeline(config: RegMixConfig):
             with dsl.If(gate.output == True, name="gate-passed"):  # noqa: E712
                 large_plan = plan_large_op(config=config, data_meta=meta, chosen=chosen,
                                            fit_report=fit_report, tracking=tracking)
-                with dsl.ParallelFor(large_plan.output, parallelism=parallelism) as large_run:
+                with dsl.ParallelFor(large_plan.output, parallelism=large_parallelism) as large_run:
                     large = train_target_op(config=config, run=large_run, data=tokens)
                 compare_baselines_op(config=config, results=dsl.Collected(large.output),
                                      fit_report=fit_report, tracking=tracking)
@@ -96,7 +96,7 @@ def build_pipeline(config: RegMixConfig):
                 rank_plan = plan_rank_check_op(config=config, data_meta=meta,
                                                proxy_results=dsl.Collected(proxies.output),
                                                tracking=tracking)
-                with dsl.ParallelFor(rank_plan.output, parallelism=parallelism) as rank_run:
+                with dsl.ParallelFor(rank_plan.output, parallelism=large_parallelism) as rank_run:
                     ranked = train_target_op(config=config, run=rank_run, data=tokens)
                 rank_invariance_op(config=config, proxy_results=dsl.Collected(proxies.output),
                                    rank_results=dsl.Collected(ranked.output), data_meta=meta,

@@ -31,6 +31,8 @@ def test_shipped_configs_load():
          "multiple of micro_batch_size"),
         ({"gate": {"spearman_threshold": 1.5}}, "gate.spearman_threshold"),
         ({"name": "Has Spaces"}, "name: String should match pattern"),
+        ({"large": {"extra_baselines": {"uniform": {"code": 1.0}}}},
+         r"large.extra_baselines: \['uniform'\] name built-in mixtures"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, overrides, message):

@@ -76,6 +76,10 @@ def test_large_run_is_guarded_by_the_gate_and_asks_for_a_whole_gpu_node(pile):
     pod = platform[label]
     assert pod["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pod["pvcMount"][0]["mountPath"] == "/data"
+    # the large, baseline and rank-check runs loop at their own, lower, concurrency
+    large_loops = [t for t in tasks(spec).values() if "iteratorPolicy" in t
+                   and "train-target-op" in nested_tasks(spec, t["componentRef"]["name"])]
+    assert large_loops and {t["iteratorPolicy"]["parallelismLimit"] for t in large_loops} == {2}
 
 
 def test_every_pod_gets_the_image_mlflow_secret_retries_and_no_pip_install(pile):
