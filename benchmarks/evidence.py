@@ -2,7 +2,7 @@
 
 Gate Spearman on fresh proxies (with its bootstrap interval), the large model's target loss on
 the chosen mixture vs the natural (token prior), uniform and best-proxy mixtures over seeds,
-and the rank-invariance Spearman proxy -> ~10x larger model. Long: run it on a quiet machine.
+and the rank-invariance Spearman proxy -> ~12x larger model. Long: run it on a quiet machine.
 
     python benchmarks/evidence.py [--config configs/evidence.yaml] [--json]
     python benchmarks/evidence.py --set regression.target=wikipedia --set rank_check.mixtures=0

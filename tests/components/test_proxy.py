@@ -243,3 +243,13 @@ def test_a_proxy_trained_while_mlflow_is_down_is_kept_and_logged_later(prepared_
     run = find_finished(tracking, mixture["hash"])
     assert run.info.run_id == logged["run_id"]
     assert run.data.metrics["train_loss"] == trained["curve"][-1][1]
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "ddp", "fsdp"])
+def test_shipped_accelerate_configs_load_in_accelerate(name):
+    # accelerate's own loader: it rejects unknown keys and values (as `accelerate launch` would)
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(f"configs/accelerate/{name}.yaml")
+    assert config.mixed_precision == "bf16"
+    assert config.distributed_type == {"single_gpu": "NO", "ddp": "MULTI_GPU", "fsdp": "FSDP"}[name]
