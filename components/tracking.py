@@ -146,7 +146,7 @@ def latest_run(runs: list | None):
 def proxy_runs(tracking_uri: str, experiment: str, stage: str = "proxy",
                page_size: int = 1000) -> list[dict]:
     """Every finished run of a stage in an experiment as proxy results (weights, losses),
-    paged through MLflow's search API; what `regmix export` and the regression can read."""
+    paged through MLflow's search API; what `regmix export` writes as CSVs."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
@@ -166,6 +166,7 @@ def proxy_runs(tracking_uri: str, experiment: str, stage: str = "proxy",
                 "id": params.get("mixture_id", run.info.run_name),
                 "hash": run.data.tags.get(HASH_TAG),
                 "run_id": run.info.run_id,
+                "setting": {k: params.get(k) for k in ("shape", "tokens_budget")},
                 "weights": {k[7:]: float(v) for k, v in params.items() if k.startswith("weight.")},
                 "val_loss": {k[9:]: v for k, v in metrics.items() if k.startswith("val_loss.")},
             })

@@ -126,8 +126,18 @@ def export_csv(tracking_uri: str, experiment: str, stage: str, mixtures: Path,
     results = sorted(proxy_runs(tracking_uri, experiment, stage), key=lambda r: r["id"])
     if not results:
         raise DataError(f"experiment '{experiment}' has no finished '{stage}' runs to export")
+    # One regression needs comparable rows: one model shape and token budget, one set of domains
+    settings = sorted({json.dumps(r["setting"], sort_keys=True) for r in results})
+    if len(settings) > 1:
+        raise DataError(f"experiment '{experiment}' mixes proxies of {len(settings)} settings "
+                        f"({'; '.join(settings)}); give each setting its own config `name`")
     domains = sorted({d for r in results for d in r["weights"]})
     targets = sorted({d for r in results for d in r["val_loss"]})
+    partial = [r["id"] for r in results if set(r["weights"]) != set(domains)
+               or set(r["val_loss"]) != set(targets)]
+    if partial:
+        raise DataError(f"experiment '{experiment}': runs {partial[:5]} lack some of the domains "
+                        f"{domains}; export an experiment whose proxies share one corpus")
     index = np.arange(1, len(results) + 1)
     weights = np.array([[r["weights"].get(d, 0.0) for d in domains] for r in results])
     values = np.array([[r["val_loss"].get(t, np.nan) for t in targets] for r in results])

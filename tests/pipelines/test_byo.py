@@ -71,19 +71,28 @@ def test_counts_below_their_minimum_are_refused_by_flag(capsys, command, message
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_export_writes_the_paper_format_from_mlflow(tmp_path, tracking):
+def log_proxy(tracking, i: int, weights, tokens_budget: int = 1000) -> None:
+    with stage_run(tracking, "proxy", f"proxy-m{i}", {HASH_TAG: f"h{i}"}):
+        mlflow.log_params({f"weight.{d}": w for d, w in zip("abc", weights, strict=True)})
+        mlflow.log_params({"mixture_id": f"m{i:04d}", "shape": "tiny", "tokens_budget": tokens_budget})
+        mlflow.log_metrics({f"val_loss.{d}": 3 + i for d in "abc"})
+
+
+def test_export_writes_the_paper_format_from_mlflow(tmp_path, tracking, capsys):
     rng = np.random.default_rng(0)
     for i, weights in enumerate(rng.dirichlet([1, 1, 1], 5)):
-        with stage_run(tracking, "proxy", f"proxy-m{i}", {HASH_TAG: f"h{i}"}):
-            mlflow.log_params({f"weight.{d}": w for d, w in zip("abc", weights, strict=True)})
-            mlflow.log_param("mixture_id", f"m{i:04d}")
-            mlflow.log_metrics({f"val_loss.{d}": 3 + i for d in "abc"})
+        log_proxy(tracking, i, weights)
     mixtures, losses = tmp_path / "m.csv", tmp_path / "l.csv"
-    assert main(["export", "--experiment", "regmix-test", "--tracking-uri", tracking["uri"],
-                 "--mixtures", str(mixtures), "--losses", str(losses)]) == 0
+    export = ["export", "--experiment", "regmix-test", "--tracking-uri", tracking["uri"],
+              "--mixtures", str(mixtures), "--losses", str(losses)]
+    assert main(export) == 0
     from components.paper_data import read_proxy_csvs
 
     table = read_proxy_csvs(mixtures)  # the exported CSVs read back as valid input
     assert table.domains == ["a", "b", "c"] and len(table.index) == 5
     rows = list(csv.DictReader(losses.open()))
     assert [float(r["val_loss.a"]) for r in rows] == [3, 4, 5, 6, 7]
+    # Proxies trained on another token budget are not rows of the same regression
+    log_proxy(tracking, 5, [0.2, 0.3, 0.5], tokens_budget=2000)
+    assert main(export) == 2
+    assert "mixes proxies of 2 settings" in capsys.readouterr().err
