@@ -46,7 +46,7 @@ def load_record(tracking_uri: str, experiment: str, label: str) -> RunRecord:
     if not record.runs:
         raise ValueError(f"no runs tagged {PIPELINE_TAG}={label} in experiment '{experiment}'")
     with tempfile.TemporaryDirectory() as tmp:
-        for stage, name in (("gate", "gate.json"), ("evidence", "baselines.json"),
+        for stage, name in (("search", "prior.json"), ("gate", "gate.json"), ("evidence", "baselines.json"),
                             ("evidence", "rank_invariance.json")):
             for run in record.runs.get(stage, []):
                 try:
@@ -70,9 +70,7 @@ def weights_of(run) -> dict[str, float]:
 
 
 def plot_mixtures(record: RunRecord, path: Path) -> bool:
-    search = record.latest("search")
-    prior = next((r for r in record.runs.get("proxy", []) if r.data.params.get("mixture_id")
-                  == "m0000"), None)
+    search, prior = record.latest("search"), record.artifacts.get("prior.json")
     if search is None:
         return False
     chosen = weights_of(search)
@@ -81,8 +79,7 @@ def plot_mixtures(record: RunRecord, path: Path) -> bool:
     x = range(len(domains))
     ax.bar([i - 0.2 for i in x], [chosen[d] for d in domains], 0.4, label="chosen")
     if prior is not None:
-        natural = weights_of(prior)
-        ax.bar([i + 0.2 for i in x], [natural.get(d, 0) for d in domains], 0.4, label="prior")
+        ax.bar([i + 0.2 for i in x], [prior.get(d, 0) for d in domains], 0.4, label="prior")
     ax.set_xticks(list(x), domains, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("weight")
     ax.legend()

@@ -424,4 +424,6 @@ def search_mixture_op(
                             "search_seconds": chosen.seconds,
                             "paper_recipe_predicted_loss": recipe.predicted})
         mlflow.log_artifact(mixture.path, "mixture")
+        # the mixture the proxies were sampled around, for the report's chosen-vs-prior plot
+        mlflow.log_dict(dict(zip(model.domains, prior.tolist(), strict=True)), "prior.json")
     return record

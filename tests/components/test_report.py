@@ -13,6 +13,7 @@ def test_report_reads_the_run_back_from_mlflow(tmp_path, tracking):
     with stage_run(tracking, "search", "search"):
         mlflow.log_params({"weight.code": 0.7, "weight.prose": 0.3, "method": "cmaes"})
         mlflow.log_metrics({"predicted_loss": 3.1, "paper_recipe_predicted_loss": 3.2})
+        mlflow.log_dict({"code": 0.4, "prose": 0.6}, "prior.json")
     with stage_run(tracking, "gate", "gate"):
         mlflow.log_metric("gate.passed", 1.0)
         mlflow.set_tag("gate.reason", "prediction validated")
