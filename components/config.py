@@ -137,13 +137,17 @@ class ModelConfig(Strict):
         return SHAPES[self.shape] if isinstance(self.shape, str) else self.shape
 
 
+# The paper's (RegMix, synthesize_mixture.py) range of Dirichlet strengths
+STRENGTH_RANGE = (0.1, 5.0)
+
+
 class MixtureConfig(Strict):
     """The paper's sampler: Dirichlet around the token prior."""
 
     count: int = Field(32, ge=2)
     temperature: float = Field(0.5, gt=0)  # prior = token share ** temperature, renormalised
-    strength_min: float = Field(0.1, gt=0)
-    strength_max: float = Field(5.0, gt=0)
+    strength_min: float = Field(STRENGTH_RANGE[0], gt=0)
+    strength_max: float = Field(STRENGTH_RANGE[1], gt=0)
     min_weight: float = Field(0.002, ge=0, lt=1)  # weights below are zeroed
     max_epochs: float = Field(4.0, gt=0)  # no domain repeated more in a proxy's budget
     include_prior: bool = True  # also train the prior itself (a natural baseline point)
@@ -153,6 +157,10 @@ class MixtureConfig(Strict):
         if self.strength_min > self.strength_max:
             raise ValueError("mixtures.strength_min must be <= strength_max")
         return self
+
+    @property
+    def strength_range(self) -> tuple[float, float]:
+        return self.strength_min, self.strength_max
 
 
 class ProxyConfig(Strict):
@@ -198,6 +206,11 @@ def target_loss(val_loss: dict[str, float], weights: dict[str, float]) -> float:
 SEARCH_TRIALS, PAPER_SAMPLES, MIN_SEARCH_TRIALS = 3000, 100_000, 128
 
 
+def default_trials(method: str) -> int:
+    """`paper` counts samples, not trials: unless told, it draws the paper's 100k."""
+    return PAPER_SAMPLES if method == "paper" else SEARCH_TRIALS
+
+
 class SearchConfig(Strict):
     method: Literal["cmaes", "tpe", "paper"] = "cmaes"
     trials: int = Field(SEARCH_TRIALS, ge=MIN_SEARCH_TRIALS)  # samples for `paper`
@@ -209,10 +222,9 @@ class SearchConfig(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _paper_samples(cls, data):
-        # `paper` counts samples, not trials: unless told, draw the paper's 100k
-        if isinstance(data, dict) and data.get("method") == "paper" and "trials" not in data:
-            return {**data, "trials": PAPER_SAMPLES}
+    def _default_trials(cls, data):
+        if isinstance(data, dict) and "trials" not in data:
+            return {**data, "trials": default_trials(data.get("method", "cmaes"))}
         return data
 
 

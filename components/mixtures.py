@@ -12,10 +12,9 @@ import json
 import numpy as np
 
 from components import component
+from components.config import STRENGTH_RANGE
 
 SAMPLE_BLOCK = 256  # candidates per draw; fixed so the sequence is independent of count
-# The paper's (RegMix, synthesize_mixture.py) range of Dirichlet strengths
-STRENGTH_RANGE = (0.1, 5.0)
 
 
 def token_prior(train_tokens: np.ndarray, temperature: float) -> np.ndarray:
@@ -118,7 +117,7 @@ def draw_mixtures(config, meta: dict, count: int, rng: np.random.Generator) -> n
     """`count` mixtures from the config's sampler (the training draw and the gate's fresh one)."""
     mix = config.mixtures
     prior, caps = prior_and_caps(config, meta)
-    return sample_mixtures(prior, count, caps, rng, (mix.strength_min, mix.strength_max),
+    return sample_mixtures(prior, count, caps, rng, mix.strength_range,
                            mix.min_weight)
 
 

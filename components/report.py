@@ -46,8 +46,8 @@ def load_record(tracking_uri: str, experiment: str, label: str) -> RunRecord:
     if not record.runs:
         raise ValueError(f"no runs tagged {PIPELINE_TAG}={label} in experiment '{experiment}'")
     with tempfile.TemporaryDirectory() as tmp:
-        for stage, name in (("search", "prior.json"), ("gate", "gate.json"), ("evidence", "baselines.json"),
-                            ("evidence", "rank_invariance.json")):
+        for stage, name in (("search", "prior.json"), ("gate", "gate.json"),
+                            ("evidence", "baselines.json"), ("evidence", "rank_invariance.json")):
             for run in record.runs.get(stage, []):
                 try:
                     path = client.download_artifacts(run.info.run_id, name, tmp)

@@ -18,8 +18,8 @@ from scipy.spatial.distance import cdist
 from scipy.special import expit, logit
 
 from components import component
-from components.config import PAPER_SAMPLES
-from components.mixtures import STRENGTH_RANGE, dirichlet_around
+from components.config import PAPER_SAMPLES, STRENGTH_RANGE
+from components.mixtures import dirichlet_around
 from components.regression import Regressor
 
 METHODS = ("cmaes", "tpe")
@@ -396,7 +396,7 @@ def search_mixture_op(
     options = dict(constraints=constraints, seed=cfg.seed, train_weights=model.train_weights,
                    allow_extrapolation=cfg.search.allow_extrapolation)
     # The paper's recipe samples as the proxies were sampled: around the same prior, same strengths
-    strengths = (cfg.mixtures.strength_min, cfg.mixtures.strength_max)
+    strengths = cfg.mixtures.strength_range
     if cfg.search.method == "paper":
         chosen = paper_search(model, prior, samples=cfg.search.trials, strength_range=strengths,
                               **options)

@@ -15,7 +15,13 @@ from typing import get_args
 import numpy as np
 import yaml
 
-from components.config import MIN_SEARCH_TRIALS, PAPER_SAMPLES, SEARCH_TRIALS, RegressionModel
+from components.config import (
+    MIN_SEARCH_TRIALS,
+    PAPER_SAMPLES,
+    SEARCH_TRIALS,
+    RegressionModel,
+    default_trials,
+)
 from components.files import write_text
 from components.paper_data import DataError, read_proxy_csvs, resolve_target, write_predictions_csv
 
@@ -139,8 +145,8 @@ def export_csv(tracking_uri: str, experiment: str, stage: str, mixtures: Path,
         raise DataError(f"experiment '{experiment}': runs {partial[:5]} lack some of the domains "
                         f"{domains}; export an experiment whose proxies share one corpus")
     index = np.arange(1, len(results) + 1)
-    weights = np.array([[r["weights"].get(d, 0.0) for d in domains] for r in results])
-    values = np.array([[r["val_loss"].get(t, np.nan) for t in targets] for r in results])
+    weights = np.array([[r["weights"][d] for d in domains] for r in results])
+    values = np.array([[r["val_loss"][t] for t in targets] for r in results])
     write_predictions_csv(mixtures, index, domains, weights)
     write_predictions_csv(losses, index, [f"val_loss.{t}" for t in targets], values)
     return len(results)
@@ -226,8 +232,8 @@ def cmd_predict(args) -> int:
 def cmd_search(args) -> int:
     constraints = {"min_weight": args.min_weight, "max_weight": args.max_weight,
                    "fixed": args.fixed}
+    trials = args.trials or default_trials(args.method)
     try:
-        trials = args.trials or (PAPER_SAMPLES if args.method == "paper" else SEARCH_TRIALS)
         record = search_model(args.model, args.out, args.target, args.method, trials,
                               args.seed, constraints, args.allow_extrapolation)
     except ValueError as e:  # infeasible constraints or a refused extrapolation
