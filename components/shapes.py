@@ -41,12 +41,16 @@ class ModelShape:
 
 # The paper's shapes (RegMix, Liu et al. 2025, table 7; `tinyllama_1M`, `tinyllama_60M` and
 # `tinyllama_1_1b` in its code's lit-gpt configs) and the local CPU shapes. The paper's 1B model
-# is TinyLlama's shape with 16 full attention heads (its config sets no query groups), not the
-# released TinyLlama's 32 query heads over 4 key/value heads.
+# is TinyLlama's shape with 16 full attention heads (its config sets no query groups);
+# `tinyllama-1.1b` is the released TinyLlama (32 query heads over 4 key/value heads), for a
+# large run that should match that checkpoint's architecture.
 SHAPES: dict[str, ModelShape] = {
     "proxy-1m": ModelShape(n_layer=2, n_embd=256, n_head=8, mlp_hidden=512, context=2048),
     "proxy-60m": ModelShape(n_layer=10, n_embd=768, n_head=8, mlp_hidden=1536, context=2048),
     "large-1b": ModelShape(n_layer=22, n_embd=2048, n_head=16, mlp_hidden=5632, context=2048),
+    "tinyllama-1.1b": ModelShape(
+        n_layer=22, n_embd=2048, n_head=32, n_kv_head=4, mlp_hidden=5632, context=2048
+    ),
     "local-proxy": ModelShape(n_layer=2, n_embd=64, n_head=4, mlp_hidden=128, context=128),
     "local-large": ModelShape(n_layer=4, n_embd=160, n_head=5, mlp_hidden=320, context=128),
     "tiny-proxy": ModelShape(n_layer=1, n_embd=32, n_head=2, mlp_hidden=64, context=64),

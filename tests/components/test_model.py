@@ -16,6 +16,13 @@ def test_shapes_are_the_papers():
     assert dims("proxy-1m") == (2, 256, 8, 8, 512, 2048)
     assert dims("proxy-60m") == (10, 768, 8, 8, 1536, 2048)
     assert dims("large-1b") == (22, 2048, 16, 16, 5632, 2048)
+    assert dims("tinyllama-1.1b") == (22, 2048, 32, 4, 5632, 2048)
+
+
+def test_tinyllama_shape_has_the_released_models_parameter_count():
+    with torch.device("meta"):  # no memory: only the parameter shapes are built
+        model = LM(SHAPES["tinyllama-1.1b"], vocab_size=32_000)
+    assert sum(p.numel() for p in model.parameters()) == 1_100_048_384  # TinyLlama-1.1B's count
 
 
 def test_paper_proxy_shape_is_about_one_million_non_embedding_params():
