@@ -313,13 +313,27 @@ class TokenData:
 
 # ---------------------------------------------------------------- KFP component
 @component
-def prepare_data_op(config: dict, data: Output[dsl.Dataset]) -> dict:
+def data_settings_op(config: dict) -> dict:
+    """The config's sections that decide the prepared data: corpus, tokenizer and seed.
+
+    Data preparation takes only these, so that KFP's cache of it (keyed on a task's inputs)
+    survives an edit to any other section, such as a gate threshold or a pod's memory.
+    """
+    from components.config import parse_config
+
+    return parse_config(config).model_dump(mode="json", include={"corpus", "tokenizer", "seed"},
+                                           exclude_none=True)
+
+
+@component
+def prepare_data_op(settings: dict, data: Output[dsl.Dataset]) -> dict:
     """Tokenize the corpus into per-domain packed arrays; returns the data meta."""
     import logging
 
-    from components.config import parse_config
+    from components.config import CorpusConfig, TokenizerConfig
     from components.data import prepare_data
 
     logging.basicConfig(level=logging.INFO)
-    cfg = parse_config(config)
-    return prepare_data(cfg.corpus, cfg.tokenizer, data.path, seed=cfg.seed)
+    corpus = CorpusConfig.model_validate(settings["corpus"])
+    tokenizer = TokenizerConfig.model_validate(settings["tokenizer"])
+    return prepare_data(corpus, tokenizer, data.path, seed=settings["seed"])

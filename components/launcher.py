@@ -170,20 +170,14 @@ def in_cluster_api():
 
 
 def run_pytorchjob(manifest: dict, api, poll_seconds: float = 30.0) -> dict:
-    """Create the job (or find the one a previous attempt made), log its state changes until it
-    ends, and raise `JobFailed` with its reason and master's last log lines if it fails."""
+    """Create the job (or find the one a previous attempt made, replacing it if it failed), log
+    its state changes until it ends, and raise `JobFailed` with its reason and master's last
+    log lines if it fails."""
     from kubernetes import client
 
     jobs = client.CustomObjectsApi(api)
     name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
-    try:
-        jobs.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
-        log.info("created PyTorchJob %s/%s", namespace, name)
-    except client.ApiException as e:
-        if e.status != 409:
-            raise
-        log.info("PyTorchJob %s/%s exists (an earlier attempt made it); following it",
-                 namespace, name)
+    create_or_follow(jobs, manifest, poll_seconds)
     seen = None
     while True:
         job = jobs.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
@@ -198,6 +192,41 @@ def run_pytorchjob(manifest: dict, api, poll_seconds: float = 30.0) -> dict:
             raise JobFailed(f"PyTorchJob {namespace}/{name} failed: {detail}\n"
                             f"last lines of {name}-master-0:\n{tail}")
         time.sleep(poll_seconds)
+
+
+def create_or_follow(jobs, manifest: dict, poll_seconds: float) -> None:
+    """Create the job. If an earlier attempt of this task made it, follow that one, unless it
+    failed: then a retried task would only re-read the failure, so the job is replaced (its
+    checkpoints on the volume let the new one resume)."""
+    from kubernetes import client
+
+    name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
+    job_api = (GROUP, VERSION, namespace, PLURAL)
+    try:
+        jobs.create_namespaced_custom_object(*job_api, manifest)
+        log.info("created PyTorchJob %s/%s", namespace, name)
+        return
+    except client.ApiException as e:
+        if e.status != 409:
+            raise
+    state, detail = job_state(jobs.get_namespaced_custom_object(*job_api, name))
+    if state != "Failed":
+        log.info("PyTorchJob %s/%s exists (an earlier attempt made it); following it",
+                 namespace, name)
+        return
+    log.info("PyTorchJob %s/%s failed in an earlier attempt (%s); replacing it",
+             namespace, name, detail)
+    jobs.delete_namespaced_custom_object(*job_api, name, propagation_policy="Foreground")
+    while True:  # the name is free only once the job and its pods are gone
+        try:
+            jobs.get_namespaced_custom_object(*job_api, name)
+        except client.ApiException as e:
+            if e.status == 404:
+                break
+            raise
+        time.sleep(poll_seconds)
+    jobs.create_namespaced_custom_object(*job_api, manifest)
+    log.info("created PyTorchJob %s/%s", namespace, name)
 
 
 def job_state(job: dict) -> tuple[str, str]:

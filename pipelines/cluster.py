@@ -35,6 +35,10 @@ def apply_task_settings(task: dsl.PipelineTask, cluster: ClusterConfig,
                         kind: Kind) -> dsl.PipelineTask:
     """Image, resources, scheduling, volumes, secrets, retries and caching for one task."""
     pod = getattr(cluster, kind)
+    if kind == "large" and cluster.large.nodes > 1:
+        # The nodes train in a PyTorchJob: this task only creates and follows it, so it asks for
+        # a CPU pod instead of holding a whole GPU node idle (it keeps the volume and secret).
+        pod = cluster.cpu
     if cluster.image:
         task.set_container_image(cluster.image)
         kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID,

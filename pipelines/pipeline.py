@@ -16,7 +16,7 @@ from kfp import dsl
 
 from components.active import propose_proxies_op
 from components.config import RegMixConfig
-from components.data import prepare_data_op
+from components.data import data_settings_op, prepare_data_op
 from components.gate import plan_gate_op, validate_prediction_op
 from components.large import (
     compare_baselines_op,
@@ -49,7 +49,7 @@ def build_pipeline(config: RegMixConfig):
                "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         with dsl.ExitHandler(finish_tracking_op(**run), name="track-run"):
             tracking = start_tracking_op(**run).output
-            data = prepare_data_op(config=config)
+            data = prepare_data_op(settings=data_settings_op(config=config).output)
             meta, tokens = data.outputs["Output"], data.outputs["data"]
             plan = sample_mixtures_op(config=config, data_meta=meta, tracking=tracking)
             with dsl.ParallelFor(plan.output, parallelism=parallelism) as task:

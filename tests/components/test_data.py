@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from components.config import CorpusConfig, TokenizerConfig
-from components.data import CorpusError, TokenData, pack, prepare_data_op, split_domain
+from components.data import (
+    CorpusError,
+    TokenData,
+    data_settings_op,
+    pack,
+    prepare_data_op,
+    split_domain,
+)
 from tests.conftest import tiny_config_dict
 
 
@@ -31,7 +38,8 @@ def test_prepare_data_component(tmp_path, corpus_spec):
     from kfp import dsl
 
     out = dsl.Dataset(name="data", uri=str(tmp_path / "data"))
-    meta = prepare_data_op.python_func(config=tiny_config_dict(corpus_spec), data=out)
+    settings = data_settings_op.python_func(config=tiny_config_dict(corpus_spec))
+    meta = prepare_data_op.python_func(settings=settings, data=out)
     assert meta["domains"] == ["code", "changelogs", "licenses"]
     data = TokenData.open(out.path)
     assert data.vocab_size == 512 and len(meta["fingerprint"]) == 16
@@ -40,6 +48,17 @@ def test_prepare_data_component(tmp_path, corpus_spec):
         assert data.array("train", domain).size == meta["tokens"][domain]["train"] > 10_000
         assert data.array("train", domain).max() < 512
     assert json.loads((tmp_path / "data" / "meta.json").read_text()) == meta
+
+
+def test_data_preparation_sees_only_the_sections_that_decide_the_data(corpus_spec):
+    """KFP caches data preparation by its inputs: other sections must not reach them."""
+    config = tiny_config_dict(corpus_spec)
+    settings = data_settings_op.python_func(config=config)
+    assert set(settings) == {"corpus", "tokenizer", "seed"}
+    edited = {**config, "gate": {**config.get("gate", {}), "spearman_threshold": 0.1}}
+    assert data_settings_op.python_func(config=edited) == settings
+    reseeded = {**config, "seed": config.get("seed", 0) + 1}
+    assert data_settings_op.python_func(config=reseeded) != settings
 
 
 def test_same_corpus_same_fingerprint(tmp_path, corpus_spec, prepared_data):

@@ -31,12 +31,16 @@ def condition(kind: str, reason: str = "", message: str = "") -> dict:
     return {"type": kind, "status": "True", "reason": reason, "message": message}
 
 
-def fake_kubernetes(states: list[dict], on_create=None, exists: bool = False) -> FakeApi:
-    """PyTorchJob create/get (each get shows the next status) and the master pod's log."""
+def fake_kubernetes(states: list[dict], on_create=None, earlier: dict | None = None) -> FakeApi:
+    """PyTorchJob create/get/delete and the master pod's log. Each get of a job this fake
+    created shows the next of `states`; `earlier` is the status of a job an earlier attempt of
+    the task left behind."""
     jobs: dict[str, dict] = {}
+    if earlier is not None:
+        jobs["regmix-large-x"] = {"metadata": {"name": "regmix-large-x"}, "status": earlier}
 
     def create(match, query, body):
-        if exists:
+        if body["metadata"]["name"] in jobs:
             return 409, {"kind": "Status", "reason": "AlreadyExists", "code": 409}
         jobs[body["metadata"]["name"]] = body
         if on_create:
@@ -44,12 +48,21 @@ def fake_kubernetes(states: list[dict], on_create=None, exists: bool = False) ->
         return 201, body
 
     def get(match, query, body):
-        status = states.pop(0) if len(states) > 1 else states[0]
-        return 200, {**jobs.get(match["name"], {}), "status": status}
+        job = jobs.get(match["name"])
+        if job is None:
+            return 404, {"kind": "Status", "reason": "NotFound", "code": 404}
+        if "status" in job:
+            return 200, job
+        return 200, {**job, "status": states.pop(0) if len(states) > 1 else states[0]}
+
+    def delete(match, query, body):
+        jobs.pop(match["name"])
+        return 200, {"kind": "Status", "status": "Success"}
 
     return FakeApi({
         ("POST", JOBS): create,
         ("GET", JOBS + "/(?P<name>[^/]+)"): get,
+        ("DELETE", JOBS + "/(?P<name>[^/]+)"): delete,
         ("GET", "/api/v1/namespaces/regmix/pods/(?P<pod>[^/]+)/log"):
             lambda m, q, b: (200, f"{m['pod']}: CUDA out of memory\n"),
     })
@@ -121,8 +134,25 @@ def test_a_failed_job_fails_the_task_with_its_reason_and_the_master_log():
 
 def test_a_retried_task_follows_the_job_its_first_attempt_made():
     manifest = launcher.pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
-    with fake_kubernetes([{"conditions": [condition("Succeeded")]}], exists=True) as api:
-        launcher.run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
+    succeeded = {"conditions": [condition("Running"), condition("Succeeded")]}
+    with fake_kubernetes([], earlier=succeeded) as api:
+        job = launcher.run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
+        assert len(api.calls("POST", JOBS)) == 1 and api.calls("DELETE", JOBS + "/.*") == []
+    assert launcher.job_state(job)[0] == "Succeeded"
+
+
+def test_a_retried_task_replaces_the_job_its_first_attempt_saw_fail(caplog):
+    manifest = launcher.pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
+    failed = {"conditions": [condition("Failed", "BackoffLimitExceeded")]}
+    with fake_kubernetes([{"conditions": [condition("Succeeded")]}], earlier=failed) as api, \
+            caplog.at_level(logging.INFO, "regmix.launcher"):
+        job = launcher.run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
+        ((query, _),) = api.calls("DELETE", JOBS + "/regmix-large-x")
+        posts = api.calls("POST", JOBS)
+    assert query == {"propagationPolicy": "Foreground"}  # its pods go before the name is free
+    assert len(posts) == 2 and posts[-1][1] == manifest  # refused (exists), then created anew
+    assert launcher.job_state(job)[0] == "Succeeded"
+    assert "failed in an earlier attempt" in caplog.text
 
 
 def fake_train_target(data_dir, run, config):

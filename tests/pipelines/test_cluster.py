@@ -82,6 +82,22 @@ def test_large_run_is_guarded_by_the_gate_and_asks_for_a_whole_gpu_node(pile):
     assert large_loops and {t["iteratorPolicy"]["parallelismLimit"] for t in large_loops} == {2}
 
 
+def test_a_multinode_large_run_task_only_launches_its_pytorchjob_from_a_cpu_pod(tmp_path):
+    config = yaml.safe_load(Path("configs/pile.yaml").read_text())
+    config["cluster"]["large"]["nodes"] = 2
+    (tmp_path / "nodes.yaml").write_text(yaml.safe_dump(config))
+    spec, platform = compiled(str(tmp_path / "nodes.yaml"), tmp_path / "pipeline.yaml")
+    label, container = executor(spec, "train-target-op")
+    assert "accelerator" not in container["resources"]  # the job's pods hold the GPUs
+    cpu = config["cluster"]["cpu"]
+    assert container["resources"]["resourceCpuLimit"] == str(cpu["cpu"])
+    assert container["resources"]["resourceMemoryLimit"] == cpu["memory"]
+    pod = platform[label]
+    assert "nodeSelector" not in pod and "emptyDirMounts" not in pod
+    assert pod["pvcMount"][0]["mountPath"] == "/data"  # it hands the data over on the volume
+    assert pod["secretAsEnv"][0]["secretName"] == "regmix-mlflow-client"
+
+
 def test_every_pod_gets_the_image_mlflow_secret_retries_and_no_pip_install(pile):
     spec, platform = pile
     for name, task in tasks(spec).items():

@@ -103,6 +103,8 @@ def test_eight_more_proxies_train_exactly_eight(store, first, tmp_path):
     grown.write_text(yaml.safe_dump(config))
     summary = run_pipeline(store, grown, "grown")
     assert summary["trained"]["proxy"] == 8 and summary["trained"]["rank"] == 0
+    # The 2-node large run trained here, through kfp.local, instead of submitting a PyTorchJob
+    assert summary["gate_passed"] and summary["trained"]["large"] == 1
     client = mlflow.MlflowClient(store[1])
     fits = [client.get_run(run_id) for run_id in summary["mlflow"]["run_ids"]["regression"]]
     fit = next(f for f in fits if f.info.run_name == "fit-regression")

@@ -147,7 +147,7 @@ def test_rbac_allows_only_what_the_launcher_does(builds):
     objects = by_kind_name(builds["base"])
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r["verbs"]
              for r in objects["Role", "regmix-launcher"]["rules"]}
-    assert rules == {(("kubeflow.org",), ("pytorchjobs",)): ["create", "get"],
+    assert rules == {(("kubeflow.org",), ("pytorchjobs",)): ["create", "get", "delete"],
                      (("",), ("pods",)): ["get"], (("",), ("pods/log",)): ["get"]}
     assert not any(kind in ("ClusterRole", "ClusterRoleBinding") for kind, _ in objects)
 
