@@ -98,7 +98,8 @@ class TrainRecipe(Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_fraction: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9, 0.95)  # AdamW's, each in [0, 1)
     grad_clip: float = Field(1.0, gt=0)
     # auto: bf16 autocast where the device has it (CUDA), float32 elsewhere
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
@@ -259,7 +260,9 @@ class LargeConfig(Strict):
     # Comparison mixtures trained like the chosen one: "prior" (the token distribution, the
     # natural choice), "uniform", "best_proxy" (the best training proxy's mixture).
     baselines: list[Literal["prior", "uniform", "best_proxy"]] = []
-    extra_baselines: dict[str, dict[str, float]] = {}  # user mixtures by name
+    # User mixtures by name; the names become MLflow metric keys (large.<name>.mean)
+    extra_baselines: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")],
+                          dict[str, float]] = {}
     # Concurrent larger-model runs (chosen, baselines, seeds, rank check) on a cluster: each may
     # hold a whole GPU node, so fewer than proxies
     parallelism: int = Field(2, ge=1)
@@ -376,6 +379,19 @@ class RegMixConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
 
+    @model_validator(mode="after")
+    def _validation_covers_a_window(self):
+        # Validation loss is averaged over windows of `context` tokens (plus the next one).
+        models = {"proxy.model": self.proxy.model, "large.model": self.large.model,
+                  "rank_check.model": self.rank_check.model}
+        for field, model in models.items():
+            context = model.resolve().context if model else 0
+            if self.corpus.validation_tokens <= context:
+                raise ValueError(
+                    f"corpus.validation_tokens ({self.corpus.validation_tokens}) must exceed "
+                    f"{field}'s context ({context}): raise it to at least {context + 1}")
+        return self
+
     def check_domains(self, domains: list[str]) -> None:
         """Check every domain the config names exists in the corpus, and mixtures sum to 1."""
         known = set(domains)
@@ -441,16 +457,38 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> None:
         node[key] = yaml.safe_load(value)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key repeated in one mapping (PyYAML keeps the last one
+    silently, so a second `search:` block would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'; keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path, error: type[Exception]):
+    """A YAML file's content, or `error` naming the file, line and problem."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise error(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RegMixConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}; pass an existing YAML (see configs/)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    data = read_yaml(path, ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config sections")
     apply_overrides(data, overrides)

@@ -17,12 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 from kfp import dsl
 from kfp.dsl import Output
+from pydantic import TypeAdapter, ValidationError
 
 from components import component
-from components.config import CorpusConfig, DomainSource, TokenizerConfig, check_unique
+from components.config import (
+    CorpusConfig,
+    DomainSource,
+    TokenizerConfig,
+    check_unique,
+    format_validation_error,
+    read_yaml,
+)
 from components.files import replacing
 
 log = logging.getLogger("regmix.data")
@@ -52,14 +59,17 @@ def resolve_domains(corpus: CorpusConfig) -> tuple[list[DomainSource], Path]:
 def read_corpus_spec(path: Path) -> list[DomainSource]:
     if not path.is_file():
         raise CorpusError(f"corpus spec not found: {path}; give a YAML with a `domains` list")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path, CorpusError) or {}
     if not isinstance(data, dict) or not isinstance(data.get("domains"), list):
         raise CorpusError(f"{path}: needs a top-level `domains:` list of {{name, path}} entries")
     try:
-        domains = [DomainSource.model_validate(d) for d in data["domains"]]
+        domains = TypeAdapter(list[DomainSource]).validate_python(data["domains"])
+    except ValidationError as e:  # its locations start with the entry's index
+        raise CorpusError(format_validation_error(e, f"{path}: domains")) from None
+    try:
         check_unique([d.name for d in domains], f"{path}: domains")
-    except (ValueError, TypeError) as e:
-        raise CorpusError(f"{path}: {e}") from None
+    except ValueError as e:
+        raise CorpusError(str(e)) from None
     if len(domains) < 2:
         raise CorpusError(f"{path}: a mixture needs at least 2 domains, found {len(domains)}")
     return domains

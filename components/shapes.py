@@ -34,6 +34,11 @@ class ModelShape:
                 f"model shape: n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) "
                 f"and n_head by n_kv_head ({kv})"
             )
+        if (self.n_embd // self.n_head) % 2:  # RoPE rotates pairs of a head's dimensions
+            raise ValueError(
+                f"model shape: the head size n_embd / n_head ({self.n_embd // self.n_head}) must "
+                "be even; change n_embd or n_head"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -53,6 +53,13 @@ CONFIG_CASES = [
     ({"gate__proxies": 1}, "gate.proxies"),
     ({"name": "Bad Name"}, "name: String should match pattern"),
     ({"proxy__train__micro_batch_size": 3}, "multiple of micro_batch_size"),
+    ({"proxy__train__betas": [0.9, 1.5]}, "proxy.train.betas.1: Input should be less than 1"),
+    ({"proxy__model__shape": {"n_layer": 1, "n_embd": 30, "n_head": 2, "mlp_hidden": 64,
+                              "context": 64}}, "the head size n_embd / n_head (15) must be even"),
+    ({"corpus__validation_tokens": 32},
+     "corpus.validation_tokens (32) must exceed proxy.model's context (64)"),
+    ({"large__extra_baselines": {"mine (50%)": {"code": 1.0}}},
+     "large.extra_baselines.mine (50%).[key]: String should match pattern"),
 ]
 
 
@@ -95,6 +102,12 @@ def test_missing_and_malformed_config_files(tmp_path, capsys):
     (tmp_path / "list.yaml").write_text("- 1\n")
     assert_user_error(capsys, ["run", "--config", str(tmp_path / "list.yaml")],
                       "top level must be a mapping")
+    (tmp_path / "twice.yaml").write_text("name: x\nsearch: {method: paper}\nsearch: {}\n")
+    assert_user_error(capsys, ["run", "--config", str(tmp_path / "twice.yaml")],
+                      "twice.yaml, line 3, column 1: not valid YAML: duplicate key 'search'")
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    assert_user_error(capsys, ["run", "--config", str(tmp_path / "latin1.yaml")],
+                      "latin1.yaml: not UTF-8 text (byte 9); save it as UTF-8")
 
 
 def mixtures_csv(rows: list[str], header="index,a,b,c") -> str:

@@ -115,3 +115,17 @@ def test_bad_spec(tmp_path):
         read_corpus_spec(spec)
     with pytest.raises(CorpusError, match="corpus spec not found"):
         read_corpus_spec(tmp_path / "nope.yaml")
+
+
+def test_corpus_spec_errors_name_the_entry_and_line(tmp_path):
+    from components.data import read_corpus_spec
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("domains:\n  - {name: a, path: a.txt, bogus: 1}\n  - {name: b}\n")
+    with pytest.raises(CorpusError) as error:
+        read_corpus_spec(spec)
+    assert "0.bogus: unknown key" in str(error.value)
+    assert "1: domain 'b': give exactly one of `path` or `hf_path`" in str(error.value)
+    spec.write_text("domains:\n  - {name: a, path: a.txt}\ndomains: []\n")
+    with pytest.raises(CorpusError, match="line 3, column 1: not valid YAML: duplicate key"):
+        read_corpus_spec(spec)
