@@ -51,8 +51,11 @@ def _read_numeric_csv(path: Path) -> _Csv:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open(newline="") as handle:
-        rows = list(csv.reader(handle))
+    try:  # utf-8-sig: spreadsheet programs start their "CSV UTF-8" files with a byte-order mark
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = list(csv.reader(handle))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 CSV") from None
     if not rows:
         raise DataError(f"{path}: the file is empty; expected a header line with '{INDEX_COLUMN}'")
     header = [name.strip() for name in rows[0]]

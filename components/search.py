@@ -214,14 +214,14 @@ def _feasible_bounds(
                     f"domain '{d}': the constraints ask for at least {lower[i]:g}, but no proxy "
                     f"was trained above {trained[i]:g} of it, so the prediction there is an "
                     "extrapolation. Train proxies there, relax min_weight/fixed, or set "
-                    "search.allow_extrapolation (allow_extrapolation=True)"
+                    "search.allow_extrapolation (`regmix search --allow-extrapolation`)"
                 )
         upper = np.minimum(upper, trained)
         if upper.sum() < 1.0 - 1e-12:
             raise ValueError(
                 "no mixture satisfies the constraints inside the trained region (each domain at "
                 "most its largest weight among the training proxies); relax max_weight or "
-                "max_epochs, or set search.allow_extrapolation (allow_extrapolation=True)"
+                "max_epochs, or set search.allow_extrapolation (`regmix search --allow-extrapolation`)"
             )
     return prior / prior.sum(), lower, upper
 

@@ -6,7 +6,9 @@ A model folder holds one subfolder per target plus `targets.json` and the traini
 """
 
 import argparse
+import hashlib
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from components.files import write_text
 from components.paper_data import DataError, read_proxy_csvs, resolve_target, write_predictions_csv
 
 TARGETS_FILE = "targets.json"
+FOLDER_NAME_LENGTH = 80
 
 
 def parse_target(text: str) -> str | dict[str, float]:
@@ -34,16 +37,27 @@ def parse_target(text: str) -> str | dict[str, float]:
         return text
     spec = {}
     for part in text.split(","):
-        name, _, weight = part.rpartition("=")
+        name, _, weight = (p.strip() for p in part.rpartition("="))
         try:
-            spec[name.strip()] = float(weight)
+            value = float(weight)
         except ValueError:
-            raise DataError(f"--target '{text}': '{part}' is not COLUMN=WEIGHT") from None
+            raise DataError(f"'{text}': '{part}' is not NAME=WEIGHT") from None
+        if not name or not math.isfinite(value) or value < 0:
+            raise DataError(f"'{text}': '{part}' needs a name and a finite weight >= 0")
+        if name in spec:
+            raise DataError(f"'{text}': '{name}' is given twice; give it once")
+        spec[name] = value
     return spec
 
 
 def folder_name(target: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", target).strip("_")[:80] or "target"
+    """A readable folder name for a target; a long one keeps a hash of the whole, so that two
+    targets that differ only past the cut do not share (and overwrite) one folder."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", target).strip("_") or "target"
+    if len(name) <= FOLDER_NAME_LENGTH:
+        return name
+    digest = hashlib.sha256(target.encode()).hexdigest()[:10]
+    return f"{name[: FOLDER_NAME_LENGTH - 11]}-{digest}"
 
 
 def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: str,
@@ -51,14 +65,21 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
     """Fit one regressor per target; returns a report per target."""
     from components.regression import fit_regressor
 
+    try:
+        specs = [parse_target(text) for text in targets]
+    except DataError as e:
+        raise DataError(f"--target {e}") from None
     table = read_proxy_csvs(mixtures, losses)
     out.mkdir(parents=True, exist_ok=True)
     reports, index = [], {}
-    for text in targets:
-        name, values = resolve_target(table, parse_target(text))
+    for text, spec in zip(targets, specs, strict=True):
+        name, values = resolve_target(table, spec)
         regressor, report = fit_regressor(table.weights, values, table.domains, model=model,
                                           folds=folds, seed=seed, tune_trials=tune_trials)
         folder = folder_name(name)
+        if folder in index.values() and index.get(name) != folder:
+            raise DataError(f"--target '{text}': its folder name '{folder}' is taken by another "
+                            "target; rename a loss column")
         regressor.save(out / folder)
         index[name] = folder
         reports.append({"target": name, "model": report.model, "cv_spearman": report.cv_spearman,
@@ -76,8 +97,12 @@ def load_models(model_dir: Path) -> dict:
     if not index_file.is_file():
         raise DataError(f"--model {model_dir}: no {TARGETS_FILE}; give a folder `regmix fit` "
                         "wrote")
-    index = json.loads(index_file.read_text())
-    return {name: Regressor.load(Path(model_dir) / folder) for name, folder in index.items()}
+    try:
+        index = json.loads(index_file.read_text())
+        return {name: Regressor.load(Path(model_dir) / folder) for name, folder in index.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"--model {model_dir}: unreadable model folder ({type(e).__name__}: {e}); "
+                        "fit it again with `regmix fit`") from None
 
 
 def predict_csv(model_dir: Path, mixtures: Path, out: Path) -> int:
@@ -153,11 +178,45 @@ def export_csv(tracking_uri: str, experiment: str, stage: str, mixtures: Path,
 
 
 def weights_arg(text: str) -> dict[str, float]:
-    """`domain=w,domain=w` for --min-weight/--max-weight/--fixed."""
-    spec = parse_target(text)
+    """An argparse type: `domain=w,domain=w` for --min-weight/--max-weight/--fixed."""
+    try:
+        spec = parse_target(text)
+    except DataError as e:  # argparse shows an ArgumentTypeError's own message, not a ValueError's
+        raise argparse.ArgumentTypeError(str(e)) from None
     if isinstance(spec, str):
-        raise DataError(f"'{text}': give DOMAIN=WEIGHT[,DOMAIN=WEIGHT...]")
+        raise argparse.ArgumentTypeError(f"'{text}': give DOMAIN=WEIGHT[,DOMAIN=WEIGHT...]")
     return spec
+
+
+class MergeWeights(argparse.Action):
+    """Repeating --fixed (or --min-weight, --max-weight) adds to it; naming a domain twice is
+    an error rather than a silent last-one-wins."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        merged = dict(getattr(namespace, self.dest) or {})
+        twice = sorted(set(merged) & set(values))
+        if twice:
+            parser.error(f"{option_string}: {twice} given twice; give each domain once")
+        setattr(namespace, self.dest, {**merged, **values})
+
+
+def output_file(text: str) -> Path:
+    """An argparse type: a file to write, refused now, before any work, if it cannot be."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is a folder; give a file path")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder '{path.parent}' to write '{path.name}' in; "
+                                         "create it first")
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """An argparse type: a folder to write into (made if missing), not an existing file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is a file; give a folder")
+    return path
 
 
 def at_least(minimum: int):
@@ -175,7 +234,7 @@ def add_commands(sub) -> None:
     fit.add_argument("--losses", required=True, type=Path, help="losses CSV (index, targets)")
     fit.add_argument("--target", required=True, action="append",
                      help="a loss column, or COLUMN=W,COLUMN=W for a weighted mean; repeatable")
-    fit.add_argument("--out", required=True, type=Path, help="model folder to write")
+    fit.add_argument("--out", required=True, type=output_folder, help="model folder to write")
     fit.add_argument("--model", default="auto", choices=get_args(RegressionModel))
     fit.add_argument("--folds", type=at_least(2), default=5)
     fit.add_argument("--tune-trials", type=at_least(0), default=0, help="Optuna trials for LightGBM")
@@ -185,21 +244,21 @@ def add_commands(sub) -> None:
     predict = sub.add_parser("predict", help="predict losses for a mixtures CSV")
     predict.add_argument("--model", required=True, type=Path)
     predict.add_argument("--mixtures", required=True, type=Path)
-    predict.add_argument("--out", required=True, type=Path)
+    predict.add_argument("--out", required=True, type=output_file)
     predict.set_defaults(func=cmd_predict)
 
     search = sub.add_parser("search", help="search the simplex for the lowest predicted loss")
     search.add_argument("--model", required=True, type=Path)
-    search.add_argument("--out", required=True, type=Path, help="the chosen mixture (YAML)")
+    search.add_argument("--out", required=True, type=output_file, help="the chosen mixture (YAML)")
     search.add_argument("--target", help="which fitted target (if the folder has several)")
     search.add_argument("--method", default="cmaes", choices=["cmaes", "tpe", "paper"])
     search.add_argument("--trials", type=at_least(MIN_SEARCH_TRIALS),
                         help=f"objective evaluations: CMA-ES/TPE trials (default {SEARCH_TRIALS}) "
                         f"or the paper recipe's samples (default {PAPER_SAMPLES})")
     search.add_argument("--seed", type=int, default=0)
-    search.add_argument("--min-weight", type=weights_arg, default={}, metavar="D=W,...")
-    search.add_argument("--max-weight", type=weights_arg, default={}, metavar="D=W,...")
-    search.add_argument("--fixed", type=weights_arg, default={}, metavar="D=W,...")
+    for flag in ("--min-weight", "--max-weight", "--fixed"):
+        search.add_argument(flag, type=weights_arg, action=MergeWeights, default={},
+                            metavar="D=W,...", help="repeatable")
     search.add_argument("--allow-extrapolation", action="store_true",
                         help="accept an optimum far from every training mixture")
     search.set_defaults(func=cmd_search)
@@ -208,8 +267,8 @@ def add_commands(sub) -> None:
     export.add_argument("--experiment", required=True, help="the config's `name`")
     export.add_argument("--stage", default="proxy", help="runs tagged regmix.stage=STAGE")
     export.add_argument("--tracking-uri", help="MLflow tracking URI (default as for run)")
-    export.add_argument("--mixtures", required=True, type=Path)
-    export.add_argument("--losses", required=True, type=Path)
+    export.add_argument("--mixtures", required=True, type=output_file)
+    export.add_argument("--losses", required=True, type=output_file)
     export.set_defaults(func=cmd_export)
 
 

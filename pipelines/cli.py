@@ -150,6 +150,14 @@ def cmd_corpus_build(args) -> int:
     return 0
 
 
+def pipeline_file(text: str) -> Path:
+    """An argparse type: where `compile` writes; KFP names the format by the suffix."""
+    path = byo.output_file(text)
+    if path.suffix not in (".yaml", ".yml"):
+        raise argparse.ArgumentTypeError(f"'{text}': give a .yaml file")
+    return path
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="regmix", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -158,7 +166,8 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the whole pipeline locally through kfp.local")
     run.add_argument("--config", required=True, help="a run config YAML (see configs/)")
-    run.add_argument("--summary-json", help="also write the run summary to this JSON file")
+    run.add_argument("--summary-json", type=byo.output_file,
+                     help="also write the run summary to this JSON file")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
                      "or sqlite:///mlruns/mlflow.db)")
     run.set_defaults(func=cmd_run)
@@ -173,7 +182,7 @@ def parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="compile the pipeline to KFP YAML (cluster settings "
                           "from the config's `cluster` section)")
     comp.add_argument("--config", required=True)
-    comp.add_argument("--out", required=True, type=Path)
+    comp.add_argument("--out", required=True, type=pipeline_file)
     comp.set_defaults(func=cmd_compile)
 
     def kfp_parser(name: str, help: str, config: bool = True) -> argparse.ArgumentParser:

@@ -150,6 +150,16 @@ def test_bad_cli_values(tmp_path, capsys):
                                str(tmp_path)], "file not found")
     assert_user_error(capsys, ["predict", "--model", str(tmp_path), "--mixtures", "m.csv",
                                "--out", "p.csv"], "no targets.json")
+    (tmp_path / "targets.json").write_text('{"loss": "gone"}')
+    assert_user_error(capsys, ["predict", "--model", str(tmp_path), "--mixtures", "m.csv",
+                               "--out", "p.csv"], "unreadable model folder (FileNotFoundError")
+    (tmp_path / "m.csv").write_bytes("index,caf\u00e9\n1,1\n".encode("latin-1"))
+    assert_user_error(capsys, ["fit", "--mixtures", str(tmp_path / "m.csv"), "--losses",
+                               str(tmp_path / "m.csv"), "--target", "x", "--out",
+                               str(tmp_path / "out")], "m.csv: not UTF-8 text (byte 9)")
+    assert_user_error(capsys, ["fit", "--mixtures", str(tmp_path / "m.csv"), "--losses",
+                               str(tmp_path / "m.csv"), "--target", "x=nan", "--out",
+                               str(tmp_path / "out")], "needs a name and a finite weight")
 
 
 def assert_user_error(capsys, argv: list[str], message: str) -> None:

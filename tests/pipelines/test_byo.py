@@ -54,6 +54,30 @@ def test_fit_predict_search_on_the_paper_data(tmp_path, capsys):
     assert record["weights"]["train_the_pile_pile_cc"] <= 0.3 + 1e-9
     assert record["constraints"] == {"max_weight": {"train_the_pile_pile_cc": 0.3}}
     assert {"predicted", "uncertainty", "method", "nearest_training_l1"} <= set(record)
+    # Repeated constraint flags add up
+    assert main([*search, "--fixed", f"{arxiv}=0.05", "--fixed", "train_the_pile_github=0.05"]) == 0
+    record = yaml.safe_load(chosen.read_text())
+    assert record["constraints"]["fixed"] == {arxiv: 0.05, "train_the_pile_github": 0.05}
+    assert record["weights"][arxiv] == pytest.approx(0.05)
+
+
+def test_long_targets_that_differ_past_the_folder_cut_get_their_own_models(tmp_path):
+    model = tmp_path / "model"
+    common = ",".join(f"metric/the_pile_{d}_val_loss=1" for d in ("github", "arxiv", "freelaw"))
+    targets = [f"{common},{PILE_CC}=1", f"{common},{PILE_CC}=9"]
+    assert main(["fit", "--mixtures", str(PAPER / "train_mixture_1m.csv"), "--losses",
+                 str(PAPER / "train_pile_loss_1m.csv"), "--target", targets[0], "--target",
+                 targets[1], "--model", "linear", "--out", str(model)]) == 0
+    assert main(["predict", "--model", str(model), "--mixtures",
+                 str(PAPER / "test_mixture_1m.csv"), "--out", str(tmp_path / "p.csv")]) == 0
+    rows = list(csv.reader((tmp_path / "p.csv").open()))
+    assert len(rows[0]) == 3 and rows[1][1] != rows[1][2]  # two models, two predictions
+
+
+def test_a_spreadsheets_utf8_csv_with_a_byte_order_mark_reads(tmp_path):
+    with_bom = tmp_path / "m.csv"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + (PAPER / "test_mixture_1m.csv").read_bytes())
+    assert read_proxy_csvs(with_bom).weights.shape == (256, 17)
 
 
 @pytest.mark.parametrize(
@@ -63,9 +87,21 @@ def test_fit_predict_search_on_the_paper_data(tmp_path, capsys):
           "--folds", "1"], "--folds: give an integer >= 2, not '1'"),
         (["search", "--model", "m", "--out", "o", "--trials", "20"],
          "--trials: give an integer >= 128, not '20'"),
+        (["search", "--model", "m", "--out", "o", "--fixed", "a=0.1", "--fixed", "a=0.2"],
+         "--fixed: ['a'] given twice"),
+        (["search", "--model", "m", "--out", "o", "--max-weight", "a"],
+         "--max-weight: 'a': give DOMAIN=WEIGHT"),
+        (["search", "--model", "m", "--out", "o", "--min-weight", "a=0.1,a=0.2"],
+         "'a' is given twice"),
+        (["search", "--model", "m", "--out", ".", "--max-weight", "a=0.1"],
+         "--out: '.' is a folder; give a file path"),
+        (["predict", "--model", "m", "--mixtures", "m.csv", "--out", "nowhere/p.csv"],
+         "--out: no folder 'nowhere' to write 'p.csv' in"),
+        (["compile", "--config", "c.yaml", "--out", "pipeline.json"], "give a .yaml file"),
+        (["run", "--config", "c.yaml", "--summary-json", "."], "'.' is a folder"),
     ],
 )
-def test_counts_below_their_minimum_are_refused_by_flag(capsys, command, message):
+def test_bad_flags_are_refused_before_any_work(capsys, command, message):
     with pytest.raises(SystemExit) as exit_:
         main(command)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
