@@ -68,6 +68,9 @@ class CorpusConfig(Strict):
                 f"`domains` (a list); got {given or 'none'}"
             )
         if self.domains is not None:
+            if len(self.domains) < 2:
+                raise ValueError(f"corpus.domains: a mixture needs at least 2 domains, "
+                                 f"found {len(self.domains)}")
             check_unique([d.name for d in self.domains], "corpus.domains")
         return self
 

@@ -35,6 +35,7 @@ from components.files import replacing
 log = logging.getLogger("regmix.data")
 
 EOS = "<|endoftext|>"
+PREFLIGHT_BYTES = 1 << 20  # read from the start of each file by the checks before any work
 LOADERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 
 
@@ -138,7 +139,7 @@ def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> list[str]:
         for name in files:
             try:
                 with open(name, "rb") as handle:
-                    head = handle.read(1 << 20)
+                    head = handle.read(PREFLIGHT_BYTES)
                 size += os.path.getsize(name)
             except OSError as e:
                 raise CorpusError(
@@ -152,6 +153,7 @@ def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> list[str]:
                             f"domain '{source.name}': {name} is not UTF-8 text (byte "
                             f"{e.start}); convert it, e.g. iconv -t UTF-8"
                         ) from None
+            check_text_column(source, name, head)
         # A token is at least one byte: fewer bytes than validation tokens can never split.
         if size <= corpus.validation_tokens:
             raise CorpusError(
@@ -162,6 +164,41 @@ def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> list[str]:
     if tokenizer.kind != "bpe":
         build_tokenizer(tokenizer, {})
     return [s.name for s in sources]
+
+
+def check_text_column(source: DomainSource, name: str, head: bytes) -> None:
+    """The file's first record has the domain's text column (JSON lines and Parquet; a .json
+    file holding one array is left to the loader)."""
+    suffix = Path(name).suffix
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            columns = pq.read_schema(name).names
+        except Exception as e:  # pyarrow's errors vary with the damage
+            raise CorpusError(f"domain '{source.name}': {name} is not a Parquet file ({e})") from None
+    elif suffix in (".jsonl", ".json"):
+        lines = head.split(b"\n")
+        if len(head) == PREFLIGHT_BYTES:  # the last line may be cut at the read's end
+            lines = lines[:-1]
+        line = next((ln for ln in lines if ln.strip()), None)
+        if line is None:
+            return
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if suffix == ".json":
+                return
+            raise CorpusError(f"domain '{source.name}': {name}: the first record is not JSON; "
+                              "give one JSON object per line") from None
+        if not isinstance(record, dict):
+            return
+        columns = list(record)
+    else:
+        return
+    if source.text_column not in columns:
+        raise CorpusError(f"domain '{source.name}': {name} has no '{source.text_column}' field "
+                          f"(it has {columns[:10]}); set the domain's `text_column`")
 
 
 # ---------------------------------------------------------------- tokenizer

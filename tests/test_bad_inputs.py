@@ -52,6 +52,8 @@ CONFIG_CASES = [
       "rank_check__train": {"tokens": 1000}}, "a rank correlation needs at least 3"),
     ({"gate__proxies": 1}, "gate.proxies"),
     ({"name": "Bad Name"}, "name: String should match pattern"),
+    ({"corpus__spec": None, "corpus__domains": [{"name": "a", "path": "a.txt"}]},
+     "corpus.domains: a mixture needs at least 2 domains, found 1"),
     ({"proxy__train__micro_batch_size": 3}, "multiple of micro_batch_size"),
     ({"proxy__train__betas": [0.9, 1.5]}, "proxy.train.betas.1: Input should be less than 1"),
     ({"proxy__model__shape": {"n_layer": 1, "n_embd": 30, "n_head": 2, "mlp_hidden": 64,
@@ -85,6 +87,10 @@ CORPUS_CASES = [
     ({"a.txt": b"\xff\xfe bad bytes " * 100}, "a.txt", "is not UTF-8 text"),
     ({"a.jsonl": b'{"text": "tiny"}\n'}, "a.jsonl", "cannot hold a 512-token validation split"),
     ({"a.jsonl": b"", "a.txt": b"x"}, "a.*", "mixes file kinds"),
+    ({"a.jsonl": b'{"content": "x"}\n' * 200}, "a.jsonl",
+     "a.jsonl has no 'text' field (it has ['content']); set the domain's `text_column`"),
+    ({"a.jsonl": b"plain text, not JSON\n" * 200}, "a.jsonl", "the first record is not JSON"),
+    ({"a.parquet": b"not parquet" * 200}, "a.parquet", "a.parquet is not a Parquet file"),
 ]
 
 
