@@ -127,8 +127,9 @@ def _check_mixtures(mixtures: _Csv) -> np.ndarray:
     off = np.flatnonzero(np.abs(sums - 1.0) > ROW_SUM_TOLERANCE)
     if off.size:
         i = off[0]
+        swapped = " (is this the losses file? check --mixtures and --losses)" if sums[i] > 2 else ""
         raise DataError(
-            f"{path}, index {mixtures.index[i]}: weights sum to {sums[i]:.6g}, not 1 "
+            f"{path}, index {mixtures.index[i]}: weights sum to {sums[i]:.6g}, not 1{swapped} "
             f"(tolerance {ROW_SUM_TOLERANCE}); {off.size} row(s) are off. Normalise each row, "
             "or check for a missing domain column"
         )

@@ -73,6 +73,23 @@ def default_tracking_uri() -> str:
     )
 
 
+def checked_tracking_uri(uri: str) -> str:
+    """The MLflow tracking URI, if MLflow accepts it (a plain folder or an unknown scheme would
+    otherwise fail inside the first stage, or inside `report`)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from components.config import ConfigError
+
+    try:
+        mlflow.MlflowClient(uri)
+    except MlflowException as e:
+        first = str(e.message).strip().split(". ")[0]
+        raise ConfigError(f"tracking URI '{uri}': {first}; give sqlite:///PATH/mlflow.db or an "
+                          "http(s):// MLflow server") from None
+    return uri
+
+
 def experiment_id(tracking_uri: str, name: str) -> str:
     import mlflow
 

@@ -304,10 +304,11 @@ def cmd_search(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from components.tracking import default_tracking_uri
+    from components.tracking import checked_tracking_uri, default_tracking_uri
 
     try:
-        rows = export_csv(args.tracking_uri or default_tracking_uri(), args.experiment,
+        rows = export_csv(checked_tracking_uri(args.tracking_uri or default_tracking_uri()),
+                          args.experiment,
                           args.stage, args.mixtures, args.losses)
     except ValueError as e:
         raise DataError(str(e)) from None

@@ -15,9 +15,12 @@ from components.config import ConfigError, RegMixConfig, load_config
 from components.data import CorpusError
 from components.files import write_text
 from components.paper_data import DataError
+from components.tracking import TrackingUnavailable
 from pipelines import byo
+from pipelines.kfp_api import KfpUnavailable
 
 USER_ERRORS = (ConfigError, CorpusError, DataError)
+SERVICE_ERRORS = (KfpUnavailable, TrackingUnavailable)
 
 
 def checked_config(path: str) -> RegMixConfig:
@@ -29,13 +32,19 @@ def checked_config(path: str) -> RegMixConfig:
     return config
 
 
+def with_listed_domains_checked(config: RegMixConfig) -> RegMixConfig:
+    """Check the config's domain names where it lists the domains (a corpus spec or tinypile
+    is read only where the data is prepared)."""
+    if config.corpus.domains is not None:
+        config.check_domains([d.name for d in config.corpus.domains])
+    return config
+
+
 def cluster_config(path: str) -> RegMixConfig:
     """Load a config for a cluster run and check what can be checked from here: domain names
     when the corpus lists them, and an MLflow every pod shares (each pod's own SQLite would
     scatter the runs, and the stages after the proxies would find none)."""
-    config = load_config(path)
-    if config.corpus.domains is not None:
-        config.check_domains([d.name for d in config.corpus.domains])
+    config = with_listed_domains_checked(load_config(path))
     uri = config.tracking.uri
     if not config.cluster.mlflow_secret and (uri is None or uri.startswith(("sqlite:", "file:"))):
         raise ConfigError(
@@ -46,9 +55,11 @@ def cluster_config(path: str) -> RegMixConfig:
 
 
 def cmd_run(args) -> int:
+    from components.tracking import checked_tracking_uri, default_tracking_uri
     from pipelines.local import PipelineFailed, run_local
 
     config = checked_config(args.config)
+    checked_tracking_uri(args.tracking_uri or config.tracking.uri or default_tracking_uri())
     try:
         summary = run_local(config, args.tracking_uri)
     except PipelineFailed as e:
@@ -83,9 +94,9 @@ def format_summary(s: dict) -> str:
 
 def cmd_report(args) -> int:
     from components.report import build_report
-    from components.tracking import default_tracking_uri
+    from components.tracking import checked_tracking_uri, default_tracking_uri
 
-    uri = args.tracking_uri or default_tracking_uri()
+    uri = checked_tracking_uri(args.tracking_uri or default_tracking_uri())
     try:
         html = build_report(uri, args.experiment, args.run, Path(args.out or f"report-{args.run}"))
     except ValueError as e:
@@ -97,7 +108,7 @@ def cmd_report(args) -> int:
 def cmd_compile(args) -> int:
     from pipelines.kfp_api import compile_package
 
-    compile_package(load_config(args.config), args.out)
+    compile_package(with_listed_domains_checked(load_config(args.config)), args.out)
     print(f"wrote {args.out}")
     return 0
 
@@ -106,7 +117,7 @@ def cmd_submit(args) -> int:
     from pipelines import kfp_api
 
     config = cluster_config(args.config)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, kfp_api.answering(args.host):
         package = kfp_api.compile_package(config, Path(tmp) / "pipeline.yaml")
         client = kfp_api.connect(args.host, args.namespace)
         run_id = kfp_api.submit(client, config, package, args.namespace, args.experiment,
@@ -120,7 +131,7 @@ def cmd_schedule(args) -> int:
 
     kfp_api.check_cron(args.cron)  # before any work: a 5-field crontab line is a common slip
     config = cluster_config(args.config)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, kfp_api.answering(args.host):
         package = kfp_api.compile_package(config, Path(tmp) / "pipeline.yaml")
         client = kfp_api.connect(args.host, args.namespace)
         recurring_id = kfp_api.schedule(client, config, package, args.cron, args.namespace,
@@ -133,7 +144,9 @@ def cmd_schedule(args) -> int:
 def cmd_runs(args) -> int:
     from pipelines import kfp_api
 
-    runs = kfp_api.list_runs(kfp_api.connect(args.host, args.namespace), args.namespace, args.limit)
+    with kfp_api.answering(args.host):
+        client = kfp_api.connect(args.host, args.namespace)
+        runs = kfp_api.list_runs(client, args.namespace, args.limit)
     for r in runs:
         print(f"{r['created_at']:<26} {r['state'] or '':<10} {r['id']}  {r['name']}")
     return 0
@@ -233,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"regmix: error: {e}", file=sys.stderr)
         return 2
+    except SERVICE_ERRORS as e:  # a service out of reach: not the user's input, still one line
+        print(f"regmix: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,19 +4,43 @@ Thin plain functions over `kfp.Client` (KFP's v2beta1 REST API). A run gets the 
 its `config` parameter, so the compiled package is all a run needs.
 """
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import kfp
 from kfp import compiler
 
 from components.config import ConfigError, RegMixConfig
-from pipelines.pipeline import build_pipeline
 
 
 def compile_package(config: RegMixConfig, out: Path) -> Path:
     """The pipeline YAML for this config, cluster settings included."""
+    from pipelines.pipeline import build_pipeline  # every stage's module: only when compiling
+
     compiler.Compiler().compile(build_pipeline(config), str(out))
     return out
+
+
+class KfpUnavailable(RuntimeError):
+    """The KFP API could not be reached, or refused the request."""
+
+
+@contextmanager
+def answering(host: str | None):
+    """Turn an unreachable or refusing KFP API into one line naming the address and the fix."""
+    import kfp_server_api
+    from urllib3.exceptions import HTTPError
+
+    where = host or "the address kfp found (in-cluster or kubectl)"
+    try:
+        yield
+    except HTTPError as e:  # urllib3's: refused, unresolvable, timed out after retries
+        reason = getattr(e, "reason", e)
+        raise KfpUnavailable(f"cannot reach the KFP API at {where} ({reason}); check --host and "
+                             "that the API is reachable (docs/deploy.md, step 4)") from None
+    except kfp_server_api.ApiException as e:
+        raise KfpUnavailable(f"the KFP API at {where} answered {e.status} {e.reason}: "
+                             f"{(e.body or '').strip()[:300]}") from None
 
 
 def connect(host: str | None, namespace: str | None = None) -> kfp.Client:

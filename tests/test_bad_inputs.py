@@ -128,7 +128,8 @@ CSV_CASES = [
     (mixtures_csv(GOOD_ROWS[:-1] + ["8,nan,0.9,0.1"]), GOOD_LOSSES, "'nan' is not finite"),
     (mixtures_csv(GOOD_ROWS[:-1] + ["8,inf,0.9,0.1"]), GOOD_LOSSES, "'inf' is not finite"),
     (mixtures_csv(GOOD_ROWS[:-1] + ["8,-0.1,1.0,0.1"]), GOOD_LOSSES, "negative weight -0.1"),
-    (mixtures_csv(GOOD_ROWS[:-1] + ["8,0.5,0.9,0.1"]), GOOD_LOSSES, "weights sum to 1.5, not 1"),
+    (mixtures_csv(GOOD_ROWS[:-1] + ["8,0.5,0.9,0.1"]), GOOD_LOSSES, "weights sum to 1.5, not 1 ("),
+    (GOOD_LOSSES, GOOD_LOSSES, "(is this the losses file? check --mixtures and --losses)"),
     (mixtures_csv(GOOD_ROWS[:-1] + ["9,0.1,0.8,0.1"]), GOOD_LOSSES, "the 'index' columns differ"),
     (mixtures_csv(GOOD_ROWS[:3]), mixtures_csv(["1,3", "2,3", "3,3"], "index,loss"),
      "3 rows for 3 domains"),
@@ -166,6 +167,18 @@ def test_bad_cli_values(tmp_path, capsys):
     assert_user_error(capsys, ["fit", "--mixtures", str(tmp_path / "m.csv"), "--losses",
                                str(tmp_path / "m.csv"), "--target", "x=nan", "--out",
                                str(tmp_path / "out")], "needs a name and a finite weight")
+
+
+def test_services_out_of_reach_are_one_line(tmp_path, capsys):
+    assert_user_error(capsys, ["report", "x", "--tracking-uri", str(tmp_path)],
+                      f"tracking URI '{tmp_path}': The filesystem tracking backend")
+    assert_user_error(capsys, ["export", "--experiment", "x", "--tracking-uri", "bogus://x",
+                               "--mixtures", "m.csv", "--losses", "l.csv"],
+                      "tracking URI 'bogus://x'")
+    assert main(["runs", "--host", "http://127.0.0.1:9"]) == 1  # nothing listens on port 9
+    err = capsys.readouterr().err
+    assert "regmix: error: cannot reach the KFP API at http://127.0.0.1:9" in err, err
+    assert "Traceback" not in err
 
 
 def assert_user_error(capsys, argv: list[str], message: str) -> None:

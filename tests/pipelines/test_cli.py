@@ -54,3 +54,13 @@ def test_submit_checks_what_it_can_before_contacting_the_cluster(tmp_path, capsy
     # No KFP server at this address: the check must come first
     assert main(["submit", "--host", "http://127.0.0.1:9", "--config", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_compile_checks_domain_names_the_config_lists(tmp_path, capsys):
+    config = yaml.safe_load(Path("configs/pile.yaml").read_text())
+    config["regression"]["target"] = "pilecc"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["compile", "--config", str(path), "--out", str(tmp_path / "p.yaml")]) == 2
+    assert "regression.target: unknown domain(s) ['pilecc']" in capsys.readouterr().err
+    assert not (tmp_path / "p.yaml").exists()
