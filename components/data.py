@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,8 @@ from components.files import replacing
 log = logging.getLogger("regmix.data")
 
 EOS = "<|endoftext|>"
+# Documents tokenized (and read from disk) at a time: a few MB of text, on all cores.
+DOCUMENTS_PER_BATCH = 1024
 PREFLIGHT_BYTES = 1 << 20  # read from the start of each file by the checks before any work
 LOADERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 
@@ -96,7 +100,7 @@ def domain_files(source: DomainSource, base: Path) -> list[str]:
     return files
 
 
-def load_documents(source: DomainSource, base: Path) -> list[str]:
+def load_documents(source: DomainSource, base: Path) -> "Documents":
     """A domain's documents, loaded through Hugging Face `datasets`."""
     import datasets
 
@@ -123,10 +127,32 @@ def load_documents(source: DomainSource, base: Path) -> list[str]:
             f"domain '{source.name}': no column '{column}' (columns: {ds.column_names}); "
             "set `text_column`"
         )
-    docs = [t for t in ds[column] if isinstance(t, str) and t.strip()]
-    if not docs:
+    docs = Documents(ds.select_columns([column]).filter(
+        lambda texts: [isinstance(t, str) and bool(t.strip()) for t in texts],
+        input_columns=column, batched=True))
+    if not len(docs):
         raise CorpusError(f"domain '{source.name}': no non-empty documents; add text or drop it")
     return docs
+
+
+class Documents(Sequence[str]):
+    """A domain's non-empty documents, read in batches from the Arrow files `datasets` keeps on
+    disk: a domain larger than memory streams through data preparation."""
+
+    def __init__(self, table):  # a datasets.Dataset of one text column
+        self.table, self.column = table, table.column_names[0]
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.table[i][self.column]
+        return self.table[int(i)][self.column]
+
+    def __iter__(self) -> Iterator[str]:
+        for start in range(0, len(self), DOCUMENTS_PER_BATCH):
+            yield from self[start : start + DOCUMENTS_PER_BATCH]
 
 
 def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> list[str]:
@@ -202,7 +228,7 @@ def check_text_column(source: DomainSource, name: str, head: bytes) -> None:
 
 
 # ---------------------------------------------------------------- tokenizer
-def build_tokenizer(config: TokenizerConfig, documents: dict[str, list[str]]):
+def build_tokenizer(config: TokenizerConfig, documents: dict[str, Sequence[str]]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if config.kind == "file":
@@ -240,7 +266,7 @@ def build_tokenizer(config: TokenizerConfig, documents: dict[str, list[str]]):
     return tokenizer
 
 
-def take_bytes(docs: list[str], limit: int) -> list[str]:
+def take_bytes(docs: Iterable[str], limit: int) -> list[str]:
     taken, size = [], 0
     for doc in docs:
         if size >= limit:
@@ -267,31 +293,73 @@ def pack(token_lists: list[list[int]], eos: int, dtype) -> np.ndarray:
     return packed
 
 
-def split_domain(
-    name: str, token_lists: list[list[int]], validation_tokens: int, seed: int, eos: int, dtype
+def hold_out(
+    name: str, docs: Sequence[str], encode, validation_tokens: int, seed: int, eos: int, dtype
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out whole documents (a fixed, seeded choice) until `validation_tokens` are covered."""
-    order = np.random.default_rng(seed).permutation(len(token_lists))
-    covered, cut = 0, 0
-    while cut < len(order) and covered < validation_tokens:
-        covered += len(token_lists[order[cut]]) + 1
-        cut += 1
-    if covered < validation_tokens or cut == len(order):
-        total = sum(len(t) + 1 for t in token_lists)
+    """Hold out whole documents (a fixed, seeded choice) until `validation_tokens` are covered.
+
+    Returns the validation tokens and the held-out documents' indices. `encode` maps a list of
+    texts to their token id lists.
+    """
+    order = np.random.default_rng(seed).permutation(len(docs))
+    held_out: list[list[int]] = []
+    covered = 0
+    while len(held_out) < len(order) and covered < validation_tokens:
+        (tokens,) = encode([docs[order[len(held_out)]]])
+        held_out.append(tokens)
+        covered += len(tokens) + 1
+    if covered < validation_tokens or len(held_out) == len(order):
         raise CorpusError(
-            f"domain '{name}': {total} tokens in {len(token_lists)} documents is too small for "
+            f"domain '{name}': {covered} tokens in {len(order)} documents is too small for "
             f"a {validation_tokens}-token validation split plus training data; add text or "
             "lower corpus.validation_tokens"
         )
-    validation = pack([token_lists[i] for i in order[:cut]], eos, dtype)[:validation_tokens]
-    train = pack([token_lists[i] for i in np.sort(order[cut:])], eos, dtype)
-    return train, validation
+    return pack(held_out, eos, dtype)[:validation_tokens], order[: len(held_out)]
+
+
+def train_chunks(
+    docs: Sequence[str], held_out: np.ndarray, encode, eos: int, dtype, limit: int | None
+) -> Iterator[np.ndarray]:
+    """The other documents' tokens in corpus order, packed a batch at a time, `limit` in all."""
+    skip = np.zeros(len(docs), dtype=bool)
+    skip[held_out] = True
+    left = limit if limit is not None else np.iinfo(np.int64).max
+    for start in range(0, len(docs), DOCUMENTS_PER_BATCH):
+        texts = docs[start : start + DOCUMENTS_PER_BATCH]
+        kept = [text for text, held in zip(texts, skip[start : start + len(texts)], strict=True)
+                if not held]
+        chunk = pack(encode(kept), eos, dtype)[:left]
+        left -= chunk.size
+        yield chunk
+        if left <= 0:
+            return
+
+
+def save_chunks(path: Path, chunks: Iterable[np.ndarray], dtype, digest) -> int:
+    """Write the chunks as one .npy array without holding it whole; returns its length."""
+    raw, size = path.with_suffix(".part"), 0
+    with raw.open("wb") as handle:
+        for chunk in chunks:
+            handle.write(chunk.tobytes())
+            digest.update(chunk.tobytes())
+            size += chunk.size
+    with path.open("wb") as handle, raw.open("rb") as body:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                  "shape": (size,)}
+        np.lib.format.write_array_header_1_0(handle, header)
+        shutil.copyfileobj(body, handle, 1 << 24)
+    raw.unlink()
+    return size
 
 
 def prepare_data(
     corpus: CorpusConfig, tokenizer_config: TokenizerConfig, out_dir: Path, seed: int = 0
 ) -> dict:
-    """Load every domain, build the tokenizer, and write packed token arrays. Returns meta."""
+    """Load every domain, build the tokenizer, and write packed token arrays. Returns meta.
+
+    Memory stays bounded by a batch of documents: the documents stay in `datasets`' Arrow files
+    and the training tokens go to disk a batch at a time.
+    """
     sources, base = resolve_domains(corpus)
     documents = {s.name: load_documents(s, base) for s in sources}
     tokenizer = build_tokenizer(tokenizer_config, documents)
@@ -303,17 +371,19 @@ def prepare_data(
         tokenizer.save(str(folder / "tokenizer.json"))
         digest = hashlib.sha256((folder / "tokenizer.json").read_bytes())
         tokens = {}
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
         for name, docs in documents.items():
-            encoded = [e.ids for e in tokenizer.encode_batch(docs, add_special_tokens=False)]
-            train, validation = split_domain(name, encoded, corpus.validation_tokens, seed, eos,
-                                             dtype)
-            if corpus.max_train_tokens:
-                train = train[: corpus.max_train_tokens]
-            for split, array in (("train", train), ("validation", validation)):
-                np.save(folder / split / f"{name}.npy", array)
-                digest.update(array.tobytes())
-            tokens[name] = {"train": int(train.size), "validation": int(validation.size)}
-            log.info("%s: %d documents, %d train tokens", name, len(docs), train.size)
+            validation, held_out = hold_out(name, docs, encode, corpus.validation_tokens, seed,
+                                            eos, dtype)
+            chunks = train_chunks(docs, held_out, encode, eos, dtype, corpus.max_train_tokens)
+            train_size = save_chunks(folder / "train" / f"{name}.npy", chunks, dtype, digest)
+            np.save(folder / "validation" / f"{name}.npy", validation)
+            digest.update(validation.tobytes())
+            tokens[name] = {"train": train_size, "validation": int(validation.size)}
+            log.info("%s: %d documents, %d train tokens", name, len(docs), train_size)
         meta = {
             "domains": list(documents),
             "tokens": tokens,

@@ -1,16 +1,20 @@
+import hashlib
 import json
 
 import numpy as np
 import pytest
 
+import components.data
 from components.config import CorpusConfig, TokenizerConfig
 from components.data import (
     CorpusError,
     TokenData,
     data_settings_op,
+    hold_out,
     pack,
     prepare_data_op,
-    split_domain,
+    save_chunks,
+    train_chunks,
 )
 from tests.conftest import tiny_config_dict
 
@@ -20,18 +24,40 @@ def test_pack_puts_eos_between_documents():
     assert packed.tolist() == [5, 6, 0, 7, 0]
 
 
+def encode_ids(texts: list[str]) -> list[list[int]]:
+    """A stand-in tokenizer for the split tests: a document 'a b c' is the ids [a, b, c]."""
+    return [[int(t) for t in text.split()] for text in texts]
+
+
 def test_split_holds_out_whole_documents_exactly():
-    docs = [[i] * 10 for i in range(1, 21)]
-    train, validation = split_domain("d", docs, 25, seed=0, eos=0, dtype=np.uint16)
-    assert validation.size == 25
-    held_out = {int(t) for t in validation if t}
-    assert held_out.isdisjoint({int(t) for t in train if t})  # no document on both sides
-    assert split_domain("d", docs, 25, 0, 0, np.uint16)[1].tolist() == validation.tolist()
+    docs = [" ".join([str(i)] * 10) for i in range(1, 21)]
+    validation, held_out = hold_out("d", docs, encode_ids, 25, seed=0, eos=0, dtype=np.uint16)
+    assert validation.size == 25 and len(held_out) == 3  # 11 tokens (EOS included) a document
+    train = np.concatenate(list(train_chunks(docs, held_out, encode_ids, 0, np.uint16, None)))
+    assert {int(t) for t in validation if t}.isdisjoint({int(t) for t in train if t})
+    assert train.size == 17 * 11  # every other document, whole, in corpus order
+    assert [int(t) for t in train[::11]] == [i for i in range(1, 21) if i - 1 not in held_out]
+    again, _ = hold_out("d", docs, encode_ids, 25, 0, 0, np.uint16)
+    assert again.tolist() == validation.tolist()
+
+
+def test_training_tokens_stream_in_batches_up_to_the_cap(monkeypatch, tmp_path):
+    monkeypatch.setattr(components.data, "DOCUMENTS_PER_BATCH", 3)
+    docs = [" ".join([str(i)] * 4) for i in range(1, 11)]
+    chunks = list(train_chunks(docs, np.array([1, 5]), encode_ids, 0, np.uint16, None))
+    assert [c.size for c in chunks] == [10, 10, 15, 5]  # 5 tokens a document, 2 held out
+    capped = list(train_chunks(docs, np.array([1, 5]), encode_ids, 0, np.uint16, 12))
+    assert [c.size for c in capped] == [10, 2]  # stops reading once the cap is reached
+    digest = hashlib.sha256()
+    size = save_chunks(tmp_path / "t.npy", iter(chunks), np.uint16, digest)
+    saved = np.load(tmp_path / "t.npy", mmap_mode="r")
+    assert size == saved.size == 40 and saved.tolist() == np.concatenate(chunks).tolist()
+    assert digest.hexdigest() == hashlib.sha256(np.concatenate(chunks).tobytes()).hexdigest()
 
 
 def test_split_rejects_a_domain_smaller_than_its_validation_set():
     with pytest.raises(CorpusError, match="domain 'd'.*lower corpus.validation_tokens"):
-        split_domain("d", [[1, 2]], 100, 0, 0, np.uint16)
+        hold_out("d", ["1 2"], encode_ids, 100, 0, 0, np.uint16)
 
 
 def test_prepare_data_component(tmp_path, corpus_spec):
@@ -84,7 +110,7 @@ def test_user_corpus_formats(tmp_path):
     assert sorted(docs) == [f"line one {i}\nline two\n" for i in range(3)]
     pq.write_table(pa.table({"body": ["alpha", "beta"]}), tmp_path / "p.parquet")
     docs = load_documents(DomainSource(name="p", path="p.parquet", text_column="body"), tmp_path)
-    assert docs == ["alpha", "beta"]
+    assert list(docs) == ["alpha", "beta"] and docs[1] == "beta" and docs[0:1] == ["alpha"]
 
 
 @pytest.mark.parametrize(
