@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +33,14 @@ from components.config import (
     format_validation_error,
     read_yaml,
 )
-from components.files import replacing
+from components.files import removing, replacing
 
 log = logging.getLogger("regmix.data")
 
 EOS = "<|endoftext|>"
+# Where a cluster's data preparation puts the token arrays: a folder on the volume every pod
+# mounts (pipelines/cluster.py sets it), so no pod downloads them as a KFP artifact
+SHARED_TOKENS_ENV = "REGMIX_SHARED_TOKENS"
 # Documents tokenized (and read from disk) at a time: a few MB of text, on all cores.
 DOCUMENTS_PER_BATCH = 1024
 PREFLIGHT_BYTES = 1 << 20  # read from the start of each file by the checks before any work
@@ -353,21 +357,28 @@ def save_chunks(path: Path, chunks: Iterable[np.ndarray], dtype, digest) -> int:
 
 
 def prepare_data(
-    corpus: CorpusConfig, tokenizer_config: TokenizerConfig, out_dir: Path, seed: int = 0
+    corpus: CorpusConfig, tokenizer_config: TokenizerConfig, out_dir: Path, seed: int = 0,
+    shared_root: Path | None = None,
 ) -> dict:
     """Load every domain, build the tokenizer, and write packed token arrays. Returns meta.
 
     Memory stays bounded by a batch of documents: the documents stay in `datasets`' Arrow files
-    and the training tokens go to disk a batch at a time.
+    and the training tokens go to disk a batch at a time. With `shared_root` (a volume every
+    pod mounts) the arrays go to `shared_root/<fingerprint>/` and `out_dir` only points there,
+    so each proxy pod reads them in place instead of downloading them as a KFP artifact.
     """
     sources, base = resolve_domains(corpus)
     documents = {s.name: load_documents(s, base) for s in sources}
     tokenizer = build_tokenizer(tokenizer_config, documents)
     eos, vocab = eos_id(tokenizer), tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max else np.uint32
-    with replacing(out_dir) as folder:  # the folder appears whole or not at all
-        (folder / "train").mkdir(parents=True)
-        (folder / "validation").mkdir()
+    staging = (None if shared_root is None
+               else Path(shared_root).resolve() / f".partial-{uuid.uuid4().hex}")
+    with replacing(out_dir) as folder, removing(staging):  # whole or not at all
+        arrays = staging or folder
+        folder.mkdir(parents=True, exist_ok=True)
+        (arrays / "train").mkdir(parents=True)
+        (arrays / "validation").mkdir()
         tokenizer.save(str(folder / "tokenizer.json"))
         digest = hashlib.sha256((folder / "tokenizer.json").read_bytes())
         tokens = {}
@@ -379,8 +390,8 @@ def prepare_data(
             validation, held_out = hold_out(name, docs, encode, corpus.validation_tokens, seed,
                                             eos, dtype)
             chunks = train_chunks(docs, held_out, encode, eos, dtype, corpus.max_train_tokens)
-            train_size = save_chunks(folder / "train" / f"{name}.npy", chunks, dtype, digest)
-            np.save(folder / "validation" / f"{name}.npy", validation)
+            train_size = save_chunks(arrays / "train" / f"{name}.npy", chunks, dtype, digest)
+            np.save(arrays / "validation" / f"{name}.npy", validation)
             digest.update(validation.tobytes())
             tokens[name] = {"train": train_size, "validation": int(validation.size)}
             log.info("%s: %d documents, %d train tokens", name, len(docs), train_size)
@@ -392,8 +403,21 @@ def prepare_data(
             "dtype": np.dtype(dtype).name,
             "fingerprint": digest.hexdigest()[:16],
         }
+        if staging:
+            meta["arrays"] = publish(staging, staging.parent / meta["fingerprint"])
         (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def publish(staging: Path, final: Path) -> str:
+    """Move finished arrays to their content-named folder; the same arrays may be there
+    already (an earlier, or concurrent, preparation of the same data): then keep those."""
+    try:
+        os.replace(staging, final)
+    except OSError:
+        if not (final / "validation").is_dir():
+            raise
+    return str(final)
 
 
 # ---------------------------------------------------------------- reading it back
@@ -407,7 +431,17 @@ class TokenData:
     @classmethod
     def open(cls, root: str | os.PathLike) -> "TokenData":
         root = Path(root)
-        return cls(root, json.loads((root / "meta.json").read_text()))
+        data = cls(root, json.loads((root / "meta.json").read_text()))
+        if not (data.arrays / "validation").is_dir():
+            raise CorpusError(
+                f"the prepared token arrays at {data.arrays} are gone (a cleaned volume?); "
+                "prepare the data again: rerun with KFP's cache off for prepare-data-op")
+        return data
+
+    @property
+    def arrays(self) -> Path:
+        """Where the arrays are: beside meta.json, or on the shared volume (meta's `arrays`)."""
+        return Path(self.meta.get("arrays", self.root))
 
     @property
     def domains(self) -> list[str]:
@@ -425,7 +459,7 @@ class TokenData:
         return np.array([self.meta["tokens"][d]["train"] for d in self.domains], dtype=np.int64)
 
     def array(self, split: str, domain: str) -> np.ndarray:
-        return np.load(self.root / split / f"{domain}.npy", mmap_mode="r")
+        return np.load(self.arrays / split / f"{domain}.npy", mmap_mode="r")
 
 
 # ---------------------------------------------------------------- KFP component
@@ -446,11 +480,16 @@ def data_settings_op(config: dict) -> dict:
 def prepare_data_op(settings: dict, data: Output[dsl.Dataset]) -> dict:
     """Tokenize the corpus into per-domain packed arrays; returns the data meta."""
     import logging
+    import os
+    from pathlib import Path
 
     from components.config import CorpusConfig, TokenizerConfig
-    from components.data import prepare_data
+    from components.data import SHARED_TOKENS_ENV, prepare_data
 
     logging.basicConfig(level=logging.INFO)
     corpus = CorpusConfig.model_validate(settings["corpus"])
     tokenizer = TokenizerConfig.model_validate(settings["tokenizer"])
-    return prepare_data(corpus, tokenizer, data.path, seed=settings["seed"])
+    shared = os.environ.get(SHARED_TOKENS_ENV)  # set on a cluster with a shared volume
+    # KFP hands dict parameters over as JSON objects, in which every number is a float
+    return prepare_data(corpus, tokenizer, data.path, seed=int(settings["seed"]),
+                        shared_root=Path(shared) if shared else None)

@@ -46,6 +46,16 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+@contextmanager
+def removing(path: Path | None) -> Iterator[Path | None]:
+    """A scratch path (or None) that is gone on exit, whether the work finished or failed."""
+    try:
+        yield path
+    finally:
+        if path is not None:
+            _remove(path)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with replacing(path) as partial:
         partial.write_bytes(data)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from components.config import RegMixConfig
+from components.data import SHARED_TOKENS_ENV
 from components.files import replacing, write_text
 
 log = logging.getLogger("regmix.launcher")
@@ -34,8 +35,10 @@ IMAGE_UID = 1000  # the image's non-root user (docker/Dockerfile)
 
 
 def volume_env(mount_path: str) -> dict[str, str]:
-    """Caches and kept checkpoints/results on the shared volume: they outlive a pod."""
-    return {"HF_HOME": f"{mount_path}/cache/huggingface", "REGMIX_CACHE": f"{mount_path}/cache/regmix"}
+    """Caches, prepared token arrays and kept checkpoints/results on the shared volume: they
+    outlive a pod, and every pod reads the same arrays in place."""
+    return {"HF_HOME": f"{mount_path}/cache/huggingface", "REGMIX_CACHE": f"{mount_path}/cache/regmix",
+            SHARED_TOKENS_ENV: f"{mount_path}/tokens"}
 
 
 class JobFailed(RuntimeError):

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from components.data import (
     data_settings_op,
     hold_out,
     pack,
+    prepare_data,
     prepare_data_op,
     save_chunks,
     train_chunks,
@@ -155,3 +157,25 @@ def test_corpus_spec_errors_name_the_entry_and_line(tmp_path):
     spec.write_text("domains:\n  - {name: a, path: a.txt}\ndomains: []\n")
     with pytest.raises(CorpusError, match="line 3, column 1: not valid YAML: duplicate key"):
         read_corpus_spec(spec)
+
+
+def test_on_a_cluster_the_arrays_live_once_on_the_shared_volume(tmp_path, corpus_spec,
+                                                                 prepared_data):
+    corpus = CorpusConfig(spec=str(corpus_spec), validation_tokens=1024)
+    tokenizer = TokenizerConfig(vocab_size=512, train_bytes_per_domain=200_000)
+    volume = tmp_path / "volume" / "tokens"
+    meta = prepare_data(corpus, tokenizer, tmp_path / "artifact", shared_root=volume)
+    # The artifact every proxy pod would download is the meta and tokenizer only
+    assert sorted(p.name for p in (tmp_path / "artifact").iterdir()) == ["meta.json",
+                                                                          "tokenizer.json"]
+    assert meta["fingerprint"] == prepared_data.fingerprint  # the same data as unshared
+    assert meta["arrays"] == str(volume.resolve() / meta["fingerprint"])
+    data = TokenData.open(tmp_path / "artifact")
+    for domain in data.domains:
+        assert np.array_equal(data.array("train", domain), prepared_data.array("train", domain))
+    # A second preparation of the same data keeps the arrays there and leaves no staging behind
+    again = prepare_data(corpus, tokenizer, tmp_path / "again", shared_root=volume)
+    assert again == meta and [p.name for p in volume.iterdir()] == [meta["fingerprint"]]
+    shutil.rmtree(volume)
+    with pytest.raises(CorpusError, match="token arrays at .* are gone"):
+        TokenData.open(tmp_path / "artifact")

@@ -123,7 +123,8 @@ def test_data_preparation_caches_downloads_on_the_data_volume(pile):
     label, container = executor(spec, "prepare-data-op")
     assert platform[label]["pvcMount"][0]["pvcNameParameter"]["runtimeValue"]["constant"] == "regmix-data"
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env == {"HF_HOME": "/data/cache/huggingface", "REGMIX_CACHE": "/data/cache/regmix"}
+    assert env == {"HF_HOME": "/data/cache/huggingface", "REGMIX_CACHE": "/data/cache/regmix",
+                   "REGMIX_SHARED_TOKENS": "/data/tokens"}
     assert "accelerator" not in container["resources"]
 
 
