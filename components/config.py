@@ -424,8 +424,11 @@ def check_names(field: str, names: list[str], known: set[str]) -> None:
 
 def check_mixture(field: str, weights: dict[str, float], known: set[str]) -> None:
     check_names(field, list(weights), known)
+    negative = sorted(name for name, w in weights.items() if w < 0)
+    if negative:
+        raise ConfigError(f"{field}: negative weight(s) for {negative}; weights must be >= 0")
     total = sum(weights.values())
-    if any(w < 0 for w in weights.values()) or not math.isclose(total, 1, abs_tol=1e-6):
+    if not math.isclose(total, 1, abs_tol=1e-6):
         raise ConfigError(
             f"{field}: weights must be >= 0 and sum to 1 (they sum to {total:.6g}); rescale them"
         )

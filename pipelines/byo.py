@@ -108,12 +108,15 @@ def load_models(model_dir: Path) -> dict:
 def predict_csv(model_dir: Path, mixtures: Path, out: Path) -> int:
     models = load_models(model_dir)
     table = read_proxy_csvs(mixtures)
+    columns = {}  # per model, the CSV's columns in the order it was fitted on
     for name, regressor in models.items():
-        if regressor.domains != table.domains:
+        if sorted(regressor.domains) != sorted(table.domains):
             raise DataError(f"{mixtures}: domain columns {table.domains} differ from those "
-                            f"{name} was fitted on {regressor.domains}")
+                            f"{name} was fitted on {regressor.domains}; give those columns")
+        columns[name] = [table.domains.index(d) for d in regressor.domains]
     names = list(models)
-    predictions = np.column_stack([models[n].predict(table.weights) for n in names])
+    predictions = np.column_stack([models[n].predict(table.weights[:, columns[n]])
+                                   for n in names])
     write_predictions_csv(out, table.index, names, predictions)
     return len(table.index)
 

@@ -40,6 +40,8 @@ CONFIG_CASES = [
     ({"search__min_weight": {"code": 0.5}, "search__max_weight": {"code": 0.2}},
      "search: domain 'code': minimum weight 0.5 above its maximum 0.2"),
     ({"large__extra_baselines": {"mine": {"code": 0.7}}}, "large.extra_baselines.mine"),
+    ({"large__extra_baselines": {"mine": {"code": 1.5, "licenses": -0.5}}},
+     "large.extra_baselines.mine: negative weight(s) for ['licenses']"),
     ({"tokenizer__kind": "file"}, "tokenizer.kind 'file' needs `path`"),
     ({"tokenizer__kind": "file", "tokenizer__path": "/nope/tokenizer.json"},
      "tokenizer.path: no file at '/nope/tokenizer.json'"),

@@ -31,6 +31,16 @@ def test_fit_predict_search_on_the_paper_data(tmp_path, capsys):
              for r in csv.DictReader((PAPER / "test_pile_loss_1m.csv").open())}
     ids = sorted(truth)
     assert spearmanr([predicted[i] for i in ids], [truth[i] for i in ids]).statistic > 0.85
+    # The same mixtures with their columns in another order predict the same
+    rows = list(csv.reader((PAPER / "test_mixture_1m.csv").open()))
+    order = [0, *reversed(range(1, len(rows[0])))]
+    shuffled = tmp_path / "reordered.csv"
+    with shuffled.open("w", newline="") as handle:
+        csv.writer(handle).writerows([[row[i] for i in order] for row in rows])
+    assert main(["predict", "--model", str(model), "--mixtures", str(shuffled), "--out",
+                 str(tmp_path / "p2.csv")]) == 0
+    again = {int(r["index"]): float(r[PILE_CC]) for r in csv.DictReader((tmp_path / "p2.csv").open())}
+    assert again == pytest.approx(predicted, rel=1e-12)  # rows renormalise in another order
 
     chosen = tmp_path / "mixture.yaml"
     search = ["search", "--model", str(model), "--out", str(chosen), "--trials", "300",
