@@ -136,8 +136,23 @@ def plot_baselines(record: RunRecord, path: Path) -> bool:
     return save(fig, path)
 
 
-def summary_lines(record: RunRecord) -> list[str]:
-    lines = [f"# RegMix run `{record.label}`", ""]
+def outcome_lines(record: RunRecord, outcome: str | None) -> list[str]:
+    """How the run ended, when it failed: which stage runs failed, or that none was reached."""
+    parent = record.latest("pipeline")
+    ended = outcome or (parent.info.status if parent else None)
+    if ended not in ("FAILED", "CANCELLED", "KILLED"):
+        return []
+    failed = {stage: [r.info.run_name for r in runs if r.info.status == "FAILED"]
+              for stage, runs in record.runs.items() if stage != "pipeline"}
+    named = [f"{stage} ({', '.join(sorted(names)[:5])})" for stage, names in failed.items() if names]
+    where = ("failed stage runs: " + "; ".join(named) if named else
+             "no tracked stage failed: it stopped in a stage that logs no MLflow run (data "
+             "preparation, mixture sampling or planning); its task log says why")
+    return [f"- run **{ended}**: {where}"]
+
+
+def summary_lines(record: RunRecord, outcome: str | None = None) -> list[str]:
+    lines = [f"# RegMix run `{record.label}`", "", *outcome_lines(record, outcome)]
     fit, search, gate = record.latest("regression"), record.latest("search"), record.latest("gate")
     proxies = sum(len(record.runs.get(stage, [])) for stage in PROXY_STAGES)
     lines.append(f"- proxies trained in this run: {proxies}")
@@ -171,8 +186,10 @@ def summary_lines(record: RunRecord) -> list[str]:
     return lines
 
 
-def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path) -> Path:
-    """Write report.md, report.html and PNGs to `out_dir`; returns the HTML path."""
+def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path,
+                 outcome: str | None = None) -> Path:
+    """Write report.md, report.html and PNGs to `out_dir`; returns the HTML path. `outcome` is
+    how the run ended (KFP's SUCCEEDED, FAILED, CANCELLED) when MLflow does not know yet."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = load_record(tracking_uri, experiment, label)
@@ -184,7 +201,7 @@ def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path) 
         "baselines.png": plot_baselines(record, out_dir / "baselines.png"),
     }
     drawn = [name for name, made in plots.items() if made]
-    lines = summary_lines(record)
+    lines = summary_lines(record, outcome)
     markdown = "\n".join(lines + [""] + [f"![{n}]({n})" for n in drawn]) + "\n"
     write_text(out_dir / "report.md", markdown)
     images = "".join(

@@ -233,7 +233,7 @@ def finish_tracking_op(config: dict, tracking_uri: str, run_label: str, job_id: 
     uri, label = tracking_uri or default_tracking_uri(), run_label or job_id
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            html = build_report(uri, config["name"], label, Path(tmp))
+            html = build_report(uri, config["name"], label, Path(tmp), outcome=status.state)
             shutil.copy(html, report.path)
             shutil.copy(html.with_name("report.md"), summary.path)
     except Exception:  # a report problem must not hide how the run itself ended

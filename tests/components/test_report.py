@@ -1,6 +1,7 @@
 import mlflow
+import pytest
 
-from components.report import build_report
+from components.report import RunRecord, build_report, outcome_lines
 from components.tracking import stage_run
 
 
@@ -35,3 +36,17 @@ def test_report_reads_the_run_back_from_mlflow(tmp_path, tracking):
     assert html.read_text().count("data:image/png;base64") == 4
     logged = mlflow.MlflowClient(tracking["uri"]).list_artifacts(tracking["parent_run_id"], "report")
     assert {a.path for a in logged} >= {"report/report.md", "report/report.html"}
+
+
+def test_a_failed_run_says_where_it_failed(tmp_path, tracking):
+    with stage_run(tracking, "proxy", "m0000"):
+        mlflow.log_metric("target_loss", 3.0)
+    with pytest.raises(RuntimeError), stage_run(tracking, "proxy", "m0001"):
+        raise RuntimeError("CUDA out of memory")
+    build_report(tracking["uri"], "regmix-test", "test-run", tmp_path / "a", outcome="FAILED")
+    assert "- run **FAILED**: failed stage runs: proxy (m0001)" in (
+        tmp_path / "a" / "report.md").read_text()
+    build_report(tracking["uri"], "regmix-test", "test-run", tmp_path / "b", outcome="SUCCEEDED")
+    assert "**FAILED**" not in (tmp_path / "b" / "report.md").read_text()
+    (line,) = outcome_lines(RunRecord("early"), "FAILED")  # before any tracked stage
+    assert "no tracked stage failed" in line and "data preparation" in line
