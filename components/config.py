@@ -57,7 +57,10 @@ class CorpusConfig(Strict):
     spec: str | None = None  # a corpus YAML: {name, domains: [...]}
     domains: list[DomainSource] | None = None  # or the domains inline
     validation_tokens: int = Field(16_384, gt=0)  # fixed held-out tokens per domain
-    max_train_tokens: int | None = Field(None, gt=0)  # cap per domain (None: all)
+    # Training tokens kept per domain (None: all). Preparation stops reading a domain there, so
+    # a cap saves time on a huge corpus; but the sampling prior (token shares) and the max-epochs
+    # limits then see the capped counts.
+    max_train_tokens: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _one_source(self):
