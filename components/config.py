@@ -389,7 +389,7 @@ class RegMixConfig(Strict):
     def _validation_covers_a_window(self):
         # Validation loss is averaged over windows of `context` tokens (plus the next one).
         models = {"proxy.model": self.proxy.model, "large.model": self.large.model,
-                  "rank_check.model": self.rank_check.model}
+                  "rank_check.model": self.rank_check.model if self.rank_check.mixtures else None}
         for field, model in models.items():
             context = model.resolve().context if model else 0
             if self.corpus.validation_tokens <= context:
@@ -473,11 +473,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat its keys
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                repeated = (type(key), key) in seen  # 1 and true are different keys
+                seen.add((type(key), key))
+            except TypeError:  # a list or mapping as a key
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a plain value", key_node.start_mark) from None
+            if repeated:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key '{key}'; keep one", key_node.start_mark)
-            seen.add(key)
         return super().construct_mapping(node, deep)
 
 

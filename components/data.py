@@ -10,10 +10,10 @@ Output folder (the contract every later stage reads through `TokenData`):
 
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
-import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -291,7 +291,7 @@ def eos_id(tokenizer) -> int:
 def pack(token_lists: list[list[int]], eos: int, dtype) -> np.ndarray:
     lengths = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
     packed = np.full(int(lengths.sum()), eos, dtype=dtype)
-    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    starts = np.cumsum(lengths) - lengths
     for start, tokens in zip(starts, token_lists, strict=True):
         packed[start : start + len(tokens)] = tokens
     return packed
@@ -340,19 +340,30 @@ def train_chunks(
 
 
 def save_chunks(path: Path, chunks: Iterable[np.ndarray], dtype, digest) -> int:
-    """Write the chunks as one .npy array without holding it whole; returns its length."""
-    raw, size = path.with_suffix(".part"), 0
-    with raw.open("wb") as handle:
+    """Write the chunks as one .npy array without holding it whole; returns its length.
+
+    The header, which holds the length, is written last over a placeholder: a 1-D header is
+    padded to the same 128 bytes whatever the length.
+    """
+    def header(size: int) -> bytes:
+        buffer = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buffer, {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+            "shape": (size,)})
+        return buffer.getvalue()
+
+    size, placeholder = 0, header(np.iinfo(np.int64).max)
+    with path.open("wb") as handle:
+        handle.write(placeholder)
         for chunk in chunks:
-            handle.write(chunk.tobytes())
-            digest.update(chunk.tobytes())
+            data = chunk.tobytes()
+            handle.write(data)
+            digest.update(data)
             size += chunk.size
-    with path.open("wb") as handle, raw.open("rb") as body:
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                  "shape": (size,)}
-        np.lib.format.write_array_header_1_0(handle, header)
-        shutil.copyfileobj(body, handle, 1 << 24)
-    raw.unlink()
+        final = header(size)
+        assert len(final) == len(placeholder)  # the data starts where numpy will look for it
+        handle.seek(0)
+        handle.write(final)
     return size
 
 
@@ -403,8 +414,9 @@ def prepare_data(
             "dtype": np.dtype(dtype).name,
             "fingerprint": digest.hexdigest()[:16],
         }
-        if staging:
-            meta["arrays"] = publish(staging, staging.parent / meta["fingerprint"])
+        if staging:  # named by content and by the domain names the files carry
+            names = hashlib.sha256(json.dumps(meta["domains"]).encode()).hexdigest()[:8]
+            meta["arrays"] = publish(staging, staging.parent / f"{meta['fingerprint']}-{names}")
         (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
 

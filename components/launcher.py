@@ -32,6 +32,7 @@ GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 # names: the MLflow client reads them from the environment. Every pipeline task gets them too.
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 IMAGE_UID = 1000  # the image's non-root user (docker/Dockerfile)
+JOB_DELETE_SECONDS = 600  # how long a retry waits for a failed job's pods to go
 
 
 def volume_env(mount_path: str) -> dict[str, str]:
@@ -219,7 +220,12 @@ def create_or_follow(jobs, manifest: dict, poll_seconds: float) -> None:
         return
     log.info("PyTorchJob %s/%s failed in an earlier attempt (%s); replacing it",
              namespace, name, detail)
-    jobs.delete_namespaced_custom_object(*job_api, name, propagation_policy="Foreground")
+    try:
+        jobs.delete_namespaced_custom_object(*job_api, name, propagation_policy="Foreground")
+    except client.ApiException as e:
+        if e.status != 404:  # gone already: fine
+            raise
+    deadline = time.monotonic() + JOB_DELETE_SECONDS
     while True:  # the name is free only once the job and its pods are gone
         try:
             jobs.get_namespaced_custom_object(*job_api, name)
@@ -227,6 +233,10 @@ def create_or_follow(jobs, manifest: dict, poll_seconds: float) -> None:
             if e.status == 404:
                 break
             raise
+        if time.monotonic() > deadline:
+            raise JobFailed(f"PyTorchJob {namespace}/{name} failed earlier and is still being "
+                            f"deleted after {JOB_DELETE_SECONDS} s (a stuck finalizer?); delete "
+                            "it by hand, then retry the run")
         time.sleep(poll_seconds)
     jobs.create_namespaced_custom_object(*job_api, manifest)
     log.info("created PyTorchJob %s/%s", namespace, name)

@@ -138,14 +138,16 @@ def plot_baselines(record: RunRecord, path: Path) -> bool:
 
 def outcome_lines(record: RunRecord, outcome: str | None) -> list[str]:
     """How the run ended, when it failed: which stage runs failed, or that none was reached."""
+    # KFP's outcome (SUCCEEDED, FAILED, CANCELLED) or MLflow's (FINISHED, FAILED, RUNNING...)
     parent = record.latest("pipeline")
-    ended = outcome or (parent.info.status if parent else None)
-    if ended not in ("FAILED", "CANCELLED", "KILLED"):
+    ended = outcome if outcome is not None else parent.info.status if parent else None
+    if ended in (None, "SUCCEEDED", "FINISHED", "RUNNING", "SCHEDULED"):
         return []
-    failed = {stage: [r.info.run_name for r in runs if r.info.status == "FAILED"]
-              for stage, runs in record.runs.items() if stage != "pipeline"}
-    named = [f"{stage} ({', '.join(sorted(names)[:5])})" for stage, names in failed.items() if names]
-    where = ("failed stage runs: " + "; ".join(named) if named else
+    # A killed pod (out of memory, preempted) leaves its run RUNNING: it did not finish either
+    unfinished = {stage: sorted(r.info.run_name for r in runs if r.info.status != "FINISHED")
+                  for stage, runs in record.runs.items() if stage != "pipeline"}
+    named = [f"{stage} ({', '.join(names[:5])})" for stage, names in unfinished.items() if names]
+    where = ("stage runs that failed or did not finish: " + "; ".join(named) if named else
              "no tracked stage failed: it stopped in a stage that logs no MLflow run (data "
              "preparation, mixture sampling or planning); its task log says why")
     return [f"- run **{ended}**: {where}"]

@@ -73,18 +73,23 @@ def default_tracking_uri() -> str:
     )
 
 
-def checked_tracking_uri(uri: str) -> str:
+def checked_tracking_uri(uri: str, existing: bool = False) -> str:
     """The MLflow tracking URI, if MLflow accepts it (a plain folder or an unknown scheme would
-    otherwise fail inside the first stage, or inside `report`)."""
+    otherwise fail inside the first stage, or inside `report`). With `existing`, for commands
+    that read runs, a SQLite store must be there already (not made empty by a typo)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from components.config import ConfigError
 
+    database = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    if existing and database and not Path(database).is_file():
+        raise ConfigError(f"tracking URI '{uri}': no MLflow store there; give the URI the run "
+                          "logged to (--tracking-uri, or $MLFLOW_TRACKING_URI)")
     try:
         mlflow.MlflowClient(uri)
-    except MlflowException as e:
-        first = str(e.message).strip().split(". ")[0]
+    except (MlflowException, OSError) as e:
+        first = str(getattr(e, "message", e)).strip().split(". ")[0]
         raise ConfigError(f"tracking URI '{uri}': {first}; give sqlite:///PATH/mlflow.db or an "
                           "http(s):// MLflow server") from None
     return uri

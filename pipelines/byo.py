@@ -309,10 +309,9 @@ def cmd_search(args) -> int:
 def cmd_export(args) -> int:
     from components.tracking import checked_tracking_uri, default_tracking_uri
 
+    uri = checked_tracking_uri(args.tracking_uri or default_tracking_uri(), existing=True)
     try:
-        rows = export_csv(checked_tracking_uri(args.tracking_uri or default_tracking_uri()),
-                          args.experiment,
-                          args.stage, args.mixtures, args.losses)
+        rows = export_csv(uri, args.experiment, args.stage, args.mixtures, args.losses)
     except ValueError as e:
         raise DataError(str(e)) from None
     print(f"wrote {rows} proxies to {args.mixtures} and {args.losses}")

@@ -96,7 +96,7 @@ def cmd_report(args) -> int:
     from components.report import build_report
     from components.tracking import checked_tracking_uri, default_tracking_uri
 
-    uri = checked_tracking_uri(args.tracking_uri or default_tracking_uri())
+    uri = checked_tracking_uri(args.tracking_uri or default_tracking_uri(), existing=True)
     try:
         html = build_report(uri, args.experiment, args.run, Path(args.out or f"report-{args.run}"))
     except ValueError as e:

@@ -24,10 +24,10 @@ KIND_BY_COMPONENT: dict[str, Kind] = {
     "train-proxy-op": "proxy",
     "train-target-op": "large",
 }
-# The (ReadWriteMany) volume holds the download caches (data preparation), the folders the
-# nodes of a multi-node large run share, and every trainer's checkpoints and results kept until
-# MLflow has them: a retried or rescheduled pod then resumes there. Proxies still get their data
-# as a KFP artifact.
+# The (ReadWriteMany) volume holds the download caches (data preparation), the prepared token
+# arrays every trainer reads in place, the folders the nodes of a multi-node large run share,
+# and every trainer's checkpoints and results kept until MLflow has them: a retried or
+# rescheduled pod then resumes there.
 VOLUME_KINDS: tuple[Kind, ...] = ("data", "proxy", "large")
 
 

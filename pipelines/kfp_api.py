@@ -39,8 +39,9 @@ def answering(host: str | None):
         raise KfpUnavailable(f"cannot reach the KFP API at {where} ({reason}); check --host and "
                              "that the API is reachable (docs/deploy.md, step 4)") from None
     except kfp_server_api.ApiException as e:
+        body = e.body.decode(errors="replace") if isinstance(e.body, bytes) else e.body or ""
         raise KfpUnavailable(f"the KFP API at {where} answered {e.status} {e.reason}: "
-                             f"{(e.body or '').strip()[:300]}") from None
+                             f"{body.strip()[:300]}") from None
 
 
 def connect(host: str | None, namespace: str | None = None) -> kfp.Client:

@@ -113,6 +113,10 @@ def test_missing_and_malformed_config_files(tmp_path, capsys):
     (tmp_path / "twice.yaml").write_text("name: x\nsearch: {method: paper}\nsearch: {}\n")
     assert_user_error(capsys, ["run", "--config", str(tmp_path / "twice.yaml")],
                       "twice.yaml, line 3, column 1: not valid YAML: duplicate key 'search'")
+    (tmp_path / "merged.yaml").write_text("base: &b {lr: 0.1}\nother: {<<: *b, lr: 0.2}\n")
+    from components.config import ConfigError, read_yaml
+
+    assert read_yaml(tmp_path / "merged.yaml", ConfigError)["other"] == {"lr": 0.2}  # merge keys
     (tmp_path / "latin1.yaml").write_bytes("name: caf\u00e9\n".encode("latin-1"))
     assert_user_error(capsys, ["run", "--config", str(tmp_path / "latin1.yaml")],
                       "latin1.yaml: not UTF-8 text (byte 9); save it as UTF-8")
@@ -177,6 +181,9 @@ def test_services_out_of_reach_are_one_line(tmp_path, capsys):
     assert_user_error(capsys, ["export", "--experiment", "x", "--tracking-uri", "bogus://x",
                                "--mixtures", "m.csv", "--losses", "l.csv"],
                       "tracking URI 'bogus://x'")
+    assert_user_error(capsys, ["report", "x", "--tracking-uri", f"sqlite:///{tmp_path}/typo.db"],
+                      "typo.db': no MLflow store there")
+    assert not (tmp_path / "typo.db").exists()  # not made, empty, by the check
     assert main(["runs", "--host", "http://127.0.0.1:9"]) == 1  # nothing listens on port 9
     err = capsys.readouterr().err
     assert "regmix: error: cannot reach the KFP API at http://127.0.0.1:9" in err, err

@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
+import yaml
 
 import components.data
 from components.config import CorpusConfig, TokenizerConfig
@@ -24,6 +25,7 @@ from tests.conftest import tiny_config_dict
 def test_pack_puts_eos_between_documents():
     packed = pack([[5, 6], [7]], eos=0, dtype=np.uint16)
     assert packed.tolist() == [5, 6, 0, 7, 0]
+    assert pack([], eos=0, dtype=np.uint16).size == 0  # a batch whose documents are all held out
 
 
 def encode_ids(texts: list[str]) -> list[list[int]]:
@@ -55,6 +57,10 @@ def test_training_tokens_stream_in_batches_up_to_the_cap(monkeypatch, tmp_path):
     saved = np.load(tmp_path / "t.npy", mmap_mode="r")
     assert size == saved.size == 40 and saved.tolist() == np.concatenate(chunks).tolist()
     assert digest.hexdigest() == hashlib.sha256(np.concatenate(chunks).tobytes()).hexdigest()
+    for dtype, values in ((np.uint32, [np.arange(70_000, 70_010, dtype=np.uint32)]), (np.uint16, [])):
+        size = save_chunks(tmp_path / "u.npy", iter(values), dtype, hashlib.sha256())
+        loaded = np.load(tmp_path / "u.npy", mmap_mode="r")
+        assert loaded.dtype == dtype and loaded.size == size == sum(v.size for v in values)
 
 
 def test_split_rejects_a_domain_smaller_than_its_validation_set():
@@ -169,13 +175,24 @@ def test_on_a_cluster_the_arrays_live_once_on_the_shared_volume(tmp_path, corpus
     assert sorted(p.name for p in (tmp_path / "artifact").iterdir()) == ["meta.json",
                                                                           "tokenizer.json"]
     assert meta["fingerprint"] == prepared_data.fingerprint  # the same data as unshared
-    assert meta["arrays"] == str(volume.resolve() / meta["fingerprint"])
+    assert meta["arrays"].startswith(str(volume.resolve() / meta["fingerprint"]))
     data = TokenData.open(tmp_path / "artifact")
     for domain in data.domains:
         assert np.array_equal(data.array("train", domain), prepared_data.array("train", domain))
     # A second preparation of the same data keeps the arrays there and leaves no staging behind
     again = prepare_data(corpus, tokenizer, tmp_path / "again", shared_root=volume)
-    assert again == meta and [p.name for p in volume.iterdir()] == [meta["fingerprint"]]
+    assert again == meta and [str(p) for p in volume.iterdir()] == [meta["arrays"]]
+    # The same files under other domain names are the same tokens, but other file names
+    renamed = tmp_path / "renamed.yaml"
+    spec = yaml.safe_load(corpus_spec.read_text())
+    for domain in spec["domains"]:
+        domain["path"] = str(corpus_spec.parent / domain["path"])
+    spec["domains"][0]["name"] = "python"  # was "code"
+    renamed.write_text(yaml.safe_dump(spec))
+    moved = prepare_data(corpus.model_copy(update={"spec": str(renamed)}), tokenizer,
+                         tmp_path / "renamed", shared_root=volume)
+    assert moved["fingerprint"] == meta["fingerprint"] and moved["arrays"] != meta["arrays"]
+    assert TokenData.open(tmp_path / "renamed").array("train", "python").size > 0
     shutil.rmtree(volume)
     with pytest.raises(CorpusError, match="token arrays at .* are gone"):
         TokenData.open(tmp_path / "artifact")

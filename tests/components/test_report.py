@@ -2,7 +2,7 @@ import mlflow
 import pytest
 
 from components.report import RunRecord, build_report, outcome_lines
-from components.tracking import stage_run
+from components.tracking import PIPELINE_TAG, STAGE_TAG, stage_run
 
 
 def test_report_reads_the_run_back_from_mlflow(tmp_path, tracking):
@@ -44,8 +44,14 @@ def test_a_failed_run_says_where_it_failed(tmp_path, tracking):
     with pytest.raises(RuntimeError), stage_run(tracking, "proxy", "m0001"):
         raise RuntimeError("CUDA out of memory")
     build_report(tracking["uri"], "regmix-test", "test-run", tmp_path / "a", outcome="FAILED")
-    assert "- run **FAILED**: failed stage runs: proxy (m0001)" in (
+    assert "- run **FAILED**: stage runs that failed or did not finish: proxy (m0001)" in (
         tmp_path / "a" / "report.md").read_text()
+    run = mlflow.MlflowClient(tracking["uri"]).create_run(  # a pod killed mid-run: RUNNING
+        tracking["experiment_id"], run_name="m0002",
+        tags={STAGE_TAG: "proxy", PIPELINE_TAG: tracking["pipeline_run"]})
+    build_report(tracking["uri"], "regmix-test", "test-run", tmp_path / "k", outcome="FAILED")
+    assert "proxy (m0001, m0002)" in (tmp_path / "k" / "report.md").read_text()
+    assert run.info.status == "RUNNING"
     build_report(tracking["uri"], "regmix-test", "test-run", tmp_path / "b", outcome="SUCCEEDED")
     assert "**FAILED**" not in (tmp_path / "b" / "report.md").read_text()
     (line,) = outcome_lines(RunRecord("early"), "FAILED")  # before any tracked stage
