@@ -540,6 +540,9 @@ def fit_regressor(
         )
     if len(y) < 3 or not (np.isfinite(weights).all() and np.isfinite(y).all()):
         raise ValueError(f"need at least 3 rows of finite weights and targets, got {len(y)}")
+    if np.ptp(y) == 0:
+        raise ValueError(f"the target is the same ({y[0]:g}) on every row: there is nothing to "
+                         "rank mixtures by; check that the loss column was measured")
 
     splits = list(KFold(min(folds, len(y)), shuffle=True, random_state=seed).split(weights))
     candidates = MODELS if model == "auto" else (model,)

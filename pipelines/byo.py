@@ -74,8 +74,11 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
     reports, index = [], {}
     for text, spec in zip(targets, specs, strict=True):
         name, values = resolve_target(table, spec)
-        regressor, report = fit_regressor(table.weights, values, table.domains, model=model,
-                                          folds=folds, seed=seed, tune_trials=tune_trials)
+        try:
+            regressor, report = fit_regressor(table.weights, values, table.domains, model=model,
+                                              folds=folds, seed=seed, tune_trials=tune_trials)
+        except ValueError as e:  # e.g. a constant target
+            raise DataError(f"--target '{name}': {e}") from None
         folder = folder_name(name)
         if folder in index.values() and index.get(name) != folder:
             raise DataError(f"--target '{text}': its folder name '{folder}' is taken by another "

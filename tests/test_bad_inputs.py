@@ -136,6 +136,8 @@ CSV_CASES = [
     (mixtures_csv(GOOD_ROWS[:-1] + ["8,-0.1,1.0,0.1"]), GOOD_LOSSES, "negative weight -0.1"),
     (mixtures_csv(GOOD_ROWS[:-1] + ["8,0.5,0.9,0.1"]), GOOD_LOSSES, "weights sum to 1.5, not 1 ("),
     (GOOD_LOSSES, GOOD_LOSSES, "(is this the losses file? check --mixtures and --losses)"),
+    (mixtures_csv(GOOD_ROWS), mixtures_csv([f"{i},3.5" for i in range(1, 9)], "index,loss"),
+     "--target 'loss': the target is the same (3.5) on every row"),
     (mixtures_csv(GOOD_ROWS[:-1] + ["9,0.1,0.8,0.1"]), GOOD_LOSSES, "the 'index' columns differ"),
     (mixtures_csv(GOOD_ROWS[:3]), mixtures_csv(["1,3", "2,3", "3,3"], "index,loss"),
      "3 rows for 3 domains"),
