@@ -388,10 +388,11 @@ class RegMixConfig(Strict):
     @model_validator(mode="after")
     def _validation_covers_a_window(self):
         # Validation loss is averaged over windows of `context` tokens (plus the next one).
-        models = {"proxy.model": self.proxy.model, "large.model": self.large.model,
-                  "rank_check.model": self.rank_check.model if self.rank_check.mixtures else None}
+        models = {"proxy.model": self.proxy.model, "large.model": self.large.model}
+        if self.rank_check.mixtures:
+            models["rank_check.model"] = self.rank_check.model
         for field, model in models.items():
-            context = model.resolve().context if model else 0
+            context = model.resolve().context
             if self.corpus.validation_tokens <= context:
                 raise ValueError(
                     f"corpus.validation_tokens ({self.corpus.validation_tokens}) must exceed "

@@ -206,9 +206,13 @@ def create_or_follow(jobs, manifest: dict, poll_seconds: float) -> None:
 
     name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
     job_api = (GROUP, VERSION, namespace, PLURAL)
-    try:
+
+    def create() -> None:
         jobs.create_namespaced_custom_object(*job_api, manifest)
         log.info("created PyTorchJob %s/%s", namespace, name)
+
+    try:
+        create()
         return
     except client.ApiException as e:
         if e.status != 409:
@@ -238,8 +242,7 @@ def create_or_follow(jobs, manifest: dict, poll_seconds: float) -> None:
                             f"deleted after {JOB_DELETE_SECONDS} s (a stuck finalizer?); delete "
                             "it by hand, then retry the run")
         time.sleep(poll_seconds)
-    jobs.create_namespaced_custom_object(*job_api, manifest)
-    log.info("created PyTorchJob %s/%s", namespace, name)
+    create()
 
 
 def job_state(job: dict) -> tuple[str, str]:

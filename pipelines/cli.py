@@ -55,11 +55,9 @@ def cluster_config(path: str) -> RegMixConfig:
 
 
 def cmd_run(args) -> int:
-    from components.tracking import checked_tracking_uri, default_tracking_uri
     from pipelines.local import PipelineFailed, run_local
 
     config = checked_config(args.config)
-    checked_tracking_uri(args.tracking_uri or config.tracking.uri or default_tracking_uri())
     try:
         summary = run_local(config, args.tracking_uri)
     except PipelineFailed as e:

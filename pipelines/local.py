@@ -8,7 +8,13 @@ import mlflow
 from kfp import local
 
 from components.config import ClusterConfig, RegMixConfig
-from components.tracking import PROXY_STAGES, default_tracking_uri, latest_run, runs_by_stage
+from components.tracking import (
+    PROXY_STAGES,
+    checked_tracking_uri,
+    default_tracking_uri,
+    latest_run,
+    runs_by_stage,
+)
 from pipelines.pipeline import build_pipeline
 
 TRAINING_STAGES = (*PROXY_STAGES, "large", "baseline", "rank")
@@ -24,7 +30,7 @@ def run_local(config: RegMixConfig, tracking_uri: str | None = None,
     # The `cluster` section is for Kubernetes (pods, volumes, PyTorchJobs): here every stage is
     # a subprocess on this machine, whatever the section says.
     config = config.model_copy(update={"cluster": ClusterConfig()})
-    uri = tracking_uri or config.tracking.uri or default_tracking_uri()
+    uri = checked_tracking_uri(tracking_uri or config.tracking.uri or default_tracking_uri())
     label = uuid.uuid4().hex[:12]
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str(pipeline_root.resolve()), raise_on_error=True)

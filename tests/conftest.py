@@ -72,15 +72,21 @@ def tiny_config_dict(spec: Path, **overrides) -> dict:
     return config
 
 
+def data_settings(spec: Path):
+    """The corpus and tokenizer sections of `tiny_config_dict`, validated."""
+    from components.config import parse_config
+
+    config = parse_config(tiny_config_dict(spec))
+    return config.corpus, config.tokenizer
+
+
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory, corpus_spec):
     """The small corpus, tokenized and packed once for the whole session."""
-    from components.config import CorpusConfig, TokenizerConfig
     from components.data import TokenData, prepare_data
 
     out = tmp_path_factory.mktemp("data")
-    prepare_data(CorpusConfig(spec=str(corpus_spec), validation_tokens=1024),
-                 TokenizerConfig(vocab_size=512, train_bytes_per_domain=200_000), out)
+    prepare_data(*data_settings(corpus_spec), out)
     return TokenData.open(out)
 
 

@@ -7,7 +7,6 @@ import pytest
 import yaml
 
 import components.data
-from components.config import CorpusConfig, TokenizerConfig
 from components.data import (
     CorpusError,
     TokenData,
@@ -19,7 +18,7 @@ from components.data import (
     save_chunks,
     train_chunks,
 )
-from tests.conftest import tiny_config_dict
+from tests.conftest import data_settings, tiny_config_dict
 
 
 def test_pack_puts_eos_between_documents():
@@ -96,10 +95,7 @@ def test_data_preparation_sees_only_the_sections_that_decide_the_data(corpus_spe
 
 
 def test_same_corpus_same_fingerprint(tmp_path, corpus_spec, prepared_data):
-    from components.data import prepare_data
-
-    meta = prepare_data(CorpusConfig(spec=str(corpus_spec), validation_tokens=1024),
-                        TokenizerConfig(vocab_size=512, train_bytes_per_domain=200_000), tmp_path)
+    meta = prepare_data(*data_settings(corpus_spec), tmp_path)
     assert meta["fingerprint"] == prepared_data.fingerprint
 
 
@@ -167,8 +163,7 @@ def test_corpus_spec_errors_name_the_entry_and_line(tmp_path):
 
 def test_on_a_cluster_the_arrays_live_once_on_the_shared_volume(tmp_path, corpus_spec,
                                                                  prepared_data):
-    corpus = CorpusConfig(spec=str(corpus_spec), validation_tokens=1024)
-    tokenizer = TokenizerConfig(vocab_size=512, train_bytes_per_domain=200_000)
+    corpus, tokenizer = data_settings(corpus_spec)
     volume = tmp_path / "volume" / "tokens"
     meta = prepare_data(corpus, tokenizer, tmp_path / "artifact", shared_root=volume)
     # The artifact every proxy pod would download is the meta and tokenizer only

@@ -38,6 +38,16 @@ def test_unknown_domain_in_config_is_caught_before_any_work(tmp_path, capsys, co
     assert "regression.target: unknown domain(s) ['wikipedia']" in capsys.readouterr().err
 
 
+def pile_config_with(tmp_path, change: dict) -> Path:
+    """configs/pile.yaml with some sections' keys changed, written to a file."""
+    config = yaml.safe_load(Path("configs/pile.yaml").read_text())
+    for section, values in change.items():
+        config[section].update(values)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -46,21 +56,14 @@ def test_unknown_domain_in_config_is_caught_before_any_work(tmp_path, capsys, co
     ],
 )
 def test_submit_checks_what_it_can_before_contacting_the_cluster(tmp_path, capsys, change, message):
-    config = yaml.safe_load(Path("configs/pile.yaml").read_text())
-    for section, values in change.items():
-        config[section].update(values)
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = pile_config_with(tmp_path, change)
     # No KFP server at this address: the check must come first
     assert main(["submit", "--host", "http://127.0.0.1:9", "--config", str(path)]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_compile_checks_domain_names_the_config_lists(tmp_path, capsys):
-    config = yaml.safe_load(Path("configs/pile.yaml").read_text())
-    config["regression"]["target"] = "pilecc"
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = pile_config_with(tmp_path, {"regression": {"target": "pilecc"}})
     assert main(["compile", "--config", str(path), "--out", str(tmp_path / "p.yaml")]) == 2
     assert "regression.target: unknown domain(s) ['pilecc']" in capsys.readouterr().err
     assert not (tmp_path / "p.yaml").exists()
