@@ -183,13 +183,15 @@ class ProxyConfig(Strict):
 
 # The regression stage's models (components/regression.py), named here so that configs and the
 # command line validate them without importing the stage's heavy libraries.
-RegressionModel = Literal["auto", "lightgbm", "linear", "gp", "law", "ensemble"]
-REGRESSION_MODELS: tuple[str, ...] = get_args(RegressionModel)[1:]  # all but "auto"
+OneColumnModel = Literal["lightgbm", "linear", "gp", "law", "ensemble"]
+REGRESSION_MODELS: tuple[str, ...] = get_args(OneColumnModel)
+# per-domain: a target over several domains fitted one domain at a time (regression.fit_target)
+RegressionModel = Literal["auto", "per-domain", OneColumnModel]
 
 
 class RegressionConfig(Strict):
     target: str | dict[str, float] = "mean"  # "mean" of all domains, one domain, or weights
-    model: RegressionModel = "auto"  # auto: the best of the others by CV
+    model: RegressionModel = "auto"  # auto: the best of the others by CV, per-domain included
     folds: int = Field(5, ge=2)
     tune_trials: int = Field(0, ge=0)
     # The fan-in proceeds when at least this share of proxies finished; failures are logged.

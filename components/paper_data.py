@@ -170,8 +170,11 @@ def read_proxy_csvs(mixtures_csv: Path, losses_csv: Path | None = None) -> Proxy
     return ProxyTable(mixtures.index, mixtures.columns, weights, losses.columns, paired)
 
 
-def resolve_target(table: ProxyTable, spec: str | dict[str, float]) -> tuple[str, np.ndarray]:
-    """Return (name, values) of a target: one loss column, or a weighted mean of several."""
+def resolve_target(
+    table: ProxyTable, spec: str | dict[str, float]
+) -> tuple[str, np.ndarray, np.ndarray]:
+    """Return (name, loss columns, shares) of a target, its values being columns @ shares: one
+    loss column, or a weighted mean of several."""
     weights = {spec: 1.0} if isinstance(spec, str) else dict(spec)
     if not weights:
         raise DataError("empty target spec; name a loss column or give {column: weight}")
@@ -180,12 +183,12 @@ def resolve_target(table: ProxyTable, spec: str | dict[str, float]) -> tuple[str
         raise DataError(f"unknown target column(s) {unknown}; available: {table.targets}")
     if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
         raise DataError(f"target weights {weights} must be >= 0 and not all zero")
+    columns = table.losses[:, [table.targets.index(n) for n in weights]]
+    shares = np.array(list(weights.values()), dtype=float)
     if isinstance(spec, str):
-        return spec, table.losses[:, table.targets.index(spec)]
-    total = sum(weights.values())
-    values = sum(w / total * table.losses[:, table.targets.index(n)] for n, w in weights.items())
+        return spec, columns, shares
     name = "weighted_mean(" + ",".join(f"{n}:{w:g}" for n, w in weights.items()) + ")"
-    return name, np.asarray(values)
+    return name, columns, shares / shares.sum()
 
 
 def write_predictions_csv(

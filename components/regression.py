@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import lightgbm as lgb
 import numpy as np
@@ -40,6 +40,7 @@ from components.config import REGRESSION_MODELS
 from components.files import replacing, write_text
 
 MODELS = REGRESSION_MODELS
+PER_DOMAIN = "per-domain"
 ENSEMBLE_MEMBERS = ("lightgbm", "gp", "law")
 RIDGE_ALPHAS = np.logspace(-6, 3, 28)
 # Zero weights are common (sparse Dirichlet mixtures); the GP and the mixing law work on
@@ -86,6 +87,7 @@ class FitReport:
     cv_rmse: float
     cv_by_model: dict[str, float]  # CV Spearman of every candidate tried
     seconds: float
+    out_of_fold: np.ndarray = field(repr=False)  # the chosen model's CV predictions, row by row
     settings: dict[str, object] = field(default_factory=dict)  # what CV chose, for logging
 
 
@@ -337,8 +339,10 @@ _MEMBER_LOADERS = {
 @dataclass
 class Regressor:
     """A fitted model for one target: the weighted mean of its members (one, or several for an
-    ensemble, weighted as CV chose)."""
+    ensemble, weighted as CV chose). A per-domain model's members are themselves Regressors,
+    one per domain of the target, summed with the target's own weights."""
 
+    kind: ClassVar[str] = "regressor"  # as a member of a per-domain model
     model: str
     domains: list[str]
     members: list[_Member]
@@ -361,8 +365,15 @@ class Regressor:
         return self.predict_with_spread(weights)[0]
 
     def predict_with_spread(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Weighted mean prediction and the members' disagreement (weighted std; 0 for one model)."""
+        """Weighted mean prediction and the members' disagreement (weighted std; 0 for one model).
+
+        A per-domain model's spread is the target-weighted sum of its domains' own spreads
+        (their disagreements may line up, so they add, at worst)."""
         weights = self._check(weights)
+        if self.model == PER_DOMAIN:
+            parts = np.stack([member.predict_with_spread(weights) for member in self.members])
+            mean, spread = np.tensordot(self.member_weights, parts, axes=1)
+            return mean, spread
         each = np.stack([member.predict(weights) for member in self.members])
         share = np.ones(len(each)) if self.member_weights is None else np.array(self.member_weights)
         share = share / share.sum()
@@ -399,6 +410,9 @@ class Regressor:
         weights = directory / TRAIN_WEIGHTS_FILE
         return cls(state["model"], state["domains"], members, state["linear_coefficients"],
                    np.load(weights) if weights.exists() else None, state.get("member_weights"))
+
+
+_MEMBER_LOADERS["regressor"] = Regressor.load
 
 
 def _spearman(y: np.ndarray, predicted: np.ndarray) -> float:
@@ -636,19 +650,76 @@ def fit_regressor(
         cv_rmse=_rmse(y, out_of_fold[chosen]),
         cv_by_model=cv_by_model,
         seconds=time.perf_counter() - start,
+        out_of_fold=out_of_fold[chosen],
         settings=settings,
+    )
+    return regressor, report
+
+
+def fit_target(
+    weights: np.ndarray,
+    losses: np.ndarray,
+    shares: np.ndarray,
+    domains: list[str],
+    model: str = "auto",
+    folds: int = 5,
+    seed: int = 0,
+    tune_trials: int = 0,
+) -> tuple[Regressor, FitReport]:
+    """Fit a target that is a weighted sum of loss columns: `losses` (rows, columns) @ `shares`.
+
+    A target over several columns (the mean loss over domains, say) can also be fitted one
+    column at a time: one regressor per domain's loss, summed with the target's shares.
+    `auto` keeps that per-domain model when its CV Spearman on the target beats the best
+    model fitted on the target itself; `per-domain` always uses it. Why it helps: one
+    domain's loss is a simple function of the mixture (mostly a log-like gain in its own
+    weight), while a mean over 17 domains adds up 17 such shapes, more than a few dozen proxies
+    can resolve as one function; per domain, every proxy gives 17 measurements instead of one.
+    On tinypile's 17 domains with 40 proxies, predicting 14 fresh proxies' mean loss: Spearman
+    0.76 against 0.62 and RMSE 0.12 against 0.17 (0.84 against 0.80 and 0.09 against 0.17 with
+    48 proxies and 44 fresh ones).
+    """
+    start = time.perf_counter()
+    losses, shares = np.atleast_2d(np.asarray(losses, float).T).T, np.asarray(shares, float)
+    if losses.shape[1] != len(shares):
+        raise ValueError(f"{losses.shape[1]} loss columns for {len(shares)} target shares")
+    y = losses @ shares
+    if model == PER_DOMAIN and len(shares) < 2:
+        raise ValueError("model 'per-domain' needs a target over several loss columns (a "
+                         "weighted mean); this target has one: choose another model")
+    whole = fit_regressor(weights, y, domains, model, folds, seed, tune_trials) if (
+        model != PER_DOMAIN) else None
+    if whole is not None and (model != "auto" or len(shares) < 2):
+        return whole
+    parts = [fit_regressor(weights, column, domains, "auto", folds, seed, tune_trials)
+             for column in losses.T]
+    out_of_fold = np.stack([report.out_of_fold for _, report in parts], axis=1) @ shares
+    cv = _spearman(y, out_of_fold)
+    cv_by_model = {**(whole[1].cv_by_model if whole else {}), PER_DOMAIN: cv}
+    if whole is not None and whole[1].cv_spearman >= cv:
+        whole[1].cv_by_model = cv_by_model
+        whole[1].seconds = time.perf_counter() - start
+        return whole
+    linear = _fit_ridge(weights, y)  # the domain-interaction analysis is of the target itself
+    regressor = Regressor(PER_DOMAIN, list(domains), [part for part, _ in parts],
+                          dict(zip(domains, linear.coefficients.tolist(), strict=True)),
+                          np.asarray(weights, dtype=float), shares.tolist())
+    report = FitReport(
+        model=PER_DOMAIN, cv_spearman=cv, cv_rmse=_rmse(y, out_of_fold), cv_by_model=cv_by_model,
+        seconds=time.perf_counter() - start, out_of_fold=out_of_fold,
+        settings={"parts": [{"model": r.model, "cv_spearman": r.cv_spearman, **r.settings}
+                            for _, r in parts]},
     )
     return regressor, report
 
 
 # ---------------------------------------------------------------- the pipeline stage
 def proxy_matrix(results: list[dict], domains: list[str], target: dict[str, float]):
-    """Proxy results as (weights matrix, target losses) in the corpus's domain order."""
-    from components.config import target_loss
-
+    """Proxy results as (weights matrix, the target's loss columns, their shares in the target),
+    the weights in the corpus's domain order."""
     weights = np.array([[r["weights"][d] for d in domains] for r in results])
-    losses = np.array([target_loss(r["val_loss"], target) for r in results])
-    return weights, losses
+    losses = np.array([[r["val_loss"][d] for d in target] for r in results])
+    return weights, losses, np.array(list(target.values()), dtype=float)
 
 
 def finished_proxies(results: list[dict], min_fraction: float) -> list[dict]:
@@ -664,8 +735,8 @@ def finished_proxies(results: list[dict], min_fraction: float) -> list[dict]:
     return finished
 
 
-def learning_curve(weights: np.ndarray, losses: np.ndarray, domains: list[str], model: str,
-                   folds: int, seed: int) -> list[list[float]]:
+def learning_curve(weights: np.ndarray, losses: np.ndarray, shares: np.ndarray,
+                   domains: list[str], model: str, folds: int, seed: int) -> list[list[float]]:
     """CV Spearman on growing subsets of the proxies: how much more proxies would help."""
     n = len(losses)
     sizes = sorted({max(folds * 2, round(n * f)) for f in (0.25, 0.5, 0.75)} | {n})
@@ -673,8 +744,8 @@ def learning_curve(weights: np.ndarray, losses: np.ndarray, domains: list[str], 
     curve = []
     for size in (s for s in sizes if s <= n):
         rows = order[:size]
-        _, report = fit_regressor(weights[rows], losses[rows], domains, model=model,
-                                  folds=folds, seed=seed)
+        _, report = fit_target(weights[rows], losses[rows], shares, domains, model=model,
+                               folds=folds, seed=seed)
         curve.append([size, report.cv_spearman])
     return curve
 
@@ -697,12 +768,13 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
         if failed:
             mlflow.log_dict({r["id"]: r["error"] for r in failed}, "failed_proxies.json")
         results = finished_proxies(every, cfg.regression.min_proxy_fraction)
-        weights, losses = proxy_matrix(results, domains, target)
-        model, report = fit_regressor(weights, losses, domains, model=cfg.regression.model,
-                                      folds=cfg.regression.folds, seed=cfg.seed,
-                                      tune_trials=cfg.regression.tune_trials)
-        curve = learning_curve(weights, losses, domains, report.model, cfg.regression.folds,
-                               cfg.seed)
+        weights, columns, shares = proxy_matrix(results, domains, target)
+        model, report = fit_target(weights, columns, shares, domains, model=cfg.regression.model,
+                                   folds=cfg.regression.folds, seed=cfg.seed,
+                                   tune_trials=cfg.regression.tune_trials)
+        curve = learning_curve(weights, columns, shares, domains, report.model,
+                               cfg.regression.folds, cfg.seed)
+        losses = columns @ shares
         model.save(out)
         # A later active-learning round refits on these plus its own proxies.
         write_text(out / PROXY_RESULTS_FILE, json.dumps(every))
@@ -716,6 +788,7 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
         })
         for size, rho in curve:
             mlflow.log_metric("learning_curve.cv_spearman", rho, step=int(size))
+        mlflow.log_dict(report.settings, "fit_settings.json")  # what CV chose, per domain too
         if model.linear_coefficients:
             mlflow.log_dict(model.linear_coefficients, "linear_coefficients.json")
         mlflow.log_artifacts(str(out), "regressor")

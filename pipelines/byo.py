@@ -63,7 +63,7 @@ def folder_name(target: str) -> str:
 def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: str,
             folds: int, seed: int, tune_trials: int) -> list[dict]:
     """Fit one regressor per target; returns a report per target."""
-    from components.regression import fit_regressor
+    from components.regression import fit_target
 
     try:
         specs = [parse_target(text) for text in targets]
@@ -73,10 +73,11 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
     out.mkdir(parents=True, exist_ok=True)
     reports, index = [], {}
     for text, spec in zip(targets, specs, strict=True):
-        name, values = resolve_target(table, spec)
+        name, columns, shares = resolve_target(table, spec)
         try:
-            regressor, report = fit_regressor(table.weights, values, table.domains, model=model,
-                                              folds=folds, seed=seed, tune_trials=tune_trials)
+            regressor, report = fit_target(table.weights, columns, shares, table.domains,
+                                           model=model, folds=folds, seed=seed,
+                                           tune_trials=tune_trials)
         except ValueError as e:  # e.g. a constant target
             raise DataError(f"--target '{name}': {e}") from None
         folder = folder_name(name)

@@ -71,10 +71,12 @@ def test_missing_file(tmp_path):
 
 def test_resolve_target(tmp_path):
     table = read(tmp_path)
-    name, values = resolve_target(table, "loss_y")
-    assert name == "loss_y" and values.tolist() == table.losses[:, 1].tolist()
-    name, values = resolve_target(table, {"loss_x": 3.0, "loss_y": 1.0})
-    np.testing.assert_allclose(values, 0.75 * table.losses[:, 0] + 0.25 * table.losses[:, 1])
+    name, columns, shares = resolve_target(table, "loss_y")
+    assert name == "loss_y" and (columns @ shares).tolist() == table.losses[:, 1].tolist()
+    name, columns, shares = resolve_target(table, {"loss_x": 3.0, "loss_y": 1.0})
+    assert shares.tolist() == [0.75, 0.25]
+    np.testing.assert_allclose(columns @ shares,
+                               0.75 * table.losses[:, 0] + 0.25 * table.losses[:, 1])
     assert "loss_x" in name and "loss_y" in name
     with pytest.raises(DataError, match=r"unknown target column\(s\) \['loss_z'\]; available"):
         resolve_target(table, {"loss_z": 1.0})

@@ -5,7 +5,15 @@ import pytest
 from scipy.stats import spearmanr
 
 from components.paper_data import read_proxy_csvs
-from components.regression import MODELS, Regressor, _blend_weights, _fit_law, fit_regressor
+from components.regression import (
+    MODELS,
+    PER_DOMAIN,
+    Regressor,
+    _blend_weights,
+    _fit_law,
+    fit_regressor,
+    fit_target,
+)
 
 PAPER_DATA = Path(__file__).resolve().parents[3] / "shared" / "regmix-paper-data"
 PILE_CC = "metric/the_pile_pile_cc_val_loss"
@@ -88,6 +96,57 @@ def test_blend_weights_lie_on_the_simplex_and_favour_the_accurate_member():
     blend = _blend_weights(members, y)
     assert blend.shape == (3,) and (blend >= 0).all() and np.isclose(blend.sum(), 1.0)
     assert blend[1] >= 0.8 and blend[2] == 0
+
+
+def per_domain_problem(rows: int, domains: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Each domain's loss gains, with diminishing returns, mostly from its own weight."""
+    rng = np.random.default_rng(seed)
+    weights = rng.dirichlet(np.full(domains, 0.5), size=rows)
+    floor = np.random.default_rng(domains).uniform(3.0, 5.0, size=domains)  # fixed per size
+    losses = floor - 0.1 * np.log(weights + 0.01)
+    return weights, losses + rng.normal(0, 0.01, size=losses.shape)
+
+
+def test_a_mean_target_is_fitted_per_domain_when_cv_says_so():
+    weights, losses = per_domain_problem(40, 8)
+    shares = np.full(8, 1 / 8)
+    regressor, report = fit_target(weights, losses, shares, names(8))
+    assert report.model == PER_DOMAIN and regressor.model == PER_DOMAIN
+    assert report.cv_by_model[PER_DOMAIN] > max(report.cv_by_model[m] for m in MODELS)
+    assert len(report.settings["parts"]) == 8 and len(report.out_of_fold) == 40
+    whole, _ = fit_regressor(weights, losses @ shares, names(8))
+    fresh_weights, fresh_losses = per_domain_problem(200, 8, seed=1)
+    fresh_y = fresh_losses @ shares
+    per_domain_rho = spearmanr(regressor.predict(fresh_weights), fresh_y)[0]
+    assert per_domain_rho > spearmanr(whole.predict(fresh_weights), fresh_y)[0] + 0.03
+    assert per_domain_rho > 0.9
+
+
+def test_a_per_domain_model_sums_its_parts_and_their_spreads(tmp_path):
+    weights, losses = per_domain_problem(40, 4)
+    shares = np.array([0.5, 0.2, 0.2, 0.1])  # a weighted mean, not the plain one
+    regressor, _ = fit_target(weights, losses, shares, names(4), model=PER_DOMAIN, folds=3)
+    probe, _ = per_domain_problem(30, 4, seed=2)
+    parts = [part.predict_with_spread(probe) for part in regressor.members]
+    mean, spread = regressor.predict_with_spread(probe)
+    np.testing.assert_allclose(mean, shares @ np.stack([p for p, _ in parts]))
+    np.testing.assert_allclose(spread, shares @ np.stack([s for _, s in parts]))
+    regressor.save(tmp_path / "model")
+    loaded = Regressor.load(tmp_path / "model")
+    for before, after in zip(regressor.predict_with_spread(probe), loaded.predict_with_spread(probe),
+                             strict=True):
+        np.testing.assert_array_equal(before, after)
+    assert list(loaded.linear_coefficients) == names(4) and loaded.train_weights.shape == (40, 4)
+
+
+def test_a_one_column_target_is_fitted_whole():
+    weights, losses = per_domain_problem(30, 4)
+    _, report = fit_target(weights, losses[:, :1], np.ones(1), names(4), folds=3)
+    assert PER_DOMAIN not in report.cv_by_model
+    with pytest.raises(ValueError, match="per-domain' needs a target over several loss columns"):
+        fit_target(weights, losses[:, :1], np.ones(1), names(4), model=PER_DOMAIN)
+    _, report = fit_target(weights, losses, np.full(4, 0.25), names(4), model="gp", folds=3)
+    assert list(report.cv_by_model) == ["gp"]  # a named one-column model: no per-domain fit
 
 
 def test_linear_coefficients_name_every_domain():
