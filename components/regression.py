@@ -19,6 +19,7 @@ from typing import ClassVar, Protocol
 import lightgbm as lgb
 import numpy as np
 import optuna
+from joblib import Parallel, delayed
 from kfp import dsl
 from scipy.optimize import least_squares
 from scipy.stats import spearmanr
@@ -691,8 +692,12 @@ def fit_target(
         model != PER_DOMAIN) else None
     if whole is not None and (model != "auto" or len(shares) < 2):
         return whole
-    parts = [fit_regressor(weights, column, domains, "auto", folds, seed, tune_trials)
-             for column in losses.T]
+    # The parts are independent fits, so they run a process per core (loky counts the CPUs a
+    # pod's quota allows, not the node's); each is seeded, so the result does not depend on it.
+    parts = Parallel(n_jobs=-1)(
+        delayed(fit_regressor)(weights, column, domains, "auto", folds, seed, tune_trials)
+        for column in losses.T
+    )
     out_of_fold = np.stack([report.out_of_fold for _, report in parts], axis=1) @ shares
     cv = _spearman(y, out_of_fold)
     cv_by_model = {**(whole[1].cv_by_model if whole else {}), PER_DOMAIN: cv}
