@@ -676,22 +676,26 @@ def fit_target(
     domain's loss is a simple function of the mixture (mostly a log-like gain in its own
     weight), while a mean over 17 domains adds up 17 such shapes, more than a few dozen proxies
     can resolve as one function; per domain, every proxy gives 17 measurements instead of one.
-    On tinypile's 17 domains with 40 proxies, predicting 14 fresh proxies' mean loss: Spearman
-    0.76 against 0.62 and RMSE 0.12 against 0.17 (0.84 against 0.80 and 0.09 against 0.17 with
-    48 proxies and 44 fresh ones).
+    On the paper's data, for the mean of its 13 validation domains, Spearman on the 256 unseen
+    mixtures rises from 0.965 to 0.992 with 128 proxies; on tinypile's 17 domains with 40
+    proxies, predicting 14 fresh proxies' mean loss, from 0.62 to 0.76.
     """
     start = time.perf_counter()
-    losses, shares = np.atleast_2d(np.asarray(losses, float).T).T, np.asarray(shares, float)
+    losses, shares = np.asarray(losses, dtype=float), np.asarray(shares, dtype=float)
+    if losses.ndim == 1:
+        losses = losses[:, None]
     if losses.shape[1] != len(shares):
         raise ValueError(f"{losses.shape[1]} loss columns for {len(shares)} target shares")
     y = losses @ shares
     if model == PER_DOMAIN and len(shares) < 2:
         raise ValueError("model 'per-domain' needs a target over several loss columns (a "
                          "weighted mean); this target has one: choose another model")
-    whole = fit_regressor(weights, y, domains, model, folds, seed, tune_trials) if (
-        model != PER_DOMAIN) else None
-    if whole is not None and (model != "auto" or len(shares) < 2):
-        return whole
+    whole = None
+    if model != PER_DOMAIN:
+        whole = fit_regressor(weights, y, domains, model, folds, seed, tune_trials)
+        # A constant column (measured the same on every proxy) has nothing to fit on its own.
+        if model != "auto" or len(shares) < 2 or np.ptp(losses, axis=0).min() == 0:
+            return whole
     # The parts are independent fits, so they run a process per core (loky counts the CPUs a
     # pod's quota allows, not the node's); each is seeded, so the result does not depend on it.
     parts = Parallel(n_jobs=-1)(
@@ -702,9 +706,9 @@ def fit_target(
     cv = _spearman(y, out_of_fold)
     cv_by_model = {**(whole[1].cv_by_model if whole else {}), PER_DOMAIN: cv}
     if whole is not None and whole[1].cv_spearman >= cv:
-        whole[1].cv_by_model = cv_by_model
-        whole[1].seconds = time.perf_counter() - start
-        return whole
+        regressor, report = whole
+        report.cv_by_model, report.seconds = cv_by_model, time.perf_counter() - start
+        return regressor, report
     linear = _fit_ridge(weights, y)  # the domain-interaction analysis is of the target itself
     regressor = Regressor(PER_DOMAIN, list(domains), [part for part, _ in parts],
                           dict(zip(domains, linear.coefficients.tolist(), strict=True)),
@@ -793,7 +797,10 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
         })
         for size, rho in curve:
             mlflow.log_metric("learning_curve.cv_spearman", rho, step=int(size))
-        mlflow.log_dict(report.settings, "fit_settings.json")  # what CV chose, per domain too
+        settings = report.settings  # what CV chose; a per-domain model's parts by their domain
+        if report.model == PER_DOMAIN:
+            settings = {**settings, "parts": dict(zip(target, settings["parts"], strict=True))}
+        mlflow.log_dict(settings, "fit_settings.json")
         if model.linear_coefficients:
             mlflow.log_dict(model.linear_coefficients, "linear_coefficients.json")
         mlflow.log_artifacts(str(out), "regressor")

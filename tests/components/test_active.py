@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
@@ -90,6 +93,13 @@ def test_a_round_proposes_trains_and_refits_on_every_proxy(prepared_data, tracki
         config=config, previous=first, proxy_results=proxy_results(meta, new, "r1a"),
         data_meta=meta, tracking=tracking, active_round=1, regressor=second)
     assert report["proxies"] == 16 and refit["proxies"] == 19
-    runs = mlflow.MlflowClient(tracking["uri"]).search_runs([tracking["experiment_id"]])
-    assert {"fit-regression", "propose-round-1", "fit-regression-round-1"} <= {
-        r.info.run_name for r in runs}
+    client = mlflow.MlflowClient(tracking["uri"])
+    runs = {r.info.run_name: r for r in client.search_runs([tracking["experiment_id"]])}
+    assert {"fit-regression", "propose-round-1", "fit-regression-round-1"} <= set(runs)
+    # Each domain's made-up loss follows its own weight: CV prefers fitting them one by one.
+    fit = runs["fit-regression"]
+    assert report["model"] == fit.data.params["model"] == "per-domain"
+    settings = json.loads(Path(client.download_artifacts(fit.info.run_id, "fit_settings.json",
+                                                         str(tmp_path))).read_text())
+    assert list(settings["parts"]) == meta["domains"]
+    assert fit.data.metrics["cv_spearman.per-domain"] == report["cv_spearman"]
