@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
+from components import regression
 from components.paper_data import read_proxy_csvs
 from components.regression import (
     MODELS,
@@ -147,6 +148,16 @@ def test_a_one_column_target_is_fitted_whole():
         fit_target(weights, losses[:, :1], np.ones(1), names(4), model=PER_DOMAIN)
     _, report = fit_target(weights, losses, np.full(4, 0.25), names(4), model="gp", folds=3)
     assert list(report.cv_by_model) == ["gp"]  # a named one-column model: no per-domain fit
+
+
+def test_predictions_in_batches_equal_one_batch(monkeypatch):
+    weights, y = smooth_problem(60, 5)
+    ensemble, _ = fit_regressor(weights, y, names(5), model="ensemble", folds=3)
+    probe, _ = smooth_problem(50, 5, seed=4)
+    whole = ensemble.predict_with_spread(probe)
+    monkeypatch.setattr(regression, "PREDICT_BATCH_ROWS", 7)  # 50 rows: 8 batches
+    for before, after in zip(whole, ensemble.predict_with_spread(probe), strict=True):
+        np.testing.assert_allclose(before, after, rtol=0, atol=1e-12)
 
 
 def test_linear_coefficients_name_every_domain():
