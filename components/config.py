@@ -197,6 +197,16 @@ class RegressionConfig(Strict):
     # The fan-in proceeds when at least this share of proxies finished; failures are logged.
     min_proxy_fraction: float = Field(0.9, gt=0, le=1)
 
+    @model_validator(mode="after")
+    def _per_domain_needs_domains(self):
+        one = self.target != "mean" and (isinstance(self.target, str) or len(self.target) < 2)
+        if self.model == "per-domain" and one:
+            raise ValueError("model 'per-domain' fits a target over several domains one domain "
+                             f"at a time, and the target {self.target!r} has one; set "
+                             "regression.target to mean or to weights over domains, or choose "
+                             "another model")
+        return self
+
     def target_weights(self, domains: list[str]) -> dict[str, float]:
         """The target as weights over domains' validation losses."""
         if self.target == "mean":

@@ -175,6 +175,12 @@ def test_bad_cli_values(tmp_path, capsys):
     assert_user_error(capsys, ["fit", "--mixtures", str(tmp_path / "m.csv"), "--losses",
                                str(tmp_path / "m.csv"), "--target", "x=nan", "--out",
                                str(tmp_path / "out")], "needs a name and a finite weight")
+    (tmp_path / "m.csv").write_text(mixtures_csv(GOOD_ROWS))
+    (tmp_path / "l.csv").write_text(GOOD_LOSSES)
+    assert_user_error(capsys, ["fit", "--mixtures", str(tmp_path / "m.csv"), "--losses",
+                               str(tmp_path / "l.csv"), "--target", "loss", "--model",
+                               "per-domain", "--out", str(tmp_path / "out")],
+                      "--target 'loss': model 'per-domain' needs a target over several loss")
 
 
 def test_services_out_of_reach_are_one_line(tmp_path, capsys):

@@ -33,6 +33,10 @@ def test_shipped_configs_load():
         ({"name": "Has Spaces"}, "name: String should match pattern"),
         ({"large": {"extra_baselines": {"uniform": {"code": 1.0}}}},
          r"large.extra_baselines: \['uniform'\] name built-in mixtures"),
+        ({"regression": {"model": "per-domain", "target": "code"}},
+         "regression: model 'per-domain' fits a target over several domains"),
+        ({"regression": {"model": "per-domain", "target": {"code": 1.0}}},
+         "set regression.target to mean or to weights over domains"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, overrides, message):
