@@ -753,18 +753,21 @@ def finished_proxies(results: list[dict], min_fraction: float) -> list[dict]:
 
 
 def learning_curve(weights: np.ndarray, losses: np.ndarray, shares: np.ndarray,
-                   domains: list[str], model: str, folds: int, seed: int) -> list[list[float]]:
-    """CV Spearman on growing subsets of the proxies: how much more proxies would help."""
+                   domains: list[str], model: str, folds: int, seed: int,
+                   full_cv: float) -> list[list[float]]:
+    """CV Spearman on growing subsets of the proxies: how much more proxies would help.
+
+    The last point is every proxy: `full_cv`, the CV of the fit itself, not fitted again."""
     n = len(losses)
-    sizes = sorted({max(folds * 2, round(n * f)) for f in (0.25, 0.5, 0.75)} | {n})
+    sizes = sorted({max(folds * 2, round(n * f)) for f in (0.25, 0.5, 0.75)})
     order = np.random.default_rng(seed).permutation(n)
     curve = []
-    for size in (s for s in sizes if s <= n):
+    for size in (s for s in sizes if s < n):
         rows = order[:size]
         _, report = fit_target(weights[rows], losses[rows], shares, domains, model=model,
                                folds=folds, seed=seed)
         curve.append([size, report.cv_spearman])
-    return curve
+    return [*curve, [n, full_cv]]
 
 
 def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Path,
@@ -790,7 +793,7 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
                                    folds=cfg.regression.folds, seed=cfg.seed,
                                    tune_trials=cfg.regression.tune_trials)
         curve = learning_curve(weights, columns, shares, domains, report.model,
-                               cfg.regression.folds, cfg.seed)
+                               cfg.regression.folds, cfg.seed, report.cv_spearman)
         losses = columns @ shares
         model.save(out)
         # A later active-learning round refits on these plus its own proxies.

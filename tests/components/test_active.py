@@ -103,3 +103,5 @@ def test_a_round_proposes_trains_and_refits_on_every_proxy(prepared_data, tracki
                                                          str(tmp_path))).read_text())
     assert list(settings["parts"]) == meta["domains"]
     assert fit.data.metrics["cv_spearman.per-domain"] == report["cv_spearman"]
+    sizes = [size for size, _ in report["learning_curve"]]
+    assert sizes == sorted(set(sizes)) and report["learning_curve"][-1] == [16, report["cv_spearman"]]
