@@ -187,6 +187,7 @@ OneColumnModel = Literal["lightgbm", "linear", "gp", "law", "ensemble"]
 REGRESSION_MODELS: tuple[str, ...] = get_args(OneColumnModel)
 # per-domain: a target over several domains fitted one domain at a time (regression.fit_target)
 RegressionModel = Literal["auto", "per-domain", OneColumnModel]
+PER_DOMAIN_MAX_SECONDS = 900.0  # auto's default time budget for the per-domain fit
 
 
 class RegressionConfig(Strict):
@@ -194,6 +195,9 @@ class RegressionConfig(Strict):
     model: RegressionModel = "auto"  # auto: the best of the others by CV, per-domain included
     folds: int = Field(5, ge=2)
     tune_trials: int = Field(0, ge=0)
+    # auto fits a target over several domains per domain too, unless that would take longer
+    # than this (estimated from the one-model fit's time; see regression.fit_target).
+    per_domain_max_seconds: float = Field(PER_DOMAIN_MAX_SECONDS, gt=0)
     # The fan-in proceeds when at least this share of proxies finished; failures are logged.
     min_proxy_fraction: float = Field(0.9, gt=0, le=1)
 

@@ -19,7 +19,7 @@ from typing import ClassVar, Protocol
 import lightgbm as lgb
 import numpy as np
 import optuna
-from joblib import Parallel, delayed
+from joblib import Parallel, cpu_count, delayed
 from kfp import dsl
 from scipy.optimize import least_squares
 from scipy.stats import spearmanr
@@ -37,7 +37,7 @@ from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import KFold
 
 from components import component
-from components.config import REGRESSION_MODELS
+from components.config import PER_DOMAIN_MAX_SECONDS, REGRESSION_MODELS
 from components.files import replacing, write_text
 
 MODELS = REGRESSION_MODELS
@@ -674,6 +674,7 @@ def fit_target(
     folds: int = 5,
     seed: int = 0,
     tune_trials: int = 0,
+    per_domain_max_seconds: float = PER_DOMAIN_MAX_SECONDS,
 ) -> tuple[Regressor, FitReport]:
     """Fit a target that is a weighted sum of loss columns: `losses` (rows, columns) @ `shares`.
 
@@ -687,6 +688,11 @@ def fit_target(
     On the paper's data, for the mean of its 13 validation domains, Spearman on the 256 unseen
     mixtures rises from 0.965 to 0.992 with 128 proxies; on tinypile's 17 domains with 40
     proxies, predicting 14 fresh proxies' mean loss, from 0.62 to 0.76.
+
+    The parts cost about one fit each. `auto` skips them (and says so in the report's settings)
+    when that would take longer than `per_domain_max_seconds`, judged by the time of the fit
+    on the target itself: 100 domains x 1000 proxies take about 107 s a fit on 2 cores, so 100
+    parts about 90 minutes there (11 on 16 cores), while the paper's 13 x 512 take about a minute.
     """
     start = time.perf_counter()
     losses, shares = np.asarray(losses, dtype=float), np.asarray(shares, dtype=float)
@@ -703,6 +709,13 @@ def fit_target(
         whole = fit_regressor(weights, y, domains, model, folds, seed, tune_trials)
         # A constant column (measured the same on every proxy) has nothing to fit on its own.
         if model != "auto" or len(shares) < 2 or np.ptp(losses, axis=0).min() == 0:
+            return whole
+        estimate = whole[1].seconds * len(shares) / min(cpu_count(), len(shares))
+        if estimate > per_domain_max_seconds:
+            whole[1].settings["per_domain"] = (
+                f"not tried: {len(shares)} parts would take about {estimate:.0f} s, more than "
+                f"{per_domain_max_seconds:g} s; raise regression.per_domain_max_seconds or set "
+                "regression.model to per-domain")
             return whole
     # The parts are independent fits, so they run a process per core (loky counts the CPUs a
     # pod's quota allows, not the node's); each is seeded, so the result does not depend on it.
@@ -791,7 +804,8 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
         weights, columns, shares = proxy_matrix(results, domains, target)
         model, report = fit_target(weights, columns, shares, domains, model=cfg.regression.model,
                                    folds=cfg.regression.folds, seed=cfg.seed,
-                                   tune_trials=cfg.regression.tune_trials)
+                                   tune_trials=cfg.regression.tune_trials,
+                                   per_domain_max_seconds=cfg.regression.per_domain_max_seconds)
         curve = learning_curve(weights, columns, shares, domains, report.model,
                                cfg.regression.folds, cfg.seed, report.cv_spearman)
         losses = columns @ shares

@@ -150,6 +150,14 @@ def test_a_one_column_target_is_fitted_whole():
     assert list(report.cv_by_model) == ["gp"]  # a named one-column model: no per-domain fit
 
 
+def test_auto_skips_the_per_domain_fit_past_its_time_budget():
+    weights, losses = per_domain_problem(30, 4)
+    _, report = fit_target(weights, losses, np.full(4, 0.25), names(4), folds=3,
+                           per_domain_max_seconds=1e-6)
+    assert PER_DOMAIN not in report.cv_by_model
+    assert report.settings["per_domain"].startswith("not tried: 4 parts would take about")
+
+
 def test_predictions_in_batches_equal_one_batch(monkeypatch):
     weights, y = smooth_problem(60, 5)
     ensemble, _ = fit_regressor(weights, y, names(5), model="ensemble", folds=3)
