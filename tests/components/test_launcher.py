@@ -31,10 +31,12 @@ def condition(kind: str, reason: str = "", message: str = "") -> dict:
     return {"type": kind, "status": "True", "reason": reason, "message": message}
 
 
-def fake_kubernetes(states: list[dict], on_create=None, earlier: dict | None = None) -> FakeApi:
+def fake_kubernetes(states: list[dict], on_create=None, earlier: dict | None = None,
+                    deletion: str = "done") -> FakeApi:
     """PyTorchJob create/get/delete and the master pod's log. Each get of a job this fake
     created shows the next of `states`; `earlier` is the status of a job an earlier attempt of
-    the task left behind."""
+    the task left behind. A delete is `done`, finds the job `gone` already (404), or is
+    accepted but `stuck` (a finalizer that never finishes: the job stays)."""
     jobs: dict[str, dict] = {}
     if earlier is not None:
         jobs["regmix-large-x"] = {"metadata": {"name": "regmix-large-x"}, "status": earlier}
@@ -56,7 +58,11 @@ def fake_kubernetes(states: list[dict], on_create=None, earlier: dict | None = N
         return 200, {**job, "status": states.pop(0) if len(states) > 1 else states[0]}
 
     def delete(match, query, body):
+        if deletion == "stuck":
+            return 200, {"kind": "Status", "status": "Success"}
         jobs.pop(match["name"])
+        if deletion == "gone":  # deleted by someone else just before this call
+            return 404, {"kind": "Status", "reason": "NotFound", "code": 404}
         return 200, {"kind": "Status", "status": "Success"}
 
     return FakeApi({
@@ -153,6 +159,27 @@ def test_a_retried_task_replaces_the_job_its_first_attempt_saw_fail(caplog):
     assert len(posts) == 2 and posts[-1][1] == manifest  # refused (exists), then created anew
     assert launcher.job_state(job)[0] == "Succeeded"
     assert "failed in an earlier attempt" in caplog.text
+
+
+def test_a_failed_job_deleted_by_someone_else_meanwhile_is_still_replaced():
+    manifest = launcher.pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
+    failed = {"conditions": [condition("Failed", "BackoffLimitExceeded")]}
+    with fake_kubernetes([{"conditions": [condition("Succeeded")]}], earlier=failed,
+                         deletion="gone") as api:
+        job = launcher.run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
+        posts = api.calls("POST", JOBS)
+    assert len(posts) == 2 and launcher.job_state(job)[0] == "Succeeded"
+
+
+def test_a_failed_job_stuck_in_deletion_fails_the_task_with_the_fix(monkeypatch):
+    monkeypatch.setattr(launcher, "JOB_DELETE_SECONDS", 0.2)
+    manifest = launcher.pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
+    failed = {"conditions": [condition("Failed", "BackoffLimitExceeded")]}
+    with fake_kubernetes([failed], earlier=failed, deletion="stuck") as api, \
+            pytest.raises(launcher.JobFailed, match="still being deleted after 0.2 s .* delete it "
+                                                    "by hand, then retry the run"):
+        launcher.run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
+    assert len(api.calls("POST", JOBS)) == 1  # never created over the stuck one
 
 
 def fake_train_target(data_dir, run, config):
