@@ -186,6 +186,7 @@ class ProxyConfig(Strict):
 OneColumnModel = Literal["lightgbm", "linear", "gp", "law", "ensemble"]
 REGRESSION_MODELS: tuple[str, ...] = get_args(OneColumnModel)
 # per-domain: a target over several domains fitted one domain at a time (regression.fit_target)
+PER_DOMAIN = "per-domain"
 RegressionModel = Literal["auto", "per-domain", OneColumnModel]
 PER_DOMAIN_MAX_SECONDS = 900.0  # auto's default time budget for the per-domain fit
 
@@ -204,7 +205,7 @@ class RegressionConfig(Strict):
     @model_validator(mode="after")
     def _per_domain_needs_domains(self):
         one = self.target != "mean" and (isinstance(self.target, str) or len(self.target) < 2)
-        if self.model == "per-domain" and one:
+        if self.model == PER_DOMAIN and one:
             raise ValueError("model 'per-domain' fits a target over several domains one domain "
                              f"at a time, and the target {self.target!r} has one; set "
                              "regression.target to mean or to weights over domains, or choose "

@@ -37,11 +37,10 @@ from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import KFold
 
 from components import component
-from components.config import PER_DOMAIN_MAX_SECONDS, REGRESSION_MODELS
+from components.config import PER_DOMAIN, PER_DOMAIN_MAX_SECONDS, REGRESSION_MODELS
 from components.files import replacing, write_text
 
 MODELS = REGRESSION_MODELS
-PER_DOMAIN = "per-domain"
 ENSEMBLE_MEMBERS = ("lightgbm", "gp", "law")
 RIDGE_ALPHAS = np.logspace(-6, 3, 28)
 # Zero weights are common (sparse Dirichlet mixtures); the GP and the mixing law work on
@@ -131,6 +130,9 @@ class _Linear:
 
     def predict(self, weights: np.ndarray) -> np.ndarray:
         return weights @ self.coefficients + self.intercept
+
+    def by_domain(self, domains: list[str]) -> dict[str, float]:
+        return dict(zip(domains, self.coefficients.tolist(), strict=True))
 
     def save(self, directory: Path) -> None:
         state = {"coefficients": self.coefficients.tolist(), "intercept": self.intercept}
@@ -649,7 +651,7 @@ def fit_regressor(
         chosen,
         list(domains),
         [final[kind]() for kind in kinds],
-        dict(zip(domains, linear.coefficients.tolist(), strict=True)),
+        linear.by_domain(domains),
         np.asarray(weights, dtype=float),
         shares,
     )
@@ -696,23 +698,22 @@ def fit_target(
     """
     start = time.perf_counter()
     losses, shares = np.asarray(losses, dtype=float), np.asarray(shares, dtype=float)
-    if losses.ndim == 1:
-        losses = losses[:, None]
     if losses.shape[1] != len(shares):
         raise ValueError(f"{losses.shape[1]} loss columns for {len(shares)} target shares")
     y = losses @ shares
     if model == PER_DOMAIN and len(shares) < 2:
         raise ValueError("model 'per-domain' needs a target over several loss columns (a "
                          "weighted mean); this target has one: choose another model")
-    whole = None
+    whole = None  # (regressor, report) fitted on the target itself, unless per-domain is forced
     if model != PER_DOMAIN:
         whole = fit_regressor(weights, y, domains, model, folds, seed, tune_trials)
+        whole_report = whole[1]
         # A constant column (measured the same on every proxy) has nothing to fit on its own.
         if model != "auto" or len(shares) < 2 or np.ptp(losses, axis=0).min() == 0:
             return whole
-        estimate = whole[1].seconds * len(shares) / min(cpu_count(), len(shares))
+        estimate = whole_report.seconds * len(shares) / min(cpu_count(), len(shares))
         if estimate > per_domain_max_seconds:
-            whole[1].settings["per_domain"] = (
+            whole_report.settings["per_domain"] = (
                 f"not tried: {len(shares)} parts would take about {estimate:.0f} s, more than "
                 f"{per_domain_max_seconds:g} s; raise regression.per_domain_max_seconds or set "
                 "regression.model to per-domain")
@@ -725,14 +726,13 @@ def fit_target(
     )
     out_of_fold = np.stack([report.out_of_fold for _, report in parts], axis=1) @ shares
     cv = _spearman(y, out_of_fold)
-    cv_by_model = {**(whole[1].cv_by_model if whole else {}), PER_DOMAIN: cv}
-    if whole is not None and whole[1].cv_spearman >= cv:
-        regressor, report = whole
-        report.cv_by_model, report.seconds = cv_by_model, time.perf_counter() - start
-        return regressor, report
-    linear = _fit_ridge(weights, y)  # the domain-interaction analysis is of the target itself
-    regressor = Regressor(PER_DOMAIN, list(domains), [part for part, _ in parts],
-                          dict(zip(domains, linear.coefficients.tolist(), strict=True)),
+    cv_by_model = {**(whole_report.cv_by_model if whole else {}), PER_DOMAIN: cv}
+    if whole is not None and whole_report.cv_spearman >= cv:
+        whole_report.cv_by_model, whole_report.seconds = cv_by_model, time.perf_counter() - start
+        return whole
+    # The domain-interaction analysis is of the target itself: the one-model fit made its ridge.
+    coefficients = whole[0].linear_coefficients if whole else _fit_ridge(weights, y).by_domain(domains)
+    regressor = Regressor(PER_DOMAIN, list(domains), [part for part, _ in parts], coefficients,
                           np.asarray(weights, dtype=float), shares.tolist())
     report = FitReport(
         model=PER_DOMAIN, cv_spearman=cv, cv_rmse=_rmse(y, out_of_fold), cv_by_model=cv_by_model,
