@@ -170,14 +170,18 @@ class MixtureConfig(Strict):
         return self.strength_min, self.strength_max
 
 
+# Torch CPU threads per training task; None: torch's default (one per core). Where tasks share
+# cores (kfp.local runs two at a time) use cores / 2: oversubscribed OpenMP threads stall each
+# other, up to 10x slower on 2 cores when two tasks train at once.
+CpuThreads = Annotated[int | None, Field(ge=1)]
+
+
 class ProxyConfig(Strict):
     model: ModelConfig
     train: TrainRecipe
     per_task: int = Field(1, ge=1)  # proxies trained in one task (pod)
     packed: bool = False  # train a task's proxies at once as one batched model (components/packed.py)
-    # CPU threads per proxy task; None: torch's default (one per core). Where tasks share cores
-    # (kfp.local runs two at a time) use cores / 2: oversubscribed OpenMP threads stall each other.
-    cpu_threads: int | None = Field(None, ge=1)
+    cpu_threads: CpuThreads = None
     parallelism: int = Field(8, ge=1)  # concurrent proxy tasks on a cluster
 
 
@@ -289,6 +293,7 @@ class LargeConfig(Strict):
     # Concurrent larger-model runs (chosen, baselines, seeds, rank check) on a cluster: each may
     # hold a whole GPU node, so fewer than proxies
     parallelism: int = Field(2, ge=1)
+    cpu_threads: CpuThreads = None  # for large, baseline and rank-check runs alike
 
     @model_validator(mode="after")
     def _own_names(self):

@@ -90,8 +90,9 @@ def rank_invariance(proxy_results: list[dict], rank_results: list[dict],
 
 def train_target(data_dir: str, run: dict, config) -> dict:
     from components.data import TokenData
-    from components.proxy import train_proxy
+    from components.proxy import limit_cpu_threads, train_proxy
 
+    limit_cpu_threads(config.large.cpu_threads)
     spec = config.rank_check if run["role"] == "rank" else config.large
     data = TokenData.open(data_dir)
     target = config.regression.target_weights(data.domains)

@@ -494,6 +494,12 @@ def train_proxies_packed(
     return [results[m["id"]] for m in mixtures]
 
 
+def limit_cpu_threads(threads: int | None) -> None:
+    """Cap torch's CPU threads for this process (config `cpu_threads`; None leaves torch's)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def train_task(data_dir: str, task: dict, config, stage: str = "proxy") -> dict:
     """Train a task's mixtures in this process (one pod on a cluster): packed, or in turn.
 
@@ -504,8 +510,7 @@ def train_task(data_dir: str, task: dict, config, stage: str = "proxy") -> dict:
     data, tracking = TokenData.open(data_dir), task["tracking"]
     shape, recipe = config.proxy.model.resolve(), config.proxy.train
     target = config.regression.target_weights(data.domains)
-    if config.proxy.cpu_threads:
-        torch.set_num_threads(config.proxy.cpu_threads)
+    limit_cpu_threads(config.proxy.cpu_threads)
     mixtures = task["mixtures"]
     # A mixture may carry its own seed (the gate's seed replicas measure the noise).
     seeds = [int(m.get("seed", config.seed)) for m in mixtures]

@@ -1,7 +1,9 @@
 import pytest
+import torch
 
 from components.config import parse_config
-from components.large import compare, plan_large_runs, plan_rank_check, rank_invariance
+from components.large import (compare, plan_large_runs, plan_rank_check, rank_invariance,
+                              target_key, target_run, train_target)
 from tests.conftest import tiny_config_dict
 
 TARGET = {"code": 1.0}
@@ -44,3 +46,21 @@ def test_rank_check_spans_the_losses_and_measures_agreement(prepared_data):
     larger = [loss("m0", 2.0), loss("m3", 2.5), loss("m6", 2.4)]
     check = rank_invariance(proxies, larger, TARGET)
     assert check["spearman"] == pytest.approx(0.5) and check["mixtures"] == 3
+
+
+def test_a_larger_run_trains_on_the_configured_cpu_threads(prepared_data, tracking):
+    # kfp.local trains two larger runs at once; torch's default thread per core stalls both
+    config = parse_config(tiny_config_dict(
+        "x.yaml", large={"model": {"shape": "tiny-large"}, "train": {"tokens": 1000},
+                         "cpu_threads": 1}))
+    weights = {"code": 0.5, "changelogs": 0.5, "licenses": 0.0}
+    run = target_run("chosen", "large", weights, 0,
+                     target_key(config, prepared_data.meta, "large"), tracking)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = train_target(str(prepared_data.root), run, config)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert result["name"] == "chosen" and result["val_loss"]["code"] > 0
