@@ -2,8 +2,15 @@ import pytest
 import torch
 
 from components.config import parse_config
-from components.large import (compare, plan_large_runs, plan_rank_check, rank_invariance,
-                              target_key, target_run, train_target)
+from components.large import (
+    compare,
+    plan_large_runs,
+    plan_rank_check,
+    rank_invariance,
+    target_key,
+    target_run,
+    train_target,
+)
 from tests.conftest import tiny_config_dict
 
 TARGET = {"code": 1.0}
