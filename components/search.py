@@ -398,13 +398,15 @@ def search_mixture_op(
     # The paper's recipe samples as the proxies were sampled: around the same prior, same strengths
     strengths = cfg.mixtures.strength_range
     if cfg.search.method == "paper":
-        chosen = paper_search(model, prior, samples=cfg.search.trials, strength_range=strengths,
-                              **options)
+        # The chosen mixture is the recipe's (inside the trained region unless allowed out):
+        # it is its own baseline, and 100k more predictions would only repeat it.
+        chosen = recipe = paper_search(model, prior, samples=cfg.search.trials,
+                                       strength_range=strengths, **options)
     else:
         chosen = search_mixture(model, prior, method=cfg.search.method,
                                 trials=cfg.search.trials, **options)
-    recipe = paper_search(model, prior, strength_range=strengths,
-                          **{**options, "allow_extrapolation": True})
+        recipe = paper_search(model, prior, strength_range=strengths,
+                              **{**options, "allow_extrapolation": True})
     honoured = {"min_weight": constraints.min_weight, "max_weight": constraints.max_weight,
                 "fixed": constraints.fixed, "max_epochs": constraints.max_epochs,
                 "token_budget": constraints.token_budget}

@@ -1,7 +1,11 @@
 from dataclasses import dataclass
+from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
+import yaml
+from kfp import dsl
 
 from components.regression import fit_regressor
 from components.search import (
@@ -9,7 +13,9 @@ from components.search import (
     paper_search,
     project_onto_bounds,
     search_mixture,
+    search_mixture_op,
 )
+from tests.conftest import tiny_config_dict
 
 DOMAINS = [f"d{i}" for i in range(8)]
 TARGET = np.array([0.30, 0.25, 0.15, 0.10, 0.08, 0.06, 0.04, 0.02])
@@ -166,3 +172,31 @@ def test_search_on_a_fitted_regressor():
     feasible_training = project_onto_bounds(weights, lower, upper)
     assert result.predicted <= regressor.predict(feasible_training).min()
     assert result.spread >= 0 and result.seconds < 10
+
+
+@pytest.mark.parametrize("method", ["paper", "cmaes"])
+def test_the_stage_records_its_choice_beside_the_papers_recipe(
+    method, prepared_data, tracking, tmp_path
+):
+    meta = prepared_data.meta
+    weights = np.random.default_rng(0).dirichlet(np.ones(3), size=30)
+    y = ((weights - [0.5, 0.3, 0.2]) ** 2).sum(axis=1)
+    fit_regressor(weights, y, meta["domains"], model="gp", folds=3)[0].save(tmp_path / "model")
+    config = tiny_config_dict("unused.yaml", search={"method": method, "trials": 2000,
+                                                     "max_epochs": None})
+    mixture = dsl.Artifact(name="mixture", uri=str(tmp_path / "mixture.yaml"))
+    record = search_mixture_op.python_func(
+        config=config, regressor=dsl.Model(name="regressor", uri=str(tmp_path / "model")),
+        data_meta=meta, tracking=tracking, mixture=mixture)
+
+    assert yaml.safe_load(Path(mixture.path).read_text()) == record
+    assert record["method"] == method and sum(record["weights"].values()) == pytest.approx(1)
+    recipe = record["paper_recipe"]
+    if method == "paper":  # the chosen mixture is the recipe's: not searched twice
+        assert recipe == {"weights": record["weights"], "predicted": record["predicted"]}
+    else:  # the recipe may leave the trained region; the search may not, yet does no worse
+        assert record["predicted"] <= recipe["predicted"] + 1e-3
+    run = mlflow.MlflowClient(tracking["uri"]).search_runs(
+        [tracking["experiment_id"]], "attributes.run_name = 'search-mixture'")[0]
+    assert run.data.metrics["predicted_loss"] == pytest.approx(record["predicted"])
+    assert run.data.params["method"] == method
