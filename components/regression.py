@@ -715,8 +715,8 @@ def fit_target(
         if estimate > per_domain_max_seconds:
             whole_report.settings["per_domain"] = (
                 f"not tried: {len(shares)} parts would take about {estimate:.0f} s, more than "
-                f"{per_domain_max_seconds:g} s; raise regression.per_domain_max_seconds or set "
-                "regression.model to per-domain")
+                f"{per_domain_max_seconds:g} s; raise regression.per_domain_max_seconds "
+                "(`regmix fit --per-domain-max-seconds`) or force it with model per-domain")
             return whole
     # The parts are independent fits, so they run a process per core (loky counts the CPUs a
     # pod's quota allows, not the node's); each is seeded, so the result does not depend on it.

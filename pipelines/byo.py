@@ -20,6 +20,7 @@ import yaml
 from components.config import (
     MIN_SEARCH_TRIALS,
     PAPER_SAMPLES,
+    PER_DOMAIN_MAX_SECONDS,
     SEARCH_TRIALS,
     RegressionModel,
     default_trials,
@@ -61,7 +62,8 @@ def folder_name(target: str) -> str:
 
 
 def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: str,
-            folds: int, seed: int, tune_trials: int) -> list[dict]:
+            folds: int, seed: int, tune_trials: int,
+            per_domain_max_seconds: float = PER_DOMAIN_MAX_SECONDS) -> list[dict]:
     """Fit one regressor per target; returns a report per target."""
     from components.regression import fit_target
 
@@ -77,7 +79,8 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
         try:
             regressor, report = fit_target(table.weights, columns, shares, table.domains,
                                            model=model, folds=folds, seed=seed,
-                                           tune_trials=tune_trials)
+                                           tune_trials=tune_trials,
+                                           per_domain_max_seconds=per_domain_max_seconds)
         except ValueError as e:  # e.g. a constant target
             raise DataError(f"--target '{name}': {e}") from None
         folder = folder_name(name)
@@ -88,7 +91,8 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
         index[name] = folder
         reports.append({"target": name, "model": report.model, "cv_spearman": report.cv_spearman,
                         "cv_rmse": report.cv_rmse, "seconds": report.seconds,
-                        "cv_by_model": report.cv_by_model})
+                        "cv_by_model": report.cv_by_model,
+                        "per_domain": report.settings.get("per_domain")})
     # The index last: it names only folders already written whole.
     write_text(out / TARGETS_FILE, json.dumps(index, indent=2))
     return reports
@@ -246,6 +250,9 @@ def add_commands(sub) -> None:
     fit.add_argument("--folds", type=at_least(2), default=5)
     fit.add_argument("--tune-trials", type=at_least(0), default=0, help="Optuna trials for LightGBM")
     fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--per-domain-max-seconds", type=at_least(0),
+                     default=int(PER_DOMAIN_MAX_SECONDS),
+                     help="auto's time budget for fitting a weighted mean one column at a time")
     fit.set_defaults(func=cmd_fit)
 
     predict = sub.add_parser("predict", help="predict losses for a mixtures CSV")
@@ -281,10 +288,12 @@ def add_commands(sub) -> None:
 
 def cmd_fit(args) -> int:
     reports = fit_csv(args.mixtures, args.losses, args.target, args.out, args.model, args.folds,
-                      args.seed, args.tune_trials)
+                      args.seed, args.tune_trials, args.per_domain_max_seconds)
     for r in reports:
         print(f"{r['target']}: {r['model']} CV Spearman {r['cv_spearman']:.4f} "
               f"(CV RMSE {r['cv_rmse']:.4f}), fitted in {r['seconds']:.1f} s")
+        if r["per_domain"]:
+            print(f"  per-domain {r['per_domain']}")
     print(f"wrote {args.out}")
     return 0
 

@@ -84,6 +84,19 @@ def test_long_targets_that_differ_past_the_folder_cut_get_their_own_models(tmp_p
     assert len(rows[0]) == 3 and rows[1][1] != rows[1][2]  # two models, two predictions
 
 
+def test_fit_says_when_auto_skipped_the_per_domain_fit(tmp_path, capsys):
+    first_rows = {}
+    for name in ("train_mixture_1m.csv", "train_pile_loss_1m.csv"):
+        first_rows[name] = tmp_path / name
+        first_rows[name].write_text("".join((PAPER / name).open().readlines()[:41]))
+    mean = ",".join(f"metric/the_pile_{d}_val_loss=1" for d in ("github", "arxiv", "pile_cc"))
+    fit = ["fit", "--mixtures", str(first_rows["train_mixture_1m.csv"]), "--losses",
+           str(first_rows["train_pile_loss_1m.csv"]), "--target", mean, "--folds", "3",
+           "--out", str(tmp_path / "model")]
+    assert main([*fit, "--per-domain-max-seconds", "0"]) == 0
+    assert "per-domain not tried: 3 parts would take about" in capsys.readouterr().out
+
+
 def test_a_spreadsheets_utf8_csv_with_a_byte_order_mark_reads(tmp_path):
     with_bom = tmp_path / "m.csv"
     with_bom.write_bytes(b"\xef\xbb\xbf" + (PAPER / "test_mixture_1m.csv").read_bytes())
@@ -95,6 +108,8 @@ def test_a_spreadsheets_utf8_csv_with_a_byte_order_mark_reads(tmp_path):
     [
         (["fit", "--mixtures", "m.csv", "--losses", "l.csv", "--target", "t", "--out", "o",
           "--folds", "1"], "--folds: give an integer >= 2, not '1'"),
+        (["fit", "--mixtures", "m.csv", "--losses", "l.csv", "--target", "t", "--out", "o",
+          "--per-domain-max-seconds", "-1"], "--per-domain-max-seconds: give an integer >= 0"),
         (["search", "--model", "m", "--out", "o", "--trials", "20"],
          "--trials: give an integer >= 128, not '20'"),
         (["search", "--model", "m", "--out", "o", "--fixed", "a=0.1", "--fixed", "a=0.2"],
