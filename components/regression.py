@@ -704,12 +704,17 @@ def fit_target(
     if model == PER_DOMAIN and len(shares) < 2:
         raise ValueError("model 'per-domain' needs a target over several loss columns (a "
                          "weighted mean); this target has one: choose another model")
+    # A constant column (measured the same on every proxy) has nothing to fit on its own.
+    constant = np.flatnonzero(np.ptp(losses, axis=0) == 0)
+    if model == PER_DOMAIN and constant.size:
+        raise ValueError(f"model 'per-domain': loss column {constant[0] + 1} of {len(shares)} in "
+                         f"the target is the same ({losses[0, constant[0]]:g}) on every row, so it "
+                         "has nothing to fit; check that it was measured, or choose another model")
     whole = None  # (regressor, report) fitted on the target itself, unless per-domain is forced
     if model != PER_DOMAIN:
         whole = fit_regressor(weights, y, domains, model, folds, seed, tune_trials)
         whole_report = whole[1]
-        # A constant column (measured the same on every proxy) has nothing to fit on its own.
-        if model != "auto" or len(shares) < 2 or np.ptp(losses, axis=0).min() == 0:
+        if model != "auto" or len(shares) < 2 or constant.size:
             return whole
         estimate = whole_report.seconds * len(shares) / min(cpu_count(), len(shares))
         if estimate > per_domain_max_seconds:

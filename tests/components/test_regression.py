@@ -150,6 +150,15 @@ def test_a_one_column_target_is_fitted_whole():
     assert list(report.cv_by_model) == ["gp"]  # a named one-column model: no per-domain fit
 
 
+def test_a_forced_per_domain_fit_names_a_constant_loss_column():
+    weights, losses = per_domain_problem(30, 4)
+    losses[:, 2] = 3.5
+    with pytest.raises(ValueError, match=r"loss column 3 of 4 in the target is the same \(3.5\)"):
+        fit_target(weights, losses, np.full(4, 0.25), names(4), model=PER_DOMAIN, folds=3)
+    _, report = fit_target(weights, losses, np.full(4, 0.25), names(4), folds=3)
+    assert PER_DOMAIN not in report.cv_by_model  # auto fits the target itself
+
+
 def test_auto_skips_the_per_domain_fit_past_its_time_budget():
     weights, losses = per_domain_problem(30, 4)
     _, report = fit_target(weights, losses, np.full(4, 0.25), names(4), folds=3,
