@@ -62,8 +62,7 @@ def folder_name(target: str) -> str:
 
 
 def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: str,
-            folds: int, seed: int, tune_trials: int,
-            per_domain_max_seconds: float = PER_DOMAIN_MAX_SECONDS) -> list[dict]:
+            folds: int, seed: int, tune_trials: int, per_domain_max_seconds: float) -> list[dict]:
     """Fit one regressor per target; returns a report per target."""
     from components.regression import fit_target
 

@@ -85,14 +85,12 @@ def test_long_targets_that_differ_past_the_folder_cut_get_their_own_models(tmp_p
 
 
 def test_fit_says_when_auto_skipped_the_per_domain_fit(tmp_path, capsys):
-    first_rows = {}
-    for name in ("train_mixture_1m.csv", "train_pile_loss_1m.csv"):
-        first_rows[name] = tmp_path / name
-        first_rows[name].write_text("".join((PAPER / name).open().readlines()[:41]))
+    mixtures, losses = tmp_path / "m.csv", tmp_path / "l.csv"  # the first 40 proxies
+    for first_rows, name in ((mixtures, "train_mixture_1m.csv"), (losses, "train_pile_loss_1m.csv")):
+        first_rows.write_text("".join((PAPER / name).open().readlines()[:41]))
     mean = ",".join(f"metric/the_pile_{d}_val_loss=1" for d in ("github", "arxiv", "pile_cc"))
-    fit = ["fit", "--mixtures", str(first_rows["train_mixture_1m.csv"]), "--losses",
-           str(first_rows["train_pile_loss_1m.csv"]), "--target", mean, "--folds", "3",
-           "--out", str(tmp_path / "model")]
+    fit = ["fit", "--mixtures", str(mixtures), "--losses", str(losses), "--target", mean,
+           "--folds", "3", "--out", str(tmp_path / "model")]
     assert main([*fit, "--per-domain-max-seconds", "0"]) == 0
     assert "per-domain not tried: 3 parts would take about" in capsys.readouterr().out
 
