@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
+from sklearn.model_selection import KFold
 
 from components import regression
 from components.paper_data import read_proxy_csvs
@@ -12,6 +13,8 @@ from components.regression import (
     Regressor,
     _blend_weights,
     _fit_law,
+    _lightgbm_cv,
+    _lightgbm_defaults,
     fit_regressor,
     fit_target,
 )
@@ -31,6 +34,20 @@ def smooth_problem(rows: int, domains: int, seed: int = 0) -> tuple[np.ndarray, 
 
 def names(domains: int) -> list[str]:
     return [f"d{i}" for i in range(domains)]
+
+
+def test_lightgbm_stops_adding_rounds_that_barely_lower_the_cv_error(monkeypatch):
+    # 15 rows: tiny trees keep shaving the CV error for thousands of rounds, and each one costs
+    # at prediction time (the search predicts 100k mixtures).
+    rng = np.random.default_rng(0)
+    weights = rng.dirichlet(np.full(6, 0.5), 15)
+    y = np.log(weights[:, 0] + 1e-3) + 0.1 * rng.normal(size=15)
+    splits = list(KFold(4, shuffle=True, random_state=0).split(weights))
+    rounds, out_of_fold = _lightgbm_cv(weights, y, _lightgbm_defaults(15, 0), splits)
+    monkeypatch.setattr(regression, "LIGHTGBM_MIN_GAIN", 0.0)
+    unbounded_rounds, unbounded = _lightgbm_cv(weights, y, _lightgbm_defaults(15, 0), splits)
+    assert rounds < unbounded_rounds / 3
+    assert np.mean((out_of_fold - y) ** 2) < 1.002 * np.mean((unbounded - y) ** 2)
 
 
 def test_auto_picks_a_model_with_high_cv_spearman():
