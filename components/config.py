@@ -201,8 +201,8 @@ class RegressionConfig(Strict):
     folds: int = Field(5, ge=2)
     tune_trials: int = Field(0, ge=0)
     # auto fits a target over several domains per domain too, unless that would take longer
-    # than this (estimated from the one-model fit's time; see regression.fit_target).
-    per_domain_max_seconds: float = Field(PER_DOMAIN_MAX_SECONDS, gt=0)
+    # than this (estimated from the one-model fit's time; see regression.fit_target); 0 never.
+    per_domain_max_seconds: float = Field(PER_DOMAIN_MAX_SECONDS, ge=0)
     # The fan-in proceeds when at least this share of proxies finished; failures are logged.
     min_proxy_fraction: float = Field(0.9, gt=0, le=1)
 

@@ -37,6 +37,7 @@ def test_shipped_configs_load():
          "regression: model 'per-domain' fits a target over several domains"),
         ({"regression": {"model": "per-domain", "target": {"code": 1.0}}},
          "set regression.target to mean or to weights over domains"),
+        ({"regression": {"per_domain_max_seconds": -1}}, "regression.per_domain_max_seconds"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, overrides, message):
