@@ -432,12 +432,24 @@ class RegMixConfig(Strict):
         for name, mixture in self.large.extra_baselines.items():
             check_mixture(f"large.extra_baselines.{name}", mixture, known)
         # The search's own check, so that bounds no mixture can meet fail now, not after the
-        # proxies have trained (the max-epochs cap needs token counts: the search checks that).
+        # proxies have trained (the max-epochs cap needs token counts: see check_data).
         from components.search import Constraints
 
         search = self.search
         try:
             Constraints(search.min_weight, search.max_weight, search.fixed).check(domains)
+        except ValueError as e:
+            raise ConfigError(f"search: {e}") from None
+
+    def check_data(self, meta: dict) -> None:
+        """`check_domains` against the prepared corpus, plus the search's max-epochs cap over each
+        domain's tokens. Run before any proxy trains: a corpus spec's or tinypile's domains, and
+        token counts, are known only once the data is prepared."""
+        from components.search import search_constraints
+
+        self.check_domains(meta["domains"])
+        try:
+            search_constraints(self, meta).check(meta["domains"])
         except ValueError as e:
             raise ConfigError(f"search: {e}") from None
 

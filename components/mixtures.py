@@ -148,6 +148,7 @@ def sample_mixtures_op(config: dict, data_meta: dict, tracking: dict) -> list:
     from components.tracking import stage_run
 
     cfg = parse_config(config)
+    cfg.check_data(data_meta)  # a misnamed domain fails here, not after every proxy trained
     tasks = plan_proxies(cfg, data_meta, tracking)
     mixtures = [m for t in tasks for m in t["mixtures"]]
     with stage_run(tracking, "mixtures", "sample-mixtures"):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from components.config import parse_config
+from components.config import ConfigError, parse_config
 from components.mixtures import (
     dirichlet_around,
     epoch_caps,
@@ -82,3 +82,16 @@ def test_component_plans_chunked_tasks(prepared_data, tracking):
     for m in mixtures:
         assert set(m["weights"]) == set(prepared_data.domains)
         assert abs(sum(m["weights"].values()) - 1) < 1e-9
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"regression": {"target": "wikipdia"}}, r"regression.target: unknown domain\(s\) \['wikipdia'\]"),
+    # A hundredth of an epoch of every domain is far below the large run's 16k-token budget
+    ({"search": {"max_epochs": 0.01}}, "search: maximum weights .* < 1: no mixture fits; raise max_epochs"),
+])
+def test_component_checks_the_config_against_the_prepared_corpus(prepared_data, tracking,
+                                                                 overrides, message):
+    config = tiny_config_dict("unused.yaml", **overrides)
+    with pytest.raises(ConfigError, match=message):
+        sample_mixtures_op.python_func(config=config, data_meta=prepared_data.meta,
+                                       tracking=tracking)
