@@ -42,16 +42,22 @@ def with_listed_domains_checked(config: RegMixConfig) -> RegMixConfig:
 
 def cluster_config(path: str) -> RegMixConfig:
     """Load a config for a cluster run and check what can be checked from here: domain names
-    when the corpus lists them, and an MLflow every pod shares (each pod's own SQLite would
-    scatter the runs, and the stages after the proxies would find none)."""
+    when the corpus lists them, and an MLflow every pod shares."""
     config = with_listed_domains_checked(load_config(path))
+    if problem := shared_mlflow_missing(config):
+        raise ConfigError(problem)
+    return config
+
+
+def shared_mlflow_missing(config: RegMixConfig) -> str | None:
+    """Why the pods would not share one MLflow, if they would not: each pod's own SQLite would
+    scatter the runs, and the stages after the proxies would find none."""
     uri = config.tracking.uri
     if not config.cluster.mlflow_secret and (uri is None or uri.startswith(("sqlite:", "file:"))):
-        raise ConfigError(
-            "cluster.mlflow_secret: the pods need one shared MLflow server; name a Secret holding "
-            "MLFLOW_TRACKING_URI (k8s/ makes regmix-mlflow-client) or set tracking.uri to "
-            "an http(s) server")
-    return config
+        return ("cluster.mlflow_secret: the pods need one shared MLflow server; name a Secret "
+                "holding MLFLOW_TRACKING_URI (k8s/ makes regmix-mlflow-client) or set "
+                "tracking.uri to an http(s) server")
+    return None
 
 
 def cmd_run(args) -> int:
@@ -106,8 +112,11 @@ def cmd_report(args) -> int:
 def cmd_compile(args) -> int:
     from pipelines.kfp_api import compile_package
 
-    compile_package(with_listed_domains_checked(load_config(args.config)), args.out)
+    config = with_listed_domains_checked(load_config(args.config))
+    compile_package(config, args.out)
     print(f"wrote {args.out}")
+    if problem := shared_mlflow_missing(config):  # fine for reading the YAML, not for a cluster
+        print(f"warning: {problem}", file=sys.stderr)
     return 0
 
 

@@ -44,7 +44,8 @@ def build_pipeline(config: RegMixConfig):
     cluster = config.cluster
 
     @dsl.pipeline(name=config.name, description="RegMix: data mixture as regression")
-    def regmix(config: dict = defaults, tracking_uri: str = "", run_label: str = ""):
+    def regmix(config: dict = defaults, tracking_uri: str = config.tracking.uri or "",
+               run_label: str = ""):
         run = {"config": config, "tracking_uri": tracking_uri, "run_label": run_label,
                "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         with dsl.ExitHandler(finish_tracking_op(**run), name="track-run"):

@@ -67,3 +67,18 @@ def test_compile_checks_domain_names_the_config_lists(tmp_path, capsys):
     assert main(["compile", "--config", str(path), "--out", str(tmp_path / "p.yaml")]) == 2
     assert "regression.target: unknown domain(s) ['pilecc']" in capsys.readouterr().err
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_compile_carries_the_configs_mlflow_and_warns_without_a_shared_one(tmp_path, capsys):
+    path = pile_config_with(tmp_path, {"cluster": {"mlflow_secret": None},
+                                       "tracking": {"uri": "http://mlflow.example:5000"}})
+    assert main(["compile", "--config", str(path), "--out", str(tmp_path / "p.yaml")]) == 0
+    spec = next(yaml.safe_load_all((tmp_path / "p.yaml").read_text()))  # then the platform spec
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    # A run started from the KFP UI with this YAML logs to the config's MLflow
+    assert parameters["tracking_uri"]["defaultValue"] == "http://mlflow.example:5000"
+    assert "warning" not in capsys.readouterr().err
+
+    path = pile_config_with(tmp_path, {"cluster": {"mlflow_secret": None}})
+    assert main(["compile", "--config", str(path), "--out", str(tmp_path / "p.yaml")]) == 0
+    assert "warning: cluster.mlflow_secret: the pods need one shared MLflow" in capsys.readouterr().err
