@@ -116,6 +116,14 @@ class TrainRecipe(Strict):
     distributed: Literal["ddp", "fsdp"] = "ddp"
     compile: bool = False  # torch.compile: ~15% faster steps on CPU, but ~1 min to compile
 
+    def identity(self) -> dict:
+        """The settings that decide what a run computes: the recipe in a result's content hash.
+        Gradient accumulation changes only float rounding, and logging and checkpoint intervals
+        nothing, so changing them keeps every finished result. (`distributed` and `compile`
+        stay in: they change how checkpoints are stored, and checkpoints share the hash.)"""
+        return self.model_dump(mode="json", exclude={"micro_batch_size", "log_every",
+                                                     "checkpoint_every"})
+
     @model_validator(mode="after")
     def _micro(self):
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:

@@ -28,7 +28,7 @@ def target_run(name: str, role: str, weights: dict[str, float], seed: int, key: 
 def target_key(config, meta: dict, role: str) -> dict:
     spec = config.rank_check if role == "rank" else config.large
     return {"fingerprint": meta["fingerprint"], "shape": spec.model.resolve().to_dict(),
-            "recipe": spec.train.model_dump(mode="json")}
+            "recipe": spec.train.identity()}
 
 
 def baseline_mixtures(config, meta: dict, best_proxy: dict[str, float]) -> dict[str, dict]:

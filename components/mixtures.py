@@ -135,7 +135,7 @@ def plan_proxies(config, meta: dict, tracking: dict) -> list[dict]:
 
 def proxy_key(config, meta: dict) -> dict:
     return {"fingerprint": meta["fingerprint"], "shape": config.proxy.model.resolve().to_dict(),
-            "recipe": config.proxy.train.model_dump(mode="json"), "seed": config.seed}
+            "recipe": config.proxy.train.identity(), "seed": config.seed}
 
 
 @component

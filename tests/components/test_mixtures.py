@@ -6,6 +6,7 @@ from components.mixtures import (
     dirichlet_around,
     epoch_caps,
     mixture_hash,
+    proxy_key,
     sample_mixtures,
     sample_mixtures_op,
     token_prior,
@@ -67,6 +68,17 @@ def test_hash_changes_with_what_determines_the_result():
     for change in ({"seed": 1}, {"fingerprint": "g"}, {"recipe": {"t": 2}},
                    {"weights": {"a": 0.6, "b": 0.4}}):
         assert mixture_hash(**{**base, **change}) != h
+
+
+def test_settings_that_change_how_not_what_a_proxy_trains_keep_its_hash():
+    def key(**train):
+        base = {"tokens": 8192, "batch_size": 8, "lr": 0.01}
+        config = parse_config(tiny_config_dict("unused.yaml", proxy={"train": {**base, **train}}))
+        return proxy_key(config, {"fingerprint": "f"})
+
+    assert key() == key(micro_batch_size=2, log_every=1, checkpoint_every=5)
+    for change in ({"lr": 0.02}, {"mixed_precision": "no"}, {"compile": True}):
+        assert key(**change) != key()
 
 
 def test_component_plans_chunked_tasks(prepared_data, tracking):
