@@ -267,12 +267,14 @@ def run_training(model: LM | PackedLM, batches: list[MixtureBatches], recipe: Tr
         x, y = (to_device(t[:, share], accelerator.device) for t in progress.next(recipe.batch_size))
         losses = torch.zeros(len(batches), device=accelerator.device)
         for start in range(0, per_rank, micro):
+            rows = slice(start, start + micro)
+            share_of_step = x[:, rows].shape[1] / per_rank  # a rank's last chunk may be short
             syncs = start + micro >= per_rank  # gradients are all-reduced once per step
             with nullcontext() if syncs else accelerator.no_sync(model):
                 # (prepare made the model's forward run under the recipe's autocast)
-                micro_losses = losses_of(x[:, start : start + micro], y[:, start : start + micro])
-                accelerator.backward(micro_losses.sum() * (micro / per_rank))
-            losses += micro_losses.detach() * (micro / per_rank)
+                micro_losses = losses_of(x[:, rows], y[:, rows])
+                accelerator.backward(micro_losses.sum() * share_of_step)
+            losses += micro_losses.detach() * share_of_step
         if packed:
             accelerator.unwrap_model(model).clip_grad_norms_(recipe.grad_clip)
         else:

@@ -121,10 +121,13 @@ def test_runs_with_different_precisions_share_one_process(prepared_data):
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_model_one_process_does(prepared_data, tmp_path):
+@pytest.mark.parametrize(("batch_size", "micro_batch_size"), [(8, 2), (12, 4)])  # 12: 4 + 2 a rank
+def test_two_processes_train_the_model_one_process_does(prepared_data, tmp_path, batch_size,
+                                                       micro_batch_size):
     """The multi-GPU path (DDP under torchrun), on CPU over gloo: same batches, same model."""
     weights = {"code": 0.5, "changelogs": 0.3, "licenses": 0.2}
-    recipe = TrainRecipe(tokens=8192, batch_size=8, micro_batch_size=2, lr=0.01)
+    recipe = TrainRecipe(tokens=12288, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                         lr=0.01)
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(f"""
         import json, sys
