@@ -159,7 +159,7 @@ STRENGTH_RANGE = (0.1, 5.0)
 class MixtureConfig(Strict):
     """The paper's sampler: Dirichlet around the token prior."""
 
-    count: int = Field(32, ge=2)
+    count: int = Field(32, ge=3)  # the regression needs at least 3 proxies
     temperature: float = Field(0.5, gt=0)  # prior = token share ** temperature, renormalised
     strength_min: float = Field(STRENGTH_RANGE[0], gt=0)
     strength_max: float = Field(STRENGTH_RANGE[1], gt=0)
@@ -401,7 +401,7 @@ class ClusterConfig(Strict):
 
 class RegMixConfig(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")  # pipeline and MLflow experiment name
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take no negative seeds
     corpus: CorpusConfig
     tokenizer: TokenizerConfig = TokenizerConfig()
     mixtures: MixtureConfig = MixtureConfig()
@@ -416,17 +416,23 @@ class RegMixConfig(Strict):
     cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
-    def _validation_covers_a_window(self):
-        # Validation loss is averaged over windows of `context` tokens (plus the next one).
-        models = {"proxy.model": self.proxy.model, "large.model": self.large.model}
+    def _tokens_cover_a_window(self):
+        runs = {"proxy": self.proxy, "large": self.large}
         if self.rank_check.mixtures:
-            models["rank_check.model"] = self.rank_check.model
-        for field, model in models.items():
-            context = model.resolve().context
+            runs["rank_check"] = self.rank_check
+        for field, run in runs.items():
+            context = run.model.resolve().context
+            # Validation loss is averaged over windows of `context` tokens (plus the next one).
             if self.corpus.validation_tokens <= context:
                 raise ValueError(
                     f"corpus.validation_tokens ({self.corpus.validation_tokens}) must exceed "
-                    f"{field}'s context ({context}): raise it to at least {context + 1}")
+                    f"{field}.model's context ({context}): raise it to at least {context + 1}")
+            # A step takes batch_size windows; a smaller budget would still train one step.
+            step = run.train.batch_size * context
+            if run.train.tokens < step:
+                raise ValueError(
+                    f"{field}.train.tokens ({run.train.tokens}) is less than one step's "
+                    f"batch_size x context = {step} tokens: raise it or lower batch_size")
         return self
 
     def check_domains(self, domains: list[str]) -> None:

@@ -66,6 +66,7 @@ def sample_mixtures(
     for _ in range(max_blocks):
         weights = dirichlet_around(prior, SAMPLE_BLOCK, rng, strength_range)
         weights[weights < min_weight] = 0.0
+        weights = weights[weights.sum(1) > 0]  # every weight under min_weight: nothing left
         weights /= weights.sum(1, keepdims=True)
         for w in weights[(weights <= caps + 1e-12).all(1)]:
             found.setdefault(np.round(w, 4).tobytes(), w)  # drop near-duplicates
@@ -73,7 +74,8 @@ def sample_mixtures(
                 return np.stack(list(found.values()))
     raise ValueError(
         f"mixtures: found only {len(found)} of {count} distinct mixtures within the max-epochs "
-        "caps; raise mixtures.max_epochs, lower proxy.train.tokens, or add data"
+        "caps and over min_weight; raise mixtures.max_epochs, lower mixtures.min_weight or "
+        "proxy.train.tokens, or add data"
     )
 
 

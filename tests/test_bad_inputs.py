@@ -11,8 +11,8 @@ def config_text(spec, **changes) -> str:
     config = {
         "name": "regmix-bad",
         "corpus": {"spec": str(spec), "validation_tokens": 512},
-        "proxy": {"model": {"shape": "tiny-proxy"}, "train": {"tokens": 1000}},
-        "large": {"model": {"shape": "tiny-large"}, "train": {"tokens": 1000}},
+        "proxy": {"model": {"shape": "tiny-proxy"}, "train": {"tokens": 65536}},
+        "large": {"model": {"shape": "tiny-large"}, "train": {"tokens": 65536}},
     }
     for dotted, value in changes.items():
         *parents, leaf = dotted.split("__")

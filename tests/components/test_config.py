@@ -38,6 +38,10 @@ def test_shipped_configs_load():
         ({"regression": {"model": "per-domain", "target": {"code": 1.0}}},
          "set regression.target to mean or to weights over domains"),
         ({"regression": {"per_domain_max_seconds": -1}}, "regression.per_domain_max_seconds"),
+        ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+        ({"mixtures": {"count": 2}}, "mixtures.count: Input should be greater than or equal to 3"),
+        ({"proxy": {"train": {"tokens": 100, "batch_size": 8}}},
+         "proxy.train.tokens .100. is less than one step.s batch_size x context = 512 tokens"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, overrides, message):

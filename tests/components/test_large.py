@@ -22,7 +22,7 @@ def loss(name, value, **extra):
 
 def test_plan_trains_chosen_and_baselines_over_seeds(prepared_data):
     config = parse_config(tiny_config_dict(
-        "x.yaml", large={"model": {"shape": "tiny-large"}, "train": {"tokens": 1000},
+        "x.yaml", large={"model": {"shape": "tiny-large"}, "train": {"tokens": 1024},
                          "seeds": 2, "baselines": ["prior", "uniform"],
                          "extra_baselines": {"mine": {"code": 1.0}}}))
     chosen = {"code": 0.2, "changelogs": 0.5, "licenses": 0.3}
@@ -46,7 +46,7 @@ def test_compare_judges_wins_against_the_seed_spread():
 def test_rank_check_spans_the_losses_and_measures_agreement(prepared_data):
     config = parse_config(tiny_config_dict(
         "x.yaml", regression={"target": "code"},
-        rank_check={"mixtures": 3, "model": {"shape": "tiny-large"}, "train": {"tokens": 1000}}))
+        rank_check={"mixtures": 3, "model": {"shape": "tiny-large"}, "train": {"tokens": 1024}}))
     proxies = [loss(f"m{i}", 3 + i, weights={"code": 1.0}) for i in range(7)]
     runs = plan_rank_check(config, prepared_data.meta, proxies, {"t": 1})
     assert [r["name"] for r in runs] == ["m0", "m3", "m6"]
@@ -58,7 +58,7 @@ def test_rank_check_spans_the_losses_and_measures_agreement(prepared_data):
 def test_a_larger_run_trains_on_the_configured_cpu_threads(prepared_data, tracking):
     # kfp.local trains two larger runs at once; torch's default thread per core stalls both
     config = parse_config(tiny_config_dict(
-        "x.yaml", large={"model": {"shape": "tiny-large"}, "train": {"tokens": 1000},
+        "x.yaml", large={"model": {"shape": "tiny-large"}, "train": {"tokens": 1024},
                          "cpu_threads": 1}))
     weights = {"code": 0.5, "changelogs": 0.5, "licenses": 0.0}
     run = target_run("chosen", "large", weights, 0,

@@ -14,7 +14,7 @@ from pipelines.cli import main
         ("name: x\nbogus: 1\n", "bogus: unknown key"),
         ("- a list\n", "top level must be a mapping"),
         ("name: regmix-x\ncorpus: {spec: nowhere.yaml}\nproxy: {model: {shape: tiny-proxy}, "
-         "train: {tokens: 10}}\nlarge: {model: {shape: tiny-large}, train: {tokens: 10}}\n",
+         "train: {tokens: 65536}}\nlarge: {model: {shape: tiny-large}, train: {tokens: 65536}}\n",
          "corpus spec not found"),
     ],
 )
@@ -30,8 +30,8 @@ def test_unknown_domain_in_config_is_caught_before_any_work(tmp_path, capsys, co
     config = tmp_path / "c.yaml"
     config.write_text(
         f"name: regmix-x\ncorpus: {{spec: {corpus_spec}}}\n"
-        "proxy: {model: {shape: tiny-proxy}, train: {tokens: 10}}\n"
-        "large: {model: {shape: tiny-large}, train: {tokens: 10}}\n"
+        "proxy: {model: {shape: tiny-proxy}, train: {tokens: 65536}}\n"
+        "large: {model: {shape: tiny-large}, train: {tokens: 65536}}\n"
         "regression: {target: wikipedia}\n"
     )
     assert main(["run", "--config", str(config)]) == 2
