@@ -56,11 +56,11 @@ def test_sampler_explains_impossible_caps():
 
 
 def test_sampler_names_a_min_weight_no_mixture_passes():
-    with np.errstate(all="raise"):  # and no division by zero on the way
-        with pytest.raises(ValueError, match="lower mixtures.min_weight"):
-            # a weight over 0.7 leaves the only domain with all of it, above its cap of 0.6
-            sample_mixtures(np.full(4, 0.25), 4, np.full(4, 0.6), np.random.default_rng(0),
-                            min_weight=0.7, max_blocks=5)
+    # A weight over 0.7 leaves the only domain with all of it, above its cap of 0.6; and no
+    # division by zero on the way.
+    with np.errstate(all="raise"), pytest.raises(ValueError, match="lower mixtures.min_weight"):
+        sample_mixtures(np.full(4, 0.25), 4, np.full(4, 0.6), np.random.default_rng(0),
+                        min_weight=0.7, max_blocks=5)
 
 
 def test_epoch_caps():
