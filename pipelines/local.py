@@ -61,7 +61,11 @@ def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: floa
     by_stage = runs_by_stage(client, exp.experiment_id, label)
     fit, search, gate = (latest_run(by_stage.get(s)) for s in ("regression", "search", "gate"))
     # Runs this pipeline run trained, per stage; reused results log no run of their own.
-    trained = {stage: len(by_stage.get(stage, [])) for stage in TRAINING_STAGES}
+    def count(stage: str, finished: bool) -> int:
+        return sum((r.info.status == "FINISHED") == finished for r in by_stage.get(stage, []))
+
+    trained = {stage: count(stage, finished=True) for stage in TRAINING_STAGES}
+    failed = {stage: n for stage in TRAINING_STAGES if (n := count(stage, finished=False))}
     summary = {
         "pipeline_run": label,
         "wall_seconds": round(wall_seconds, 1),
@@ -78,6 +82,7 @@ def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: floa
                       for name in evidence_names(by_stage) if name != "chosen"},
         "rank_invariance_spearman": evidence_metric(by_stage, "rank_invariance.spearman"),
         "trained": trained,
+        "failed": failed,  # stages with failed training runs only
         "proxies_trained": sum(trained[stage] for stage in PROXY_STAGES),
         "proxies_reused": int(fit.data.metrics["proxies_reused"])
         + int(gate.data.metrics.get("gate.proxies_reused", 0) if gate else 0),

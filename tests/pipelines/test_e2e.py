@@ -51,6 +51,7 @@ def test_tiny_pipeline_end_to_end(store, first):
     # The chosen mixture and a uniform baseline at the large size; 3 rank-check mixtures.
     assert summary["trained"] == {"proxy": 12, "active-proxy": 3, "gate-proxy": 7, "large": 1,
                                   "baseline": 1, "rank": 3}
+    assert summary["failed"] == {}
     assert set(summary["baselines"]) == {"uniform"} and summary["large_target_loss"] > 0
     assert -1 <= summary["cv_spearman"] <= 1 and summary["gate_spearman"] is not None
 
