@@ -18,6 +18,7 @@ import platform
 from pathlib import Path
 
 from components.config import load_config
+from components.large import verdict
 from components.report import load_record
 from pipelines.local import run_local
 
@@ -57,10 +58,9 @@ def main() -> None:
           f"{evidence['gate_interval']} -> {'passed' if evidence['gate_passed'] else 'failed'}: "
           f"{evidence['gate_reason']}")
     for name, s in sorted((evidence["large"] or {}).items(), key=lambda kv: kv[1]["mean"]):
-        verdict = "" if name == "chosen" else (
-            "  chosen wins beyond the seed spread" if s["chosen_wins"] else "  not beyond spread")
+        against = "" if name == "chosen" else f"  {verdict(s)}"
         print(f"  large on {name:<11} {s['mean']:.4f} +- {s['std']:.4f} ({s['seeds']} seeds)"
-              f"{verdict}")
+              f"{against}")
     if evidence["rank_invariance"] is not None:
         print(f"  rank invariance proxy -> larger: Spearman {evidence['rank_invariance']:.3f}")
 

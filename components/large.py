@@ -74,8 +74,22 @@ def compare(results: list[dict], target: dict[str, float]) -> dict:
     for name, s in stats.items():
         if name != "chosen":
             s["margin"] = s["mean"] - chosen["mean"]  # > 0: the chosen mixture is better
-            s["chosen_wins"] = s["margin"] > max(s["std"], chosen["std"])
+            # With one seed on each side there is no spread to judge the margin by: None.
+            spread_known = s["seeds"] > 1 or chosen["seeds"] > 1
+            s["chosen_wins"] = (bool(s["margin"] > max(s["std"], chosen["std"]))
+                                if spread_known else None)
     return stats
+
+
+def verdict(baseline: dict) -> str:
+    """How the chosen mixture fared against one baseline of `compare`, in words."""
+    margin, wins = baseline["margin"], baseline["chosen_wins"]
+    if wins is None:
+        return (f"chosen {'ahead' if margin > 0 else 'behind'} by {abs(margin):.4f} on one seed "
+                "each (set large.seeds >= 2 to judge it against seed noise)")
+    if wins:
+        return f"chosen wins by {margin:.4f}, beyond the seed spread"
+    return f"chosen does not win beyond the seed spread (margin {margin:.4f})"
 
 
 def rank_invariance(proxy_results: list[dict], rank_results: list[dict],
@@ -134,9 +148,10 @@ def compare_baselines_op(config: dict, results: list, fit_report: dict, tracking
     with stage_run(tracking, "evidence", "compare-baselines"):
         for name, s in stats.items():
             mlflow.log_metrics({f"large.{name}.mean": s["mean"], f"large.{name}.std": s["std"]})
-            if "chosen_wins" in s:
-                mlflow.log_metrics({f"large.{name}.margin": s["margin"],
-                                    f"large.{name}.chosen_wins": float(s["chosen_wins"])})
+            if "margin" in s:
+                mlflow.log_metric(f"large.{name}.margin", s["margin"])
+            if s.get("chosen_wins") is not None:
+                mlflow.log_metric(f"large.{name}.chosen_wins", float(s["chosen_wins"]))
         mlflow.log_dict(stats, "baselines.json")
     return stats
 

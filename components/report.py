@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 
 from components.files import write_text  # noqa: E402
+from components.large import verdict  # noqa: E402
 from components.tracking import (  # noqa: E402
     PIPELINE_TAG,
     PROXY_STAGES,
@@ -172,11 +173,9 @@ def summary_lines(record: RunRecord, outcome: str | None = None) -> list[str]:
         decision = "PASSED" if gate.data.metrics["gate.passed"] else "FAILED"
         lines.append(f"- gate: **{decision}**: {gate.data.tags.get('gate.reason', '')}")
     for name, s in sorted((record.artifacts.get("baselines.json") or {}).items()):
-        verdict = "" if name == "chosen" else (
-            f", chosen wins by {s['margin']:.4f}" if s["chosen_wins"]
-            else f", chosen does not win beyond the seed spread (margin {s['margin']:.4f})")
+        against = "" if name == "chosen" else f", {verdict(s)}"
         lines.append(f"- large model on `{name}`: {s['mean']:.4f} +- {s['std']:.4f} over "
-                     f"{s['seeds']} seed(s){verdict}")
+                     f"{s['seeds']} seed(s){against}")
     rank = record.artifacts.get("rank_invariance.json")
     if rank:
         lines.append(f"- rank invariance (proxy vs larger model, {rank['mixtures']} mixtures): "

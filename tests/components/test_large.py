@@ -10,6 +10,7 @@ from components.large import (
     target_key,
     target_run,
     train_target,
+    verdict,
 )
 from tests.conftest import tiny_config_dict
 
@@ -41,6 +42,13 @@ def test_compare_judges_wins_against_the_seed_spread():
                      loss("prior", 3.22), loss("uniform", 3.01), loss("uniform", 3.05)], TARGET)
     assert stats["prior"]["chosen_wins"] and stats["prior"]["margin"] == pytest.approx(0.2)
     assert not stats["uniform"]["chosen_wins"]  # 0.02 apart, inside a 0.028 spread
+    assert verdict(stats["prior"]) == "chosen wins by 0.2000, beyond the seed spread"
+
+
+def test_compare_leaves_a_one_seed_margin_undecided():
+    stats = compare([loss("chosen", 3.0000), loss("uniform", 3.0001)], TARGET)
+    assert stats["uniform"]["chosen_wins"] is None
+    assert verdict(stats["uniform"]).startswith("chosen ahead by 0.0001 on one seed each")
 
 
 def test_rank_check_spans_the_losses_and_measures_agreement(prepared_data):
