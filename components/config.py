@@ -558,11 +558,18 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RegMixConfig
         raise ConfigError(f"{path}: the top level must be a mapping of config sections")
     apply_overrides(data, overrides)
     config = parse_config(data, str(path))
-    # Relative corpus paths are relative to the config file, so a config works from any cwd.
-    if config.corpus.spec and not Path(config.corpus.spec).is_absolute():
-        corpus = config.corpus.model_copy(update={"spec": str(path.parent / config.corpus.spec)})
-        config = config.model_copy(update={"corpus": corpus})
-    return config
+    # Relative paths (corpus spec, inline domains, tokenizer file) are relative to the config
+    # file, so a config works from any cwd. (A spec's own paths are relative to the spec.)
+    def beside_config(file: str | None) -> str | None:
+        return file if file is None or Path(file).expanduser().is_absolute() else str(path.parent / file)
+
+    corpus, tokenizer = config.corpus, config.tokenizer
+    domains = corpus.domains and [d.model_copy(update={"path": beside_config(d.path)})
+                                  for d in corpus.domains]
+    return config.model_copy(update={
+        "corpus": corpus.model_copy(update={"spec": beside_config(corpus.spec), "domains": domains}),
+        "tokenizer": tokenizer.model_copy(update={"path": beside_config(tokenizer.path)}),
+    })
 
 
 def format_validation_error(error: ValidationError, source: str) -> str:

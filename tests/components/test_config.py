@@ -95,3 +95,16 @@ def test_overrides_set_one_setting_and_reject_malformed_ones(tmp_path):
         load_config(path, ["seed.value=1"])
     with pytest.raises(ConfigError, match="active_learning.rounds"):
         load_config(path, ["active_learning.rounds=-1"])
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    config = tiny_config_dict("unused.yaml", tokenizer={"kind": "file", "path": "tok.json"})
+    config["corpus"] = {"domains": [{"name": "a", "path": "data/a.jsonl"},
+                                    {"name": "b", "path": "/abs/b/*.jsonl"},
+                                    {"name": "c", "hf_path": "org/set"}]}
+    (tmp_path / "cfg" / "c.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    loaded = load_config("cfg/c.yaml")
+    assert [d.path for d in loaded.corpus.domains] == ["cfg/data/a.jsonl", "/abs/b/*.jsonl", None]
+    assert loaded.tokenizer.path == "cfg/tok.json"
