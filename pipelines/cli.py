@@ -46,6 +46,8 @@ def cluster_config(path: str) -> RegMixConfig:
     config = with_listed_domains_checked(load_config(path))
     if problem := shared_mlflow_missing(config):
         raise ConfigError(problem)
+    if problem := retries_without_volume(config):
+        print(f"warning: {problem}", file=sys.stderr)
     return config
 
 
@@ -57,6 +59,16 @@ def shared_mlflow_missing(config: RegMixConfig) -> str | None:
         return ("cluster.mlflow_secret: the pods need one shared MLflow server; name a Secret "
                 "holding MLFLOW_TRACKING_URI (k8s/ makes regmix-mlflow-client) or set "
                 "tracking.uri to an http(s) server")
+    return None
+
+
+def retries_without_volume(config: RegMixConfig) -> str | None:
+    """Why a retried task would start over, if it would: kept results and checkpoints live on
+    the pod's own disk unless a volume holds them."""
+    if config.cluster.retries and config.cluster.volume is None:
+        return ("cluster.retries: without cluster.volume a retried pod starts on an empty disk: "
+                "it retrains from scratch and loses proxies MLflow did not yet take; set "
+                "cluster.volume (docs/deploy.md)")
     return None
 
 
@@ -115,8 +127,10 @@ def cmd_compile(args) -> int:
     config = with_listed_domains_checked(load_config(args.config))
     compile_package(config, args.out)
     print(f"wrote {args.out}")
-    if problem := shared_mlflow_missing(config):  # fine for reading the YAML, not for a cluster
-        print(f"warning: {problem}", file=sys.stderr)
+    # Fine for reading the YAML, not for a cluster
+    for problem in (shared_mlflow_missing(config), retries_without_volume(config)):
+        if problem:
+            print(f"warning: {problem}", file=sys.stderr)
     return 0
 
 

@@ -82,3 +82,9 @@ def test_compile_carries_the_configs_mlflow_and_warns_without_a_shared_one(tmp_p
     path = pile_config_with(tmp_path, {"cluster": {"mlflow_secret": None}})
     assert main(["compile", "--config", str(path), "--out", str(tmp_path / "p.yaml")]) == 0
     assert "warning: cluster.mlflow_secret: the pods need one shared MLflow" in capsys.readouterr().err
+
+
+def test_retries_without_a_volume_are_warned_about(tmp_path, capsys):
+    path = pile_config_with(tmp_path, {"cluster": {"volume": None}})  # pile.yaml retries twice
+    assert main(["compile", "--config", str(path), "--out", str(tmp_path / "p.yaml")]) == 0
+    assert "warning: cluster.retries: without cluster.volume" in capsys.readouterr().err
