@@ -84,6 +84,8 @@ class TokenizerConfig(Strict):
     path: str | None = None  # for kind=file: a tokenizer.json
     name: str | None = None  # for kind=hf: a Hugging Face tokenizer name
     train_bytes_per_domain: int = Field(2_000_000, gt=0)  # bpe training sample per domain
+    # The token put between documents; None: the first of data.EOS_NAMES the tokenizer has
+    eos_token: str | None = None
 
     @model_validator(mode="after")
     def _needs(self):

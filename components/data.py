@@ -192,7 +192,7 @@ def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> list[str]:
                 "text or lower corpus.validation_tokens"
             )
     if tokenizer.kind != "bpe":
-        build_tokenizer(tokenizer, {})
+        eos_id(build_tokenizer(tokenizer, {}), tokenizer.eos_token)
     return [s.name for s in sources]
 
 
@@ -280,11 +280,21 @@ def take_bytes(docs: Iterable[str], limit: int) -> list[str]:
     return taken
 
 
-def eos_id(tokenizer) -> int:
-    for name in (EOS, "</s>", "<eos>"):
-        if (token := tokenizer.token_to_id(name)) is not None:
+# End-of-text tokens looked for, in order, when tokenizer.eos_token is not set.
+EOS_NAMES = (EOS, "<|end_of_text|>", "</s>", "<eos>")
+
+
+def eos_id(tokenizer, name: str | None = None) -> int:
+    """The id of the token put between documents: `name`, or the first of EOS_NAMES."""
+    if name is not None:
+        if (token := tokenizer.token_to_id(name)) is None:
+            raise CorpusError(f"tokenizer.eos_token: the tokenizer has no token '{name}'")
+        return token
+    for candidate in EOS_NAMES:
+        if (token := tokenizer.token_to_id(candidate)) is not None:
             return token
-    raise CorpusError("tokenizer: it has no end-of-text token (<|endoftext|>, </s> or <eos>)")
+    raise CorpusError(f"tokenizer: it has none of the end-of-text tokens {list(EOS_NAMES)}; set "
+                      "tokenizer.eos_token to the one it uses")
 
 
 # ---------------------------------------------------------------- packing
@@ -381,7 +391,7 @@ def prepare_data(
     sources, base = resolve_domains(corpus)
     documents = {s.name: load_documents(s, base) for s in sources}
     tokenizer = build_tokenizer(tokenizer_config, documents)
-    eos, vocab = eos_id(tokenizer), tokenizer.get_vocab_size()
+    eos, vocab = eos_id(tokenizer, tokenizer_config.eos_token), tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max else np.uint32
     staging = (None if shared_root is None
                else Path(shared_root).resolve() / f".partial-{uuid.uuid4().hex}")

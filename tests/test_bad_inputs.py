@@ -203,3 +203,22 @@ def assert_user_error(capsys, argv: list[str], message: str) -> None:
     err = capsys.readouterr().err
     assert message in err, err
     assert "Traceback" not in err and err.count("\n") <= 3, err
+
+
+def test_a_tokenizer_without_a_known_end_of_text_token(tmp_path, capsys, corpus_spec):
+    from tokenizers import Tokenizer, models
+
+    from components.config import TokenizerConfig
+    from components.data import build_tokenizer, eos_id
+
+    path = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel({"[UNK]": 0, "[SEP]": 1, "word": 2}, unk_token="[UNK]")).save(str(path))
+    config = tmp_path / "c.yaml"
+    config.write_text(config_text(corpus_spec, tokenizer__kind="file", tokenizer__path=str(path)))
+    assert_user_error(capsys, ["run", "--config", str(config)], "set tokenizer.eos_token")
+    config.write_text(config_text(corpus_spec, tokenizer__kind="file", tokenizer__path=str(path),
+                                  tokenizer__eos_token="<eos>"))
+    assert_user_error(capsys, ["run", "--config", str(config)],
+                      "tokenizer.eos_token: the tokenizer has no token '<eos>'")
+    named = TokenizerConfig(kind="file", path=str(path), eos_token="[SEP]")
+    assert eos_id(build_tokenizer(named, {}), named.eos_token) == 1
