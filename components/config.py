@@ -577,11 +577,13 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RegMixConfig
 def format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: {error.error_count()} invalid value(s):"]
     for e in error.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        # A whole-config check has no location of its own; its message names the fields.
+        field = ".".join(str(p) for p in e["loc"])
+        where = f"{field}: " if field else ""
         if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-            lines.append(f"  {field}: unknown key; remove it or fix its spelling")
+            lines.append(f"  {where}unknown key; remove it or fix its spelling")
         elif e["type"] == "missing":
-            lines.append(f"  {field}: required; add it")
+            lines.append(f"  {where}required; add it")
         else:
-            lines.append(f"  {field}: {e['msg'].removeprefix('Value error, ')}")
+            lines.append(f"  {where}{e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
