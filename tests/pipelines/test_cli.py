@@ -69,7 +69,7 @@ def test_compile_checks_domain_names_the_config_lists(tmp_path, capsys):
     assert not (tmp_path / "p.yaml").exists()
 
 
-def test_compile_carries_the_configs_mlflow_and_warns_without_a_shared_one(tmp_path, capsys):
+def test_compile_carries_the_configs_mlflow_and_warns_what_a_cluster_lacks(tmp_path, capsys):
     path = pile_config_with(tmp_path, {"cluster": {"mlflow_secret": None},
                                        "tracking": {"uri": "http://mlflow.example:5000"}})
     assert main(["compile", "--config", str(path), "--out", str(tmp_path / "p.yaml")]) == 0
@@ -79,12 +79,9 @@ def test_compile_carries_the_configs_mlflow_and_warns_without_a_shared_one(tmp_p
     assert parameters["tracking_uri"]["defaultValue"] == "http://mlflow.example:5000"
     assert "warning" not in capsys.readouterr().err
 
-    path = pile_config_with(tmp_path, {"cluster": {"mlflow_secret": None}})
+    # No shared MLflow, and retries (pile.yaml retries twice) without a volume
+    path = pile_config_with(tmp_path, {"cluster": {"mlflow_secret": None, "volume": None}})
     assert main(["compile", "--config", str(path), "--out", str(tmp_path / "p.yaml")]) == 0
-    assert "warning: cluster.mlflow_secret: the pods need one shared MLflow" in capsys.readouterr().err
-
-
-def test_retries_without_a_volume_are_warned_about(tmp_path, capsys):
-    path = pile_config_with(tmp_path, {"cluster": {"volume": None}})  # pile.yaml retries twice
-    assert main(["compile", "--config", str(path), "--out", str(tmp_path / "p.yaml")]) == 0
-    assert "warning: cluster.retries: without cluster.volume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: cluster.mlflow_secret: the pods need one shared MLflow" in err
+    assert "warning: cluster.retries: without cluster.volume" in err
