@@ -804,6 +804,9 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
 
     domains = data_meta["domains"]
     target = cfg.regression.target_weights(domains)
+    # KFP does not promise the order of a ParallelFor's collected outputs, and the folds, the
+    # GP's halves and LightGBM's bagging follow row order: the fit depends on results alone.
+    every = sorted(every, key=lambda r: r["id"])
     with stage_run(tracking, "regression", run_name):
         failed = [r for r in every if "error" in r]
         mlflow.log_metrics({"proxies_failed": len(failed),

@@ -7,7 +7,12 @@ import pytest
 from kfp import dsl
 
 from components.active import propose_mixtures, propose_proxies_op
-from components.regression import fit_regression_op, fit_regressor, refit_regression_op
+from components.regression import (
+    Regressor,
+    fit_regression_op,
+    fit_regressor,
+    refit_regression_op,
+)
 from components.search import nearest_l1_distance
 from tests.components.test_regression import names, smooth_problem
 from tests.conftest import tiny_config_dict
@@ -105,3 +110,21 @@ def test_a_round_proposes_trains_and_refits_on_every_proxy(prepared_data, tracki
     assert fit.data.metrics["cv_spearman.per-domain"] == report["cv_spearman"]
     sizes = [size for size, _ in report["learning_curve"]]
     assert sizes == sorted(set(sizes)) and report["learning_curve"][-1] == [16, report["cv_spearman"]]
+
+
+def test_the_fit_does_not_depend_on_the_order_proxy_results_arrive_in(prepared_data, tracking,
+                                                                      tmp_path):
+    meta = prepared_data.meta
+    config = tiny_config_dict("unused.yaml", regression={"target": meta["domains"][0],
+                                                         "model": "gp", "folds": 4})
+    weights = np.random.default_rng(0).dirichlet(np.ones(3), size=16)
+    results = proxy_results(meta, weights, "m")[0]["results"]
+    tasks = [{"task": i, "results": results[i * 4 : i * 4 + 4]} for i in range(4)]
+    fits = []
+    for order, tasks_in_order in enumerate((tasks, tasks[::-1])):
+        model = dsl.Model(name="regressor", uri=str(tmp_path / f"fit{order}"))
+        report = fit_regression_op.python_func(config=config, proxy_results=tasks_in_order,
+                                               data_meta=meta, tracking=tracking, regressor=model)
+        fits.append((report["cv_spearman"], Regressor.load(Path(model.path)).predict(weights)))
+    assert fits[0][0] == fits[1][0]
+    np.testing.assert_array_equal(fits[0][1], fits[1][1])
