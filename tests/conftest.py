@@ -64,7 +64,7 @@ def tiny_config_dict(spec: Path, **overrides) -> dict:
                   "train": {"tokens": 8192, "batch_size": 8, "lr": 0.01}, "per_task": 4},
         "regression": {"folds": 4},
         "search": {"trials": 200, "max_epochs": None, "allow_extrapolation": True},
-        "gate": {"proxies": 3},
+        "gate": {"proxies": 5},
         "large": {"model": {"shape": "tiny-large"}, "train": {"tokens": 16384, "batch_size": 8}},
     }
     for key, value in overrides.items():

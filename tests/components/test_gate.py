@@ -65,13 +65,22 @@ def test_proxies_needed_from_a_power_law_curve():
 
 
 def test_plan_has_fresh_mixtures_chosen_first_and_seed_replicas(prepared_data):
-    config = parse_config(tiny_config_dict("x.yaml", gate={"proxies": 4, "seeds": 2},
+    config = parse_config(tiny_config_dict("x.yaml", gate={"proxies": 5, "seeds": 2},
                                            mixtures={"count": 8, "max_epochs": 50}))
     chosen = {"code": 0.2, "changelogs": 0.5, "licenses": 0.3}
     best = {"code": 0.6, "changelogs": 0.2, "licenses": 0.2}
     tasks = plan_gate_proxies(config, prepared_data.meta, chosen, best, {"t": 1})
     mixtures = [m for t in tasks for m in t["mixtures"]]
-    assert [m["id"] for m in mixtures] == ["chosen", "g0001", "g0002", "g0003", "chosen@seed1",
-                                           "best@seed0", "best@seed1"]
+    assert [m["id"] for m in mixtures] == ["chosen", "g0001", "g0002", "g0003", "g0004",
+                                           "chosen@seed1", "best@seed0", "best@seed1"]
     assert len({m["hash"] for m in mixtures}) == len(mixtures)
     assert all(t["tracking"] == {"t": 1} for t in tasks)
+
+
+def test_gate_fails_when_too_few_fresh_proxies_finished():
+    # Three of eight finished, in perfect order: the bootstrap alone would say [1, 1].
+    fresh = [result("chosen", 2.9)] + [result(f"g{i}", 3.0 + 0.1 * i) for i in range(1, 3)]
+    predicted = {r["id"]: r["val_loss"]["a"] for r in fresh}
+    decision = decide(fresh, predicted, TARGET, fit_report(), GateConfig(proxies=8, seeds=1))
+    assert not decision["passed"]
+    assert decision["reason"].startswith("only 3 of 8 fresh gate proxies finished")
