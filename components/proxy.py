@@ -36,7 +36,7 @@ from components.files import cache_root, write_text
 from components.model import LM
 from components.packed import PackedLM
 from components.shapes import ModelShape
-from components.tracking import HASH_TAG, TrackingUnavailable, retried
+from components.tracking import CORPUS_TAG, HASH_TAG, TrackingUnavailable, retried
 
 log = logging.getLogger("regmix.proxy")
 
@@ -391,6 +391,7 @@ def log_proxy_run(run, mixture: dict, shape: ModelShape, recipe: TrainRecipe, se
     now = int(time.time() * 1000)
     inputs = {f"weight.{d}": round(w, 6) for d, w in mixture["weights"].items()}
     inputs |= {"shape": str(shape.to_dict()), "tokens_budget": recipe.tokens, "seed": seed,
+               "recipe": json.dumps(recipe.identity(), sort_keys=True),
                "mixture_id": mixture["id"]}
     params = [Param(k, str(v)) for k, v in inputs.items()]
     val_loss, seconds = outcome["val_loss"], outcome["seconds"]
@@ -453,7 +454,8 @@ def train_proxy(
             "val_loss": evaluate(model, data), "train_loss": train_loss, "tokens": tokens,
             "seconds": time.perf_counter() - started, "curve": curve})
         shutil.rmtree(checkpoints, ignore_errors=True)  # the kept outcome is the record now
-    return record_proxy(tracking, stage, mixture, shape, recipe, seed, outcome, target)
+    return record_proxy(tracking, stage, mixture, shape, recipe, seed, outcome, target,
+                        {CORPUS_TAG: data.fingerprint})
 
 
 def train_proxies_packed(
@@ -490,7 +492,9 @@ def train_proxies_packed(
     packed = {m["id"] for m, _ in todo}
     for m, seed in zip(mixtures, seeds, strict=True):
         if m["id"] not in results:
-            tags = {"regmix.packed": str(len(todo))} if m["id"] in packed else None
+            tags = {CORPUS_TAG: data.fingerprint}
+            if m["id"] in packed:
+                tags["regmix.packed"] = str(len(todo))
             results[m["id"]] = record_proxy(tracking, stage, m, shape, recipe, seed,
                                             outcomes[m["hash"]], target, tags)
     return [results[m["id"]] for m in mixtures]

@@ -18,6 +18,7 @@ from kfp import dsl
 from components import component
 
 STAGE_TAG, PIPELINE_TAG, HASH_TAG = "regmix.stage", "regmix.pipeline_run", "regmix.mixture_hash"
+CORPUS_TAG = "regmix.corpus_fingerprint"  # the prepared data (tokenizer + arrays) a proxy saw
 # Stages whose runs are proxies: the training draw, active-learning rounds and the gate.
 PROXY_STAGES = ("proxy", "active-proxy", "gate-proxy")
 # MLflow calls that fail transiently are retried with exponential backoff: BACKOFF_S, twice
@@ -188,7 +189,9 @@ def proxy_runs(tracking_uri: str, experiment: str, stage: str = "proxy",
                 "id": params.get("mixture_id", run.info.run_name),
                 "hash": run.data.tags.get(HASH_TAG),
                 "run_id": run.info.run_id,
-                "setting": {k: params.get(k) for k in ("shape", "tokens_budget")},
+                # What else a proxy's loss depends on: rows that differ here do not compare
+                "setting": {"corpus": run.data.tags.get(CORPUS_TAG),
+                            **{k: params.get(k) for k in ("shape", "recipe", "tokens_budget")}},
                 "weights": {k[7:]: float(v) for k, v in params.items() if k.startswith("weight.")},
                 "val_loss": {k[9:]: v for k, v in metrics.items() if k.startswith("val_loss.")},
             })

@@ -10,7 +10,7 @@ import yaml
 from scipy.stats import spearmanr
 
 from components.paper_data import read_proxy_csvs
-from components.tracking import HASH_TAG, stage_run
+from components.tracking import CORPUS_TAG, HASH_TAG, proxy_runs, stage_run
 from pipelines.cli import main
 
 PAPER = Path(__file__).parents[3] / "shared" / "regmix-paper-data"
@@ -130,8 +130,8 @@ def test_bad_flags_are_refused_before_any_work(capsys, command, message):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def log_proxy(tracking, i: int, weights, tokens_budget: int = 1000) -> None:
-    with stage_run(tracking, "proxy", f"proxy-m{i}", {HASH_TAG: f"h{i}"}):
+def log_proxy(tracking, i: int, weights, tokens_budget: int = 1000, corpus: str = "f1") -> None:
+    with stage_run(tracking, "proxy", f"proxy-m{i}", {HASH_TAG: f"h{i}", CORPUS_TAG: corpus}):
         mlflow.log_params({f"weight.{d}": w for d, w in zip("abc", weights, strict=True)})
         mlflow.log_params({"mixture_id": f"m{i:04d}", "shape": "tiny", "tokens_budget": tokens_budget})
         mlflow.log_metrics({f"val_loss.{d}": 3 + i for d in "abc"})
@@ -151,7 +151,14 @@ def test_export_writes_the_paper_format_from_mlflow(tmp_path, tracking, capsys):
     assert table.domains == ["a", "b", "c"] and len(table.index) == 5
     rows = list(csv.DictReader(losses.open()))
     assert [float(r["val_loss.a"]) for r in rows] == [3, 4, 5, 6, 7]
-    # Proxies trained on another token budget are not rows of the same regression
+    # Proxies trained on another token budget, or other data (a retrained tokenizer, say), are
+    # not rows of the same regression
     log_proxy(tracking, 5, [0.2, 0.3, 0.5], tokens_budget=2000)
+    assert main(export) == 2
+    assert "mixes proxies of 2 settings" in capsys.readouterr().err
+    other_budget = next(r for r in proxy_runs(tracking["uri"], "regmix-test") if r["id"] == "m0005")
+    mlflow.MlflowClient(tracking["uri"]).delete_run(other_budget["run_id"])
+    assert main(export) == 0
+    log_proxy(tracking, 6, [0.2, 0.3, 0.5], corpus="f2")
     assert main(export) == 2
     assert "mixes proxies of 2 settings" in capsys.readouterr().err
