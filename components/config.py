@@ -438,8 +438,11 @@ class RegMixConfig(Strict):
                     f"batch_size x context = {step} tokens: raise it or lower batch_size")
         return self
 
-    def check_domains(self, domains: list[str]) -> None:
-        """Check every domain the config names exists in the corpus, and mixtures sum to 1."""
+    def check_domains(self, domains: list[str], meta: dict | None = None) -> None:
+        """Check every domain the config names exists in the corpus, mixtures sum to 1, and some
+        mixture meets the search's bounds; with the prepared corpus's `meta`, also under the
+        max-epochs cap over each domain's tokens. The pipeline checks with `meta` before any
+        proxy trains: a corpus spec's or tinypile's domains are known only once it is prepared."""
         known = set(domains)
         target = self.regression.target
         if isinstance(target, dict):
@@ -449,24 +452,11 @@ class RegMixConfig(Strict):
         for name, mixture in self.large.extra_baselines.items():
             check_mixture(f"large.extra_baselines.{name}", mixture, known)
         # The search's own check, so that bounds no mixture can meet fail now, not after the
-        # proxies have trained (the max-epochs cap needs token counts: see check_data).
-        from components.search import Constraints
-
-        search = self.search
-        try:
-            Constraints(search.min_weight, search.max_weight, search.fixed).check(domains)
-        except ValueError as e:
-            raise ConfigError(f"search: {e}") from None
-
-    def check_data(self, meta: dict) -> None:
-        """`check_domains` against the prepared corpus, plus the search's max-epochs cap over each
-        domain's tokens. Run before any proxy trains: a corpus spec's or tinypile's domains, and
-        token counts, are known only once the data is prepared."""
+        # proxies have trained.
         from components.search import search_constraints
 
-        self.check_domains(meta["domains"])
         try:
-            search_constraints(self, meta).check(meta["domains"])
+            search_constraints(self, meta).check(domains)
         except ValueError as e:
             raise ConfigError(f"search: {e}") from None
 

@@ -150,7 +150,8 @@ def sample_mixtures_op(config: dict, data_meta: dict, tracking: dict) -> list:
     from components.tracking import stage_run
 
     cfg = parse_config(config)
-    cfg.check_data(data_meta)  # a misnamed domain fails here, not after every proxy trained
+    # A misnamed domain fails here, not after every proxy trained
+    cfg.check_domains(data_meta["domains"], data_meta)
     tasks = plan_proxies(cfg, data_meta, tracking)
     mixtures = [m for t in tasks for m in t["mixtures"]]
     with stage_run(tracking, "mixtures", "sample-mixtures"):

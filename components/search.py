@@ -358,10 +358,11 @@ def paper_search(
 
 
 # ---------------------------------------------------------------- the pipeline stage
-def search_constraints(config, meta: dict) -> Constraints:
-    """The config's bounds plus the large run's max-epochs cap over each domain's tokens."""
+def search_constraints(config, meta: dict | None) -> Constraints:
+    """The config's bounds plus the large run's max-epochs cap over each domain's tokens (which
+    needs the prepared corpus's `meta`; without it, the bounds alone)."""
     search = config.search
-    cap = {} if search.max_epochs is None else {
+    cap = {} if search.max_epochs is None or meta is None else {
         "available_tokens": {d: meta["tokens"][d]["train"] for d in meta["domains"]},
         "token_budget": config.large.train.tokens, "max_epochs": search.max_epochs,
     }
