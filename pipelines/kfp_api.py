@@ -51,17 +51,12 @@ def connect(host: str | None, namespace: str | None = None) -> kfp.Client:
     return kfp.Client(host=host, namespace=namespace or "kubeflow")  # kfp's "none given"
 
 
-def run_arguments(config: RegMixConfig) -> dict:
-    # Without a URI the pods use $MLFLOW_TRACKING_URI (from `cluster.mlflow_secret`).
-    return {"tracking_uri": config.tracking.uri} if config.tracking.uri else {}
-
-
 def submit(client: kfp.Client, config: RegMixConfig, package: Path, namespace: str | None = None,
            experiment: str | None = None, run_name: str | None = None) -> str:
     """Start one run in the experiment (made if missing, named after the config by default);
     returns the run's id."""
     result = client.create_run_from_pipeline_package(
-        str(package), arguments=run_arguments(config), run_name=run_name or config.name,
+        str(package), run_name=run_name or config.name,
         experiment_name=experiment or config.name, namespace=namespace,
         service_account=config.cluster.service_account,
     )
@@ -89,7 +84,7 @@ def schedule(client: kfp.Client, config: RegMixConfig, package: Path, cron: str,
     exp = client.create_experiment(experiment or config.name, namespace=namespace)
     recurring = client.create_recurring_run(
         exp.experiment_id, name or f"{config.name}-scheduled", cron_expression=check_cron(cron),
-        pipeline_package_path=str(package), params=run_arguments(config), max_concurrency=1,
+        pipeline_package_path=str(package), max_concurrency=1,
         no_catchup=True, service_account=config.cluster.service_account,
     )
     return recurring.recurring_run_id

@@ -43,6 +43,8 @@ def build_pipeline(config: RegMixConfig):
     active_rounds = config.active_learning.rounds
     cluster = config.cluster
 
+    # The config's tracking.uri is the runs' default; without one the pods use
+    # $MLFLOW_TRACKING_URI (from `cluster.mlflow_secret`).
     @dsl.pipeline(name=config.name, description="RegMix: data mixture as regression")
     def regmix(config: dict = defaults, tracking_uri: str = config.tracking.uri or "",
                run_label: str = ""):
