@@ -97,6 +97,7 @@ def decide(results: list[dict], predicted: dict[str, float], target: dict[str, f
     """The gate decision and every number behind it."""
     measured = {r["id"]: target_loss(r["val_loss"], target) for r in results}
     fresh = sorted(r["id"] for r in results if "@seed" not in r["id"])  # not seed replicas
+    # Reported down to 3 points (below, a rank correlation is meaningless); decided from 5.
     spearman, low, high = bootstrap_spearman(
         np.array([predicted[i] for i in fresh]), np.array([measured[i] for i in fresh]),
         gate.bootstrap, gate.confidence, seed=0,
