@@ -8,6 +8,7 @@ Every malformed input raises `DataError` naming the file, the line or column, an
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,27 @@ class _Csv:
     values: np.ndarray
 
 
-def _read_numeric_csv(path: Path) -> _Csv:
+def _parse_index(path: Path, line: int, cell: str) -> int:
+    """An `index` cell as an exact integer (as a float, 2**53 + 1 would become 2**53)."""
+    try:
+        value = int(cell)
+    except ValueError:
+        try:  # "3.0", as spreadsheets write whole numbers
+            number = float(cell)
+        except ValueError:
+            number = math.nan
+        if not number.is_integer():
+            raise DataError(f"{path}, line {line}: index '{cell}' is not an integer") from None
+        value = int(number)
+    if not -(2**63) <= value < 2**63:
+        raise DataError(f"{path}, line {line}: index {cell} is out of range; use integers "
+                        f"below 2**63")
+    return value
+
+
+def _read_numeric_csv(path: Path, missing_ok: bool = False) -> _Csv:
+    """`missing_ok`: empty cells outside the index read as NaN, for columns the caller may not
+    use (a losses file's unused targets); otherwise an empty cell is an error."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -64,6 +85,9 @@ def _read_numeric_csv(path: Path) -> _Csv:
             f"{path}, line 1: no '{INDEX_COLUMN}' column in the header {header}; "
             f"add an '{INDEX_COLUMN}' column that pairs mixtures with losses"
         )
+    if "" in header:
+        raise DataError(f"{path}, line 1: column {header.index('') + 1} has no name (a trailing "
+                        "comma?); name it or remove it")
     duplicated = sorted({name for name in header if header.count(name) > 1})
     if duplicated:
         raise DataError(f"{path}, line 1: duplicate column names {duplicated}; rename them")
@@ -71,13 +95,24 @@ def _read_numeric_csv(path: Path) -> _Csv:
     body = [(line, row) for line, row in numbered if any(cell.strip() for cell in row)]
     if not body:
         raise DataError(f"{path}: no data rows below the header")
+    index_at = header.index(INDEX_COLUMN)
+    index = np.empty(len(body), dtype=np.int64)
     values = np.empty((len(body), len(header)))
     for i, (line, row) in enumerate(body):
         if len(row) != len(header):
             raise DataError(
                 f"{path}, line {line}: {len(row)} cells but the header has {len(header)} columns"
             )
+        index[i] = _parse_index(path, line, row[index_at].strip())
         for j, cell in enumerate(row):
+            if j == index_at:
+                continue
+            if not cell.strip():
+                if missing_ok:
+                    values[i, j] = math.nan
+                    continue
+                raise DataError(f"{path}, line {line}, column '{header[j]}': the cell is empty; "
+                                "fill it in or drop the row")
             try:
                 values[i, j] = float(cell)
             except ValueError:
@@ -89,18 +124,8 @@ def _read_numeric_csv(path: Path) -> _Csv:
                     f"{path}, line {line}, column '{header[j]}': '{cell}' is not finite; "
                     "drop the row or re-measure it"
                 )
-    lines = [line for line, _ in body]
-    index_at = header.index(INDEX_COLUMN)
-    raw_index = values[:, index_at]
-    not_integer = np.flatnonzero(raw_index != np.round(raw_index))
-    if not_integer.size:
-        i = not_integer[0]
-        raise DataError(
-            f"{path}, line {lines[i]}: index {raw_index[i]} is not an integer"
-        )
-    index = raw_index.astype(np.int64)
     seen: dict[int, int] = {}
-    for line, value in zip(lines, index.tolist(), strict=True):
+    for (line, _), value in zip(body, index.tolist(), strict=True):
         if value in seen:
             raise DataError(
                 f"{path}, line {line}: duplicate index {value} (first on line {seen[value]}); "
@@ -150,14 +175,25 @@ def _pair(mixtures: _Csv, losses: _Csv) -> np.ndarray:
     return losses.values[[row_of[value] for value in mixtures.index.tolist()]]
 
 
-def read_proxy_csvs(mixtures_csv: Path, losses_csv: Path | None = None) -> ProxyTable:
-    """Read a mixtures CSV and, for fitting, the losses CSV measured on those mixtures."""
+def read_proxy_csvs(mixtures_csv: Path, losses_csv: Path | None = None,
+                    domains: list[str] | None = None) -> ProxyTable:
+    """Read a mixtures CSV and, for fitting, the losses CSV measured on those mixtures.
+
+    With `domains` (what a model was fitted on), the mixtures must have exactly those columns,
+    in any order; that is checked first, as a missing column would otherwise show up as rows
+    that do not sum to 1. Loss cells may be empty: only the columns a target uses must be
+    complete (`resolve_target` checks them)."""
     mixtures = _read_numeric_csv(mixtures_csv)
+    if domains is not None and sorted(mixtures.columns) != sorted(domains):
+        missing = sorted(set(domains) - set(mixtures.columns))
+        extra = sorted(set(mixtures.columns) - set(domains))
+        raise DataError(f"{mixtures.path}: the domain columns differ from the model's; missing "
+                        f"{missing}, not in the model {extra}. Give the columns {domains}")
     weights = _check_mixtures(mixtures)
     if losses_csv is None:
         no_losses = np.empty((len(weights), 0))
         return ProxyTable(mixtures.index, mixtures.columns, weights, [], no_losses)
-    losses = _read_numeric_csv(losses_csv)
+    losses = _read_numeric_csv(losses_csv, missing_ok=True)
     if not losses.columns:
         raise DataError(f"{losses.path}: no loss columns beside '{INDEX_COLUMN}'")
     paired = _pair(mixtures, losses)
@@ -168,6 +204,13 @@ def read_proxy_csvs(mixtures_csv: Path, losses_csv: Path | None = None) -> Proxy
             f"fitting needs at least {len(mixtures.columns) + 1} measured mixtures"
         )
     return ProxyTable(mixtures.index, mixtures.columns, weights, losses.columns, paired)
+
+
+def target_name(spec: str | dict[str, float]) -> str:
+    """A target's name: its column, or `weighted_mean(column:weight,...)`."""
+    if isinstance(spec, str):
+        return spec
+    return "weighted_mean(" + ",".join(f"{n}:{w:g}" for n, w in spec.items()) + ")"
 
 
 def resolve_target(
@@ -184,11 +227,16 @@ def resolve_target(
     if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
         raise DataError(f"target weights {weights} must be >= 0 and not all zero")
     columns = table.losses[:, [table.targets.index(n) for n in weights]]
+    missing_row, missing_column = np.nonzero(np.isnan(columns))
+    if missing_row.size:
+        raise DataError(f"the losses file's row with index {table.index[missing_row[0]]} has no "
+                        f"value in column '{list(weights)[missing_column[0]]}' "
+                        f"({missing_row.size} empty cell(s) in the target's columns); fill them "
+                        "in or drop those rows from both files")
     shares = np.array(list(weights.values()), dtype=float)
     if isinstance(spec, str):
         return spec, columns, shares
-    name = "weighted_mean(" + ",".join(f"{n}:{w:g}" for n, w in weights.items()) + ")"
-    return name, columns, shares / shares.sum()
+    return target_name(spec), columns, shares / shares.sum()
 
 
 def write_predictions_csv(
@@ -199,7 +247,7 @@ def write_predictions_csv(
     if predictions.shape[1] != len(names):
         raise ValueError(f"{len(names)} names for {predictions.shape[1]} prediction columns")
     with replacing(path) as partial, partial.open("w", newline="") as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")
         writer.writerow([INDEX_COLUMN, *names])
         for value, row in zip(np.asarray(index).tolist(), predictions.tolist(), strict=True):
             writer.writerow([value, *(repr(x) for x in row)])

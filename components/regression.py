@@ -363,6 +363,9 @@ class Regressor:
     # The mixtures it was fitted on: the search measures how far a chosen point lies from them.
     train_weights: np.ndarray | None = None
     member_weights: list[float] | None = None  # None: equal weights
+    # How well CV predicted the target and the best value measured on the training rows: the
+    # search weighs a predicted gain over the best proxy against the model's CV error.
+    fit_summary: dict[str, float] | None = None
 
     def _check(self, weights: np.ndarray) -> np.ndarray:
         weights = np.atleast_2d(np.asarray(weights, dtype=float))
@@ -413,6 +416,7 @@ class Regressor:
                 "members": names,
                 "linear_coefficients": self.linear_coefficients,
                 "member_weights": self.member_weights,
+                "fit_summary": self.fit_summary,
             }
             (folder / REGRESSOR_FILE).write_text(json.dumps(state, indent=1))
 
@@ -425,7 +429,8 @@ class Regressor:
         ]
         weights = directory / TRAIN_WEIGHTS_FILE
         return cls(state["model"], state["domains"], members, state["linear_coefficients"],
-                   np.load(weights) if weights.exists() else None, state.get("member_weights"))
+                   np.load(weights) if weights.exists() else None, state.get("member_weights"),
+                   state.get("fit_summary"))
 
 
 _MEMBER_LOADERS["regressor"] = Regressor.load
@@ -438,6 +443,11 @@ def _spearman(y: np.ndarray, predicted: np.ndarray) -> float:
 
 def _rmse(y: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.sqrt(np.mean((y - predicted) ** 2)))
+
+
+def _fit_summary(y: np.ndarray, out_of_fold: np.ndarray) -> dict[str, float]:
+    return {"cv_spearman": _spearman(y, out_of_fold), "cv_rmse": _rmse(y, out_of_fold),
+            "best_train_target": float(y.min())}
 
 
 def _lightgbm_defaults(rows: int, seed: int) -> dict[str, object]:
@@ -660,6 +670,7 @@ def fit_regressor(
         linear.by_domain(domains),
         np.asarray(weights, dtype=float),
         shares,
+        _fit_summary(y, out_of_fold[chosen]),
     )
     report = FitReport(
         model=chosen,
@@ -744,7 +755,8 @@ def fit_target(
     # The domain-interaction analysis is of the target itself: the one-model fit made its ridge.
     coefficients = whole[0].linear_coefficients if whole else _fit_ridge(weights, y).by_domain(domains)
     regressor = Regressor(PER_DOMAIN, list(domains), [part for part, _ in parts], coefficients,
-                          np.asarray(weights, dtype=float), shares.tolist())
+                          np.asarray(weights, dtype=float), shares.tolist(),
+                          _fit_summary(y, out_of_fold))
     report = FitReport(
         model=PER_DOMAIN, cv_spearman=cv, cv_rmse=_rmse(y, out_of_fold), cv_by_model=cv_by_model,
         seconds=time.perf_counter() - start, out_of_fold=out_of_fold,

@@ -128,6 +128,32 @@ class SearchResult:
     trials: int
     seconds: float
     nearest_distance: float | None  # L1 distance to the nearest training mixture, if given
+    # The bounds searched within (constraints, max-epochs cap, trained region), for the domains
+    # not left free in [0, 1]: what the chosen mixture honoured.
+    bounds: dict[str, list[float]] = field(default_factory=dict)
+    cv_rmse: float | None = None  # the regressor's CV error, when it was saved with the model
+    best_train_target: float | None = None  # the best value measured on a training proxy
+
+    @property
+    def predicted_gain(self) -> float | None:
+        """How much lower than the best training proxy the chosen mixture is predicted."""
+        return None if self.best_train_target is None else self.best_train_target - self.predicted
+
+    def record(self) -> dict:
+        """The result as plain data for YAML, MLflow and KFP (which carry no nulls): the mixture,
+        its prediction with how far to trust it, and how it was found."""
+        uncertainty = {"members_spread": self.spread}
+        record = {"weights": self.weights, "predicted": self.predicted, "uncertainty": uncertainty}
+        if self.cv_rmse is not None:
+            uncertainty["cv_rmse"] = self.cv_rmse
+        if self.predicted_gain is not None and self.cv_rmse is not None:
+            # A gain smaller than the model's typical error is not evidence of a better mixture.
+            record["predicted_gain"] = {"over_best_training_proxy": self.predicted_gain,
+                                        "within_cv_error": bool(self.predicted_gain <= self.cv_rmse)}
+        if self.nearest_distance is not None:
+            record["nearest_training_l1"] = self.nearest_distance
+        return {**record, "method": self.method, "trials": self.trials, "seconds": self.seconds,
+                "bounds": self.bounds}
 
 
 def _solve_row_sums(row_sum, low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -229,16 +255,19 @@ def _feasible_bounds(
 def _finish(
     regressor: Regressor,
     best: np.ndarray,
+    bounds: tuple[np.ndarray, np.ndarray],
     method: str,
     trials: int,
     start: float,
     train_weights: np.ndarray | None,
 ) -> SearchResult:
-    """Package the chosen point with its ensemble spread and distance to the data."""
+    """Package the chosen point with its ensemble spread, distance to the data, the bounds it
+    honoured and the model's CV error."""
     predicted, spread = regressor.predict_with_spread(best[None, :])
     nearest = None
     if train_weights is not None:
         nearest = float(nearest_l1_distance(best[None, :], np.asarray(train_weights, float))[0])
+    summary = regressor.fit_summary or {}
     return SearchResult(
         weights=dict(zip(regressor.domains, best.tolist(), strict=True)),
         predicted=float(predicted[0]),
@@ -247,6 +276,11 @@ def _finish(
         trials=trials,
         seconds=time.perf_counter() - start,
         nearest_distance=nearest,
+        bounds={d: [float(low), float(high)] for d, low, high in zip(regressor.domains, *bounds,
+                                                                       strict=True)
+                if (low, high) != (0.0, 1.0)},
+        cv_rmse=summary.get("cv_rmse"),
+        best_train_target=summary.get("best_train_target"),
     )
 
 
@@ -284,7 +318,7 @@ def search_mixture(
         evaluated += len(losses)
         if losses.min() < best_loss:
             best, best_loss = mixtures[losses.argmin()], float(losses.min())
-    return _finish(regressor, best, method, evaluated, start, train_weights)
+    return _finish(regressor, best, (lower, upper), method, evaluated, start, train_weights)
 
 
 def _cmaes_batches(initial_logits: np.ndarray, trials: int, seed: int):
@@ -354,7 +388,7 @@ def paper_search(
     top = candidates[np.argsort(regressor.predict(candidates))[:top_k]]
     # The mean of feasible points is feasible; projecting again only removes rounding.
     best = project_onto_bounds(top.mean(axis=0), lower, upper)[0]
-    return _finish(regressor, best, "paper", samples, start, train_weights)
+    return _finish(regressor, best, (lower, upper), "paper", samples, start, train_weights)
 
 
 # ---------------------------------------------------------------- the pipeline stage
@@ -410,11 +444,10 @@ def search_mixture_op(
                               **{**options, "allow_extrapolation": True})
     honoured = {"min_weight": constraints.min_weight, "max_weight": constraints.max_weight,
                 "fixed": constraints.fixed, "max_epochs": constraints.max_epochs,
-                "token_budget": constraints.token_budget}
+                "token_budget": constraints.token_budget,
+                "allow_extrapolation": cfg.search.allow_extrapolation}
     record = {
-        "weights": chosen.weights, "predicted": chosen.predicted, "spread": chosen.spread,
-        "method": chosen.method, "trials": chosen.trials, "seconds": chosen.seconds,
-        "nearest_distance": chosen.nearest_distance,
+        **chosen.record(),
         # KFP parameters cannot carry nulls: unset constraints are left out
         "constraints": {k: v for k, v in honoured.items() if v is not None},
         "paper_recipe": {"weights": recipe.weights, "predicted": recipe.predicted},
@@ -425,7 +458,9 @@ def search_mixture_op(
         mlflow.log_params({"method": chosen.method, "trials": chosen.trials})
         mlflow.log_metrics({"predicted_loss": chosen.predicted, "spread": chosen.spread,
                             "search_seconds": chosen.seconds,
-                            "paper_recipe_predicted_loss": recipe.predicted})
+                            "paper_recipe_predicted_loss": recipe.predicted,
+                            **({"predicted_gain": chosen.predicted_gain}
+                               if chosen.predicted_gain is not None else {})})
         mlflow.log_artifact(mixture.path, "mixture")
         # the mixture the proxies were sampled around, for the report's chosen-vs-prior plot
         mlflow.log_dict(dict(zip(model.domains, prior.tolist(), strict=True)), "prior.json")

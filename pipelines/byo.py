@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import re
-import time
 from pathlib import Path
 from typing import get_args
 
@@ -25,8 +24,14 @@ from components.config import (
     RegressionModel,
     default_trials,
 )
-from components.files import write_text
-from components.paper_data import DataError, read_proxy_csvs, resolve_target, write_predictions_csv
+from components.files import replacing, write_text
+from components.paper_data import (
+    DataError,
+    read_proxy_csvs,
+    resolve_target,
+    target_name,
+    write_predictions_csv,
+)
 
 TARGETS_FILE = "targets.json"
 FOLDER_NAME_LENGTH = 80
@@ -63,18 +68,31 @@ def folder_name(target: str) -> str:
 
 def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: str,
             folds: int, seed: int, tune_trials: int, per_domain_max_seconds: float) -> list[dict]:
-    """Fit one regressor per target; returns a report per target."""
+    """Fit one regressor per target; returns a report per target.
+
+    Every target is checked before any is fitted, and the model folder is written whole once
+    all are fitted: a failure leaves the previous folder as it was, never half of each."""
     from components.regression import fit_target
 
     try:
         specs = [parse_target(text) for text in targets]
     except DataError as e:
         raise DataError(f"--target {e}") from None
+    if out.is_dir() and any(out.iterdir()) and not (out / TARGETS_FILE).is_file():
+        raise DataError(f"--out {out}: the folder holds files but no {TARGETS_FILE}, so it is not "
+                        "a model folder `regmix fit` wrote; give a new or empty folder")
     table = read_proxy_csvs(mixtures, losses)
-    out.mkdir(parents=True, exist_ok=True)
-    reports, index = [], {}
+    resolved, index = [], {}  # target name -> its folder
     for text, spec in zip(targets, specs, strict=True):
         name, columns, shares = resolve_target(table, spec)
+        folder = folder_name(name)
+        if folder in index.values() and index.get(name) != folder:
+            raise DataError(f"--target '{text}': its folder name '{folder}' is taken by another "
+                            "target; rename a loss column")
+        index[name] = folder
+        resolved.append((name, columns, shares))
+    reports, fitted = [], {}
+    for name, columns, shares in resolved:
         try:
             regressor, report = fit_target(table.weights, columns, shares, table.domains,
                                            model=model, folds=folds, seed=seed,
@@ -82,18 +100,15 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
                                            per_domain_max_seconds=per_domain_max_seconds)
         except ValueError as e:  # e.g. a constant target
             raise DataError(f"--target '{name}': {e}") from None
-        folder = folder_name(name)
-        if folder in index.values() and index.get(name) != folder:
-            raise DataError(f"--target '{text}': its folder name '{folder}' is taken by another "
-                            "target; rename a loss column")
-        regressor.save(out / folder)
-        index[name] = folder
+        fitted[name] = regressor
         reports.append({"target": name, "model": report.model, "cv_spearman": report.cv_spearman,
                         "cv_rmse": report.cv_rmse, "seconds": report.seconds,
                         "cv_by_model": report.cv_by_model,
                         "per_domain": report.settings.get("per_domain")})
-    # The index last: it names only folders already written whole.
-    write_text(out / TARGETS_FILE, json.dumps(index, indent=2))
+    with replacing(out) as folder:
+        for name, regressor in fitted.items():
+            regressor.save(folder / index[name])
+        write_text(folder / TARGETS_FILE, json.dumps(index, indent=2))
     return reports
 
 
@@ -114,13 +129,11 @@ def load_models(model_dir: Path) -> dict:
 
 def predict_csv(model_dir: Path, mixtures: Path, out: Path) -> int:
     models = load_models(model_dir)
-    table = read_proxy_csvs(mixtures)
-    columns = {}  # per model, the CSV's columns in the order it was fitted on
-    for name, regressor in models.items():
-        if sorted(regressor.domains) != sorted(table.domains):
-            raise DataError(f"{mixtures}: domain columns {table.domains} differ from those "
-                            f"{name} was fitted on {regressor.domains}; give those columns")
-        columns[name] = [table.domains.index(d) for d in regressor.domains]
+    table = read_proxy_csvs(mixtures, domains=next(iter(models.values())).domains)
+    # per model, the CSV's columns in the order it was fitted on (every target's model was
+    # fitted on the same mixtures file)
+    columns = {name: [table.domains.index(d) for d in regressor.domains]
+               for name, regressor in models.items()}
     names = list(models)
     predictions = np.column_stack([models[n].predict(table.weights[:, columns[n]])
                                    for n in names])
@@ -135,7 +148,10 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
     models = load_models(model_dir)
     if target is None and len(models) > 1:
         raise DataError(f"--target: the model folder holds {list(models)}; name one")
-    name = target or next(iter(models))
+    try:  # named as `regmix fit --target` named it
+        name = target_name(parse_target(target)) if target else next(iter(models))
+    except DataError as e:
+        raise DataError(f"--target {e}") from None
     if name not in models:
         raise DataError(f"--target '{name}': not in the model folder; it has {list(models)}")
     regressor = models[name]
@@ -144,17 +160,13 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
     constraints = Constraints(**constraints_args)
     options = {"constraints": constraints, "seed": seed, "train_weights": train_weights,
                "allow_extrapolation": allow_extrapolation}
-    started = time.perf_counter()
     if method == "paper":
         result = paper_search(regressor, prior, samples=trials, **options)
     else:
         result = search_mixture(regressor, prior, method=method, trials=trials, **options)
-    record = {
-        "target": name, "weights": result.weights, "predicted": result.predicted,
-        "uncertainty": result.spread, "method": result.method, "trials": result.trials,
-        "seconds": time.perf_counter() - started, "nearest_training_l1": result.nearest_distance,
-        "constraints": {k: v for k, v in constraints_args.items() if v},
-    }
+    asked = {k: v for k, v in constraints_args.items() if v}
+    record = {"target": name, **result.record(),
+              "constraints": {**asked, "allow_extrapolation": allow_extrapolation}}
     write_text(out, yaml.safe_dump(record, sort_keys=False))
     return record
 
@@ -229,6 +241,17 @@ def output_folder(text: str) -> Path:
     return path
 
 
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0 (1e9 and 1000000000 alike)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"give a number > 0, not '{text}'")
+    return value
+
+
 def at_least(minimum: int):
     """An argparse type: an integer >= minimum (argparse names the flag in its message)."""
     def parse(text: str) -> int:
@@ -248,7 +271,7 @@ def add_commands(sub) -> None:
     fit.add_argument("--model", default="auto", choices=get_args(RegressionModel))
     fit.add_argument("--folds", type=at_least(2), default=5)
     fit.add_argument("--tune-trials", type=at_least(0), default=0, help="Optuna trials for LightGBM")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--seed", type=at_least(0), default=0)
     fit.add_argument("--per-domain-max-seconds", type=at_least(0),
                      default=int(PER_DOMAIN_MAX_SECONDS),
                      help="auto's time budget for fitting a weighted mean one column at a time")
@@ -268,10 +291,18 @@ def add_commands(sub) -> None:
     search.add_argument("--trials", type=at_least(MIN_SEARCH_TRIALS),
                         help=f"objective evaluations: CMA-ES/TPE trials (default {SEARCH_TRIALS}) "
                         f"or the paper recipe's samples (default {PAPER_SAMPLES})")
-    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--seed", type=at_least(0), default=0)
     for flag in ("--min-weight", "--max-weight", "--fixed"):
         search.add_argument(flag, type=weights_arg, action=MergeWeights, default={},
                             metavar="D=W,...", help="repeatable")
+    # The max-epochs cap: w_d <= max_epochs x available_tokens[d] / token_budget.
+    search.add_argument("--available-tokens", type=weights_arg, action=MergeWeights,
+                        metavar="D=N,...", help="each domain's tokens for the large run, for "
+                        "the max-epochs cap (every domain; repeatable)")
+    search.add_argument("--token-budget", type=positive_number,
+                        help="the large run's training tokens, for the max-epochs cap")
+    search.add_argument("--max-epochs", type=positive_number,
+                        help="repeat no domain more often than this in the large run")
     search.add_argument("--allow-extrapolation", action="store_true",
                         help="accept an optimum far from every training mixture")
     search.set_defaults(func=cmd_search)
@@ -305,16 +336,23 @@ def cmd_predict(args) -> int:
 
 def cmd_search(args) -> int:
     constraints = {"min_weight": args.min_weight, "max_weight": args.max_weight,
-                   "fixed": args.fixed}
+                   "fixed": args.fixed, "available_tokens": args.available_tokens,
+                   "token_budget": args.token_budget, "max_epochs": args.max_epochs}
     trials = args.trials or default_trials(args.method)
     try:
         record = search_model(args.model, args.out, args.target, args.method, trials,
                               args.seed, constraints, args.allow_extrapolation)
     except ValueError as e:  # infeasible constraints or a refused extrapolation
         raise DataError(str(e)) from None
-    print(f"{record['target']}: predicted {record['predicted']:.4f} +- "
-          f"{record['uncertainty']:.4f} ({record['method']}, {record['seconds']:.1f} s); "
+    uncertainty, gain = record["uncertainty"], record.get("predicted_gain")
+    error = f"CV RMSE {uncertainty['cv_rmse']:.4f}, " if "cv_rmse" in uncertainty else ""
+    print(f"{record['target']}: predicted {record['predicted']:.4f} ({error}members disagree by "
+          f"{uncertainty['members_spread']:.4f}; {record['method']}, {record['seconds']:.1f} s); "
           f"wrote {args.out}")
+    if gain is not None:
+        verdict = ("within the CV error: not evidence of a better mixture"
+                   if gain["within_cv_error"] else "beyond the CV error")
+        print(f"  {gain['over_best_training_proxy']:+.4f} below the best training proxy, {verdict}")
     return 0
 
 

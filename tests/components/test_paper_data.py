@@ -51,7 +51,10 @@ def test_rounded_rows_are_renormalised(tmp_path):
         (MIXTURES.replace("0.2,0.3,0.5", "0.2,0.3,0.4"), LOSSES, "index 2: weights sum to 0.9,"),
         (MIXTURES, LOSSES.replace("\n5,", "\n6,"), "only in mixtures: [5], only in losses: [6]"),
         (MIXTURES.replace("0.2,0.3", "0.2,abc"), LOSSES, "column 'b': 'abc' is not a number"),
-        (MIXTURES, LOSSES.replace("1.2,2.2", "1.2,"), "column 'loss_y': '' is not a number"),
+        (MIXTURES.replace("0.2,0.3", "0.2,"), LOSSES, "line 3, column 'b': the cell is empty"),
+        (MIXTURES.replace("index,a,b,c", "index,a,b,c,"), LOSSES, "column 5 has no name"),
+        (MIXTURES.replace("\n2,", "\n2.5,"), LOSSES, "line 3: index '2.5' is not an integer"),
+        (MIXTURES.replace("\n2,", "\n1e30,"), LOSSES, "line 3: index 1e30 is out of range"),
         (MIXTURES.split("\n4,")[0], "index,x\n1,1\n2,1\n3,1\n", "3 rows for 3 domains"),
         ("index,a,b\n", LOSSES, "no data rows"),
         (MIXTURES.replace("\n3,1,0,0", "\n3,1,0"), LOSSES, "line 4: 3 cells"),
@@ -82,6 +85,26 @@ def test_resolve_target(tmp_path):
         resolve_target(table, {"loss_z": 1.0})
 
 
+def test_a_loss_cell_may_be_empty_where_no_target_reads_it(tmp_path):
+    table = read(tmp_path, losses=LOSSES.replace("1.2,2.2", "1.2,"))
+    assert resolve_target(table, "loss_x")[1][:, 0].tolist() == [1.1, 1.2, 1.3, 1.4, 1.5]
+    with pytest.raises(DataError, match="index 2 has no value in column 'loss_y'"):
+        resolve_target(table, {"loss_x": 1.0, "loss_y": 1.0})
+
+
+def test_an_index_is_read_exactly(tmp_path):
+    big = 2**53 + 1  # a float would read it as 2**53
+    table = read(tmp_path, MIXTURES.replace("\n1,", f"\n{big},").replace("\n2,", f"\n{big - 1},"),
+                 losses=None)
+    assert table.index.tolist()[:2] == [big, big - 1]
+
+
+def test_a_model_checks_its_domain_columns_before_the_row_sums(tmp_path):
+    mixtures = write(tmp_path, "m.csv", "index,a,b\n1,0.5,0.4\n")
+    with pytest.raises(DataError, match=r"missing \['c'\], not in the model \[\]"):
+        read_proxy_csvs(mixtures, domains=["a", "b", "c"])
+
+
 def test_predictions_round_trip(tmp_path):
     predictions = np.array([[1.0, 2.0], [3.0, 4.0 / 3.0]])
     path = tmp_path / "predictions.csv"
@@ -89,6 +112,7 @@ def test_predictions_round_trip(tmp_path):
     mixtures = write(tmp_path, "m.csv", "index,a\n10,1\n20,1\n")
     table = read_proxy_csvs(mixtures, path)
     np.testing.assert_array_equal(table.losses, predictions)
+    assert b"\r" not in path.read_bytes()  # plain newlines, like the paper's files
 
 
 @pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared paper data not present")

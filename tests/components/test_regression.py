@@ -77,6 +77,8 @@ def test_save_load_round_trip_is_exact(tmp_path, model):
         np.testing.assert_array_equal(before, after)
     assert loaded.domains == names(5)
     assert loaded.linear_coefficients == regressor.linear_coefficients
+    assert loaded.fit_summary == {"cv_spearman": report.cv_spearman, "cv_rmse": report.cv_rmse,
+                                  "best_train_target": y.min()}
 
 
 def test_spread_is_member_disagreement():

@@ -30,6 +30,7 @@ class QuadraticLoss:
 
     domains: list[str]
     target: np.ndarray
+    fit_summary: dict | None = None  # no CV behind it
 
     def predict_with_spread(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         loss = 1.0 + ((np.atleast_2d(weights) - self.target) ** 2).sum(axis=1)
@@ -200,3 +201,8 @@ def test_the_stage_records_its_choice_beside_the_papers_recipe(
         [tracking["experiment_id"]], "attributes.run_name = 'search-mixture'")[0]
     assert run.data.metrics["predicted_loss"] == pytest.approx(record["predicted"])
     assert run.data.params["method"] == method
+    # The prediction comes with the model's CV error and its gain over the best proxy
+    gain = y.min() - record["predicted"]
+    assert record["predicted_gain"]["over_best_training_proxy"] == pytest.approx(gain)
+    assert run.data.metrics["predicted_gain"] == pytest.approx(gain)
+    assert record["predicted_gain"]["within_cv_error"] == (gain <= record["uncertainty"]["cv_rmse"])

@@ -48,12 +48,25 @@ def test_fit_predict_search_on_the_paper_data(tmp_path, capsys):
     # A linear model's optimum sits in a corner no proxy measured: the search stays where the
     # training mixtures are (no domain above its largest trained weight)...
     train = read_proxy_csvs(PAPER / "train_mixture_1m.csv")  # rows normalised to sum to 1
+    arxiv = "train_the_pile_arxiv"
     trained_max = dict(zip(train.domains, train.weights.max(axis=0).tolist(), strict=True))
     assert main(search) == 0
-    inside = yaml.safe_load(chosen.read_text())["weights"]
+    record = yaml.safe_load(chosen.read_text())
+    inside = record["weights"]
     assert all(w <= trained_max[d] + 1e-9 for d, w in inside.items())
+    # The bounds it honoured are recorded: the trained region, and the asked-for cap on top
+    assert record["bounds"]["train_the_pile_arxiv"] == pytest.approx([0, trained_max[arxiv]])
+    assert record["bounds"]["train_the_pile_pile_cc"][1] == pytest.approx(0.3)
+    assert record["constraints"] == {"max_weight": {"train_the_pile_pile_cc": 0.3},
+                                     "allow_extrapolation": False}
+    # One linear model: its members cannot disagree, so the uncertainty is its CV error, and a
+    # gain over the best proxy is weighed against it
+    assert record["uncertainty"]["members_spread"] == 0
+    assert 0.05 < record["uncertainty"]["cv_rmse"] < 0.5
+    gain = record["predicted_gain"]
+    assert gain["within_cv_error"] == (gain["over_best_training_proxy"] <= record["uncertainty"]["cv_rmse"])
+    assert "below the best training proxy" in capsys.readouterr().out
     # ...and refuses constraints that force it out, naming the domain and the way out...
-    arxiv = "train_the_pile_arxiv"
     assert main([*search, "--fixed", f"{arxiv}={min(1.0, trained_max[arxiv] + 0.2):.3f}"]) == 2
     assert f"domain '{arxiv}'" in capsys.readouterr().err
     # ...unless the user asks for an extrapolation.
@@ -62,7 +75,8 @@ def test_fit_predict_search_on_the_paper_data(tmp_path, capsys):
     assert any(w > trained_max[d] + 1e-3 for d, w in record["weights"].items())
     assert abs(sum(record["weights"].values()) - 1) < 1e-9
     assert record["weights"]["train_the_pile_pile_cc"] <= 0.3 + 1e-9
-    assert record["constraints"] == {"max_weight": {"train_the_pile_pile_cc": 0.3}}
+    assert record["constraints"] == {"max_weight": {"train_the_pile_pile_cc": 0.3},
+                                     "allow_extrapolation": True}
     assert {"predicted", "uncertainty", "method", "nearest_training_l1"} <= set(record)
     # Repeated constraint flags add up
     assert main([*search, "--fixed", f"{arxiv}=0.05", "--fixed", "train_the_pile_github=0.05"]) == 0
@@ -84,10 +98,61 @@ def test_long_targets_that_differ_past_the_folder_cut_get_their_own_models(tmp_p
     assert len(rows[0]) == 3 and rows[1][1] != rows[1][2]  # two models, two predictions
 
 
-def test_fit_says_when_auto_skipped_the_per_domain_fit(tmp_path, capsys):
-    mixtures, losses = tmp_path / "m.csv", tmp_path / "l.csv"  # the first 40 proxies
+def first_proxies(folder: Path, rows: int) -> tuple[Path, Path]:
+    """The paper's first `rows` training proxies as a mixtures and a losses CSV."""
+    mixtures, losses = folder / "m.csv", folder / "l.csv"
     for first_rows, name in ((mixtures, "train_mixture_1m.csv"), (losses, "train_pile_loss_1m.csv")):
-        first_rows.write_text("".join((PAPER / name).open().readlines()[:41]))
+        first_rows.write_text("".join((PAPER / name).open().readlines()[:rows + 1]))
+    return mixtures, losses
+
+
+def test_a_failed_fit_leaves_the_model_folder_as_it_was(tmp_path, capsys):
+    mixtures, losses = first_proxies(tmp_path, 40)
+    model = tmp_path / "model"
+    fit = ["fit", "--mixtures", str(mixtures), "--losses", str(losses), "--model", "linear",
+           "--out", str(model), "--target", PILE_CC]
+    assert main(fit) == 0
+    before = {p: p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    # Other rows, and a second target that is unknown: refused before the first is fitted
+    (tmp_path / "more").mkdir()
+    more = first_proxies(tmp_path / "more", 50)
+    refit = ["fit", "--mixtures", str(more[0]), "--losses", str(more[1]), *fit[5:]]
+    assert main([*refit, "--target", "nope"]) == 2
+    assert "unknown target column(s) ['nope']" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
+    # A folder of other files is not taken for a model folder and replaced
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    assert main([*fit[:-4], "--out", str(tmp_path / "notes"), "--target", PILE_CC]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_search_honours_the_max_epochs_cap_and_names_targets_as_fit_does(tmp_path, capsys):
+    mixtures, losses = first_proxies(tmp_path, 60)
+    model, chosen = tmp_path / "model", tmp_path / "mixture.yaml"
+    mean = f"{PILE_CC}=1,metric/the_pile_arxiv_val_loss=1"
+    assert main(["fit", "--mixtures", str(mixtures), "--losses", str(losses), "--model",
+                 "linear", "--target", mean, "--target", PILE_CC, "--out", str(model)]) == 0
+    domains = read_proxy_csvs(mixtures).domains
+    # pile_cc has tokens for 0.2 of a 1e9-token run at 2 epochs; the others plenty
+    tokens = ",".join(f"{d}={1e8 if d.endswith('pile_cc') else 1e12:g}" for d in domains)
+    search = ["search", "--model", str(model), "--out", str(chosen), "--trials", "300",
+              "--target", mean, "--available-tokens", tokens, "--token-budget", "1e9",
+              "--max-epochs", "2"]
+    assert main(search) == 0
+    record = yaml.safe_load(chosen.read_text())
+    assert record["target"].startswith("weighted_mean(")
+    assert record["weights"]["train_the_pile_pile_cc"] <= 0.2 + 1e-9
+    assert record["bounds"]["train_the_pile_pile_cc"][1] == pytest.approx(0.2)
+    assert record["constraints"]["max_epochs"] == 2
+    # The cap needs all three settings
+    assert main(search[:-2]) == 2
+    assert "needs available_tokens, token_budget and max_epochs together" in capsys.readouterr().err
+
+
+def test_fit_says_when_auto_skipped_the_per_domain_fit(tmp_path, capsys):
+    mixtures, losses = first_proxies(tmp_path, 40)
     mean = ",".join(f"metric/the_pile_{d}_val_loss=1" for d in ("github", "arxiv", "pile_cc"))
     fit = ["fit", "--mixtures", str(mixtures), "--losses", str(losses), "--target", mean,
            "--folds", "3", "--out", str(tmp_path / "model")]
@@ -108,6 +173,10 @@ def test_a_spreadsheets_utf8_csv_with_a_byte_order_mark_reads(tmp_path):
           "--folds", "1"], "--folds: give an integer >= 2, not '1'"),
         (["fit", "--mixtures", "m.csv", "--losses", "l.csv", "--target", "t", "--out", "o",
           "--per-domain-max-seconds", "-1"], "--per-domain-max-seconds: give an integer >= 0"),
+        (["search", "--model", "m", "--out", "o", "--seed", "-1"],
+         "--seed: give an integer >= 0, not '-1'"),
+        (["search", "--model", "m", "--out", "o", "--max-epochs", "0"],
+         "--max-epochs: give a number > 0, not '0'"),
         (["search", "--model", "m", "--out", "o", "--trials", "20"],
          "--trials: give an integer >= 128, not '20'"),
         (["search", "--model", "m", "--out", "o", "--fixed", "a=0.1", "--fixed", "a=0.2"],
