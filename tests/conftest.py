@@ -33,6 +33,12 @@ def small_corpus(root: Path, docs_per_domain: int = 40) -> Path:
     return spec
 
 
+def pytest_collection_modifyitems(items):
+    """The end-to-end file first: it takes most of the run, so with two workers (addopts) it
+    starts at once and everything else runs beside it rather than after it."""
+    items.sort(key=lambda item: item.path.name != "test_e2e.py")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def regmix_cache(tmp_path_factory):
     """Checkpoints and kept results go to a fresh folder per session; the tinypile build (slow,
