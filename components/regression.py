@@ -10,6 +10,7 @@ executes code.
 
 import itertools
 import json
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -766,6 +767,31 @@ def fit_target(
     return regressor, report
 
 
+def domain_interactions(weights: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """Ridge coefficients of each loss column on the mixture weights, a row per column: the
+    paper's domain-interaction analysis (which domains' data lowers which validation loss)."""
+    return np.stack([_fit_ridge(weights, column).coefficients for column in losses.T])
+
+
+def plot_fit(folder: Path, target: str, y: np.ndarray, report: FitReport) -> Path:
+    """The fit's out-of-fold predictions against the measured target."""
+    from components import plots
+
+    title = f"{target}\n{report.model}, CV Spearman {report.cv_spearman:.4f}"
+    return plots.predicted_vs_measured(y, report.out_of_fold, title,
+                                       folder / "predicted_vs_measured.png")
+
+
+def plot_domain_interactions(folder: Path, weights: np.ndarray, domains: list[str],
+                             losses: dict[str, np.ndarray]) -> Path:
+    """The domain interactions of every validation loss in `losses` (name -> value per row)."""
+    from components import plots
+
+    coefficients = domain_interactions(weights, np.column_stack(list(losses.values())))
+    return plots.domain_interaction(coefficients, list(losses), domains,
+                                    folder / "domain_interaction.png")
+
+
 # ---------------------------------------------------------------- the pipeline stage
 def proxy_matrix(results: list[dict], domains: list[str], target: dict[str, float]):
     """Proxy results as (weights matrix, the target's loss columns, their shares in the target),
@@ -855,6 +881,13 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
         if model.linear_coefficients:
             mlflow.log_dict(model.linear_coefficients, "linear_coefficients.json")
         mlflow.log_artifacts(str(out), "regressor")
+        # Every domain's validation loss, for the domain interactions: what the proxies measured
+        measured = [d for d in domains if all(d in r["val_loss"] for r in results)]
+        with tempfile.TemporaryDirectory() as folder:
+            plot_fit(Path(folder), str(cfg.regression.target), losses, report)
+            plot_domain_interactions(Path(folder), weights, domains, {
+                d: np.array([r["val_loss"][d] for r in results]) for d in measured})
+            mlflow.log_artifacts(folder, "plots")
     return {
         "model": report.model, "cv_spearman": report.cv_spearman, "cv_rmse": report.cv_rmse,
         "target": target, "proxies": len(results), "learning_curve": curve,

@@ -10,15 +10,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import mlflow
 
-matplotlib.use("Agg")  # no display on pods or CI
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-
-from components.files import write_text  # noqa: E402
-from components.large import verdict  # noqa: E402
-from components.tracking import (  # noqa: E402
+from components.files import write_text
+from components.large import verdict
+from components.plots import mixtures, save  # also sets matplotlib's Agg backend
+from components.tracking import (
     PIPELINE_TAG,
     PROXY_STAGES,
     latest_run,
@@ -58,13 +56,6 @@ def load_record(tracking_uri: str, experiment: str, label: str) -> RunRecord:
     return record
 
 
-def save(fig, path: Path) -> bool:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 def weights_of(run) -> dict[str, float]:
     return {k.removeprefix("weight."): float(v) for k, v in run.data.params.items()
             if k.startswith("weight.")}
@@ -74,18 +65,9 @@ def plot_mixtures(record: RunRecord, path: Path) -> bool:
     search, prior = record.latest("search"), record.artifacts.get("prior.json")
     if search is None:
         return False
-    chosen = weights_of(search)
-    domains = sorted(chosen, key=chosen.get, reverse=True)
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    x = range(len(domains))
-    ax.bar([i - 0.2 for i in x], [chosen[d] for d in domains], 0.4, label="chosen")
-    if prior is not None:
-        ax.bar([i + 0.2 for i in x], [prior.get(d, 0) for d in domains], 0.4, label="prior")
-    ax.set_xticks(list(x), domains, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("weight")
-    ax.legend()
-    ax.set_title("Chosen mixture vs the sampling prior")
-    return save(fig, path)
+    series = {"chosen": weights_of(search), **({"prior": prior} if prior is not None else {})}
+    mixtures(series, "Chosen mixture vs the sampling prior", path)
+    return True
 
 
 def plot_gate(record: RunRecord, path: Path) -> bool:
@@ -102,7 +84,8 @@ def plot_gate(record: RunRecord, path: Path) -> bool:
     ax.set_ylabel("measured target loss")
     ax.set_title(f"Gate: Spearman {gate['spearman']:.3f} "
                  f"[{gate['spearman_low']:.2f}, {gate['spearman_high']:.2f}]")
-    return save(fig, path)
+    save(fig, path)
+    return True
 
 
 def plot_learning_curve(record: RunRecord, path: Path, tracking_uri: str) -> bool:
@@ -118,7 +101,8 @@ def plot_learning_curve(record: RunRecord, path: Path, tracking_uri: str) -> boo
     ax.set_xlabel("training proxies")
     ax.set_ylabel("CV Spearman")
     ax.set_title("Regression learning curve")
-    return save(fig, path)
+    save(fig, path)
+    return True
 
 
 def plot_baselines(record: RunRecord, path: Path) -> bool:
@@ -134,7 +118,8 @@ def plot_baselines(record: RunRecord, path: Path) -> bool:
     ax.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.1 * (high - low + 1e-3))
     ax.set_ylabel("large-model target loss")
     ax.set_title("Chosen mixture vs baselines (mean, seed spread)")
-    return save(fig, path)
+    save(fig, path)
+    return True
 
 
 def outcome_lines(record: RunRecord, outcome: str | None) -> list[str]:

@@ -9,6 +9,7 @@ from elsewhere (the paper's samples, a prior) are projected onto the bounds exac
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -17,7 +18,7 @@ from kfp import dsl
 from scipy.spatial.distance import cdist
 from scipy.special import expit, logit
 
-from components import component
+from components import component, plots
 from components.config import PAPER_SAMPLES, STRENGTH_RANGE
 from components.mixtures import dirichlet_around
 from components.regression import Regressor
@@ -133,6 +134,8 @@ class SearchResult:
     bounds: dict[str, list[float]] = field(default_factory=dict)
     cv_rmse: float | None = None  # the regressor's CV error, when it was saved with the model
     best_train_target: float | None = None  # the best value measured on a training proxy
+    # The paper recipe's: the predicted loss of every mixture it sampled (its simulation)
+    sampled_predictions: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def predicted_gain(self) -> float | None:
@@ -385,10 +388,58 @@ def paper_search(
     candidates = project_onto_bounds(
         dirichlet_around(prior, samples, np.random.default_rng(seed), strength_range), lower, upper
     )
-    top = candidates[np.argsort(regressor.predict(candidates))[:top_k]]
+    predicted = regressor.predict(candidates)
+    top = candidates[np.argsort(predicted)[:top_k]]
     # The mean of feasible points is feasible; projecting again only removes rounding.
     best = project_onto_bounds(top.mean(axis=0), lower, upper)[0]
-    return _finish(regressor, best, (lower, upper), "paper", samples, start, train_weights)
+    result = _finish(regressor, best, (lower, upper), "paper", samples, start, train_weights)
+    result.sampled_predictions = predicted
+    return result
+
+
+def search_with_baseline(
+    regressor: Regressor,
+    prior: np.ndarray,
+    method: str,
+    trials: int,
+    constraints: Constraints | None = None,
+    seed: int = 0,
+    allow_extrapolation: bool = False,
+    strength_range: tuple[float, float] = STRENGTH_RANGE,
+) -> tuple[SearchResult, SearchResult]:
+    """The chosen mixture by `method` ("paper" or a search method), and the paper's recipe
+    beside it as the baseline: 100k samples around `prior` (inside the constraints, but free
+    to leave the trained region, as in the paper). With method "paper" the chosen mixture is
+    the recipe's own (inside the trained region unless allowed out): it is its own baseline."""
+    options = {"constraints": constraints, "seed": seed, "train_weights": regressor.train_weights,
+               "allow_extrapolation": allow_extrapolation}
+    if method == "paper":
+        chosen = paper_search(regressor, prior, samples=trials, strength_range=strength_range,
+                              **options)
+        return chosen, chosen
+    chosen = search_mixture(regressor, prior, method=method, trials=trials, **options)
+    recipe = paper_search(regressor, prior, strength_range=strength_range,
+                          **{**options, "allow_extrapolation": True})
+    return chosen, recipe
+
+
+def save_search_plots(chosen: SearchResult, recipe: SearchResult, prior: dict[str, float],
+                      folder: Path, prefix: str = "") -> list[Path]:
+    """The chosen mixture beside the prior (and the recipe's, when it differs), and the
+    predicted loss over the recipe's simulated mixtures, marking the chosen one and the best
+    training proxy."""
+    series = {"chosen": chosen.weights, "prior": prior}
+    if recipe is not chosen:
+        series["paper recipe"] = recipe.weights
+    marks = {"chosen": chosen.predicted}
+    if chosen.best_train_target is not None:
+        marks["best training proxy"] = chosen.best_train_target
+    return [
+        plots.mixtures(series, "Chosen mixture vs the sampling prior",
+                       folder / f"{prefix}mixture.png"),
+        plots.simulated_losses(recipe.sampled_predictions, marks,
+                               folder / f"{prefix}simulated_losses.png"),
+    ]
 
 
 # ---------------------------------------------------------------- the pipeline stage
@@ -410,6 +461,7 @@ def search_mixture_op(
     mixture: dsl.Output[dsl.Artifact],
 ) -> dict:
     """Search the simplex for the lowest predicted loss; compare with the paper's recipe."""
+    import tempfile
     from pathlib import Path
 
     import mlflow
@@ -420,7 +472,7 @@ def search_mixture_op(
     from components.files import write_text
     from components.mixtures import token_prior
     from components.regression import Regressor
-    from components.search import paper_search, search_constraints, search_mixture
+    from components.search import save_search_plots, search_constraints, search_with_baseline
     from components.tracking import stage_run
 
     cfg = parse_config(config)
@@ -428,20 +480,10 @@ def search_mixture_op(
     tokens = np.array([data_meta["tokens"][d]["train"] for d in model.domains])
     prior = token_prior(tokens, cfg.mixtures.temperature)
     constraints = search_constraints(cfg, data_meta)
-    options = dict(constraints=constraints, seed=cfg.seed, train_weights=model.train_weights,
-                   allow_extrapolation=cfg.search.allow_extrapolation)
     # The paper's recipe samples as the proxies were sampled: around the same prior, same strengths
-    strengths = cfg.mixtures.strength_range
-    if cfg.search.method == "paper":
-        # The chosen mixture is the recipe's (inside the trained region unless allowed out):
-        # it is its own baseline, and 100k more predictions would only repeat it.
-        chosen = recipe = paper_search(model, prior, samples=cfg.search.trials,
-                                       strength_range=strengths, **options)
-    else:
-        chosen = search_mixture(model, prior, method=cfg.search.method,
-                                trials=cfg.search.trials, **options)
-        recipe = paper_search(model, prior, strength_range=strengths,
-                              **{**options, "allow_extrapolation": True})
+    chosen, recipe = search_with_baseline(
+        model, prior, cfg.search.method, cfg.search.trials, constraints, cfg.seed,
+        cfg.search.allow_extrapolation, cfg.mixtures.strength_range)
     honoured = {"min_weight": constraints.min_weight, "max_weight": constraints.max_weight,
                 "fixed": constraints.fixed, "max_epochs": constraints.max_epochs,
                 "token_budget": constraints.token_budget,
@@ -463,5 +505,9 @@ def search_mixture_op(
                                if chosen.predicted_gain is not None else {})})
         mlflow.log_artifact(mixture.path, "mixture")
         # the mixture the proxies were sampled around, for the report's chosen-vs-prior plot
-        mlflow.log_dict(dict(zip(model.domains, prior.tolist(), strict=True)), "prior.json")
+        prior_weights = dict(zip(model.domains, prior.tolist(), strict=True))
+        mlflow.log_dict(prior_weights, "prior.json")
+        with tempfile.TemporaryDirectory() as folder:
+            save_search_plots(chosen, recipe, prior_weights, Path(folder))
+            mlflow.log_artifacts(folder, "plots")
     return record

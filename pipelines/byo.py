@@ -72,7 +72,7 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
 
     Every target is checked before any is fitted, and the model folder is written whole once
     all are fitted: a failure leaves the previous folder as it was, never half of each."""
-    from components.regression import fit_target
+    from components.regression import fit_target, plot_domain_interactions, plot_fit
 
     try:
         specs = [parse_target(text) for text in targets]
@@ -91,7 +91,7 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
                             "target; rename a loss column")
         index[name] = folder
         resolved.append((name, columns, shares))
-    reports, fitted = [], {}
+    reports, fitted, fitted_y, fitted_reports = [], {}, {}, {}
     for name, columns, shares in resolved:
         try:
             regressor, report = fit_target(table.weights, columns, shares, table.domains,
@@ -100,14 +100,20 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
                                            per_domain_max_seconds=per_domain_max_seconds)
         except ValueError as e:  # e.g. a constant target
             raise DataError(f"--target '{name}': {e}") from None
-        fitted[name] = regressor
+        fitted[name], fitted_y[name], fitted_reports[name] = regressor, columns @ shares, report
         reports.append({"target": name, "model": report.model, "cv_spearman": report.cv_spearman,
                         "cv_rmse": report.cv_rmse, "seconds": report.seconds,
                         "cv_by_model": report.cv_by_model,
                         "per_domain": report.settings.get("per_domain")})
+    # Every loss column measured on every row, for the domain interactions
+    complete = {n: table.losses[:, j] for j, n in enumerate(table.targets)
+                if np.isfinite(table.losses[:, j]).all()}
     with replacing(out) as folder:
         for name, regressor in fitted.items():
             regressor.save(folder / index[name])
+            plot_fit(folder / index[name], name, fitted_y[name], fitted_reports[name])
+        if complete:
+            plot_domain_interactions(folder, table.weights, table.domains, complete)
         write_text(folder / TARGETS_FILE, json.dumps(index, indent=2))
     return reports
 
@@ -143,7 +149,9 @@ def predict_csv(model_dir: Path, mixtures: Path, out: Path) -> int:
 
 def search_model(model_dir: Path, out: Path, target: str | None, method: str, trials: int,
                  seed: int, constraints_args: dict, allow_extrapolation: bool) -> dict:
-    from components.search import Constraints, paper_search, search_mixture
+    """The chosen mixture and the paper's recipe beside it (as the pipeline's search stage
+    does), written as YAML with the search's plots beside it (`<out stem>-*.png`)."""
+    from components.search import Constraints, save_search_plots, search_with_baseline
 
     models = load_models(model_dir)
     if target is None and len(models) > 1:
@@ -155,19 +163,17 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
     if name not in models:
         raise DataError(f"--target '{name}': not in the model folder; it has {list(models)}")
     regressor = models[name]
-    train_weights = regressor.train_weights
-    prior = train_weights.mean(axis=0)  # the sampled region's centre
-    constraints = Constraints(**constraints_args)
-    options = {"constraints": constraints, "seed": seed, "train_weights": train_weights,
-               "allow_extrapolation": allow_extrapolation}
-    if method == "paper":
-        result = paper_search(regressor, prior, samples=trials, **options)
-    else:
-        result = search_mixture(regressor, prior, method=method, trials=trials, **options)
+    prior = regressor.train_weights.mean(axis=0)  # the sampled region's centre
+    chosen, recipe = search_with_baseline(regressor, prior, method, trials,
+                                          Constraints(**constraints_args), seed,
+                                          allow_extrapolation)
     asked = {k: v for k, v in constraints_args.items() if v}
-    record = {"target": name, **result.record(),
-              "constraints": {**asked, "allow_extrapolation": allow_extrapolation}}
+    record = {"target": name, **chosen.record(),
+              "constraints": {**asked, "allow_extrapolation": allow_extrapolation},
+              "paper_recipe": {"weights": recipe.weights, "predicted": recipe.predicted}}
     write_text(out, yaml.safe_dump(record, sort_keys=False))
+    save_search_plots(chosen, recipe, dict(zip(regressor.domains, prior.tolist(), strict=True)),
+                      out.parent, prefix=f"{out.stem}-")
     return record
 
 

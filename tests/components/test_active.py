@@ -108,6 +108,8 @@ def test_a_round_proposes_trains_and_refits_on_every_proxy(prepared_data, tracki
                                                          str(tmp_path))).read_text())
     assert list(settings["parts"]) == meta["domains"]
     assert fit.data.metrics["cv_spearman.per-domain"] == report["cv_spearman"]
+    plots = {a.path for a in client.list_artifacts(fit.info.run_id, "plots")}
+    assert plots == {"plots/predicted_vs_measured.png", "plots/domain_interaction.png"}
     sizes = [size for size, _ in report["learning_curve"]]
     assert sizes == sorted(set(sizes)) and report["learning_curve"][-1] == [16, report["cv_spearman"]]
 

@@ -15,6 +15,7 @@ from components.regression import (
     _fit_law,
     _lightgbm_cv,
     _lightgbm_defaults,
+    domain_interactions,
     fit_regressor,
     fit_target,
 )
@@ -241,3 +242,14 @@ def test_real_paper_data_with_128_training_rows():
     regressor, _ = fit_regressor(train.weights[:128], train.losses[:128, target], train.domains)
     rho = spearmanr(regressor.predict(test.weights), test.losses[:, test.targets.index(PILE_CC)])
     assert rho[0] >= 0.97
+
+
+def test_domain_interactions_recover_how_each_weight_moves_each_loss():
+    rng = np.random.default_rng(0)
+    weights = rng.dirichlet(np.ones(4), size=200)
+    effects = np.array([[-1.0, 0.2, 0.0, 0.3], [0.1, -0.8, 0.4, 0.0]])  # loss rows, domain columns
+    losses = 3 + weights @ effects.T + rng.normal(0, 1e-3, (200, 2))
+    found = domain_interactions(weights, losses)
+    # Weights sum to 1, so coefficients are identified up to a constant per loss
+    np.testing.assert_allclose(found - found.mean(axis=1, keepdims=True),
+                               effects - effects.mean(axis=1, keepdims=True), atol=0.02)

@@ -206,3 +206,6 @@ def test_the_stage_records_its_choice_beside_the_papers_recipe(
     assert record["predicted_gain"]["over_best_training_proxy"] == pytest.approx(gain)
     assert run.data.metrics["predicted_gain"] == pytest.approx(gain)
     assert record["predicted_gain"]["within_cv_error"] == (gain <= record["uncertainty"]["cv_rmse"])
+    plots = {a.path for a in mlflow.MlflowClient(tracking["uri"]).list_artifacts(run.info.run_id,
+                                                                                 "plots")}
+    assert plots == {"plots/mixture.png", "plots/simulated_losses.png"}

@@ -23,6 +23,9 @@ def test_fit_predict_search_on_the_paper_data(tmp_path, capsys):
                  str(PAPER / "train_pile_loss_1m.csv"), "--target", PILE_CC, "--model", "linear",
                  "--out", str(model)]) == 0
     assert "CV Spearman" in capsys.readouterr().out
+    # The fit's plots: its CV predictions, and how each domain moves each of the 13 losses
+    assert (model / "metric_the_pile_pile_cc_val_loss" / "predicted_vs_measured.png").is_file()
+    assert (model / "domain_interaction.png").stat().st_size > 10_000
     predictions = tmp_path / "p.csv"
     assert main(["predict", "--model", str(model), "--mixtures",
                  str(PAPER / "test_mixture_1m.csv"), "--out", str(predictions)]) == 0
@@ -66,6 +69,10 @@ def test_fit_predict_search_on_the_paper_data(tmp_path, capsys):
     gain = record["predicted_gain"]
     assert gain["within_cv_error"] == (gain["over_best_training_proxy"] <= record["uncertainty"]["cv_rmse"])
     assert "below the best training proxy" in capsys.readouterr().out
+    # The paper's recipe beside it, and the search's plots beside the YAML
+    assert sum(record["paper_recipe"]["weights"].values()) == pytest.approx(1)
+    assert {p.name for p in tmp_path.glob("mixture-*.png")} == {"mixture-mixture.png",
+                                                               "mixture-simulated_losses.png"}
     # ...and refuses constraints that force it out, naming the domain and the way out...
     assert main([*search, "--fixed", f"{arxiv}={min(1.0, trained_max[arxiv] + 0.2):.3f}"]) == 2
     assert f"domain '{arxiv}'" in capsys.readouterr().err
