@@ -767,6 +767,50 @@ def fit_target(
     return regressor, report
 
 
+# The packages a logged regressor model needs where it is loaded (`components` itself travels
+# with it as code): what `components.regression` imports.
+MLFLOW_MODEL_PACKAGES = ("numpy", "scipy", "scikit-learn", "lightgbm", "optuna", "joblib", "kfp",
+                         "pydantic", "pyyaml")
+
+
+class _PyfuncRegressor:
+    """What `mlflow.pyfunc.load_model` gives for a logged regressor: `predict` takes a table
+    of mixture weights (a column per domain, in any order) and returns the predicted loss."""
+
+    def __init__(self, folder: str):
+        self.regressor = Regressor.load(Path(folder))
+
+    def predict(self, model_input, params=None) -> np.ndarray:
+        return self.regressor.predict(np.asarray(model_input[self.regressor.domains], dtype=float))
+
+
+def _load_pyfunc(data_path: str) -> _PyfuncRegressor:
+    """mlflow.pyfunc's loader hook (`loader_module="components.regression"`)."""
+    return _PyfuncRegressor(data_path)
+
+
+def log_mlflow_model(folder: Path, regressor: Regressor) -> None:
+    """Log the saved regressor `folder` to the active run as an MLflow pyfunc model: loadable
+    with `mlflow.pyfunc.load_model`, registrable and servable, with a signature naming the
+    domains. Its data is the folder as saved (LightGBM text, JSON, .npy): nothing is pickled."""
+    from importlib.metadata import version
+
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    import components
+
+    example = pd.DataFrame(regressor.train_weights[:3], columns=regressor.domains)
+    mlflow.pyfunc.log_model(
+        name="regressor", loader_module="components.regression", data_path=str(folder),
+        code_paths=[str(Path(components.__file__).parent)],
+        pip_requirements=[f"{name}=={version(name)}" for name in MLFLOW_MODEL_PACKAGES],
+        signature=infer_signature(example, regressor.predict(example.to_numpy())),
+        input_example=example,
+    )
+
+
 def domain_interactions(weights: np.ndarray, losses: np.ndarray) -> np.ndarray:
     """Ridge coefficients of each loss column on the mixture weights, a row per column: the
     paper's domain-interaction analysis (which domains' data lowers which validation loss)."""
@@ -880,7 +924,7 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
         mlflow.log_dict(settings, "fit_settings.json")
         if model.linear_coefficients:
             mlflow.log_dict(model.linear_coefficients, "linear_coefficients.json")
-        mlflow.log_artifacts(str(out), "regressor")
+        log_mlflow_model(out, model)
         # Every domain's validation loss, for the domain interactions: what the proxies measured
         measured = [d for d in domains if all(d in r["val_loss"] for r in results)]
         with tempfile.TemporaryDirectory() as folder:

@@ -2,7 +2,9 @@ import json
 from pathlib import Path
 
 import mlflow
+import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import pytest
 from kfp import dsl
 
@@ -110,6 +112,12 @@ def test_a_round_proposes_trains_and_refits_on_every_proxy(prepared_data, tracki
     assert fit.data.metrics["cv_spearman.per-domain"] == report["cv_spearman"]
     plots = {a.path for a in client.list_artifacts(fit.info.run_id, "plots")}
     assert plots == {"plots/predicted_vs_measured.png", "plots/domain_interaction.png"}
+    # The regressor is an MLflow pyfunc model: loaded from the run, it predicts a table of
+    # mixtures (columns in any order) as the saved folder does
+    logged = mlflow.pyfunc.load_model(f"runs:/{fit.info.run_id}/regressor")
+    table = pd.DataFrame(weights, columns=meta["domains"])[meta["domains"][::-1]]
+    np.testing.assert_allclose(logged.predict(table), Regressor.load(Path(first.path)).predict(weights))
+    assert logged.metadata.get_input_schema().input_names() == meta["domains"]
     sizes = [size for size, _ in report["learning_curve"]]
     assert sizes == sorted(set(sizes)) and report["learning_curve"][-1] == [16, report["cv_spearman"]]
 
