@@ -18,7 +18,7 @@ from kfp import dsl
 from scipy.spatial.distance import cdist
 from scipy.special import expit, logit
 
-from components import component, plots
+from components import component
 from components.config import PAPER_SAMPLES, STRENGTH_RANGE
 from components.mixtures import dirichlet_around
 from components.regression import Regressor
@@ -428,6 +428,8 @@ def save_search_plots(chosen: SearchResult, recipe: SearchResult, prior: dict[st
     """The chosen mixture beside the prior (and the recipe's, when it differs), and the
     predicted loss over the recipe's simulated mixtures, marking the chosen one and the best
     training proxy."""
+    from components import plots  # matplotlib: only where plots are drawn
+
     series = {"chosen": chosen.weights, "prior": prior}
     if recipe is not chosen:
         series["paper recipe"] = recipe.weights
