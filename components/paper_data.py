@@ -59,6 +59,9 @@ def _parse_index(path: Path, line: int, cell: str) -> int:
             number = math.nan
         if not number.is_integer():
             raise DataError(f"{path}, line {line}: index '{cell}' is not an integer") from None
+        if abs(number) >= 2**53:  # past 2**53 a float no longer holds every integer
+            raise DataError(f"{path}, line {line}: index '{cell}' is too large to read exactly "
+                            "as a decimal; write it as an integer (no '.', no exponent)") from None
         value = int(number)
     if not -(2**63) <= value < 2**63:
         raise DataError(f"{path}, line {line}: index {cell} is out of range; use integers "
@@ -207,10 +210,14 @@ def read_proxy_csvs(mixtures_csv: Path, losses_csv: Path | None = None,
 
 
 def target_name(spec: str | dict[str, float]) -> str:
-    """A target's name: its column, or `weighted_mean(column:weight,...)`."""
+    """A target's name: its column, or `weighted_mean(column:share,...)` with the columns sorted
+    and the shares summing to 1, so that `a=1,b=1` and `b=0.5,a=0.5` name one target."""
     if isinstance(spec, str):
         return spec
-    return "weighted_mean(" + ",".join(f"{n}:{w:g}" for n, w in spec.items()) + ")"
+    total = sum(spec.values())
+    if total <= 0:
+        raise DataError(f"target weights {spec} must be >= 0 and not all zero")
+    return "weighted_mean(" + ",".join(f"{n}:{spec[n] / total:g}" for n in sorted(spec)) + ")"
 
 
 def resolve_target(

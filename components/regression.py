@@ -582,9 +582,7 @@ def fit_regressor(
         )
     if len(y) < 3 or not (np.isfinite(weights).all() and np.isfinite(y).all()):
         raise ValueError(f"need at least 3 rows of finite weights and targets, got {len(y)}")
-    if np.ptp(y) == 0:
-        raise ValueError(f"the target is the same ({y[0]:g}) on every row: there is nothing to "
-                         "rank mixtures by; check that the loss column was measured")
+    _check_varies(y)
 
     splits = list(KFold(min(folds, len(y)), shuffle=True, random_state=seed).split(weights))
     candidates = MODELS if model == "auto" else (model,)
@@ -685,6 +683,28 @@ def fit_regressor(
     return regressor, report
 
 
+def check_target(losses: np.ndarray, shares: np.ndarray, model: str) -> None:
+    """Raise ValueError, saying why, if `model` cannot fit the target `losses @ shares`: cheap,
+    so that a caller fitting several targets can check them all before fitting any."""
+    if losses.shape[1] != len(shares):
+        raise ValueError(f"{losses.shape[1]} loss columns for {len(shares)} target shares")
+    _check_varies(losses @ shares)
+    if model == PER_DOMAIN and len(shares) < 2:
+        raise ValueError("model 'per-domain' needs a target over several loss columns (a "
+                         "weighted mean); this target has one: choose another model")
+    constant = np.flatnonzero(np.ptp(losses, axis=0) == 0)
+    if model == PER_DOMAIN and constant.size:
+        raise ValueError(f"model 'per-domain': loss column {constant[0] + 1} of {len(shares)} in "
+                         f"the target is the same ({losses[0, constant[0]]:g}) on every row, so it "
+                         "has nothing to fit; check that it was measured, or choose another model")
+
+
+def _check_varies(y: np.ndarray) -> None:
+    if np.ptp(y) == 0:
+        raise ValueError(f"the target is the same ({y[0]:g}) on every row: there is nothing to "
+                         "rank mixtures by; check that the loss column was measured")
+
+
 def fit_target(
     weights: np.ndarray,
     losses: np.ndarray,
@@ -716,18 +736,10 @@ def fit_target(
     """
     start = time.perf_counter()
     losses, shares = np.asarray(losses, dtype=float), np.asarray(shares, dtype=float)
-    if losses.shape[1] != len(shares):
-        raise ValueError(f"{losses.shape[1]} loss columns for {len(shares)} target shares")
+    check_target(losses, shares, model)
     y = losses @ shares
-    if model == PER_DOMAIN and len(shares) < 2:
-        raise ValueError("model 'per-domain' needs a target over several loss columns (a "
-                         "weighted mean); this target has one: choose another model")
     # A constant column (measured the same on every proxy) has nothing to fit on its own.
     constant = np.flatnonzero(np.ptp(losses, axis=0) == 0)
-    if model == PER_DOMAIN and constant.size:
-        raise ValueError(f"model 'per-domain': loss column {constant[0] + 1} of {len(shares)} in "
-                         f"the target is the same ({losses[0, constant[0]]:g}) on every row, so it "
-                         "has nothing to fit; check that it was measured, or choose another model")
     whole = None  # (regressor, report) fitted on the target itself, unless per-domain is forced
     if model != PER_DOMAIN:
         whole = fit_regressor(weights, y, domains, model, folds, seed, tune_trials)

@@ -6,6 +6,7 @@ logged to the pipeline's parent run under `report/`, and shown in the KFP UI by 
 
 import base64
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ import mlflow
 
 from components.files import write_text
 from components.large import verdict
-from components.plots import mixtures, save  # also sets matplotlib's Agg backend
+from components.plots import save  # also sets matplotlib's Agg backend
 from components.tracking import (
     PIPELINE_TAG,
     PROXY_STAGES,
@@ -45,7 +46,7 @@ def load_record(tracking_uri: str, experiment: str, label: str) -> RunRecord:
     if not record.runs:
         raise ValueError(f"no runs tagged {PIPELINE_TAG}={label} in experiment '{experiment}'")
     with tempfile.TemporaryDirectory() as tmp:
-        for stage, name in (("search", "prior.json"), ("gate", "gate.json"),
+        for stage, name in (("gate", "gate.json"),
                             ("evidence", "baselines.json"), ("evidence", "rank_invariance.json")):
             for run in record.runs.get(stage, []):
                 try:
@@ -61,12 +62,18 @@ def weights_of(run) -> dict[str, float]:
             if k.startswith("weight.")}
 
 
-def plot_mixtures(record: RunRecord, path: Path) -> bool:
-    search, prior = record.latest("search"), record.artifacts.get("prior.json")
+def copy_search_plot(record: RunRecord, tracking_uri: str, path: Path) -> bool:
+    """The search stage's chosen-vs-prior chart, as it logged it (not drawn a second time)."""
+    search = record.latest("search")
     if search is None:
         return False
-    series = {"chosen": weights_of(search), **({"prior": prior} if prior is not None else {})}
-    mixtures(series, "Chosen mixture vs the sampling prior", path)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            logged = mlflow.MlflowClient(tracking_uri).download_artifacts(
+                search.info.run_id, f"plots/{path.name}", tmp)
+        except Exception:  # noqa: BLE001 - a search run that failed before its plots
+            return False
+        shutil.copyfile(logged, path)
     return True
 
 
@@ -180,7 +187,7 @@ def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     record = load_record(tracking_uri, experiment, label)
     plots = {
-        "mixture.png": plot_mixtures(record, out_dir / "mixture.png"),
+        "mixture.png": copy_search_plot(record, tracking_uri, out_dir / "mixture.png"),
         "gate.png": plot_gate(record, out_dir / "gate.png"),
         "learning_curve.png": plot_learning_curve(record, out_dir / "learning_curve.png",
                                                   tracking_uri),

@@ -8,7 +8,7 @@ from elsewhere (the paper's samples, a prior) are projected onto the bounds exac
 
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,11 @@ class Constraints:
     available_tokens: dict[str, int] | None = None
     token_budget: int | None = None
     max_epochs: float | None = None
+
+    def record(self, allow_extrapolation: bool) -> dict:
+        """The constraints as asked (settings left unset omitted: KFP carries no nulls)."""
+        asked = {k: v for k, v in asdict(self).items() if v is not None and v != {}}
+        return {**asked, "allow_extrapolation": allow_extrapolation}
 
     def _epoch_cap(self, domains: list[str]) -> np.ndarray:
         if self.available_tokens is None or self.token_budget is None or self.max_epochs is None:
@@ -142,6 +147,13 @@ class SearchResult:
         """How much lower than the best training proxy the chosen mixture is predicted."""
         return None if self.best_train_target is None else self.best_train_target - self.predicted
 
+    def gain_verdict(self) -> str:
+        """The predicted gain over the best training proxy, weighed against the model's CV
+        error: a difference smaller than the model's typical error is no evidence either way."""
+        if abs(self.predicted_gain) <= self.cv_rmse:
+            return "within the CV error"
+        return "better" if self.predicted_gain > 0 else "worse"
+
     def record(self) -> dict:
         """The result as plain data for YAML, MLflow and KFP (which carry no nulls): the mixture,
         its prediction with how far to trust it, and how it was found."""
@@ -150,9 +162,8 @@ class SearchResult:
         if self.cv_rmse is not None:
             uncertainty["cv_rmse"] = self.cv_rmse
         if self.predicted_gain is not None and self.cv_rmse is not None:
-            # A gain smaller than the model's typical error is not evidence of a better mixture.
             record["predicted_gain"] = {"over_best_training_proxy": self.predicted_gain,
-                                        "within_cv_error": bool(self.predicted_gain <= self.cv_rmse)}
+                                        "verdict": self.gain_verdict()}
         if self.nearest_distance is not None:
             record["nearest_training_l1"] = self.nearest_distance
         return {**record, "method": self.method, "trials": self.trials, "seconds": self.seconds,
@@ -486,16 +497,8 @@ def search_mixture_op(
     chosen, recipe = search_with_baseline(
         model, prior, cfg.search.method, cfg.search.trials, constraints, cfg.seed,
         cfg.search.allow_extrapolation, cfg.mixtures.strength_range)
-    honoured = {"min_weight": constraints.min_weight, "max_weight": constraints.max_weight,
-                "fixed": constraints.fixed, "max_epochs": constraints.max_epochs,
-                "token_budget": constraints.token_budget,
-                "allow_extrapolation": cfg.search.allow_extrapolation}
-    record = {
-        **chosen.record(),
-        # KFP parameters cannot carry nulls: unset constraints are left out
-        "constraints": {k: v for k, v in honoured.items() if v is not None},
-        "paper_recipe": {"weights": recipe.weights, "predicted": recipe.predicted},
-    }
+    record = {**chosen.record(), "constraints": constraints.record(cfg.search.allow_extrapolation),
+              "paper_recipe": {"weights": recipe.weights, "predicted": recipe.predicted}}
     write_text(mixture.path, yaml.safe_dump(record, sort_keys=False))
     with stage_run(tracking, "search", "search-mixture"):
         mlflow.log_params({f"weight.{d}": round(w, 6) for d, w in chosen.weights.items()})

@@ -24,7 +24,7 @@ from components.config import (
     RegressionModel,
     default_trials,
 )
-from components.files import replacing, write_text
+from components.files import write_text
 from components.paper_data import (
     DataError,
     read_proxy_csvs,
@@ -70,21 +70,28 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
             folds: int, seed: int, tune_trials: int, per_domain_max_seconds: float) -> list[dict]:
     """Fit one regressor per target; returns a report per target.
 
-    Every target is checked before any is fitted, and the model folder is written whole once
-    all are fitted: a failure leaves the previous folder as it was, never half of each."""
-    from components.regression import fit_target, plot_domain_interactions, plot_fit
+    Every target is checked, then every target fitted, before anything is written: a bad
+    target or a failed fit leaves the folder as it was, never half one fit and half another.
+    Each target's folder is replaced whole, and `targets.json`, which names them, last."""
+    from components.regression import (
+        check_target,
+        fit_target,
+        plot_domain_interactions,
+        plot_fit,
+    )
 
     try:
         specs = [parse_target(text) for text in targets]
     except DataError as e:
         raise DataError(f"--target {e}") from None
-    if out.is_dir() and any(out.iterdir()) and not (out / TARGETS_FILE).is_file():
-        raise DataError(f"--out {out}: the folder holds files but no {TARGETS_FILE}, so it is not "
-                        "a model folder `regmix fit` wrote; give a new or empty folder")
     table = read_proxy_csvs(mixtures, losses)
     resolved, index = [], {}  # target name -> its folder
     for text, spec in zip(targets, specs, strict=True):
         name, columns, shares = resolve_target(table, spec)
+        try:
+            check_target(columns, shares, model)
+        except ValueError as e:  # e.g. a constant target
+            raise DataError(f"--target '{name}': {e}") from None
         folder = folder_name(name)
         if folder in index.values() and index.get(name) != folder:
             raise DataError(f"--target '{text}': its folder name '{folder}' is taken by another "
@@ -93,13 +100,10 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
         resolved.append((name, columns, shares))
     reports, fitted, fitted_y, fitted_reports = [], {}, {}, {}
     for name, columns, shares in resolved:
-        try:
-            regressor, report = fit_target(table.weights, columns, shares, table.domains,
-                                           model=model, folds=folds, seed=seed,
-                                           tune_trials=tune_trials,
-                                           per_domain_max_seconds=per_domain_max_seconds)
-        except ValueError as e:  # e.g. a constant target
-            raise DataError(f"--target '{name}': {e}") from None
+        regressor, report = fit_target(table.weights, columns, shares, table.domains,
+                                       model=model, folds=folds, seed=seed,
+                                       tune_trials=tune_trials,
+                                       per_domain_max_seconds=per_domain_max_seconds)
         fitted[name], fitted_y[name], fitted_reports[name] = regressor, columns @ shares, report
         reports.append({"target": name, "model": report.model, "cv_spearman": report.cv_spearman,
                         "cv_rmse": report.cv_rmse, "seconds": report.seconds,
@@ -108,13 +112,13 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
     # Every loss column measured on every row, for the domain interactions
     complete = {n: table.losses[:, j] for j, n in enumerate(table.targets)
                 if np.isfinite(table.losses[:, j]).all()}
-    with replacing(out) as folder:
-        for name, regressor in fitted.items():
-            regressor.save(folder / index[name])
-            plot_fit(folder / index[name], name, fitted_y[name], fitted_reports[name])
-        if complete:
-            plot_domain_interactions(folder, table.weights, table.domains, complete)
-        write_text(folder / TARGETS_FILE, json.dumps(index, indent=2))
+    # The folder itself is written into, not replaced: it may be the shell's working folder.
+    for name, regressor in fitted.items():
+        regressor.save(out / index[name])
+        plot_fit(out / index[name], name, fitted_y[name], fitted_reports[name])
+    if complete:
+        plot_domain_interactions(out, table.weights, table.domains, complete)
+    write_text(out / TARGETS_FILE, json.dumps(index, indent=2))
     return reports
 
 
@@ -151,6 +155,7 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
                  seed: int, constraints_args: dict, allow_extrapolation: bool) -> dict:
     """The chosen mixture and the paper's recipe beside it (as the pipeline's search stage
     does), written as YAML with the search's plots beside it (`<out stem>-*.png`)."""
+    from components.regression import TRAIN_WEIGHTS_FILE
     from components.search import Constraints, save_search_plots, search_with_baseline
 
     models = load_models(model_dir)
@@ -163,13 +168,16 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
     if name not in models:
         raise DataError(f"--target '{name}': not in the model folder; it has {list(models)}")
     regressor = models[name]
+    if regressor.train_weights is None:
+        raise DataError(f"--model {model_dir}: '{name}' was saved without its training mixtures "
+                        f"({TRAIN_WEIGHTS_FILE}), which the search stays near; fit it again "
+                        "with `regmix fit`")
     prior = regressor.train_weights.mean(axis=0)  # the sampled region's centre
-    chosen, recipe = search_with_baseline(regressor, prior, method, trials,
-                                          Constraints(**constraints_args), seed,
+    constraints = Constraints(**constraints_args)
+    chosen, recipe = search_with_baseline(regressor, prior, method, trials, constraints, seed,
                                           allow_extrapolation)
-    asked = {k: v for k, v in constraints_args.items() if v}
     record = {"target": name, **chosen.record(),
-              "constraints": {**asked, "allow_extrapolation": allow_extrapolation},
+              "constraints": constraints.record(allow_extrapolation),
               "paper_recipe": {"weights": recipe.weights, "predicted": recipe.predicted}}
     write_text(out, yaml.safe_dump(record, sort_keys=False))
     save_search_plots(chosen, recipe, dict(zip(regressor.domains, prior.tolist(), strict=True)),
@@ -241,7 +249,7 @@ def output_file(text: str) -> Path:
 
 def output_folder(text: str) -> Path:
     """An argparse type: a folder to write into (made if missing), not an existing file."""
-    path = Path(text)
+    path = Path(text).resolve()  # "." has no name to write a `.partial` sibling beside
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"'{text}' is a file; give a folder")
     return path
@@ -356,9 +364,11 @@ def cmd_search(args) -> int:
           f"{uncertainty['members_spread']:.4f}; {record['method']}, {record['seconds']:.1f} s); "
           f"wrote {args.out}")
     if gain is not None:
-        verdict = ("within the CV error: not evidence of a better mixture"
-                   if gain["within_cv_error"] else "beyond the CV error")
-        print(f"  {gain['over_best_training_proxy']:+.4f} below the best training proxy, {verdict}")
+        meaning = {"within the CV error": "within the CV error: no evidence either way",
+                   "better": "better beyond the CV error",
+                   "worse": "worse beyond the CV error"}[gain["verdict"]]
+        print(f"  predicted {gain['over_best_training_proxy']:+.4f} below the best training "
+              f"proxy: {meaning}")
     return 0
 
 

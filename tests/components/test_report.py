@@ -1,6 +1,7 @@
 import mlflow
 import pytest
 
+from components.plots import mixtures
 from components.report import RunRecord, build_report, outcome_lines
 from components.tracking import PIPELINE_TAG, STAGE_TAG, stage_run
 
@@ -14,7 +15,9 @@ def test_report_reads_the_run_back_from_mlflow(tmp_path, tracking):
     with stage_run(tracking, "search", "search"):
         mlflow.log_params({"weight.code": 0.7, "weight.prose": 0.3, "method": "cmaes"})
         mlflow.log_metrics({"predicted_loss": 3.1, "paper_recipe_predicted_loss": 3.2})
-        mlflow.log_dict({"code": 0.4, "prose": 0.6}, "prior.json")
+        chart = mixtures({"chosen": {"code": 0.7, "prose": 0.3}, "prior": {"code": 0.4, "prose": 0.6}},
+                         "Chosen mixture vs the sampling prior", tmp_path / "mixture.png")
+        mlflow.log_artifact(str(chart), "plots")  # as the search stage logs it
     with stage_run(tracking, "gate", "gate"):
         mlflow.log_metric("gate.passed", 1.0)
         mlflow.set_tag("gate.reason", "prediction validated")
@@ -27,6 +30,7 @@ def test_report_reads_the_run_back_from_mlflow(tmp_path, tracking):
                                    "chosen_wins": True}}, "baselines.json")
 
     html = build_report(tracking["uri"], "regmix-test", "test-run", tmp_path / "report")
+    assert (tmp_path / "report" / "mixture.png").read_bytes() == chart.read_bytes()
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "CV Spearman 0.910" in markdown and "**PASSED**" in markdown
     assert "large model on `prior`: 3.2000 +- 0.0200 over 3 seed(s), chosen wins by 0.2000" in markdown

@@ -10,6 +10,7 @@ from kfp import dsl
 from components.regression import fit_regressor
 from components.search import (
     Constraints,
+    SearchResult,
     paper_search,
     project_onto_bounds,
     search_mixture,
@@ -205,7 +206,18 @@ def test_the_stage_records_its_choice_beside_the_papers_recipe(
     gain = y.min() - record["predicted"]
     assert record["predicted_gain"]["over_best_training_proxy"] == pytest.approx(gain)
     assert run.data.metrics["predicted_gain"] == pytest.approx(gain)
-    assert record["predicted_gain"]["within_cv_error"] == (gain <= record["uncertainty"]["cv_rmse"])
+    assert record["predicted_gain"]["verdict"] in ("better", "within the CV error", "worse")
     plots = {a.path for a in mlflow.MlflowClient(tracking["uri"]).list_artifacts(run.info.run_id,
                                                                                  "plots")}
     assert plots == {"plots/mixture.png", "plots/simulated_losses.png"}
+
+
+@pytest.mark.parametrize(("predicted", "verdict"), [
+    (4.90, "better"), (4.97, "within the CV error"), (5.04, "within the CV error"),
+    (5.10, "worse"),
+])
+def test_a_predicted_gain_is_weighed_against_the_cv_error(predicted, verdict):
+    result = SearchResult({"a": 1.0}, predicted, 0.0, "cmaes", 1, 0.0, None, cv_rmse=0.05,
+                          best_train_target=5.0)
+    gain = result.record()["predicted_gain"]
+    assert gain == {"over_best_training_proxy": pytest.approx(5.0 - predicted), "verdict": verdict}

@@ -66,8 +66,7 @@ def test_fit_predict_search_on_the_paper_data(tmp_path, capsys):
     # gain over the best proxy is weighed against it
     assert record["uncertainty"]["members_spread"] == 0
     assert 0.05 < record["uncertainty"]["cv_rmse"] < 0.5
-    gain = record["predicted_gain"]
-    assert gain["within_cv_error"] == (gain["over_best_training_proxy"] <= record["uncertainty"]["cv_rmse"])
+    assert record["predicted_gain"]["verdict"] in ("better", "within the CV error", "worse")
     assert "below the best training proxy" in capsys.readouterr().out
     # The paper's recipe beside it, and the search's plots beside the YAML
     assert sum(record["paper_recipe"]["weights"].values()) == pytest.approx(1)
@@ -127,12 +126,25 @@ def test_a_failed_fit_leaves_the_model_folder_as_it_was(tmp_path, capsys):
     assert main([*refit, "--target", "nope"]) == 2
     assert "unknown target column(s) ['nope']" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in model.rglob("*") if p.is_file()} == before
-    # A folder of other files is not taken for a model folder and replaced
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "todo.txt").write_text("keep me")
-    assert main([*fit[:-4], "--out", str(tmp_path / "notes"), "--target", PILE_CC]) == 2
-    assert "not a model folder" in capsys.readouterr().err
-    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_fit_refuses_a_constant_target_before_fitting_and_writes_into_the_current_folder(
+        tmp_path, capsys, monkeypatch):
+    mixtures, losses = first_proxies(tmp_path, 30)
+    rows = losses.read_text().splitlines()
+    losses.write_text("\n".join([rows[0] + ",flat", *(row + ",3.5" for row in rows[1:])]) + "\n")
+    fit = ["fit", "--mixtures", str(mixtures), "--losses", str(losses), "--model", "linear"]
+    assert main([*fit, "--target", PILE_CC, "--target", "flat", "--out", str(tmp_path / "m")]) == 2
+    assert "--target 'flat': the target is the same (3.5) on every row" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert main([*fit, "--target", PILE_CC, "--out", "."]) == 0
+    assert (tmp_path / "here" / "targets.json").is_file()
+    # A folder without its training mixtures cannot be searched near them: said, not a traceback
+    (tmp_path / "here" / "metric_the_pile_pile_cc_val_loss" / "train_weights.npy").unlink()
+    assert main(["search", "--model", ".", "--out", "x.yaml"]) == 2
+    assert "saved without its training mixtures" in capsys.readouterr().err
 
 
 def test_search_honours_the_max_epochs_cap_and_names_targets_as_fit_does(tmp_path, capsys):
@@ -144,12 +156,14 @@ def test_search_honours_the_max_epochs_cap_and_names_targets_as_fit_does(tmp_pat
     domains = read_proxy_csvs(mixtures).domains
     # pile_cc has tokens for 0.2 of a 1e9-token run at 2 epochs; the others plenty
     tokens = ",".join(f"{d}={1e8 if d.endswith('pile_cc') else 1e12:g}" for d in domains)
+    # The same target written another way: same columns, shares in another order and scale
+    same = f"metric/the_pile_arxiv_val_loss=0.5,{PILE_CC}=0.5"
     search = ["search", "--model", str(model), "--out", str(chosen), "--trials", "300",
-              "--target", mean, "--available-tokens", tokens, "--token-budget", "1e9",
+              "--target", same, "--available-tokens", tokens, "--token-budget", "1e9",
               "--max-epochs", "2"]
     assert main(search) == 0
     record = yaml.safe_load(chosen.read_text())
-    assert record["target"].startswith("weighted_mean(")
+    assert record["target"] == f"weighted_mean(metric/the_pile_arxiv_val_loss:0.5,{PILE_CC}:0.5)"
     assert record["weights"]["train_the_pile_pile_cc"] <= 0.2 + 1e-9
     assert record["bounds"]["train_the_pile_pile_cc"][1] == pytest.approx(0.2)
     assert record["constraints"]["max_epochs"] == 2
