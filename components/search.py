@@ -509,7 +509,7 @@ def search_mixture_op(
                             **({"predicted_gain": chosen.predicted_gain}
                                if chosen.predicted_gain is not None else {})})
         mlflow.log_artifact(mixture.path, "mixture")
-        # the mixture the proxies were sampled around, for the report's chosen-vs-prior plot
+        # the mixture the proxies were sampled around (the plot's "prior"), as data
         prior_weights = dict(zip(model.domains, prior.tolist(), strict=True))
         mlflow.log_dict(prior_weights, "prior.json")
         with tempfile.TemporaryDirectory() as folder:

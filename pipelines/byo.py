@@ -98,28 +98,24 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
                             "target; rename a loss column")
         index[name] = folder
         resolved.append((name, columns, shares))
-    reports, fitted, fitted_y, fitted_reports = [], {}, {}, {}
-    for name, columns, shares in resolved:
-        regressor, report = fit_target(table.weights, columns, shares, table.domains,
-                                       model=model, folds=folds, seed=seed,
-                                       tune_trials=tune_trials,
-                                       per_domain_max_seconds=per_domain_max_seconds)
-        fitted[name], fitted_y[name], fitted_reports[name] = regressor, columns @ shares, report
-        reports.append({"target": name, "model": report.model, "cv_spearman": report.cv_spearman,
-                        "cv_rmse": report.cv_rmse, "seconds": report.seconds,
-                        "cv_by_model": report.cv_by_model,
-                        "per_domain": report.settings.get("per_domain")})
+    fitted = [(name, columns @ shares, *fit_target(
+        table.weights, columns, shares, table.domains, model=model, folds=folds, seed=seed,
+        tune_trials=tune_trials, per_domain_max_seconds=per_domain_max_seconds))
+        for name, columns, shares in resolved]
     # Every loss column measured on every row, for the domain interactions
     complete = {n: table.losses[:, j] for j, n in enumerate(table.targets)
                 if np.isfinite(table.losses[:, j]).all()}
     # The folder itself is written into, not replaced: it may be the shell's working folder.
-    for name, regressor in fitted.items():
+    for name, y, regressor, report in fitted:
         regressor.save(out / index[name])
-        plot_fit(out / index[name], name, fitted_y[name], fitted_reports[name])
+        plot_fit(out / index[name], name, y, report)
     if complete:
         plot_domain_interactions(out, table.weights, table.domains, complete)
     write_text(out / TARGETS_FILE, json.dumps(index, indent=2))
-    return reports
+    return [{"target": name, "model": report.model, "cv_spearman": report.cv_spearman,
+             "cv_rmse": report.cv_rmse, "seconds": report.seconds,
+             "cv_by_model": report.cv_by_model, "per_domain": report.settings.get("per_domain")}
+            for name, _, _, report in fitted]
 
 
 def load_models(model_dir: Path) -> dict:
@@ -249,7 +245,7 @@ def output_file(text: str) -> Path:
 
 def output_folder(text: str) -> Path:
     """An argparse type: a folder to write into (made if missing), not an existing file."""
-    path = Path(text).resolve()  # "." has no name to write a `.partial` sibling beside
+    path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"'{text}' is a file; give a folder")
     return path
