@@ -32,13 +32,32 @@ class ConfigError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity anywhere: neither is a meaningful setting, and KFP cannot carry them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+Share = Annotated[float, Field(ge=0, le=1)]  # a domain's weight in a mixture
+
+# Patterns of string settings, and what they ask for in words (for error messages)
+NAME = r"^[A-Za-z0-9_.-]+$"
+PIPELINE_NAME = r"^[a-z0-9][a-z0-9-]*$"
+SECONDS = r"^[0-9]+s$"
+CPU_QUANTITY = r"^([0-9]*[.])?[0-9]+m?$"
+MEMORY_QUANTITY = r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$"
+PATTERN_WORDS = {
+    NAME: "letters, digits, '_', '.' and '-'",
+    PIPELINE_NAME: "lowercase letters, digits and '-', first a letter or digit (it names the "
+                   "Kubeflow pipeline and the MLflow experiment), such as regmix-local",
+    SECONDS: "whole seconds, such as 60s",
+    CPU_QUANTITY: "a Kubernetes CPU quantity, such as 8 or 500m",
+    MEMORY_QUANTITY: "a Kubernetes memory quantity, such as 64Gi",
+}
 
 
 class DomainSource(Strict):
     """One corpus domain: local files (jsonl/txt/parquet; a file, folder or glob) or a HF dataset."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=NAME)
     path: str | None = None
     hf_path: str | None = None
     hf_name: str | None = None
@@ -136,11 +155,14 @@ class TrainRecipe(Strict):
         return self
 
 
+SHAPE_TAGS = ("name", "inline")  # a model shape is one of SHAPES by name, or its fields inline
+
+
 class ModelConfig(Strict):
     # A name from components.shapes.SHAPES, or the fields inline (errors then name the field)
     shape: Annotated[
-        Annotated[str, Tag("name")] | Annotated[ModelShape, Tag("inline")],
-        Discriminator(lambda v: "name" if isinstance(v, str) else "inline"),
+        Annotated[str, Tag(SHAPE_TAGS[0])] | Annotated[ModelShape, Tag(SHAPE_TAGS[1])],
+        Discriminator(lambda v: SHAPE_TAGS[0] if isinstance(v, str) else SHAPE_TAGS[1]),
     ]
 
     @field_validator("shape")
@@ -252,11 +274,24 @@ def default_trials(method: str) -> int:
 class SearchConfig(Strict):
     method: Literal["cmaes", "tpe", "paper"] = "cmaes"
     trials: int = Field(SEARCH_TRIALS, ge=MIN_SEARCH_TRIALS)  # samples for `paper`
-    min_weight: dict[str, float] = {}
-    max_weight: dict[str, float] = {}
-    fixed: dict[str, float] = {}
+    min_weight: dict[str, Share] = {}
+    max_weight: dict[str, Share] = {}
+    fixed: dict[str, Share] = {}
     max_epochs: float | None = Field(None, gt=0)  # cap per domain in the large run; None: none
     allow_extrapolation: bool = False
+
+    @model_validator(mode="after")
+    def _some_mixture_meets_the_bounds(self):
+        # What can be checked before the corpus's domains are known, so that `compile` and
+        # `submit` refuse bounds no mixture meets: the search's own check, over the domains
+        # named here plus one standing for all the others (free in [0, 1]). The run checks
+        # again with the corpus's domains and the max-epochs cap.
+        from components.search import Constraints
+
+        named = sorted({*self.min_weight, *self.max_weight, *self.fixed})
+        constraints = Constraints(dict(self.min_weight), dict(self.max_weight), dict(self.fixed))
+        constraints.check([*named, "(every domain not named)"])
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -299,7 +334,7 @@ class LargeConfig(Strict):
     # natural choice), "uniform", "best_proxy" (the best training proxy's mixture).
     baselines: list[Literal["prior", "uniform", "best_proxy"]] = []
     # User mixtures by name; the names become MLflow metric keys (large.<name>.mean)
-    extra_baselines: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")],
+    extra_baselines: dict[Annotated[str, Field(pattern=NAME)],
                           dict[str, float]] = {}
     # Concurrent larger-model runs (chosen, baselines, seeds, rank check) on a cluster: each may
     # hold a whole GPU node, so fewer than proxies
@@ -335,8 +370,6 @@ class TrackingConfig(Strict):
 
 
 # Kubernetes quantities, checked here so a typo fails at load time, not in a pending pod.
-CPU_QUANTITY = r"^([0-9]*[.])?[0-9]+m?$"
-MEMORY_QUANTITY = r"^[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?$"
 
 
 class Toleration(Strict):
@@ -389,8 +422,8 @@ class ClusterConfig(Strict):
     mlflow_secret: str | None = None  # a Secret with MLFLOW_TRACKING_URI/_USERNAME/_PASSWORD
     service_account: str | None = None  # runs' service account; None: KFP's default
     retries: int = Field(0, ge=0)  # per task, for preempted nodes and flaky pulls
-    backoff: str = Field("60s", pattern=r"^[0-9]+s$")  # first wait; doubles each retry
-    backoff_max: str = Field("3600s", pattern=r"^[0-9]+s$")
+    backoff: str = Field("60s", pattern=SECONDS)  # first wait; doubles each retry
+    backoff_max: str = Field("3600s", pattern=SECONDS)
 
     @model_validator(mode="after")
     def _multinode(self):
@@ -403,7 +436,7 @@ class ClusterConfig(Strict):
 
 
 class RegMixConfig(Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")  # pipeline and MLflow experiment name
+    name: str = Field(pattern=PIPELINE_NAME)  # pipeline and MLflow experiment name
     seed: int = Field(0, ge=0)  # numpy's generators take no negative seeds
     corpus: CorpusConfig
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -568,13 +601,36 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RegMixConfig
 def format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"{source}: {error.error_count()} invalid value(s):"]
     for e in error.errors():
-        # A whole-config check has no location of its own; its message names the fields.
-        field = ".".join(str(p) for p in e["loc"])
-        where = f"{field}: " if field else ""
-        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-            lines.append(f"  {where}unknown key; remove it or fix its spelling")
-        elif e["type"] == "missing":
-            lines.append(f"  {where}required; add it")
-        else:
-            lines.append(f"  {where}{e['msg'].removeprefix('Value error, ')}")
+        # The tag pydantic puts after `shape` (a shape by name or inline) is no key of the config.
+        loc = [p for i, p in enumerate(e["loc"]) if not (i and e["loc"][i - 1] == "shape"
+                                                          and p in SHAPE_TAGS)]
+        field, problem = ".".join(str(p) for p in loc), _problem(e)
+        # A whole-config check has no location of its own, and some messages name their field.
+        named = not field or problem.startswith((f"{field}.", f"{field}:"))
+        lines.append(f"  {problem}" if named else f"  {field}: {problem}")
     return "\n".join(lines)
+
+
+def _problem(e: dict) -> str:
+    """One validation error in words, with the fix where pydantic's words lack it."""
+    kind, value = e["type"], e.get("input")
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        return "unknown key; remove it or fix its spelling"
+    if kind == "missing":
+        return "required; add it"
+    if kind == "string_pattern_mismatch":
+        pattern = e["ctx"]["pattern"]
+        return f"{value!r}: use {PATTERN_WORDS.get(pattern, f'text matching {pattern}')}"
+    # YAML 1.1 traps: yes/no/on/off are booleans, and 2e5 (no dot) is text
+    if kind == "string_type" and isinstance(value, bool):
+        return f"YAML read this as the boolean {str(value).lower()}; quote it to keep it text"
+    if kind == "int_parsing" and isinstance(value, str) and _whole_number(value):
+        return f"YAML read {value!r} as text, not a number; write it in digits: {float(value):.0f}"
+    return e["msg"].removeprefix("Value error, ")
+
+
+def _whole_number(text: str) -> bool:
+    try:
+        return float(text).is_integer()
+    except ValueError:
+        return False

@@ -33,10 +33,15 @@ def checked_config(path: str) -> RegMixConfig:
 
 
 def with_listed_domains_checked(config: RegMixConfig) -> RegMixConfig:
-    """Check the config's domain names where it lists the domains (a corpus spec or tinypile
-    is read only where the data is prepared)."""
-    if config.corpus.domains is not None:
-        config.check_domains([d.name for d in config.corpus.domains])
+    """Check the config's domain names where the config alone tells the corpus's domains: listed
+    inline, or tinypile's fixed set (a corpus spec is read only where the data is prepared)."""
+    from components.tinypile import DOMAINS as TINYPILE_DOMAINS
+
+    corpus = config.corpus
+    if corpus.domains is not None:
+        config.check_domains([d.name for d in corpus.domains])
+    elif corpus.tinypile is not None:
+        config.check_domains([d.name for d in TINYPILE_DOMAINS])
     return config
 
 

@@ -35,7 +35,7 @@ CONFIG_CASES = [
     ({"corpus__tinypile": "tiny"}, "give exactly one of `tinypile`"),
     ({"proxy__train__lr": -1}, "proxy.train.lr"),
     ({"search__fixed": {"code": 0.6, "licenses": 0.6}}, "search: minimum and fixed weights sum to 1.2 > 1"),
-    ({"search__max_weight": {"code": 1.5}}, "search: max_weight {'code': 1.5} outside [0, 1]"),
+    ({"search__max_weight": {"code": 1.5}}, "search.max_weight.code: Input should be less than or equal"),
     ({"search__min_weight": {"klingon": 0.1}}, "search: min_weight names unknown domains ['klingon']"),
     ({"search__min_weight": {"code": 0.5}, "search__max_weight": {"code": 0.2}},
      "search: domain 'code': minimum weight 0.5 above its maximum 0.2"),
@@ -48,12 +48,12 @@ CONFIG_CASES = [
     ({"tokenizer__kind": "file", "tokenizer__path": __file__},
      f"tokenizer.path: '{__file__}' is not a tokenizers JSON file"),
     ({"proxy__model__shape": {"n_layer": 1, "n_embd": 32, "n_head": 2, "mlp_hidden": 64}},
-     "proxy.model.shape.inline.context: required; add it"),
+     "proxy.model.shape.context: required; add it"),
     ({"rank_check__mixtures": 4}, "rank_check with mixtures > 0 needs `model` and `train`"),
     ({"rank_check__mixtures": 2, "rank_check__model": {"shape": "tiny-large"},
       "rank_check__train": {"tokens": 1000}}, "a rank correlation needs at least 3"),
     ({"gate__proxies": 1}, "gate.proxies"),
-    ({"name": "Bad Name"}, "name: String should match pattern"),
+    ({"name": "Bad Name"}, "name: 'Bad Name': use lowercase letters"),
     ({"corpus__spec": None, "corpus__domains": [{"name": "a", "path": "a.txt"}]},
      "corpus.domains: a mixture needs at least 2 domains, found 1"),
     ({"proxy__train__micro_batch_size": 3}, "multiple of micro_batch_size"),
@@ -63,7 +63,7 @@ CONFIG_CASES = [
     ({"corpus__validation_tokens": 32},
      "corpus.validation_tokens (32) must exceed proxy.model's context (64)"),
     ({"large__extra_baselines": {"mine (50%)": {"code": 1.0}}},
-     "large.extra_baselines.mine (50%).[key]: String should match pattern"),
+     "large.extra_baselines.mine (50%).[key]: 'mine (50%)': use letters, digits, '_', '.' and '-'"),
 ]
 
 

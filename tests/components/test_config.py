@@ -22,15 +22,28 @@ def test_shipped_configs_load():
         ({"mixtures": {"strength_min": 9}}, "strength_min must be <= strength_max"),
         ({"proxy": {"model": {"shape": "proxy-9b"}}}, "unknown shape 'proxy-9b'"),
         ({"proxy": {"model": {"shape": {**SHAPE, "n_layer": 0}}}},
-         "proxy.model.shape.inline: model shape: n_layer must be positive"),
+         "proxy.model.shape: model shape: n_layer must be positive"),
         ({"proxy": {"model": {"shape": {**SHAPE, "layers": 2}}}},
-         "proxy.model.shape.inline.layers: unknown key"),
+         "proxy.model.shape.layers: unknown key"),
         ({"proxy": {"model": {"shape": {**SHAPE, "n_head": 3}}}}, "n_embd .32. must divide by n_head .3."),
         ({"corpus": {"tinypile": "tiny"}}, "give exactly one of `tinypile`"),
         ({"proxy": {"train": {"tokens": 100, "batch_size": 8, "micro_batch_size": 3}}},
          "multiple of micro_batch_size"),
         ({"gate": {"spearman_threshold": 1.5}}, "gate.spearman_threshold"),
-        ({"name": "Has Spaces"}, "name: String should match pattern"),
+        ({"name": "Has Spaces"}, "name: 'Has Spaces': use lowercase letters, digits and '-'"),
+        ({"name": False}, "name: YAML read this as the boolean false; quote it"),
+        ({"proxy": {"train": {"tokens": "2e5", "batch_size": 8}}},
+         "proxy.train.tokens: YAML read '2e5' as text, not a number; write it in digits: 200000"),
+        ({"cluster": {"proxy": {"memory": "32GB"}}},
+         "cluster.proxy.memory: '32GB': use a Kubernetes memory quantity, such as 64Gi"),
+        # Search bounds no mixture meets fail when the config loads (compile and submit too),
+        # not after the data is prepared
+        ({"search": {"max_epochs": float("inf")}}, "search.max_epochs: Input should be a finite number"),
+        ({"search": {"min_weight": {"code": float("nan")}}}, "search.min_weight.code: Input should be a"),
+        ({"search": {"max_weight": {"code": 1.5}}}, "search.max_weight.code: Input should be less than"),
+        ({"search": {"fixed": {"code": 0.7, "licenses": 0.6}}}, "search: minimum and fixed weights sum to"),
+        ({"search": {"min_weight": {"code": 0.5}, "max_weight": {"code": 0.4}}},
+         "search: domain 'code': minimum weight 0.5 above its maximum 0.4"),
         ({"large": {"extra_baselines": {"uniform": {"code": 1.0}}}},
          r"large.extra_baselines: \['uniform'\] name built-in mixtures"),
         ({"regression": {"model": "per-domain", "target": "code"}},
@@ -54,10 +67,7 @@ def test_bad_values_name_the_field(tmp_path, overrides, message):
     [
         ({"regression": {"target": "klingon"}}, r"regression.target: unknown domain\(s\) \['klingon'\]"),
         ({"regression": {"target": {"code": 0.5, "licenses": 0.2}}}, "sum to 1"),
-        ({"search": {"fixed": {"code": 0.7, "licenses": 0.6}}}, "search: minimum and fixed weights sum"),
         ({"search": {"max_weight": {"nope": 0.5}}}, r"search: max_weight names unknown domains \['nope'\]"),
-        ({"search": {"min_weight": {"code": 0.5}, "max_weight": {"code": 0.4}}},
-         "search: domain 'code': minimum weight 0.5 above its maximum 0.4"),
         ({"search": {"max_weight": {"code": 0.3, "changelogs": 0.3, "licenses": 0.3}}},
          "search: maximum weights .* sum to 0.9 < 1"),
     ],
@@ -108,3 +118,10 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     loaded = load_config("cfg/c.yaml")
     assert [d.path for d in loaded.corpus.domains] == ["cfg/data/a.jsonl", "/abs/b/*.jsonl", None]
     assert loaded.tokenizer.path == "cfg/tok.json"
+
+
+def test_a_message_naming_its_field_is_not_prefixed_twice(tmp_path):
+    corpus = {"spec": None, "domains": [{"name": "a", "path": "a.txt"}]}
+    with pytest.raises(ConfigError) as raised:
+        parse_config(tiny_config_dict(tmp_path / "c.yaml", corpus=corpus))
+    assert "\n  corpus.domains: a mixture needs at least 2 domains" in str(raised.value)

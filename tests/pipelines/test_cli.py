@@ -69,6 +69,15 @@ def test_compile_checks_domain_names_the_config_lists(tmp_path, capsys):
     assert not (tmp_path / "p.yaml").exists()
 
 
+def test_compile_checks_domain_names_on_tinypile(tmp_path, capsys):
+    config = yaml.safe_load(Path("configs/local.yaml").read_text())
+    config["search"] = {"max_weight": {"wikipeda": 0.5}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["compile", "--config", str(path), "--out", str(tmp_path / "p.yaml")]) == 2
+    assert "search: max_weight names unknown domains ['wikipeda']" in capsys.readouterr().err
+
+
 def test_compile_carries_the_configs_mlflow_and_warns_what_a_cluster_lacks(tmp_path, capsys):
     path = pile_config_with(tmp_path, {"cluster": {"mlflow_secret": None},
                                        "tracking": {"uri": "http://mlflow.example:5000"}})
