@@ -286,9 +286,11 @@ class SearchConfig(Strict):
         # `submit` refuse bounds no mixture meets: the search's own check, over the domains
         # named here plus one standing for all the others (free in [0, 1]). The run checks
         # again with the corpus's domains and the max-epochs cap.
+        named = sorted({*self.min_weight, *self.max_weight, *self.fixed})
+        if not named:  # (also: the default, built while components.search may be importing)
+            return self
         from components.search import Constraints
 
-        named = sorted({*self.min_weight, *self.max_weight, *self.fixed})
         constraints = Constraints(dict(self.min_weight), dict(self.max_weight), dict(self.fixed))
         constraints.check([*named, "(every domain not named)"])
         return self

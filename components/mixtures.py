@@ -140,13 +140,29 @@ def proxy_key(config, meta: dict) -> dict:
             "recipe": config.proxy.train.identity(), "seed": config.seed}
 
 
+def check_trained_region(config, meta: dict, mixtures: list[dict]) -> None:
+    """Raise ConfigError if the search's bounds leave the region these proxies will cover (the
+    search stays inside it unless told otherwise): before they train, not after."""
+    from components.config import ConfigError
+    from components.search import search_constraints
+
+    if config.search.allow_extrapolation:
+        return
+    domains = meta["domains"]
+    planned = np.array([[m["weights"][d] for d in domains] for m in mixtures])
+    try:
+        search_constraints(config, meta).upper_bounds_in_trained_region(domains, planned)
+    except ValueError as e:
+        raise ConfigError(f"search: {e}") from None
+
+
 @component
 def sample_mixtures_op(config: dict, data_meta: dict, tracking: dict) -> list:
     """Sample the proxies' mixtures; returns proxy tasks `[{task, mixtures: [...]}, ...]`."""
     import mlflow
 
     from components.config import parse_config
-    from components.mixtures import plan_proxies
+    from components.mixtures import check_trained_region, plan_proxies
     from components.tracking import stage_run
 
     cfg = parse_config(config)
@@ -154,6 +170,7 @@ def sample_mixtures_op(config: dict, data_meta: dict, tracking: dict) -> list:
     cfg.check_domains(data_meta["domains"], data_meta)
     tasks = plan_proxies(cfg, data_meta, tracking)
     mixtures = [m for t in tasks for m in t["mixtures"]]
+    check_trained_region(cfg, data_meta, mixtures)
     with stage_run(tracking, "mixtures", "sample-mixtures"):
         mlflow.log_params({"count": len(mixtures), "tasks": len(tasks), "seed": cfg.seed})
         mlflow.log_dict({"mixtures": mixtures}, "mixtures.json")

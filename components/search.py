@@ -119,10 +119,38 @@ class Constraints:
                 f"minimum and fixed weights sum to {lower.sum():.6g} > 1; lower some of them"
             )
         if upper.sum() < 1.0 - 1e-12:
+            causes = [(cause, fix) for cause, fix, given in (
+                ("max_weight", "raise max_weight", self.max_weight),
+                ("max-epochs cap", "raise max_epochs, lower the token budget or add data",
+                 self.max_epochs is not None),
+                ("fixed", "raise the fixed weights or fix fewer domains", self.fixed),
+            ) if given]
             raise ValueError(
-                f"maximum weights (max_weight, max-epochs cap, fixed) sum to {upper.sum():.6g} "
-                "< 1: no mixture fits; raise max_epochs or max_weight, or add data"
+                f"maximum weights ({', '.join(c for c, _ in causes)}) sum to {upper.sum():.6g} "
+                f"< 1: no mixture fits; {', or '.join(f for _, f in causes)}"
             )
+
+    def upper_bounds_in_trained_region(self, domains: list[str], train_weights) -> np.ndarray:
+        """The upper bounds, each domain also capped at the largest weight any training mixture
+        gave it; raise ValueError, saying what to change, if the bounds leave that region."""
+        lower, upper = self.lower_bounds(domains), self.upper_bounds(domains)
+        trained = np.asarray(train_weights, dtype=float).max(axis=0)
+        for i, d in enumerate(domains):
+            if lower[i] > trained[i] + 1e-9:
+                raise ValueError(
+                    f"domain '{d}': the constraints ask for at least {lower[i]:g}, but no proxy "
+                    f"was trained above {trained[i]:g} of it, so the prediction there is an "
+                    "extrapolation. Train proxies there, relax min_weight/fixed, or set "
+                    "search.allow_extrapolation (`regmix search --allow-extrapolation`)"
+                )
+        upper = np.minimum(upper, trained)
+        if upper.sum() < 1.0 - 1e-12:
+            raise ValueError(
+                "no mixture satisfies the constraints inside the trained region (each domain at "
+                "most its largest weight among the training proxies); relax max_weight or "
+                "max_epochs, or set search.allow_extrapolation (`regmix search --allow-extrapolation`)"
+            )
+        return upper
 
 
 @dataclass
@@ -247,22 +275,7 @@ def _feasible_bounds(
     constraints.check(domains)
     lower, upper = constraints.lower_bounds(domains), constraints.upper_bounds(domains)
     if train_weights is not None and not allow_extrapolation:
-        trained = np.asarray(train_weights, dtype=float).max(axis=0)
-        for i, d in enumerate(domains):
-            if lower[i] > trained[i] + 1e-9:
-                raise ValueError(
-                    f"domain '{d}': the constraints ask for at least {lower[i]:g}, but no proxy "
-                    f"was trained above {trained[i]:g} of it, so the prediction there is an "
-                    "extrapolation. Train proxies there, relax min_weight/fixed, or set "
-                    "search.allow_extrapolation (`regmix search --allow-extrapolation`)"
-                )
-        upper = np.minimum(upper, trained)
-        if upper.sum() < 1.0 - 1e-12:
-            raise ValueError(
-                "no mixture satisfies the constraints inside the trained region (each domain at "
-                "most its largest weight among the training proxies); relax max_weight or "
-                "max_epochs, or set search.allow_extrapolation (`regmix search --allow-extrapolation`)"
-            )
+        upper = constraints.upper_bounds_in_trained_region(domains, train_weights)
     return prior / prior.sum(), lower, upper
 
 
@@ -434,6 +447,22 @@ def search_with_baseline(
     return chosen, recipe
 
 
+def recipe_record(recipe: SearchResult, regressor: Regressor) -> dict:
+    """The paper's recipe as the record shows it beside the chosen mixture. The recipe may leave
+    the trained region (as in the paper), where its prediction is a guess: the record says
+    where (domain: [its weight, the largest any proxy had]) and how far the nearest proxy is."""
+    record = {"weights": recipe.weights, "predicted": recipe.predicted}
+    if regressor.train_weights is not None:
+        trained = regressor.train_weights.max(axis=0)
+        record["nearest_training_l1"] = recipe.nearest_distance
+        record["beyond_trained_region"] = {
+            d: [recipe.weights[d], float(most)]
+            for d, most in zip(regressor.domains, trained, strict=True)
+            if recipe.weights[d] > most + 1e-9
+        }
+    return record
+
+
 def save_search_plots(chosen: SearchResult, recipe: SearchResult, prior: dict[str, float],
                       folder: Path, prefix: str = "") -> list[Path]:
     """The chosen mixture beside the prior (and the recipe's, when it differs), and the
@@ -485,7 +514,12 @@ def search_mixture_op(
     from components.files import write_text
     from components.mixtures import token_prior
     from components.regression import Regressor
-    from components.search import save_search_plots, search_constraints, search_with_baseline
+    from components.search import (
+        recipe_record,
+        save_search_plots,
+        search_constraints,
+        search_with_baseline,
+    )
     from components.tracking import stage_run
 
     cfg = parse_config(config)
@@ -498,7 +532,7 @@ def search_mixture_op(
         model, prior, cfg.search.method, cfg.search.trials, constraints, cfg.seed,
         cfg.search.allow_extrapolation, cfg.mixtures.strength_range)
     record = {**chosen.record(), "constraints": constraints.record(cfg.search.allow_extrapolation),
-              "paper_recipe": {"weights": recipe.weights, "predicted": recipe.predicted}}
+              "paper_recipe": recipe_record(recipe, model)}
     write_text(mixture.path, yaml.safe_dump(record, sort_keys=False))
     with stage_run(tracking, "search", "search-mixture"):
         mlflow.log_params({f"weight.{d}": round(w, 6) for d, w in chosen.weights.items()})

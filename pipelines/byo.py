@@ -152,7 +152,12 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
     """The chosen mixture and the paper's recipe beside it (as the pipeline's search stage
     does), written as YAML with the search's plots beside it (`<out stem>-*.png`)."""
     from components.regression import TRAIN_WEIGHTS_FILE
-    from components.search import Constraints, save_search_plots, search_with_baseline
+    from components.search import (
+        Constraints,
+        recipe_record,
+        save_search_plots,
+        search_with_baseline,
+    )
 
     models = load_models(model_dir)
     if target is None and len(models) > 1:
@@ -174,7 +179,7 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
                                           allow_extrapolation)
     record = {"target": name, **chosen.record(),
               "constraints": constraints.record(allow_extrapolation),
-              "paper_recipe": {"weights": recipe.weights, "predicted": recipe.predicted}}
+              "paper_recipe": recipe_record(recipe, regressor)}
     write_text(out, yaml.safe_dump(record, sort_keys=False))
     save_search_plots(chosen, recipe, dict(zip(regressor.domains, prior.tolist(), strict=True)),
                       out.parent, prefix=f"{out.stem}-")

@@ -70,6 +70,9 @@ def test_bad_values_name_the_field(tmp_path, overrides, message):
         ({"search": {"max_weight": {"nope": 0.5}}}, r"search: max_weight names unknown domains \['nope'\]"),
         ({"search": {"max_weight": {"code": 0.3, "changelogs": 0.3, "licenses": 0.3}}},
          "search: maximum weights .* sum to 0.9 < 1"),
+        # Only the settings given are named as the cause
+        ({"search": {"fixed": {"code": 0.3, "changelogs": 0.3, "licenses": 0.3}}},
+         r"search: maximum weights \(fixed\) sum to 0.9 < 1: no mixture fits; raise the fixed weights"),
     ],
 )
 def test_domain_checks(tmp_path, overrides, message):

@@ -108,6 +108,9 @@ def test_component_plans_chunked_tasks(prepared_data, tracking):
     ({"regression": {"target": "wikipdia"}}, r"regression.target: unknown domain\(s\) \['wikipdia'\]"),
     # A hundredth of an epoch of every domain is far below the large run's 16k-token budget
     ({"search": {"max_epochs": 0.01}}, "search: maximum weights .* < 1: no mixture fits; raise max_epochs"),
+    # The search stays where proxies trained: bounds outside fail before the proxies train
+    ({"search": {"min_weight": {"licenses": 0.97}, "allow_extrapolation": False}},
+     "search: domain 'licenses': the constraints ask for at least 0.97, but no proxy was trained above"),
 ])
 def test_component_checks_the_config_against_the_prepared_corpus(prepared_data, tracking,
                                                                  overrides, message):

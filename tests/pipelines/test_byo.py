@@ -72,7 +72,13 @@ def test_fit_predict_search_on_the_paper_data(tmp_path, capsys):
     assert record["predicted_gain"]["verdict"] in ("better", "within the CV error", "worse")
     assert "below the best training proxy" in capsys.readouterr().out
     # The paper's recipe beside it, and the search's plots beside the YAML
-    assert sum(record["paper_recipe"]["weights"].values()) == pytest.approx(1)
+    recipe = record["paper_recipe"]
+    assert sum(recipe["weights"].values()) == pytest.approx(1)
+    # ...which may leave the trained region, as in the paper: the record says where
+    for domain, weight in recipe["weights"].items():
+        beyond = weight > trained_max[domain] + 1e-9
+        assert (domain in recipe["beyond_trained_region"]) == beyond
+    assert recipe["nearest_training_l1"] >= 0
     assert {p.name for p in tmp_path.glob("mixture-*.png")} == {"mixture-mixture.png",
                                                                "mixture-simulated_losses.png"}
     # ...and refuses constraints that force it out, naming the domain and the way out...
