@@ -19,7 +19,7 @@ from scipy.spatial.distance import cdist
 from scipy.special import expit, logit
 
 from components import component
-from components.config import PAPER_SAMPLES, STRENGTH_RANGE
+from components.config import CMAES_POPULATION, PAPER_SAMPLES, STRENGTH_RANGE
 from components.mixtures import dirichlet_around
 from components.regression import Regressor
 
@@ -28,7 +28,6 @@ METHODS = ("cmaes", "tpe")
 # changes nothing (adding a constant to every logit); sigmoid(-15) = 3e-7 of a domain's room.
 LOGIT_RANGE = 15.0
 CMAES_SIGMA = 1.5  # a first step of about a factor e^1.5 in each small weight
-CMAES_POPULATION = 32  # larger than CMA-ES's default: tree models give a rugged surface
 TPE_BATCH = 32
 PROJECTION_ITERATIONS = 100  # bisection halvings: far below 1e-9 for any bound range
 

@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from components.config import (
+    CMAES_POPULATION,
     MIN_SEARCH_TRIALS,
     PAPER_SAMPLES,
     PER_DOMAIN_MAX_SECONDS,
@@ -276,40 +277,59 @@ def at_least(minimum: int):
     return parse
 
 
+DEFAULT_TRACKING_HELP = "default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db"
+
+
+def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose `--help` starts by saying what it does."""
+    return sub.add_parser(name, help=help, description=help)
+
+
 def add_commands(sub) -> None:
-    fit = sub.add_parser("fit", help="fit mixture -> loss regressors on CSV results")
+    fit = add_command(sub, "fit", "fit mixture -> loss regressors on CSV results")
     fit.add_argument("--mixtures", required=True, type=Path, help="mixtures CSV (index, domains)")
     fit.add_argument("--losses", required=True, type=Path, help="losses CSV (index, targets)")
     fit.add_argument("--target", required=True, action="append",
                      help="a loss column, or COLUMN=W,COLUMN=W for a weighted mean; repeatable")
     fit.add_argument("--out", required=True, type=output_folder, help="model folder to write")
-    fit.add_argument("--model", default="auto", choices=get_args(RegressionModel))
-    fit.add_argument("--folds", type=at_least(2), default=5)
-    fit.add_argument("--tune-trials", type=at_least(0), default=0, help="Optuna trials for LightGBM")
-    fit.add_argument("--seed", type=at_least(0), default=0)
+    fit.add_argument("--model", default="auto", choices=get_args(RegressionModel),
+                     help="the regressor (default: auto, the best by cross-validation)")
+    fit.add_argument("--folds", type=at_least(2), default=5,
+                     help="cross-validation folds (default 5)")
+    fit.add_argument("--tune-trials", type=at_least(0), default=0,
+                     help="Optuna trials for LightGBM's settings (default 0: its defaults)")
+    fit.add_argument("--seed", type=at_least(0), default=0, help="for folds and fits (default 0)")
     fit.add_argument("--per-domain-max-seconds", type=at_least(0),
                      default=int(PER_DOMAIN_MAX_SECONDS),
-                     help="auto's time budget for fitting a weighted mean one column at a time")
+                     help="auto's time budget for fitting a weighted mean one column at a time "
+                     f"(default {int(PER_DOMAIN_MAX_SECONDS)}; 0: never)")
     fit.set_defaults(func=cmd_fit)
 
-    predict = sub.add_parser("predict", help="predict losses for a mixtures CSV")
-    predict.add_argument("--model", required=True, type=Path)
-    predict.add_argument("--mixtures", required=True, type=Path)
-    predict.add_argument("--out", required=True, type=output_file)
+    predict = add_command(sub, "predict", "predict losses for a mixtures CSV")
+    predict.add_argument("--model", required=True, type=Path, help="a folder `regmix fit` wrote")
+    predict.add_argument("--mixtures", required=True, type=Path,
+                         help="mixtures CSV (index, the model's domains)")
+    predict.add_argument("--out", required=True, type=output_file,
+                         help="CSV to write: index and one predicted column per target")
     predict.set_defaults(func=cmd_predict)
 
-    search = sub.add_parser("search", help="search the simplex for the lowest predicted loss")
-    search.add_argument("--model", required=True, type=Path)
+    search = add_command(sub, "search", "search the simplex for the lowest predicted loss")
+    search.add_argument("--model", required=True, type=Path, help="a folder `regmix fit` wrote")
     search.add_argument("--out", required=True, type=output_file, help="the chosen mixture (YAML)")
     search.add_argument("--target", help="which fitted target (if the folder has several)")
-    search.add_argument("--method", default="cmaes", choices=["cmaes", "tpe", "paper"])
+    search.add_argument("--method", default="cmaes", choices=["cmaes", "tpe", "paper"],
+                        help="CMA-ES or TPE over the simplex, or the paper's recipe (mean of the "
+                        "best 128 Dirichlet samples); default cmaes")
     search.add_argument("--trials", type=at_least(MIN_SEARCH_TRIALS),
-                        help=f"objective evaluations: CMA-ES/TPE trials (default {SEARCH_TRIALS}) "
-                        f"or the paper recipe's samples (default {PAPER_SAMPLES})")
-    search.add_argument("--seed", type=at_least(0), default=0)
-    for flag in ("--min-weight", "--max-weight", "--fixed"):
+                        help=f"objective evaluations: CMA-ES/TPE trials (default {SEARCH_TRIALS}; "
+                        f"CMA-ES runs whole generations of {CMAES_POPULATION}, so up to "
+                        f"{CMAES_POPULATION - 1} fewer) or the paper recipe's samples (default "
+                        f"{PAPER_SAMPLES})")
+    search.add_argument("--seed", type=at_least(0), default=0, help="default 0")
+    for flag, what in (("--min-weight", "a lower bound on"), ("--max-weight", "an upper bound on"),
+                       ("--fixed", "the exact")):
         search.add_argument(flag, type=weights_arg, action=MergeWeights, default={},
-                            metavar="D=W,...", help="repeatable")
+                            metavar="D=W,...", help=f"{what} domain D's weight; repeatable")
     # The max-epochs cap: w_d <= max_epochs x available_tokens[d] / token_budget.
     search.add_argument("--available-tokens", type=weights_arg, action=MergeWeights,
                         metavar="D=N,...", help="each domain's tokens for the large run, for "
@@ -322,12 +342,14 @@ def add_commands(sub) -> None:
                         help="accept an optimum far from every training mixture")
     search.set_defaults(func=cmd_search)
 
-    export = sub.add_parser("export", help="write an experiment's proxy results as CSVs")
+    export = add_command(sub, "export", "write an experiment's proxy results as CSVs")
     export.add_argument("--experiment", required=True, help="the config's `name`")
     export.add_argument("--stage", default="proxy", help="runs tagged regmix.stage=STAGE")
-    export.add_argument("--tracking-uri", help="MLflow tracking URI (default as for run)")
-    export.add_argument("--mixtures", required=True, type=output_file)
-    export.add_argument("--losses", required=True, type=output_file)
+    export.add_argument("--tracking-uri", help=f"MLflow tracking URI ({DEFAULT_TRACKING_HELP})")
+    export.add_argument("--mixtures", required=True, type=output_file,
+                        help="mixtures CSV to write (index, one column per domain)")
+    export.add_argument("--losses", required=True, type=output_file,
+                        help="losses CSV to write (index, one column per validation domain)")
     export.set_defaults(func=cmd_export)
 
 

@@ -203,29 +203,31 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     byo.add_commands(sub)
 
-    run = sub.add_parser("run", help="run the whole pipeline locally through kfp.local")
+    run = byo.add_command(sub, "run", "run the whole pipeline locally through kfp.local")
     run.add_argument("--config", required=True, help="a run config YAML (see configs/)")
     run.add_argument("--summary-json", type=byo.output_file,
                      help="also write the run summary to this JSON file")
-    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI "
-                     "or sqlite:///mlruns/mlflow.db)")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's "
+                     "tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
     run.set_defaults(func=cmd_run)
 
-    report = sub.add_parser("report", help="write a run's report (HTML, Markdown, plots)")
+    report = byo.add_command(sub, "report", "write a run's report (HTML, Markdown, plots)")
     report.add_argument("run", help="the pipeline run label (printed by `regmix run`)")
-    report.add_argument("--experiment", default="regmix-local", help="the config's `name`")
-    report.add_argument("--tracking-uri", help="MLflow tracking URI (default as for run)")
+    report.add_argument("--experiment", required=True,
+                        help="the MLflow experiment: the config's `name`")
+    report.add_argument("--tracking-uri", help=f"MLflow tracking URI ({byo.DEFAULT_TRACKING_HELP})")
     report.add_argument("--out", help="output folder (default: report-RUN)")
     report.set_defaults(func=cmd_report)
 
-    comp = sub.add_parser("compile", help="compile the pipeline to KFP YAML (cluster settings "
-                          "from the config's `cluster` section)")
-    comp.add_argument("--config", required=True)
-    comp.add_argument("--out", required=True, type=pipeline_file)
+    comp = byo.add_command(sub, "compile", "compile the pipeline to KFP YAML (cluster settings "
+                           "from the config's `cluster` section)")
+    comp.add_argument("--config", required=True, help="a run config YAML (see configs/)")
+    comp.add_argument("--out", required=True, type=pipeline_file,
+                      help="the pipeline YAML to write (upload it in the KFP UI)")
     comp.set_defaults(func=cmd_compile)
 
     def kfp_parser(name: str, help: str, config: bool = True) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, help=help)
+        cmd = byo.add_command(sub, name, help)
         cmd.add_argument("--host", help="the KFP UI/API address, e.g. http://localhost:8080 "
                          "(default: found in the cluster, or through your kubectl access)")
         cmd.add_argument("--namespace", help="your profile namespace (multi-user Kubeflow only)")
@@ -250,12 +252,12 @@ def parser() -> argparse.ArgumentParser:
     schedule.set_defaults(func=cmd_schedule)
 
     runs = kfp_parser("runs", "list the newest runs", config=False)
-    runs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    runs.add_argument("--limit", type=byo.at_least(1), default=20, help="how many (default 20)")
     runs.set_defaults(func=cmd_runs)
 
-    corpus = sub.add_parser("corpus", help="corpus tools").add_subparsers(dest="action",
-                                                                          required=True)
-    build = corpus.add_parser("build", help="build the tinypile demo corpus (cached)")
+    corpus = byo.add_command(sub, "corpus", "corpus tools").add_subparsers(dest="action",
+                                                                           required=True)
+    build = byo.add_command(corpus, "build", "build the tinypile demo corpus (cached)")
     build.add_argument("--tiny", action="store_true", help="about 1 MB per domain")
     build.add_argument("--out", help="output folder (default: ~/.cache/regmix/tinypile)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")

@@ -184,12 +184,12 @@ def test_bad_cli_values(tmp_path, capsys):
 
 
 def test_services_out_of_reach_are_one_line(tmp_path, capsys):
-    assert_user_error(capsys, ["report", "x", "--tracking-uri", str(tmp_path)],
+    assert_user_error(capsys, ["report", "x", "--experiment", "e", "--tracking-uri", str(tmp_path)],
                       f"tracking URI '{tmp_path}': The filesystem tracking backend")
     assert_user_error(capsys, ["export", "--experiment", "x", "--tracking-uri", "bogus://x",
                                "--mixtures", "m.csv", "--losses", "l.csv"],
                       "tracking URI 'bogus://x'")
-    assert_user_error(capsys, ["report", "x", "--tracking-uri", f"sqlite:///{tmp_path}/typo.db"],
+    assert_user_error(capsys, ["report", "x", "--experiment", "e", "--tracking-uri", f"sqlite:///{tmp_path}/typo.db"],
                       "typo.db': no MLflow store there")
     assert not (tmp_path / "typo.db").exists()  # not made, empty, by the check
     assert main(["runs", "--host", "http://127.0.0.1:9"]) == 1  # nothing listens on port 9
