@@ -13,6 +13,7 @@ import json
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -309,6 +310,61 @@ def _fit_gp_theta(weights: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
 
 
 @dataclass
+class _PosteriorMean:
+    """A conditioned GP's posterior mean (`_gp_kernel`'s structure), computed in one fused pass
+    over the (mixtures x proxies) Matern matrix, the linear part folded into one vector and the
+    white noise (zero between distinct points) left out. It equals sklearn's `predict` to
+    ~1e-12, several times faster: sklearn builds, then sums and multiplies, a dozen full
+    matrices, which made the paper recipe's 100k predictions on a 13-part per-domain model a
+    minute."""
+
+    scaled_train: np.ndarray  # training log-weights / length scales
+    length_scale: np.ndarray
+    matern_scale: float
+    alpha: np.ndarray  # K^-1 y (normalised y)
+    linear_weights: np.ndarray  # raw training weights^T alpha, scaled
+    linear_offset: float
+    y_mean: float
+    y_std: float
+
+    @classmethod
+    def of(cls, gp: GaussianProcessRegressor, domains: int) -> "_PosteriorMean":
+        params = gp.kernel_.get_params()
+        matern = params["k1__k1__k2__kernel"]
+        if matern.nu != 2.5:
+            raise ValueError(f"the fused posterior mean is for Matern nu=2.5, not {matern.nu}")
+        length_scale = np.asarray(matern.length_scale, dtype=float)
+        alpha = gp.alpha_.ravel()
+        linear_scale = params["k1__k2__k1__constant_value"]
+        sigma_0 = params["k1__k2__k2__kernel__sigma_0"]
+        return cls(
+            gp.X_train_[:, :domains] / length_scale, length_scale,
+            params["k1__k1__k1__constant_value"], alpha,
+            linear_scale * gp.X_train_[:, domains:].T @ alpha,
+            linear_scale * sigma_0**2 * alpha.sum(),
+            float(np.ravel(gp._y_train_mean)[0]), float(np.ravel(gp._y_train_std)[0]),
+        )
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        domains = len(self.length_scale)
+        scaled = features[:, :domains] / self.length_scale
+        # Squared distances by one matrix product (BLAS; scipy's cdist is 5x slower here). Its
+        # rounding near zero distance is harmless: Matern 5/2 is flat there.
+        r = scaled @ self.scaled_train.T
+        r *= -2.0
+        r += (scaled**2).sum(axis=1)[:, None]
+        r += (self.scaled_train**2).sum(axis=1)
+        np.maximum(r, 0.0, out=r)
+        r *= 5.0
+        np.sqrt(r, out=r)  # sqrt(5) d
+        matern = np.exp(-r)
+        matern *= 1.0 + r + r * r / 3.0  # Matern 5/2: (1 + r + r^2/3) exp(-r), r = sqrt(5) d
+        mean = self.matern_scale * (matern @ self.alpha)
+        mean += features[:, domains:] @ self.linear_weights + self.linear_offset
+        return self.y_std * mean + self.y_mean
+
+
+@dataclass
 class _GaussianProcess:
     """The mean of GP posteriors that differ only in their kernel hyperparameters."""
 
@@ -319,10 +375,11 @@ class _GaussianProcess:
 
     def __post_init__(self) -> None:
         self._gps = [_gp_posterior(theta, self.weights, self.y) for theta in self.thetas]
+        self._means = [_PosteriorMean.of(gp, self.weights.shape[1]) for gp in self._gps]
 
     def predict(self, weights: np.ndarray) -> np.ndarray:
         features = _log_and_raw(weights)
-        return np.mean([gp.predict(features) for gp in self._gps], axis=0)
+        return np.mean([mean(features) for mean in self._means], axis=0)
 
     def save(self, directory: Path) -> None:
         state = {
@@ -388,7 +445,9 @@ class Regressor:
         weights = self._check(weights)
         if len(weights) > PREDICT_BATCH_ROWS:  # e.g. the paper recipe's 100k samples
             batches = np.array_split(weights, -(-len(weights) // PREDICT_BATCH_ROWS))
-            mean, spread = zip(*map(self.predict_with_spread, batches), strict=True)
+            # Batches on threads: numpy and LightGBM (thread-safe predict) release the GIL
+            with ThreadPoolExecutor(cpu_count()) as pool:
+                mean, spread = zip(*pool.map(self.predict_with_spread, batches), strict=True)
             return np.concatenate(mean), np.concatenate(spread)
         if self.model == PER_DOMAIN:
             parts = np.stack([member.predict_with_spread(weights) for member in self.members])

@@ -197,6 +197,17 @@ def test_predictions_in_batches_equal_one_batch(monkeypatch):
         np.testing.assert_allclose(before, after, rtol=0, atol=1e-12)
 
 
+def test_the_gps_fused_posterior_mean_is_sklearns():
+    weights, y = smooth_problem(80, 6)
+    gp, _ = fit_regressor(weights, y, names(6), model="gp", folds=3)
+    probe, _ = smooth_problem(40, 6, seed=5)
+    probe[:5] = weights[:5]  # distance zero, where the fused distances round
+    member = gp.members[0]
+    features = regression._log_and_raw(probe)
+    sklearn_mean = np.mean([posterior.predict(features) for posterior in member._gps], axis=0)
+    np.testing.assert_allclose(member.predict(probe), sklearn_mean, rtol=0, atol=1e-9)
+
+
 def test_linear_coefficients_name_every_domain():
     weights, y = smooth_problem(60, 5)
     regressor, _ = fit_regressor(weights, y, names(5), model="lightgbm", folds=3)
