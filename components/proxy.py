@@ -524,7 +524,7 @@ def train_task(data_dir: str, task: dict, config, stage: str = "proxy") -> dict:
         try:
             results = train_proxies_packed(data, mixtures, shape, recipe, seeds, tracking,
                                            target, stage)
-            return {"task": int(task["task"]), "results": results}
+            return {"task": int(task["task"]), "results": list(map(diverged_as_failed, results))}
         except TrackingUnavailable:
             raise  # fail the task, so the orchestrator retries it: the kept results are reused
         except Exception:  # one bad mixture must not sink its pack: train them one by one
@@ -540,7 +540,19 @@ def train_task(data_dir: str, task: dict, config, stage: str = "proxy") -> dict:
             log.exception("proxy %s failed", m["id"])
             results.append({"id": m["id"], "hash": m["hash"], "weights": m["weights"],
                             "error": f"{type(e).__name__}: {e}"})
-    return {"task": int(task["task"]), "results": results}
+    return {"task": int(task["task"]), "results": list(map(diverged_as_failed, results))}
+
+
+def diverged_as_failed(result: dict) -> dict:
+    """A proxy whose validation loss is not finite (it diverged) as a failed one: a NaN loss
+    would otherwise reach the regression, and pass the gate's rank check unnoticed. Its MLflow
+    run keeps what it measured."""
+    diverged = sorted(d for d, loss in result.get("val_loss", {}).items() if not math.isfinite(loss))
+    if not diverged:
+        return result
+    return {"id": result["id"], "hash": result["hash"], "weights": result["weights"],
+            "error": f"diverged: validation loss not finite on {diverged}; lower proxy.train.lr "
+                     "or proxy.train.grad_clip"}
 
 
 @component

@@ -11,7 +11,14 @@ import torch
 
 from components.config import TrainRecipe, parse_config
 from components.mixtures import as_mixtures, proxy_key
-from components.proxy import MixtureBatches, evaluate, lr_at, train_lm, train_proxy_op
+from components.proxy import (
+    MixtureBatches,
+    diverged_as_failed,
+    evaluate,
+    lr_at,
+    train_lm,
+    train_proxy_op,
+)
 from components.shapes import SHAPES
 from tests.conftest import tiny_config_dict
 
@@ -208,6 +215,15 @@ def test_a_failed_proxy_is_reported_and_its_task_mates_kept(prepared_data, track
     failed, finished = out["results"]
     assert failed["id"] == "m0009" and "error" in failed and "val_loss" not in failed
     assert finished["id"] == good["id"] and set(finished["val_loss"]) == set(prepared_data.domains)
+
+
+def test_a_diverged_proxy_is_reported_as_failed():
+    finished = {"id": "m1", "hash": "h", "weights": {"a": 1.0}, "val_loss": {"a": 3.0, "b": 4.0}}
+    assert diverged_as_failed(finished) is finished
+    diverged = {**finished, "val_loss": {"a": float("nan"), "b": float("inf")}}
+    failed = diverged_as_failed(diverged)
+    assert failed["id"] == "m1" and "val_loss" not in failed
+    assert failed["error"].startswith("diverged: validation loss not finite on ['a', 'b']")
 
 
 def test_a_proxy_trained_while_mlflow_is_down_is_kept_and_logged_later(prepared_data, tracking,

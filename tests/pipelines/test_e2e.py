@@ -45,11 +45,10 @@ def test_tiny_pipeline_end_to_end(store, first):
     summary = first
     assert abs(sum(summary["chosen_mixture"].values()) - 1) < 1e-5  # params keep 6 decimals
     # 12 training proxies; 3 from one active-learning round; the gate's 5 fresh ones (chosen
-    # included) plus seed replicas of the chosen (seed 1) and the best proxy (seeds 0, 1):
-    # seed 0 is the training run, reused.
-    assert summary["proxies_trained"] == 12 + 3 + 7 and summary["proxies_reused"] == 1
+    # included) plus seed replicas of the chosen and the best proxy on fresh seeds 1 and 2.
+    assert summary["proxies_trained"] == 12 + 3 + 9 and summary["proxies_reused"] == 0
     # The chosen mixture and a uniform baseline at the large size; 3 rank-check mixtures.
-    assert summary["trained"] == {"proxy": 12, "active-proxy": 3, "gate-proxy": 7, "large": 1,
+    assert summary["trained"] == {"proxy": 12, "active-proxy": 3, "gate-proxy": 9, "large": 1,
                                   "baseline": 1, "rank": 3}
     assert summary["failed"] == {}
     assert set(summary["baselines"]) == {"uniform"} and summary["large_target_loss"] > 0
@@ -60,7 +59,7 @@ def test_tiny_pipeline_end_to_end(store, first):
     runs = client.search_runs([experiment.experiment_id],
                               f"tags.`regmix.pipeline_run` = '{summary['pipeline_run']}'")
     stages = [r.data.tags["regmix.stage"] for r in runs]
-    assert stages.count("proxy") == 12 and stages.count("gate-proxy") == 7
+    assert stages.count("proxy") == 12 and stages.count("gate-proxy") == 9
     assert {"pipeline", "mixtures", "regression", "search", "gate"} <= set(stages)
     # The active round refits on all 15 proxies and searches again before the gate.
     assert stages.count("regression") == 2 and stages.count("search") == 2
@@ -85,7 +84,7 @@ def test_identical_rerun_trains_nothing(store, first):
     again = run_pipeline(store, TINY, "again")
     assert again["trained"] == {"proxy": 0, "active-proxy": 0, "gate-proxy": 0, "large": 0,
                                 "baseline": 0, "rank": 0}
-    assert again["proxies_trained"] == 0 and again["proxies_reused"] == 12 + 3 + 8
+    assert again["proxies_trained"] == 0 and again["proxies_reused"] == 12 + 3 + 9
     # Same results in, same decisions out.
     assert again["chosen_mixture"] == first["chosen_mixture"]
     assert again["large_target_loss"] == first["large_target_loss"]
