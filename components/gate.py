@@ -106,8 +106,8 @@ def proxies_needed(curve: list[list[float]], threshold: float) -> int | None:
 # percentile bootstrap over 2-4 points that happen to be in order gives the interval [1, 1].
 # Predictions unrelated to the losses then still clear a 0.8 lower bound in about 49 % (2
 # proxies), 22 % (3) and 6.5 % (4) of trials, against 0.9 % with 5 and 0.2 % with 6: only a
-# perfect order clears it there (1/5!, 1/6!). So the defaults (6 proxies, 0.8, 90 %) pass only
-# a perfect ranking; one swapped pair clears 0.8 from 8 proxies on.
+# perfect order clears it there (1/5!, 1/6!), and one swapped pair clears 0.8 (at 90 %) only
+# from 8 proxies on: the default gate.proxies.
 MIN_FRESH_PROXIES = 5
 
 
