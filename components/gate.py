@@ -42,18 +42,37 @@ def replica_seeds(seed: int, seeds: int) -> list[int]:
     return [seed + i for i in range(1, seeds + 1)] if seeds > 1 else []
 
 
+def fresh_mixtures(config, meta: dict, count: int, fitted: np.ndarray) -> np.ndarray:
+    """`count` draws from the config's sampler, none a mixture the regression was fitted on.
+
+    A sparse sampler repeats one-hot mixtures: the demo's gate once drew the training set's
+    {code_go: 1}, which the regression had seen. The sampler's draws extend one sequence as
+    more are asked for, so the fresh ones are the same whatever had to be skipped.
+    """
+    seen = {np.round(w, 4).tobytes() for w in fitted}  # as the sampler tells duplicates
+    wanted = count
+    while True:
+        rng = np.random.default_rng([config.seed, 1])  # a separate stream from the training draw
+        drawn = [w for w in draw_mixtures(config, meta, wanted, rng)
+                 if np.round(w, 4).tobytes() not in seen]
+        if len(drawn) >= count:
+            return np.stack(drawn[:count])
+        wanted += count - len(drawn)
+
+
 def plan_gate_proxies(
     config, meta: dict, chosen: dict[str, float], best: dict[str, float], tracking: dict,
+    fitted: np.ndarray,
 ) -> list[dict]:
-    """Fresh held-out mixtures (the chosen one first) plus seed replicas for the noise.
+    """Fresh held-out mixtures (the chosen one first; none of the `fitted` training mixtures)
+    plus seed replicas for the noise.
 
     The replicas of the chosen mixture and of the best training proxy share seeds, none of them
     the run's own: the best proxy's loss at that seed is the lowest of many noisy losses, so it
     is biased low (the winner's curse), and reusing it would fail a chosen mixture as good as it.
     """
     domains, key = meta["domains"], proxy_key(config, meta)
-    rng = np.random.default_rng([config.seed, 1])  # a separate stream from the training draw
-    fresh = draw_mixtures(config, meta, config.gate.proxies - 1, rng)
+    fresh = fresh_mixtures(config, meta, config.gate.proxies - 1, fitted)
     weights = np.vstack([[chosen[d] for d in domains], fresh])
     mixtures = as_mixtures(weights, domains, "g", key)
     mixtures[0]["id"] = CHOSEN
@@ -179,13 +198,16 @@ def decide(results: list[dict], predicted: dict[str, float], target: dict[str, f
 
 @component
 def plan_gate_op(config: dict, data_meta: dict, chosen: dict, fit_report: dict,
-                 tracking: dict) -> list:
+                 regressor: Input[dsl.Model], tracking: dict) -> list:
     """Fresh gate mixtures and seed replicas, as proxy tasks."""
     from components.config import parse_config
     from components.gate import plan_gate_proxies
+    from components.regression import Regressor
 
+    model = Regressor.load(regressor.path)
+    fitted = model.train_weights[:, [model.domains.index(d) for d in data_meta["domains"]]]
     return plan_gate_proxies(parse_config(config), data_meta, chosen["weights"],
-                             fit_report["best_train_weights"], tracking)
+                             fit_report["best_train_weights"], tracking, fitted)
 
 
 @component

@@ -78,7 +78,8 @@ def build_pipeline(config: RegMixConfig):
             fit_report, chosen = fit.outputs["Output"], search.outputs["Output"]
 
             gate_plan = plan_gate_op(config=config, data_meta=meta, chosen=chosen,
-                                     fit_report=fit_report, tracking=tracking)
+                                     fit_report=fit_report, regressor=fit.outputs["regressor"],
+                                     tracking=tracking)
             with dsl.ParallelFor(gate_plan.output, parallelism=parallelism) as gate_task:
                 gate_proxies = train_proxy_op(config=config, task=gate_task, data=tokens,
                                               stage="gate-proxy")

@@ -96,7 +96,7 @@ def test_plan_has_fresh_mixtures_chosen_first_and_seed_replicas(prepared_data):
                                            mixtures={"count": 8, "max_epochs": 50}))
     chosen = {"code": 0.2, "changelogs": 0.5, "licenses": 0.3}
     best = {"code": 0.6, "changelogs": 0.2, "licenses": 0.2}
-    tasks = plan_gate_proxies(config, prepared_data.meta, chosen, best, {"t": 1})
+    tasks = plan_gate_proxies(config, prepared_data.meta, chosen, best, {"t": 1}, np.empty((0, 3)))
     mixtures = [m for t in tasks for m in t["mixtures"]]
     # Replicas on seeds the training run did not use, the same for both mixtures
     assert [m["id"] for m in mixtures] == ["chosen", "g0001", "g0002", "g0003", "g0004",
@@ -113,3 +113,20 @@ def test_gate_fails_when_too_few_fresh_proxies_finished():
     decision = decide(fresh, predicted, TARGET, fit_report(), GateConfig(proxies=8, seeds=1))
     assert not decision["passed"]
     assert decision["reason"].startswith("only 3 of 8 fresh gate proxies finished")
+
+
+def test_fresh_gate_mixtures_skip_those_the_regression_was_fitted_on(prepared_data):
+    # A sparse sampler repeats mixtures (one-hot ones): the gate's must be new to the regression
+    config = parse_config(tiny_config_dict("x.yaml", gate={"proxies": 5, "seeds": 1},
+                                           mixtures={"count": 8, "max_epochs": 50}))
+    chosen = {"code": 0.2, "changelogs": 0.5, "licenses": 0.3}
+    domains = prepared_data.meta["domains"]
+
+    def fresh(fitted):
+        tasks = plan_gate_proxies(config, prepared_data.meta, chosen, chosen, {}, fitted)
+        return [[m["weights"][d] for d in domains] for t in tasks for m in t["mixtures"]][1:]
+
+    unseen = fresh(np.empty((0, 3)))
+    skipped = fresh(np.array(unseen[:2]))
+    assert len(skipped) == 4 and skipped[:2] == unseen[2:]  # the same sequence, less the seen
+    assert not any(np.allclose(w, seen) for w in skipped for seen in unseen[:2])
