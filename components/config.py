@@ -38,7 +38,8 @@ class Strict(BaseModel):
 
 Share = Annotated[float, Field(ge=0, le=1)]  # a domain's weight in a mixture
 
-# Patterns of string settings, and what they ask for in words (for error messages)
+# Patterns of string settings (a Kubernetes quantity's typo then fails at load time, not in a
+# pending pod), and what they ask for in words, for error messages
 NAME = r"^[A-Za-z0-9_.-]+$"
 PIPELINE_NAME = r"^[a-z0-9][a-z0-9-]*$"
 SECONDS = r"^[0-9]+s$"
@@ -372,9 +373,6 @@ class RankCheckConfig(Strict):
 
 class TrackingConfig(Strict):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
-
-
-# Kubernetes quantities, checked here so a typo fails at load time, not in a pending pod.
 
 
 class Toleration(Strict):

@@ -202,10 +202,9 @@ def plan_gate_op(config: dict, data_meta: dict, chosen: dict, fit_report: dict,
     """Fresh gate mixtures and seed replicas, as proxy tasks."""
     from components.config import parse_config
     from components.gate import plan_gate_proxies
-    from components.regression import Regressor
+    from components.regression import saved_train_weights
 
-    model = Regressor.load(regressor.path)
-    fitted = model.train_weights[:, [model.domains.index(d) for d in data_meta["domains"]]]
+    fitted = saved_train_weights(regressor.path, data_meta["domains"])
     return plan_gate_proxies(parse_config(config), data_meta, chosen["weights"],
                              fit_report["best_train_weights"], tracking, fitted)
 

@@ -319,6 +319,7 @@ class _PosteriorMean:
     minute."""
 
     scaled_train: np.ndarray  # training log-weights / length scales
+    scaled_train_norms: np.ndarray  # their squared norms, for the distances
     length_scale: np.ndarray
     matern_scale: float
     alpha: np.ndarray  # K^-1 y (normalised y)
@@ -334,11 +335,12 @@ class _PosteriorMean:
         if matern.nu != 2.5:
             raise ValueError(f"the fused posterior mean is for Matern nu=2.5, not {matern.nu}")
         length_scale = np.asarray(matern.length_scale, dtype=float)
+        scaled_train = gp.X_train_[:, :domains] / length_scale
         alpha = gp.alpha_.ravel()
         linear_scale = params["k1__k2__k1__constant_value"]
         sigma_0 = params["k1__k2__k2__kernel__sigma_0"]
         return cls(
-            gp.X_train_[:, :domains] / length_scale, length_scale,
+            scaled_train, (scaled_train**2).sum(axis=1), length_scale,
             params["k1__k1__k1__constant_value"], alpha,
             linear_scale * gp.X_train_[:, domains:].T @ alpha,
             linear_scale * sigma_0**2 * alpha.sum(),
@@ -353,7 +355,7 @@ class _PosteriorMean:
         r = scaled @ self.scaled_train.T
         r *= -2.0
         r += (scaled**2).sum(axis=1)[:, None]
-        r += (self.scaled_train**2).sum(axis=1)
+        r += self.scaled_train_norms
         np.maximum(r, 0.0, out=r)
         r *= 5.0
         np.sqrt(r, out=r)  # sqrt(5) d
@@ -494,6 +496,15 @@ class Regressor:
 
 
 _MEMBER_LOADERS["regressor"] = Regressor.load
+
+
+def saved_train_weights(directory: Path, domains: list[str]) -> np.ndarray:
+    """A saved model's training mixtures, columns in `domains`' order: read from its folder
+    without loading its members (which conditions every GP on them)."""
+    directory = Path(directory)
+    saved = json.loads((directory / REGRESSOR_FILE).read_text())["domains"]
+    weights = np.load(directory / TRAIN_WEIGHTS_FILE, allow_pickle=False)
+    return weights[:, [saved.index(d) for d in domains]]
 
 
 def _spearman(y: np.ndarray, predicted: np.ndarray) -> float:

@@ -446,7 +446,15 @@ def search_with_baseline(
     return chosen, recipe
 
 
-def recipe_record(recipe: SearchResult, regressor: Regressor) -> dict:
+def search_record(chosen: SearchResult, recipe: SearchResult, constraints: Constraints,
+                  allow_extrapolation: bool, regressor: Regressor) -> dict:
+    """The chosen mixture's record (the search stage's `mixture.yaml`, `regmix search`'s YAML):
+    the mixture and how far to trust it, the constraints asked for, the paper's recipe beside."""
+    return {**chosen.record(), "constraints": constraints.record(allow_extrapolation),
+            "paper_recipe": _recipe_record(recipe, regressor)}
+
+
+def _recipe_record(recipe: SearchResult, regressor: Regressor) -> dict:
     """The paper's recipe as the record shows it beside the chosen mixture. The recipe may leave
     the trained region (as in the paper), where its prediction is a guess: the record says
     where (domain: [its weight, the largest any proxy had]) and how far the nearest proxy is."""
@@ -514,9 +522,9 @@ def search_mixture_op(
     from components.mixtures import token_prior
     from components.regression import Regressor
     from components.search import (
-        recipe_record,
         save_search_plots,
         search_constraints,
+        search_record,
         search_with_baseline,
     )
     from components.tracking import stage_run
@@ -530,8 +538,7 @@ def search_mixture_op(
     chosen, recipe = search_with_baseline(
         model, prior, cfg.search.method, cfg.search.trials, constraints, cfg.seed,
         cfg.search.allow_extrapolation, cfg.mixtures.strength_range)
-    record = {**chosen.record(), "constraints": constraints.record(cfg.search.allow_extrapolation),
-              "paper_recipe": recipe_record(recipe, model)}
+    record = search_record(chosen, recipe, constraints, cfg.search.allow_extrapolation, model)
     write_text(mixture.path, yaml.safe_dump(record, sort_keys=False))
     with stage_run(tracking, "search", "search-mixture"):
         mlflow.log_params({f"weight.{d}": round(w, 6) for d, w in chosen.weights.items()})

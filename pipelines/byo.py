@@ -155,8 +155,8 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
     from components.regression import TRAIN_WEIGHTS_FILE
     from components.search import (
         Constraints,
-        recipe_record,
         save_search_plots,
+        search_record,
         search_with_baseline,
     )
 
@@ -178,9 +178,8 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
     constraints = Constraints(**constraints_args)
     chosen, recipe = search_with_baseline(regressor, prior, method, trials, constraints, seed,
                                           allow_extrapolation)
-    record = {"target": name, **chosen.record(),
-              "constraints": constraints.record(allow_extrapolation),
-              "paper_recipe": recipe_record(recipe, regressor)}
+    record = {"target": name,
+              **search_record(chosen, recipe, constraints, allow_extrapolation, regressor)}
     write_text(out, yaml.safe_dump(record, sort_keys=False))
     save_search_plots(chosen, recipe, dict(zip(regressor.domains, prior.tolist(), strict=True)),
                       out.parent, prefix=f"{out.stem}-")

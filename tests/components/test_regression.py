@@ -80,6 +80,9 @@ def test_save_load_round_trip_is_exact(tmp_path, model):
     assert loaded.linear_coefficients == regressor.linear_coefficients
     assert loaded.fit_summary == {"cv_spearman": report.cv_spearman, "cv_rmse": report.cv_rmse,
                                   "best_train_target": y.min()}
+    # The training mixtures alone, in any domain order, without loading the members
+    reordered = regression.saved_train_weights(tmp_path / "model", names(5)[::-1])
+    np.testing.assert_array_equal(reordered, weights[:, ::-1])
 
 
 def test_spread_is_member_disagreement():
