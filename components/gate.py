@@ -128,6 +128,17 @@ def proxies_needed(curve: list[list[float]], threshold: float) -> int | None:
 # perfect order clears it there (1/5!, 1/6!), and one swapped pair clears 0.8 (at 90 %) only
 # from 8 proxies on: the default gate.proxies.
 MIN_FRESH_PROXIES = 5
+PAIRED_CONFIDENCE = 0.975  # one-sided
+
+
+def paired_difference(first: list[float], second: list[float]) -> tuple[float, float]:
+    """The mean of the per-seed differences first - second (two mixtures trained on the same
+    seeds, so a seed's own luck cancels), and the half-width of its one-sided t bound: a mean
+    beyond it is a real difference, not seed noise. Needs at least 2 seeds."""
+    differences = np.subtract(first, second)
+    quantile = float(student_t.ppf(PAIRED_CONFIDENCE, len(differences) - 1))
+    spread = quantile * float(np.std(differences, ddof=1)) / math.sqrt(len(differences))
+    return float(differences.mean()), spread
 
 
 def decide(results: list[dict], predicted: dict[str, float], target: dict[str, float],
@@ -143,14 +154,12 @@ def decide(results: list[dict], predicted: dict[str, float], target: dict[str, f
     seeds = [i.removeprefix(f"{CHOSEN}@") for i in measured if i.startswith(f"{CHOSEN}@")]
     paired = [s for s in seeds if f"{BEST}@{s}" in measured]
     if len(paired) >= 2:
-        # Not measurably worse: the mean per-seed difference (the seeds shared, so a seed's own
-        # luck cancels) is within a one-sided 97.5 % t bound of its standard error.
+        # Not measurably worse: the mean per-seed difference is within its paired t bound.
         chosen = [measured[f"{CHOSEN}@{s}"] for s in paired]
         best = [measured[f"{BEST}@{s}"] for s in paired]
-        differences = np.subtract(chosen, best)
-        quantile = float(student_t.ppf(0.975, len(paired) - 1))
-        tolerance = quantile * float(np.std(differences, ddof=1)) / math.sqrt(len(paired))
-        basis = f"{quantile:.2f} x s.e. of the chosen - best difference over {len(paired)} seeds"
+        tolerance = paired_difference(chosen, best)[1]
+        basis = f"the {PAIRED_CONFIDENCE:.1%} t bound on the chosen - best difference over " \
+                f"{len(paired)} seeds"
     else:
         chosen, best = [measured[CHOSEN]], [fit_report["best_train_target"]]
         tolerance = fit_report["cv_rmse"]

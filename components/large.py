@@ -2,7 +2,7 @@
 
 Runs only when the gate passes. The chosen mixture and the comparison mixtures (baselines: the
 natural token distribution, uniform, the best proxy's mixture, the user's own) are trained the
-same way, over several seeds, and compared against that seed spread. The rank-invariance check
+same way, on the same seeds, and compared seed by seed. The rank-invariance check
 (the paper's premise) retrains some training mixtures at a larger size and compares rankings.
 All use the proxies' trainer (`components/proxy.py`) with another shape and recipe.
 """
@@ -14,6 +14,7 @@ from scipy.stats import spearmanr
 
 from components import component
 from components.config import target_loss
+from components.gate import PAIRED_CONFIDENCE, paired_difference
 from components.mixtures import mixture_hash, token_prior
 
 
@@ -64,20 +65,29 @@ def plan_rank_check(config, meta: dict, proxy_results: list[dict], tracking: dic
 
 
 def compare(results: list[dict], target: dict[str, float]) -> dict:
-    """Each mixture's mean and seed spread; the chosen one wins a baseline by more than spread."""
-    losses: dict[str, list[float]] = {}
+    """Each mixture's mean and seed spread; against each baseline, the chosen mixture's margin
+    over the seeds both were trained on, and whether it wins beyond seed noise: the same paired
+    t bound as the gate's (a seed's luck is shared by every mixture trained on it, so comparing
+    means against each mixture's own spread hides a consistent gap behind seed noise)."""
+    losses: dict[str, dict[int, float]] = {}
     for r in results:
-        losses.setdefault(r["name"], []).append(target_loss(r["val_loss"], target))
-    stats = {name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1
-                    else 0.0, "seeds": len(v)} for name, v in losses.items()}
-    chosen = stats["chosen"]
-    for name, s in stats.items():
-        if name != "chosen":
-            s["margin"] = s["mean"] - chosen["mean"]  # > 0: the chosen mixture is better
-            # With one seed on each side there is no spread to judge the margin by: None.
-            spread_known = s["seeds"] > 1 or chosen["seeds"] > 1
-            s["chosen_wins"] = (bool(s["margin"] > max(s["std"], chosen["std"]))
-                                if spread_known else None)
+        losses.setdefault(r["name"], {})[int(r["seed"])] = target_loss(r["val_loss"], target)
+    stats = {name: {"mean": float(np.mean(list(v.values()))),
+                    "std": float(np.std(list(v.values()), ddof=1)) if len(v) > 1 else 0.0,
+                    "seeds": len(v)} for name, v in losses.items()}
+    chosen = losses["chosen"]
+    for name, by_seed in losses.items():
+        if name == "chosen":
+            continue
+        seeds = sorted(set(by_seed) & set(chosen))
+        s = stats[name] | {"paired_seeds": len(seeds)}
+        if len(seeds) >= 2:  # > 0: the chosen mixture is better
+            s["margin"], s["noise"] = paired_difference([by_seed[i] for i in seeds],
+                                                        [chosen[i] for i in seeds])
+            s["chosen_wins"] = s["margin"] > s["noise"]
+        else:  # no pairs to judge the margin by
+            s["margin"], s["chosen_wins"] = s["mean"] - stats["chosen"]["mean"], None
+        stats[name] = s
     return stats
 
 
@@ -85,11 +95,15 @@ def verdict(baseline: dict) -> str:
     """How the chosen mixture fared against one baseline of `compare`, in words."""
     margin, wins = baseline["margin"], baseline["chosen_wins"]
     if wins is None:
-        return (f"chosen {'ahead' if margin > 0 else 'behind'} by {abs(margin):.4f} on one seed "
-                "each (set large.seeds >= 2 to judge it against seed noise)")
+        return (f"chosen {'ahead' if margin > 0 else 'behind'} by {abs(margin):.4f} with "
+                f"{baseline.get('paired_seeds', 1)} shared seed(s) (set large.seeds >= 2 to "
+                "judge it against seed noise)")
+    beyond = (f"the seed noise ({PAIRED_CONFIDENCE:.1%} t bound {baseline['noise']:.4f} over "
+              f"{baseline['paired_seeds']} seeds)" if "noise" in baseline
+              else "the seed spread")  # a record from before the paired comparison
     if wins:
-        return f"chosen wins by {margin:.4f}, beyond the seed spread"
-    return f"chosen does not win beyond the seed spread (margin {margin:.4f})"
+        return f"chosen wins by {margin:.4f}, beyond {beyond}"
+    return f"chosen does not win beyond {beyond}: margin {margin:.4f}"
 
 
 def rank_invariance(proxy_results: list[dict], rank_results: list[dict],
@@ -112,7 +126,7 @@ def train_target(data_dir: str, run: dict, config) -> dict:
     target = config.regression.target_weights(data.domains)
     result = train_proxy(data, run, spec.model.resolve(), spec.train, int(run["seed"]),
                          run["tracking"], target, stage=run["role"])
-    return {**result, "name": run["name"]}
+    return {**result, "name": run["name"], "seed": run["seed"]}
 
 
 @component
@@ -138,7 +152,7 @@ def train_target_op(config: dict, run: dict, data: Input[dsl.Dataset]) -> dict:
 
 @component
 def compare_baselines_op(config: dict, results: list, fit_report: dict, tracking: dict) -> dict:
-    """Chosen mixture vs baselines at the large size, judged against the seed spread."""
+    """Chosen mixture vs baselines at the large size, judged against seed noise."""
     import mlflow
 
     from components.large import compare
@@ -147,9 +161,8 @@ def compare_baselines_op(config: dict, results: list, fit_report: dict, tracking
     stats = compare(results, fit_report["target"])
     with stage_run(tracking, "evidence", "compare-baselines"):
         for name, s in stats.items():
-            mlflow.log_metrics({f"large.{name}.mean": s["mean"], f"large.{name}.std": s["std"]})
-            if "margin" in s:
-                mlflow.log_metric(f"large.{name}.margin", s["margin"])
+            mlflow.log_metrics({f"large.{name}.{k}": s[k] for k in ("mean", "std", "margin", "noise")
+                                if k in s})
             if s.get("chosen_wins") is not None:
                 mlflow.log_metric(f"large.{name}.chosen_wins", float(s["chosen_wins"]))
         mlflow.log_dict(stats, "baselines.json")

@@ -37,18 +37,31 @@ def test_plan_trains_chosen_and_baselines_over_seeds(prepared_data):
     assert len({r["hash"] for r in runs}) == len(runs)
 
 
-def test_compare_judges_wins_against_the_seed_spread():
-    stats = compare([loss("chosen", 3.00), loss("chosen", 3.02), loss("prior", 3.20),
-                     loss("prior", 3.22), loss("uniform", 3.01), loss("uniform", 3.05)], TARGET)
+def test_compare_judges_wins_seed_by_seed():
+    stats = compare([loss("chosen", 3.00, seed=0), loss("chosen", 3.02, seed=1),
+                     loss("prior", 3.20, seed=0), loss("prior", 3.22, seed=1),
+                     loss("uniform", 3.01, seed=0), loss("uniform", 3.05, seed=1)], TARGET)
     assert stats["prior"]["chosen_wins"] and stats["prior"]["margin"] == pytest.approx(0.2)
-    assert not stats["uniform"]["chosen_wins"]  # 0.02 apart, inside a 0.028 spread
-    assert verdict(stats["prior"]) == "chosen wins by 0.2000, beyond the seed spread"
+    # Differences 0.01 and 0.03: a t bound of 12.7 x 0.01 over 2 seeds.
+    assert not stats["uniform"]["chosen_wins"]
+    assert stats["uniform"]["noise"] == pytest.approx(0.127, abs=1e-3)
+    assert verdict(stats["prior"]).startswith("chosen wins by 0.2000, beyond the seed noise")
 
 
-def test_compare_leaves_a_one_seed_margin_undecided():
-    stats = compare([loss("chosen", 3.0000), loss("uniform", 3.0001)], TARGET)
-    assert stats["uniform"]["chosen_wins"] is None
-    assert verdict(stats["uniform"]).startswith("chosen ahead by 0.0001 on one seed each")
+def test_compare_sees_a_consistent_gap_that_seed_spread_hides():
+    # Seed luck moves every mixture by 0.2; the baseline is 0.03 worse on each seed.
+    stats = compare([loss("chosen", 3.0 + 0.2 * s, seed=s) for s in range(3)]
+                    + [loss("uniform", 3.03 + 0.2 * s + 0.001 * (s == 1), seed=s) for s in range(3)],
+                    TARGET)
+    assert stats["uniform"]["std"] > stats["uniform"]["margin"]
+    assert stats["uniform"]["chosen_wins"] and stats["uniform"]["paired_seeds"] == 3
+
+
+def test_compare_leaves_an_unpaired_margin_undecided():
+    stats = compare([loss("chosen", 3.0000, seed=0), loss("uniform", 3.0001, seed=0),
+                     loss("prior", 3.1, seed=1), loss("prior", 3.2, seed=2)], TARGET)
+    assert stats["uniform"]["chosen_wins"] is None and stats["prior"]["chosen_wins"] is None
+    assert verdict(stats["uniform"]).startswith("chosen ahead by 0.0001 with 1 shared seed")
 
 
 def test_rank_check_spans_the_losses_and_measures_agreement(prepared_data):

@@ -26,8 +26,9 @@ def test_report_reads_the_run_back_from_mlflow(tmp_path, tracking):
                          "measured": {"chosen": 3.0, "g1": 3.4, "g2": 3.6}}, "gate.json")
     with stage_run(tracking, "evidence", "compare"):
         mlflow.log_dict({"chosen": {"mean": 3.0, "std": 0.01, "seeds": 3},
-                         "prior": {"mean": 3.2, "std": 0.02, "seeds": 3, "margin": 0.2,
-                                   "chosen_wins": True}}, "baselines.json")
+                         "prior": {"mean": 3.2, "std": 0.02, "seeds": 3, "paired_seeds": 3,
+                                   "margin": 0.2, "noise": 0.05, "chosen_wins": True}},
+                        "baselines.json")
 
     html = build_report(tracking["uri"], "regmix-test", "test-run", tmp_path / "report")
     assert (tmp_path / "report" / "mixture.png").read_bytes() == chart.read_bytes()
