@@ -329,7 +329,9 @@ class _PosteriorMean:
     y_std: float
 
     @classmethod
-    def of(cls, gp: GaussianProcessRegressor, domains: int) -> "_PosteriorMean":
+    def of(cls, gp: GaussianProcessRegressor, y: np.ndarray) -> "_PosteriorMean":
+        """`gp` conditioned (with normalize_y) on the targets `y`."""
+        domains = gp.X_train_.shape[1] // 2
         params = gp.kernel_.get_params()
         matern = params["k1__k1__k2__kernel"]
         if matern.nu != 2.5:
@@ -344,7 +346,7 @@ class _PosteriorMean:
             params["k1__k1__k1__constant_value"], alpha,
             linear_scale * gp.X_train_[:, domains:].T @ alpha,
             linear_scale * sigma_0**2 * alpha.sum(),
-            float(np.ravel(gp._y_train_mean)[0]), float(np.ravel(gp._y_train_std)[0]),
+            float(np.mean(y)), float(np.std(y)),  # how normalize_y scales (y varies: checked)
         )
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
@@ -377,7 +379,7 @@ class _GaussianProcess:
 
     def __post_init__(self) -> None:
         self._gps = [_gp_posterior(theta, self.weights, self.y) for theta in self.thetas]
-        self._means = [_PosteriorMean.of(gp, self.weights.shape[1]) for gp in self._gps]
+        self._means = [_PosteriorMean.of(gp, self.y) for gp in self._gps]
 
     def predict(self, weights: np.ndarray) -> np.ndarray:
         features = _log_and_raw(weights)
@@ -762,11 +764,16 @@ def check_target(losses: np.ndarray, shares: np.ndarray, model: str) -> None:
     if model == PER_DOMAIN and len(shares) < 2:
         raise ValueError("model 'per-domain' needs a target over several loss columns (a "
                          "weighted mean); this target has one: choose another model")
-    constant = np.flatnonzero(np.ptp(losses, axis=0) == 0)
+    constant = _constant_columns(losses)
     if model == PER_DOMAIN and constant.size:
         raise ValueError(f"model 'per-domain': loss column {constant[0] + 1} of {len(shares)} in "
                          f"the target is the same ({losses[0, constant[0]]:g}) on every row, so it "
                          "has nothing to fit; check that it was measured, or choose another model")
+
+
+def _constant_columns(losses: np.ndarray) -> np.ndarray:
+    """Loss columns measured the same on every proxy: nothing to fit on their own."""
+    return np.flatnonzero(np.ptp(losses, axis=0) == 0)
 
 
 def _check_varies(y: np.ndarray) -> None:
@@ -808,8 +815,7 @@ def fit_target(
     losses, shares = np.asarray(losses, dtype=float), np.asarray(shares, dtype=float)
     check_target(losses, shares, model)
     y = losses @ shares
-    # A constant column (measured the same on every proxy) has nothing to fit on its own.
-    constant = np.flatnonzero(np.ptp(losses, axis=0) == 0)
+    constant = _constant_columns(losses)
     whole = None  # (regressor, report) fitted on the target itself, unless per-domain is forced
     if model != PER_DOMAIN:
         whole = fit_regressor(weights, y, domains, model, folds, seed, tune_trials)
