@@ -126,6 +126,8 @@ def train_target(data_dir: str, run: dict, config) -> dict:
     target = config.regression.target_weights(data.domains)
     result = train_proxy(data, run, spec.model.resolve(), spec.train, int(run["seed"]),
                          run["tracking"], target, stage=run["role"])
+    if "error" in result:  # diverged: no loss to compare or rank; fail the task with the fix
+        raise RuntimeError(f"{run['role']} run {run['id']}: {result['error']}")
     return {**result, "name": run["name"], "seed": run["seed"]}
 
 

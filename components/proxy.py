@@ -38,6 +38,8 @@ from components.packed import PackedLM
 from components.shapes import ModelShape
 from components.tracking import CORPUS_TAG, HASH_TAG, TrackingUnavailable, retried
 
+DIVERGED_TAG = "regmix.diverged"
+
 log = logging.getLogger("regmix.proxy")
 
 
@@ -107,6 +109,13 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, (1 << 31) - 1)
 
 
+def resolved_precision(recipe: TrainRecipe) -> str:
+    """The recipe's mixed precision, `auto` resolved: bf16 where the GPU has it, else none."""
+    if recipe.mixed_precision != "auto":
+        return recipe.mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 def make_accelerator(recipe: TrainRecipe):
     """An `Accelerator` with this recipe's precision, however many came before in this process.
 
@@ -117,9 +126,7 @@ def make_accelerator(recipe: TrainRecipe):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state()
-    precision = recipe.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    precision = resolved_precision(recipe)
     fsdp = None
     if recipe.distributed == "fsdp":  # takes effect only with several processes
         from accelerate.utils import FullyShardedDataParallelPlugin
@@ -276,6 +283,9 @@ def run_training(model: LM | PackedLM, batches: list[MixtureBatches], recipe: Tr
                 accelerator.backward(micro_losses.sum() * share_of_step)
             losses += micro_losses.detach() * share_of_step
         if packed:
+            # Under fp16 the gradients carry the loss scale; accelerate's own clip unscales
+            # them first, this one must too (the scaler's step then does not unscale again).
+            accelerator.unscale_gradients()
             accelerator.unwrap_model(model).clip_grad_norms_(recipe.grad_clip)
         else:
             accelerator.clip_grad_norm_(model.parameters(), recipe.grad_clip)
@@ -310,14 +320,16 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def evaluate(model: LM, data: TokenData, batch_size: int = 64) -> dict[str, float]:
+def evaluate(model: LM, data: TokenData, precision: str = "no",
+             batch_size: int = 64) -> dict[str, float]:
     """Mean next-token loss on each domain's fixed validation tokens (non-overlapping windows).
 
-    On a GPU in bf16 autocast (float32 softmax), as training ran there by default.
+    On a GPU under the autocast the model trained in (`precision`: bf16, fp16 or no; float32
+    softmax either way); on CPU in float32.
     """
     model.eval()
     device = next(model.parameters()).device
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     context = model.shape.context
     losses = {}
     for domain in data.domains:
@@ -325,7 +337,7 @@ def evaluate(model: LM, data: TokenData, batch_size: int = 64) -> dict[str, floa
         rows = (tokens.numel() - 1) // context
         x = tokens[: rows * context].view(rows, context)
         y = tokens[1 : rows * context + 1].view(rows, context)
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype, enabled=device.type == "cuda" and dtype is not None):
             total = sum(model(x[i : i + batch_size], y[i : i + batch_size]) * len(x[i : i + batch_size])
                         for i in range(0, rows, batch_size))
         losses[domain] = float(total) / rows  # one device sync per domain
@@ -356,27 +368,56 @@ def kept_outcome(mixture_hash: str) -> dict | None:
 
 @retried
 def find_finished(tracking: dict, mixture_hash: str) -> dict | None:
-    """A finished run with this content hash, if any: its result is reused, not retrained.
+    """A finished (or diverged) run with this content hash, if any: its result is reused, not
+    retrained.
 
     Any stage: the hash covers everything that determines the result (mixture, corpus,
     tokenizer, shape, recipe, seed), so the gate reuses the training proxy it replicates.
     """
     import mlflow
 
-    runs = mlflow.MlflowClient(tracking["uri"]).search_runs(
-        [tracking["experiment_id"]],
-        filter_string=f"tags.`{HASH_TAG}` = '{mixture_hash}' and attributes.status = 'FINISHED'",
-        max_results=1,
-    )
-    return runs[0] if runs else None
+    client = mlflow.MlflowClient(tracking["uri"])
+    # A diverged run (FAILED, tagged) is a result too: training it again diverges again.
+    for ended in ("attributes.status = 'FINISHED'", f"tags.`{DIVERGED_TAG}` = 'true'"):
+        runs = client.search_runs([tracking["experiment_id"]],
+                                  f"tags.`{HASH_TAG}` = '{mixture_hash}' and {ended}", max_results=1)
+        if runs:
+            return runs[0]
+    return None
 
 
-def reused_result(previous, mixture: dict, domains: list[str]) -> dict:
+def reused_result(previous, mixture: dict, domains: list[str], stage: str) -> dict:
     metrics = previous.data.metrics
+    val_loss = {d: metrics[f"val_loss.{d}"] for d in domains}
+    if previous.data.tags.get(DIVERGED_TAG) == "true" or diverged_domains(val_loss):
+        return failed_result(mixture, diverged_message(val_loss, stage, previous.info.run_id))
     return {"id": mixture["id"], "hash": mixture["hash"], "weights": mixture["weights"],
-            "val_loss": {d: metrics[f"val_loss.{d}"] for d in domains},
-            "train_loss": metrics["train_loss"], "tokens": int(metrics["tokens"]),
-            "seconds": metrics["seconds"], "run_id": previous.info.run_id, "reused": True}
+            "val_loss": val_loss, "train_loss": metrics["train_loss"],
+            "tokens": int(metrics["tokens"]), "seconds": metrics["seconds"],
+            "run_id": previous.info.run_id, "reused": True}
+
+
+def failed_result(mixture: dict, error: str) -> dict:
+    """A proxy that did not give a loss: reported with the results, never fitted on."""
+    return {"id": mixture["id"], "hash": mixture["hash"], "weights": mixture["weights"],
+            "error": error}
+
+
+def diverged_domains(val_loss: dict[str, float]) -> list[str]:
+    # Not below 1e300 (NaN compares false): MLflow stores an infinite metric as the largest float.
+    return sorted(d for d, loss in val_loss.items() if not abs(loss) < 1e300)
+
+
+class Diverged(ValueError):
+    """Training diverged: its MLflow run ends FAILED (tagged), and its task reports an error."""
+
+
+def diverged_message(val_loss: dict[str, float], stage: str, run_id: str) -> str:
+    section = {"large": "large", "baseline": "large", "rank": "rank_check"}.get(stage, "proxy")
+    domains = diverged_domains(val_loss)
+    what = f"validation loss not finite on {domains}" if domains else "train loss not finite"
+    return (f"diverged: {what} (MLflow run {run_id}); lower {section}.train.lr or "
+            f"{section}.train.grad_clip")
 
 
 @retried
@@ -415,14 +456,21 @@ def record_proxy(tracking: dict, stage: str, mixture: dict, shape: ModelShape, r
     """One MLflow run for one trained proxy; then its kept copy goes. Returns the proxy result."""
     from components.tracking import stage_run
 
-    tags = {HASH_TAG: mixture["hash"], **(tags or {})}
+    diverged = bool(diverged_domains(outcome["val_loss"])) or not math.isfinite(
+        outcome["train_loss"])
+    tags = {HASH_TAG: mixture["hash"], **(tags or {}), **({DIVERGED_TAG: "true"} if diverged else {})}
     kept = kept_result_path(mixture["hash"])
     try:
         with stage_run(tracking, stage, f"{stage}-{mixture['id']}", tags) as run:
             log_proxy_run(run, mixture, shape, recipe, seed, outcome, target)
+            if diverged:  # ends the run FAILED, with what it measured logged
+                raise Diverged(diverged_message(outcome["val_loss"], stage, run.info.run_id))
     except TrackingUnavailable as e:
         raise TrackingUnavailable(f"{e}. The trained proxy is kept at {kept}; rerun once MLflow "
                                   "is back and it is logged without training again") from None
+    except Diverged as e:
+        kept.unlink(missing_ok=True)
+        return failed_result(mixture, str(e))
     kept.unlink(missing_ok=True)
     return {"id": mixture["id"], "hash": mixture["hash"], "weights": mixture["weights"],
             "val_loss": outcome["val_loss"], "train_loss": outcome["train_loss"],
@@ -439,7 +487,8 @@ def train_proxy(
 
     previous = find_finished(tracking, mixture["hash"])
     if previous is not None:
-        return reused_result(previous, mixture, data.domains)
+        return reused_result(previous, mixture, data.domains, stage)
+    main = PartialState().is_main_process
     outcome = kept_outcome(mixture["hash"])
     if outcome is None:
         checkpoints = checkpoint_folder(mixture["hash"])
@@ -447,13 +496,16 @@ def train_proxy(
         model, train_loss, tokens = train_lm(
             data, mixture["weights"], shape, recipe, seed,
             on_log=lambda step, loss: curve.append((step, loss)), checkpoint_dir=checkpoints)
-        if not PartialState().is_main_process:
-            # Another rank of a multi-GPU run trained its share; the main process logs.
-            return {"id": mixture["id"], "hash": mixture["hash"], "weights": mixture["weights"]}
-        outcome = keep_outcome(mixture["hash"], {
-            "val_loss": evaluate(model, data), "train_loss": train_loss, "tokens": tokens,
-            "seconds": time.perf_counter() - started, "curve": curve})
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the kept outcome is the record now
+        if main:
+            outcome = keep_outcome(mixture["hash"], {
+                "val_loss": evaluate(model, data, resolved_precision(recipe)),
+                "train_loss": train_loss, "tokens": tokens,
+                "seconds": time.perf_counter() - started, "curve": curve})
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the kept outcome is the record now
+    if not main:
+        # Another rank of a multi-GPU run (that trained its share, or found the outcome kept
+        # by a previous try): only the main process logs, or each run is logged once per rank.
+        return {"id": mixture["id"], "hash": mixture["hash"], "weights": mixture["weights"]}
     return record_proxy(tracking, stage, mixture, shape, recipe, seed, outcome, target,
                         {CORPUS_TAG: data.fingerprint})
 
@@ -468,7 +520,7 @@ def train_proxies_packed(
     packed training ends; its `seconds` is its share of the packed run's time.
     """
     previous = [find_finished(tracking, m["hash"]) for m in mixtures]
-    results = {m["id"]: reused_result(p, m, data.domains)
+    results = {m["id"]: reused_result(p, m, data.domains, stage)
                for m, p in zip(mixtures, previous, strict=True) if p is not None}
     outcomes = {m["hash"]: kept_outcome(m["hash"]) for m, p in zip(mixtures, previous, strict=True)
                 if p is None}
@@ -485,7 +537,8 @@ def train_proxies_packed(
         seconds = (time.perf_counter() - started) / len(todo)
         for i, (m, _) in enumerate(todo):
             outcomes[m["hash"]] = keep_outcome(m["hash"], {
-                "val_loss": evaluate(models[i], data), "train_loss": train_losses[i],
+                "val_loss": evaluate(models[i], data, resolved_precision(recipe)),
+                "train_loss": train_losses[i],
                 "tokens": tokens, "seconds": seconds,
                 "curve": [(step, losses[i]) for step, losses in curves]})
         shutil.rmtree(checkpoints, ignore_errors=True)
@@ -524,7 +577,7 @@ def train_task(data_dir: str, task: dict, config, stage: str = "proxy") -> dict:
         try:
             results = train_proxies_packed(data, mixtures, shape, recipe, seeds, tracking,
                                            target, stage)
-            return {"task": int(task["task"]), "results": list(map(diverged_as_failed, results))}
+            return {"task": int(task["task"]), "results": results}
         except TrackingUnavailable:
             raise  # fail the task, so the orchestrator retries it: the kept results are reused
         except Exception:  # one bad mixture must not sink its pack: train them one by one
@@ -538,21 +591,8 @@ def train_task(data_dir: str, task: dict, config, stage: str = "proxy") -> dict:
             raise  # not the mixture's fault: a retried task logs the kept result
         except Exception as e:  # reported with the results; its task-mates still train
             log.exception("proxy %s failed", m["id"])
-            results.append({"id": m["id"], "hash": m["hash"], "weights": m["weights"],
-                            "error": f"{type(e).__name__}: {e}"})
-    return {"task": int(task["task"]), "results": list(map(diverged_as_failed, results))}
-
-
-def diverged_as_failed(result: dict) -> dict:
-    """A proxy whose validation loss is not finite (it diverged) as a failed one: a NaN loss
-    would otherwise reach the regression, and pass the gate's rank check unnoticed. Its MLflow
-    run keeps what it measured."""
-    diverged = sorted(d for d, loss in result.get("val_loss", {}).items() if not math.isfinite(loss))
-    if not diverged:
-        return result
-    return {"id": result["id"], "hash": result["hash"], "weights": result["weights"],
-            "error": f"diverged: validation loss not finite on {diverged}; lower proxy.train.lr "
-                     "or proxy.train.grad_clip"}
+            results.append(failed_result(m, f"{type(e).__name__}: {e}"))
+    return {"task": int(task["task"]), "results": results}
 
 
 @component

@@ -12,11 +12,16 @@ import torch
 from components.config import TrainRecipe, parse_config
 from components.mixtures import as_mixtures, proxy_key
 from components.proxy import (
+    DIVERGED_TAG,
     MixtureBatches,
-    diverged_as_failed,
     evaluate,
+    find_finished,
+    keep_outcome,
+    kept_result_path,
     lr_at,
     train_lm,
+    train_packed,
+    train_proxy,
     train_proxy_op,
 )
 from components.shapes import SHAPES
@@ -217,13 +222,87 @@ def test_a_failed_proxy_is_reported_and_its_task_mates_kept(prepared_data, track
     assert finished["id"] == good["id"] and set(finished["val_loss"]) == set(prepared_data.domains)
 
 
-def test_a_diverged_proxy_is_reported_as_failed():
-    finished = {"id": "m1", "hash": "h", "weights": {"a": 1.0}, "val_loss": {"a": 3.0, "b": 4.0}}
-    assert diverged_as_failed(finished) is finished
-    diverged = {**finished, "val_loss": {"a": float("nan"), "b": float("inf")}}
-    failed = diverged_as_failed(diverged)
-    assert failed["id"] == "m1" and "val_loss" not in failed
-    assert failed["error"].startswith("diverged: validation loss not finite on ['a', 'b']")
+def test_a_diverged_proxy_fails_its_run_and_is_not_trained_again(prepared_data, tracking,
+                                                                  monkeypatch):
+    from kfp import dsl
+
+    import components.proxy
+
+    config = tiny_config_dict("unused.yaml")
+    mixture = as_mixtures(np.array([[0.4, 0.3, 0.3]]), prepared_data.domains, "m",
+                          proxy_key(parse_config(config), prepared_data.meta))[0]
+    task = {"task": 0.0, "mixtures": [mixture], "tracking": tracking}
+    data = dsl.Dataset(name="data", uri=str(prepared_data.root))
+    losses = dict(zip(prepared_data.domains, [float("nan"), float("inf"), 3.0], strict=True))
+    monkeypatch.setattr(components.proxy, "evaluate", lambda model, data, precision: losses)
+    failed = train_proxy_op.python_func(config=config, task=task, data=data)["results"][0]
+    diverged = sorted(prepared_data.domains[:2])
+    assert "val_loss" not in failed
+    assert failed["error"].startswith(f"diverged: validation loss not finite on {diverged}")
+    assert failed["error"].endswith("lower proxy.train.lr or proxy.train.grad_clip")
+    run = find_finished(tracking, mixture["hash"])
+    assert run.info.status == "FAILED" and run.data.tags[DIVERGED_TAG] == "true"
+    assert run.data.metrics[f"val_loss.{prepared_data.domains[2]}"] == 3.0  # what it measured
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a diverged proxy must not be trained again")
+
+    monkeypatch.setattr(components.proxy, "train_lm", no_training)
+    again = train_proxy_op.python_func(config=config, task=task, data=data)["results"][0]
+    assert again["error"] == failed["error"]  # MLflow kept the infinite loss as the largest float
+
+
+def test_only_the_main_process_logs_a_kept_outcome(prepared_data, tracking, monkeypatch, tmp_path):
+    """A retried multi-GPU run finds the outcome its last try kept: one rank logs it, once."""
+    import accelerate
+
+    monkeypatch.setenv("REGMIX_CACHE", str(tmp_path))
+    mixture = {"id": "large@seed0", "hash": "feedfacefeedface", "weights": {"code": 1.0}}
+    outcome = {"val_loss": {d: 3.0 for d in prepared_data.domains}, "train_loss": 3.1,
+               "tokens": 2048, "seconds": 1.0, "curve": [(0, 3.1)]}
+    keep_outcome(mixture["hash"], outcome)
+    recipe, shape = TrainRecipe(tokens=2048, batch_size=4), SHAPES["tiny-proxy"]
+
+    class OtherRank:
+        is_main_process = False
+
+    with monkeypatch.context() as m:
+        m.setattr(accelerate, "PartialState", OtherRank)
+        other = train_proxy(prepared_data, mixture, shape, recipe, 0, tracking, {"code": 1.0})
+    assert "val_loss" not in other and find_finished(tracking, mixture["hash"]) is None
+    assert kept_result_path(mixture["hash"]).exists()
+    main = train_proxy(prepared_data, mixture, shape, recipe, 0, tracking, {"code": 1.0})
+    assert main["val_loss"] == outcome["val_loss"] and not kept_result_path(mixture["hash"]).exists()
+
+
+def test_packed_training_under_a_loss_scale_clips_as_training_alone(prepared_data, monkeypatch):
+    """fp16 on a GPU scales the loss by 2^16; each packed proxy must be clipped unscaled, as
+    accelerate clips a model trained alone. CPU has no fp16 autocast, so the scaler is added
+    by hand to the accelerator the training builds."""
+    import components.proxy
+
+    build = components.proxy.make_accelerator
+
+    def with_loss_scale(recipe):
+        accelerator = build(recipe)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        prepare = accelerator.prepare
+
+        def prepare_then_scale(obj):  # accelerate's own check for the scaler's path
+            prepared = prepare(obj)
+            accelerator.native_amp = True
+            return prepared
+
+        accelerator.prepare = prepare_then_scale
+        return accelerator
+
+    recipe = TrainRecipe(tokens=8192, batch_size=8, lr=0.01, mixed_precision="fp16")
+    weights = {"code": 0.5, "changelogs": 0.3, "licenses": 0.2}
+    monkeypatch.setattr(components.proxy, "make_accelerator", with_loss_scale)
+    _, alone, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, 0)
+    _, packed, _ = train_packed(prepared_data, [weights, weights], SHAPES["tiny-proxy"], recipe,
+                                [0, 1])
+    assert packed[0] == pytest.approx(alone, rel=1e-5)
 
 
 def test_a_proxy_trained_while_mlflow_is_down_is_kept_and_logged_later(prepared_data, tracking,
@@ -234,7 +313,6 @@ def test_a_proxy_trained_while_mlflow_is_down_is_kept_and_logged_later(prepared_
 
     import components.proxy
     import components.tracking
-    from components.proxy import find_finished, kept_result_path
     from components.tracking import TrackingUnavailable
 
     monkeypatch.setattr(components.tracking, "BACKOFF_S", 0.0)
