@@ -54,6 +54,16 @@ PATTERN_WORDS = {
     MEMORY_QUANTITY: "a Kubernetes memory quantity, such as 64Gi",
 }
 
+# A memory quantity's suffix (MEMORY_QUANTITY) in bytes
+MEMORY_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+                "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def memory_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity matching MEMORY_QUANTITY, such as 64Gi, in bytes."""
+    digits = quantity.rstrip("EPTGMKi")
+    return int(digits) * MEMORY_UNITS[quantity[len(digits):]]
+
 
 class DomainSource(Strict):
     """One corpus domain: local files (jsonl/txt/parquet; a file, folder or glob) or a HF dataset."""
@@ -435,6 +445,20 @@ class ClusterConfig(Strict):
                 "cluster.large.nodes > 1 runs a PyTorchJob: set cluster.image (its pods' image) "
                 "and cluster.volume (a ReadWriteMany claim its nodes share)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _shm_fits(self):
+        # GPU pods get a memory-backed /dev/shm, which counts against the container's memory
+        # limit: as large as the limit, it leaves the trainer nothing (OOM-killed, not refused).
+        for kind in ("data", "cpu", "proxy", "large"):
+            pod = getattr(self, kind)
+            if pod.gpus and pod.memory and memory_bytes(self.shm_size) >= memory_bytes(pod.memory):
+                raise ValueError(
+                    f"cluster.shm_size ({self.shm_size}) must be below cluster.{kind}.memory "
+                    f"({pod.memory}): /dev/shm is memory-backed and counts against the pod's "
+                    f"memory limit; lower cluster.shm_size or raise cluster.{kind}.memory"
+                )
         return self
 
 

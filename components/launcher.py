@@ -113,8 +113,10 @@ def pytorchjob_manifest(name: str, config: RegMixConfig, work_dir: str) -> dict:
     env = [{"name": "HOME", "value": "/tmp"}]  # the root filesystem is read-only
     env += [{"name": k, "value": v} for k, v in volume_env(cluster.volume.mount_path).items()]
     if cluster.mlflow_secret:
-        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": cluster.mlflow_secret,
-                                                             "key": key}}} for key in MLFLOW_ENV]
+        # Only the URI is required: username and password exist only behind an auth proxy.
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {
+            "name": cluster.mlflow_secret, "key": key, "optional": key != "MLFLOW_TRACKING_URI"}}}
+            for key in MLFLOW_ENV]
     container = {
         "name": "pytorch",  # the Training Operator finds its container by this name
         "image": cluster.image,

@@ -41,9 +41,12 @@ def apply_task_settings(task: dsl.PipelineTask, cluster: ClusterConfig,
         pod = cluster.cpu
     if cluster.image:
         task.set_container_image(cluster.image)
-        kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID,
-                                        run_as_non_root=True)
-    # Requests equal limits: pods get Guaranteed QoS, so a busy node never squeezes a trainer.
+    # Every task runs the project's image (cluster.image, else $REGMIX_IMAGE or components.IMAGE
+    # as compiled), built to run as this uid.
+    kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID,
+                                    run_as_non_root=True)
+    # Requests equal limits for the main container, so the scheduler reserves all a trainer may
+    # use (KFP's launcher and Argo's sidecars may still leave the pod Burstable, not Guaranteed).
     if pod.cpu:
         task.set_cpu_request(pod.cpu).set_cpu_limit(pod.cpu)
     if pod.memory:
@@ -64,7 +67,12 @@ def apply_task_settings(task: dsl.PipelineTask, cluster: ClusterConfig,
         for key, value in volume_env(mount).items():
             task.set_env_variable(key, value)
     if cluster.mlflow_secret:
-        kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {k: k for k in MLFLOW_ENV})
+        # The URI is required; username and password only exist behind an auth proxy, and a
+        # missing required key would fail the pod (CreateContainerConfigError).
+        uri, *credentials = MLFLOW_ENV
+        kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {uri: uri})
+        kubernetes.use_secret_as_env(task, cluster.mlflow_secret, {k: k for k in credentials},
+                                     optional=True)
     if cluster.retries:
         task.set_retry(cluster.retries, backoff_duration=cluster.backoff,
                        backoff_max_duration=cluster.backoff_max)

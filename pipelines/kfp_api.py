@@ -25,6 +25,26 @@ class KfpUnavailable(RuntimeError):
     """The KFP API could not be reached, or refused the request."""
 
 
+class NoAnswer(KfpUnavailable):
+    """An answer without a field every real KFP answer has: behind a login, a 302 leads to an HTML
+    page, which kfp_server_api reads as an object whose every field is None. `answering` adds the
+    address to the message."""
+
+    def __init__(self, what: str, where: str = "the KFP API"):
+        self.what = what
+        super().__init__(
+            f"{where} answered without {what}: is it behind a login page (Dex, oauth2-proxy)? "
+            "Run from a Kubeflow notebook without --host, or port-forward ml-pipeline-ui "
+            "(docs/deploy.md, step 4)")
+
+
+def required(value: str | None, what: str) -> str:
+    """`value`, which a real KFP answer always has; NoAnswer where it is missing."""
+    if not value:
+        raise NoAnswer(what)
+    return value
+
+
 @contextmanager
 def answering(host: str | None):
     """Turn an unreachable or refusing KFP API into one line naming the address and the fix."""
@@ -34,6 +54,8 @@ def answering(host: str | None):
     where = host or "the address kfp found (in-cluster or kubectl)"
     try:
         yield
+    except NoAnswer as e:
+        raise NoAnswer(e.what, f"the KFP API at {where}") from None
     except HTTPError as e:  # urllib3's: refused, unresolvable, timed out after retries
         reason = getattr(e, "reason", e)
         raise KfpUnavailable(f"cannot reach the KFP API at {where} ({reason}); check --host and "
@@ -60,7 +82,7 @@ def submit(client: kfp.Client, config: RegMixConfig, package: Path, namespace: s
         experiment_name=experiment or config.name, namespace=namespace,
         service_account=config.cluster.service_account,
     )
-    return result.run_id
+    return required(result.run_id, "a run id")
 
 
 def check_cron(expression: str) -> str:
@@ -83,16 +105,21 @@ def schedule(client: kfp.Client, config: RegMixConfig, package: Path, cron: str,
     """A recurring run on a cron schedule, one run at a time, no backfill; returns its id."""
     exp = client.create_experiment(experiment or config.name, namespace=namespace)
     recurring = client.create_recurring_run(
-        exp.experiment_id, name or f"{config.name}-scheduled", cron_expression=check_cron(cron),
+        required(exp.experiment_id, "an experiment id"), name or f"{config.name}-scheduled",
+        cron_expression=check_cron(cron),
         pipeline_package_path=str(package), max_concurrency=1,
         no_catchup=True, service_account=config.cluster.service_account,
     )
-    return recurring.recurring_run_id
+    return required(recurring.recurring_run_id, "a recurring run id")
 
 
 def list_runs(client: kfp.Client, namespace: str | None = None, limit: int = 20) -> list[dict]:
     """The newest runs: id, name, state, creation time."""
     response = client.list_runs(page_size=limit, sort_by="created_at desc", namespace=namespace)
+    # A login page's HTML also reads as no runs; KFP's healthz always says whether it is
+    # multi-user, so a missing `multi_user` tells the two apart.
+    if not response.runs and client.get_kfp_healthz(sleep_duration=1).multi_user is None:
+        raise NoAnswer("multi_user in its healthz")
     return [{"id": r.run_id, "name": r.display_name, "state": r.state,
              "created_at": r.created_at.isoformat() if r.created_at else ""}
             for r in response.runs or []]

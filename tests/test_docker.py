@@ -54,6 +54,23 @@ def test_every_pip_install_is_pinned_and_the_image_runs_as_the_pods_uid(recipe):
     assert ("USER", f"{IMAGE_UID}:{IMAGE_UID}") in steps
 
 
+def test_the_image_has_lightgbms_openmp_and_torch_in_a_layer_only_the_constraints_change():
+    steps = instructions(Path("docker/Dockerfile"))
+
+    def first_run(has) -> int:
+        return next(i for i, (kind, args) in enumerate(steps) if kind == "RUN" and has(args))
+
+    apt = first_run(lambda args: "apt-get install" in args)
+    assert "libgomp1" in steps[apt][1].split()  # lightgbm's wheel links libgomp.so.1
+    assert "rm -rf /var/lib/apt/lists/*" in steps[apt][1]
+    assert apt < first_run(lambda args: "pip install" in args)
+    torch = first_run(lambda args: any("torch" in packages(cmd) for cmd in args.split("&&")
+                                       if "pip install" in cmd))
+    copied_before = [src for kind, args in steps[:torch] if kind == "COPY"
+                     for src in args.split()[:-1]]
+    assert copied_before == ["constraints.txt"]  # a pyproject.toml edit keeps the torch layer
+
+
 def test_the_project_dependencies_are_all_pinned_by_the_constraints():
     dependencies = tomllib.loads(Path("pyproject.toml").read_text())["project"]["dependencies"]
     pins = constraints()

@@ -36,6 +36,12 @@ def test_shipped_configs_load():
          "proxy.train.tokens: YAML read '2e5' as text, not a number; write it in digits: 200000"),
         ({"cluster": {"proxy": {"memory": "32GB"}}},
          "cluster.proxy.memory: '32GB': use a Kubernetes memory quantity, such as 64Gi"),
+        # /dev/shm counts against the GPU pod's memory limit (64Gi > 32Gi, 40G > 32Gi = 34.4G)
+        ({"cluster": {"shm_size": "64Gi", "proxy": {"gpus": 1, "memory": "32Gi"}}},
+         "cluster.shm_size .64Gi. must be below cluster.proxy.memory .32Gi.: /dev/shm is "
+         "memory-backed .* lower cluster.shm_size or raise cluster.proxy.memory"),
+        ({"cluster": {"shm_size": "40G", "large": {"gpus": 8, "memory": "32Gi"}}},
+         "cluster.shm_size .40G. must be below cluster.large.memory .32Gi."),
         # Search bounds no mixture meets fail when the config loads (compile and submit too),
         # not after the data is prepared
         ({"search": {"max_epochs": float("inf")}}, "search.max_epochs: Input should be a finite number"),
@@ -60,6 +66,17 @@ def test_shipped_configs_load():
 def test_bad_values_name_the_field(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("`", "`")):
         parse_config(tiny_config_dict(tmp_path / "c.yaml", **overrides))
+
+
+def test_shm_size_is_checked_only_against_the_memory_of_gpu_pods(tmp_path):
+    # a CPU pod gets no /dev/shm; a GPU pod's limit one byte above 16Gi leaves room
+    cluster = {"shm_size": "16Gi", "cpu": {"memory": "8Gi"},
+               "proxy": {"gpus": 1, "memory": str(16 * 2**30 + 1)}}
+    config = parse_config(tiny_config_dict(tmp_path / "c.yaml", cluster=cluster))
+    assert config.cluster.proxy.memory == "17179869185"
+    with pytest.raises(ConfigError, match="cluster.shm_size .16Gi. must be below cluster.proxy"):
+        parse_config(tiny_config_dict(tmp_path / "c.yaml", cluster={
+            **cluster, "proxy": {"gpus": 1, "memory": str(16 * 2**30)}}))
 
 
 @pytest.mark.parametrize(

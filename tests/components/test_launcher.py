@@ -101,8 +101,10 @@ def test_manifest_is_a_pytorchjob_of_nonroot_gpu_pods_valid_for_kubernetes():
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                    "effect": "NoSchedule"}]
     assert {"name": "data", "persistentVolumeClaim": {"claimName": "regmix-data"}} in pod["volumes"]
-    secret_env = {e["name"] for e in container["env"] if "valueFrom" in e}
-    assert secret_env == set(launcher.MLFLOW_ENV)
+    secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"]["optional"]
+                  for e in container["env"] if "valueFrom" in e}
+    assert secret_env == {"MLFLOW_TRACKING_URI": False, "MLFLOW_TRACKING_USERNAME": True,
+                          "MLFLOW_TRACKING_PASSWORD": True}  # a Secret with only the URI works
     # checkpoints on the shared volume, where every node and a recreated pod find them
     assert {"name": "REGMIX_CACHE", "value": "/data/cache/regmix"} in container["env"]
     # The pod template, as Kubernetes' own schema sees it (the CRD embeds a core PodTemplateSpec).

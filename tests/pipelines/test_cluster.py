@@ -10,6 +10,7 @@ from kfp import dsl, local
 
 from components import IMAGE, component
 from components.config import ConfigError, load_config, parse_config
+from components.launcher import IMAGE_UID
 from pipelines.cluster import apply_task_settings
 from pipelines.kfp_api import compile_package
 
@@ -109,10 +110,13 @@ def test_every_pod_gets_the_image_mlflow_secret_retries_and_no_pip_install(pile)
         assert task["retryPolicy"] == {"maxRetryCount": 2, "backoffDuration": "120s",
                                        "backoffFactor": 2.0, "backoffMaxDuration": "3600s"}
         pod = platform[label]
-        (secret,) = pod["secretAsEnv"]
-        assert secret["secretName"] == "regmix-mlflow-client" and not secret["optional"]
-        assert {e["envVar"] for e in secret["keyToEnv"]} == {
-            "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+        # A Secret holding only the URI (no auth proxy in front of MLflow) must start the pod.
+        required, optional = pod["secretAsEnv"]
+        assert required["secretName"] == optional["secretName"] == "regmix-mlflow-client"
+        assert [e["envVar"] for e in required["keyToEnv"]] == ["MLFLOW_TRACKING_URI"]
+        assert required["optional"] is False and optional["optional"] is True
+        assert {e["envVar"] for e in optional["keyToEnv"]} == {
+            "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
         assert pod["securityContext"]["runAsNonRoot"] is True
         # Only data preparation may be served from KFP's cache.
         assert task.get("cachingOptions", {}).get("enableCache", False) == (name == "prepare-data-op")
@@ -130,7 +134,11 @@ def test_data_preparation_caches_downloads_on_the_data_volume(pile):
 
 def test_without_a_cluster_section_the_pipeline_asks_for_nothing(tmp_path):
     spec, platform = compiled("configs/local.yaml", tmp_path / "pipeline.yaml")
-    assert platform == {}
+    # nothing but the uid the project's image (here the default one) is built to run as
+    uid = str(IMAGE_UID)
+    assert platform and all(pod == {"securityContext": {"runAsUser": uid, "runAsGroup": uid,
+                                                        "runAsNonRoot": True}}
+                            for pod in platform.values())
     for name, task in tasks(spec).items():
         assert "retryPolicy" not in task
         if name.endswith("-op"):

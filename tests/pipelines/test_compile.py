@@ -8,7 +8,7 @@ from pipelines.cli import main
 def test_compile_writes_a_pipeline_with_loop_collect_and_gate(tmp_path, capsys):
     out = tmp_path / "pipeline.yaml"
     assert main(["compile", "--config", "configs/local.yaml", "--out", str(out)]) == 0
-    spec = yaml.safe_load(out.read_text())
+    spec = next(yaml.safe_load_all(out.read_text()))  # then the platform spec (the pods' uid)
     assert spec["pipelineInfo"]["name"] == "regmix-local"
     text = out.read_text()
     for stage in ("prepare-data-op", "sample-mixtures-op", "train-proxy-op",

@@ -180,6 +180,11 @@ def test_the_cluster_config_names_what_k8s_creates(builds):
     assert ("Namespace", cluster.namespace) in objects
     claim = objects["PersistentVolumeClaim", cluster.volume.claim]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # shared by a multi-node job
+    # the default class is often block storage, which cannot share: the user names one that can
+    for docs in builds.values():
+        assert by_kind_name(docs)["PersistentVolumeClaim", cluster.volume.claim]["spec"][
+            "storageClassName"]
+    assert "`k8s/base/data-pvc.yaml` (`storageClassName:`" in Path("docs/deploy.md").read_text()
     client_secret = yaml.safe_load((K8S / "secrets/mlflow-client.yaml").read_text())
     assert client_secret["metadata"]["name"] == cluster.mlflow_secret
     uri = client_secret["stringData"]["MLFLOW_TRACKING_URI"]

@@ -104,3 +104,32 @@ def test_runs_lists_the_newest_runs_first(capsys):
     assert lines[0].split()[1:] == ["RUNNING", "run-2", "new"]
     assert lines[1].split()[1:] == ["SUCCEEDED", "run-1", "old"]
     assert query["sort_by"] == "created_at desc" and query["page_size"] == "5"
+
+
+def test_runs_lists_nothing_when_kfp_has_no_runs(kfp_api, capsys):
+    assert main(["runs", "--host", kfp_api.url]) == 0
+    assert capsys.readouterr().out == ""
+
+
+LOGIN_PAGE = "<html><body>Log in</body></html>"
+
+
+@pytest.mark.parametrize(("args", "missing"), [
+    (["submit", "--config", PILE], "a run id"),
+    (["schedule", "--config", PILE, "--cron", "0 0 3 * * *"], "an experiment id"),
+    (["runs"], "multi_user in its healthz"),
+])
+def test_a_login_page_in_front_of_kfp_fails_naming_the_host_and_the_fix(capsys, args, missing):
+    # Behind Dex or oauth2-proxy every request ends on the login page's HTML, which
+    # kfp_server_api reads as objects whose every field is None.
+    page = lambda m, q, b: (200, LOGIN_PAGE)  # noqa: E731
+    routes = {(method, f"{API}/{path}"): page for method, path in [
+        ("GET", "healthz"), ("GET", "experiments"), ("POST", "experiments"), ("POST", "runs"),
+        ("GET", "runs"), ("POST", "recurringruns")]}
+    with FakeApi(routes) as login:
+        assert main([args[0], "--host", login.url, *args[1:]]) == 1
+        assert login.calls("POST", f"{API}/recurringruns") == []  # not in an experiment "None"
+    err = capsys.readouterr().err
+    assert (f"the KFP API at {login.url} answered without {missing}: "
+            "is it behind a login page") in err
+    assert "port-forward ml-pipeline-ui" in err
