@@ -7,6 +7,7 @@ Bad values stop with `ConfigError`: one message naming the field and the fix.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -543,6 +544,46 @@ def check_unique(names: list[str], field: str) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"{field}: duplicate domain name(s) {dupes}; names must be unique")
+
+
+# What the compiled pipeline is built from: the pods' resources and images, how many tasks run
+# at once, how many loops are unrolled and whether the rank check exists. A run's `config`
+# parameter (editable in the KFP UI) cannot change them, so a run that tries is refused.
+COMPILED_SETTINGS = ("cluster", "proxy.parallelism", "large.parallelism",
+                     "active_learning.rounds", "rank_check.mixtures")
+
+
+def compiled_settings(config: RegMixConfig) -> dict:
+    """The config's COMPILED_SETTINGS, flattened to dotted names of single values."""
+    dumped, settings = config.model_dump(mode="json"), {}
+
+    def flatten(prefix: str, value) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                flatten(f"{prefix}.{key}", inner)
+        else:
+            settings[prefix] = value
+
+    for dotted in COMPILED_SETTINGS:
+        value = dumped
+        for key in dotted.split("."):
+            value = value[key]
+        flatten(dotted, value)
+    return settings
+
+
+def check_compiled_settings(config: RegMixConfig, compiled: dict) -> None:
+    """Refuse a run whose config changes what its pipeline was compiled with."""
+    settings = compiled_settings(config)
+    changed = [f"{dotted} to {json.dumps(settings.get(dotted))} (compiled: "
+               f"{json.dumps(compiled.get(dotted))})"
+               for dotted in sorted(settings.keys() | compiled.keys())
+               if settings.get(dotted) != compiled.get(dotted)]
+    if changed:
+        raise ConfigError(f"this run's config changes {', '.join(changed)}; the pipeline was "
+                          "compiled with those (pod resources, task counts, loops), so a run "
+                          "cannot change them: recompile with `regmix compile` (or submit the "
+                          "edited YAML with `regmix submit`) instead of editing them in the run")
 
 
 def parse_config(data: dict, source: str = "config") -> RegMixConfig:

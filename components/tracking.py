@@ -216,10 +216,18 @@ def finish_pipeline_run(tracking_uri: str, experiment: str, pipeline_run: str, s
 
 
 @component
-def start_tracking_op(config: dict, tracking_uri: str, run_label: str, job_id: str) -> dict:
-    """Create the MLflow parent run for this pipeline run (labelled by the caller or job id)."""
+def start_tracking_op(config: dict, tracking_uri: str, run_label: str, job_id: str,
+                      compiled: str = "") -> dict:
+    """Create the MLflow parent run for this pipeline run (labelled by the caller or job id),
+    once the run's config is known to keep what the pipeline was compiled with (`compiled`:
+    its COMPILED_SETTINGS as JSON)."""
+    import json
+
+    from components.config import check_compiled_settings, parse_config
     from components.tracking import default_tracking_uri, start_pipeline_run
 
+    if compiled:
+        check_compiled_settings(parse_config(config), json.loads(compiled))
     return start_pipeline_run(
         tracking_uri or default_tracking_uri(), config["name"], run_label or job_id, config
     )

@@ -12,10 +12,12 @@ loop item, so loop bodies take only the item, pipeline parameters and artifacts;
 steps put the tracking context into each item.
 """
 
+import json
+
 from kfp import dsl
 
 from components.active import propose_proxies_op
-from components.config import RegMixConfig
+from components.config import RegMixConfig, compiled_settings
 from components.data import data_settings_op, prepare_data_op
 from components.gate import plan_gate_op, validate_prediction_op
 from components.large import (
@@ -42,6 +44,7 @@ def build_pipeline(config: RegMixConfig):
     rank_check = config.rank_check.mixtures > 0
     active_rounds = config.active_learning.rounds
     cluster = config.cluster
+    compiled = json.dumps(compiled_settings(config))  # a run may not change these
 
     # The config's tracking.uri is the runs' default; without one the pods use
     # $MLFLOW_TRACKING_URI (from `cluster.mlflow_secret`).
@@ -51,7 +54,7 @@ def build_pipeline(config: RegMixConfig):
         run = {"config": config, "tracking_uri": tracking_uri, "run_label": run_label,
                "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
         with dsl.ExitHandler(finish_tracking_op(**run), name="track-run"):
-            tracking = start_tracking_op(**run).output
+            tracking = start_tracking_op(**run, compiled=compiled).output
             data = prepare_data_op(settings=data_settings_op(config=config).output)
             meta, tokens = data.outputs["Output"], data.outputs["data"]
             plan = sample_mixtures_op(config=config, data_meta=meta, tracking=tracking)

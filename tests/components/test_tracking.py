@@ -39,3 +39,26 @@ def test_a_failing_stage_keeps_its_own_error_and_marks_the_run_failed(tracking):
         pass
     assert mlflow.MlflowClient(tracking["uri"]).get_run(run.info.run_id).info.status == "FINISHED"
     assert mlflow.active_run() is None
+
+
+def test_a_run_cannot_change_what_its_pipeline_was_compiled_with(tmp_path):
+    import json
+
+    from components.config import ConfigError, compiled_settings, parse_config
+    from components.tracking import start_tracking_op
+    from tests.conftest import tiny_config_dict
+
+    compiled = json.dumps(compiled_settings(parse_config(tiny_config_dict("x.yaml"))))
+    edited = tiny_config_dict("x.yaml", proxy={"parallelism": 3.0},  # as KFP hands numbers over
+                              cluster={"retries": 3.0})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(ConfigError, match=r"changes cluster.retries to 3 \(compiled: 0\), "
+                                          r"proxy.parallelism to 3 \(compiled: 8\); .* "
+                                          r"recompile with `regmix compile`"):
+        start_tracking_op.python_func(config=edited, tracking_uri=uri, run_label="r1",
+                                      job_id="j", compiled=compiled)
+    # Numbers that KFP hands over as floats are the same settings
+    same = tiny_config_dict("x.yaml", proxy={"per_task": 4.0}, cluster={})
+    tracking = start_tracking_op.python_func(config=same, tracking_uri=uri, run_label="r1",
+                                             job_id="j", compiled=compiled)
+    assert mlflow.MlflowClient(uri).get_run(tracking["parent_run_id"]).data.tags
