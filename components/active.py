@@ -11,7 +11,14 @@ import numpy as np
 from kfp import dsl
 
 from components import component
-from components.mixtures import as_mixtures, chunk, prior_and_caps, proxy_key, sample_mixtures
+from components.mixtures import (
+    as_mixtures,
+    capped,
+    chunk,
+    dirichlet_around,
+    prior_and_caps,
+    proxy_key,
+)
 from components.search import nearest_l1_distance
 
 # Dirichlet concentrations around the chosen mixture: from a wide neighbourhood (10) to
@@ -24,11 +31,19 @@ def propose_mixtures(model, chosen: np.ndarray, caps: np.ndarray, count: int, ca
                      rng: np.random.Generator) -> np.ndarray:
     """`count` mixtures near `chosen` where the regression `model` is least sure.
 
-    Candidates are Dirichlet draws around `chosen` (within the proxies' max-epochs `caps`);
-    the best-predicted `near_fraction` of them is the neighbourhood of the optimum; from it,
-    picks go greedily to the largest disagreement x distance to every known mixture.
+    Candidates are Dirichlet draws around `chosen`, brought within the proxies' max-epochs
+    `caps` (not rejected, as the sampler does: the optimum often sits at a cap, and half the
+    draws around it would be over); the best-predicted `near_fraction` of them is the
+    neighbourhood of the optimum; from it, picks go greedily to the largest disagreement x
+    distance to every known mixture.
     """
-    pool = sample_mixtures(chosen, candidates, caps, rng, NEIGHBOURHOOD_STRENGTH, min_weight)
+    pool = dirichlet_around(chosen, candidates, rng, NEIGHBOURHOOD_STRENGTH)
+    pool[pool < min_weight] = 0.0
+    pool = capped(pool / pool.sum(axis=1, keepdims=True), caps)
+    pool = pool[np.isfinite(pool).all(axis=1)]
+    if not len(pool):
+        raise ValueError("active learning: no candidate mixture around the chosen one fits the "
+                         "max-epochs caps; raise active_learning.candidates or mixtures.max_epochs")
     predicted, spread = model.predict_with_spread(pool)
     is_near = predicted <= np.quantile(predicted, near_fraction)
     near, disagreement = pool[is_near], spread[is_near]

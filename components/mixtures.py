@@ -46,6 +46,24 @@ def dirichlet_around(
     return draws / draws.sum(1, keepdims=True)
 
 
+def capped(weights: np.ndarray, caps: np.ndarray) -> np.ndarray:
+    """Each row with every weight at most its cap, the excess shared among the row's weights
+    still under their caps in proportion to them (zeros stay zero, the row still sums to 1);
+    a row that cannot hold its mass under the caps comes back as NaN."""
+    weights = np.atleast_2d(np.asarray(weights, dtype=float)).copy()
+    for _ in range(weights.shape[1]):  # each pass caps at least one more domain
+        excess = np.clip(weights - caps, 0.0, None).sum(axis=1, keepdims=True)
+        if not (excess > 1e-12).any():
+            break
+        weights = np.minimum(weights, caps)
+        room = np.where(weights < caps, weights, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            weights += excess * room / room.sum(axis=1, keepdims=True)
+    over = (weights > caps + 1e-9).any(axis=1)
+    weights[over] = np.nan  # 0/0 above: no room left under the caps
+    return weights
+
+
 def sample_mixtures(
     prior: np.ndarray,
     count: int,
@@ -128,9 +146,8 @@ def plan_proxies(config, meta: dict, tracking: dict) -> list[dict]:
     mix = config.mixtures
     rng = np.random.default_rng(config.seed)
     sampled = draw_mixtures(config, meta, mix.count - mix.include_prior, rng)
-    if mix.include_prior:
-        prior, caps = prior_and_caps(config, meta)
-        sampled = np.vstack([np.minimum(prior, caps) / np.minimum(prior, caps).sum(), sampled])
+    if mix.include_prior:  # the prior itself, within the caps (the sampler found mixtures that are)
+        sampled = np.vstack([capped(*prior_and_caps(config, meta)), sampled])
     mixtures = as_mixtures(sampled, meta["domains"], "m", proxy_key(config, meta))
     return chunk(mixtures, config.proxy.per_task, tracking)
 

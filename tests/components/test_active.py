@@ -56,6 +56,16 @@ def test_proposals_honour_caps_and_are_seeded(ensemble):
     assert (first <= caps + 1e-12).all()
 
 
+def test_an_optimum_at_the_caps_still_gets_proposals_within_them():
+    # 10 of 12 domains at their caps: rejecting draws over a cap would keep about 1 in 1000.
+    weights, y = smooth_problem(40, 12)
+    model = fit_regressor(weights, y, names(12), model="linear", folds=3)[0]
+    chosen, caps = np.r_[np.full(10, 0.09), 0.05, 0.05], np.r_[np.full(10, 0.09), 1.0, 1.0]
+    proposed = propose_mixtures(model, chosen, caps, 4, 512, 0.2, 0.002, np.random.default_rng(0))
+    assert proposed.shape == (4, 12) and (proposed <= caps + 1e-9).all()
+    np.testing.assert_allclose(proposed.sum(1), 1.0)
+
+
 def test_picks_spread_out_rather_than_pile_up():
     """With a single model (no disagreement) distance alone decides: the second pick is not
     next to the first."""

@@ -3,6 +3,7 @@ import pytest
 
 from components.config import ConfigError, parse_config
 from components.mixtures import (
+    capped,
     dirichlet_around,
     epoch_caps,
     mixture_hash,
@@ -61,6 +62,17 @@ def test_sampler_names_a_min_weight_no_mixture_passes():
     with np.errstate(all="raise"), pytest.raises(ValueError, match="lower mixtures.min_weight"):
         sample_mixtures(np.full(4, 0.25), 4, np.full(4, 0.6), np.random.default_rng(0),
                         min_weight=0.7, max_blocks=5)
+
+
+def test_capping_shares_the_excess_in_proportion_and_keeps_zeros():
+    caps = np.array([0.3, 1.0, 1.0, 0.25])
+    rows = capped(np.array([[0.6, 0.3, 0.1, 0.0], [0.2, 0.2, 0.2, 0.4], [0.5, 0.0, 0.0, 0.5]]), caps)
+    np.testing.assert_allclose(rows[0], [0.3, 0.525, 0.175, 0.0])  # 0.3 over, shared 3:1
+    np.testing.assert_allclose(rows[1], [0.25, 0.25, 0.25, 0.25])  # 0.15 over, shared 1:1:1
+    assert np.isnan(rows[2]).all()  # only capped domains hold weight: no room
+    # The prior proxy's mixture (the caps that once rescaled it past them again)
+    prior, caps = np.array([0.5, 0.3, 0.2]), np.array([0.4, 0.32, 1.0])
+    np.testing.assert_allclose(capped(prior, caps)[0], [0.4, 0.32, 0.28])
 
 
 def test_epoch_caps():
