@@ -5,7 +5,9 @@ logged to the pipeline's parent run under `report/`, and shown in the KFP UI by 
 """
 
 import base64
+import html
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -151,6 +153,15 @@ def summary_lines(record: RunRecord, outcome: str | None = None) -> list[str]:
     fit, search, gate = record.latest("regression"), record.latest("search"), record.latest("gate")
     proxies = sum(len(record.runs.get(stage, [])) for stage in PROXY_STAGES)
     lines.append(f"- proxies trained in this run: {proxies}")
+    # A stage that failed may have opened its run without logging its result: say so instead.
+    results = {"regression": (fit, "cv_spearman"), "search": (search, "predicted_loss"),
+               "gate": (gate, "gate.passed")}
+    for stage, (run, metric) in results.items():
+        if run is not None and metric not in run.data.metrics:
+            lines.append(f"- {stage}: {run.info.status} without a result (MLflow run "
+                         f"`{run.info.run_name}`)")
+    fit, search, gate = (run if run is not None and metric in run.data.metrics else None
+                         for run, metric in results.values())
     if fit:
         m = fit.data.metrics
         lines.append(f"- regression: {fit.data.params.get('model')} on "
@@ -179,6 +190,29 @@ def summary_lines(record: RunRecord, outcome: str | None = None) -> list[str]:
     return lines
 
 
+def inline_html(text: str) -> str:
+    """One line of the summary's markdown (escaped): **bold** and `code`."""
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def markdown_to_html(lines: list[str]) -> str:
+    """The summary's few markdown forms (heading, list items, one table) as HTML."""
+    parts = []
+    for line in lines:
+        if line.startswith("# "):
+            parts.append(f"<h1>{inline_html(line[2:])}</h1>")
+        elif line.startswith("- "):
+            parts.append(f"<p>{inline_html(line[2:])}</p>")
+        elif line.startswith("|") and "---" not in line:
+            cells = [inline_html(cell.strip()) for cell in line.strip("|").split("|")]
+            tag = "th" if not parts or not parts[-1].startswith("<tr>") else "td"
+            parts.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
+    body = "\n".join(parts)
+    return re.sub(r"((?:<tr>.*</tr>\n?)+)", r"<table>\1</table>", body)
+
+
 def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path,
                  outcome: str | None = None) -> Path:
     """Write report.md, report.html and PNGs to `out_dir`; returns the HTML path. `outcome` is
@@ -200,11 +234,10 @@ def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path,
     images = "".join(
         f'<img src="data:image/png;base64,{base64.b64encode((out_dir / n).read_bytes()).decode()}"'
         f' alt="{n}">' for n in drawn)
-    body = "\n".join(f"<h1>{line[2:]}</h1>" if line.startswith("# ") else f"<p>{line[2:]}</p>"
-                     for line in lines if line.startswith(("# ", "- ")))
-    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>RegMix {label}</title>"
-            f"</head><body>{body}{images}</body></html>")
-    write_text(out_dir / "report.html", html)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>RegMix "
+            f"{html.escape(label)}</title></head><body>{markdown_to_html(lines)}{images}</body>"
+            "</html>")
+    write_text(out_dir / "report.html", page)
     parent = record.latest("pipeline")
     if parent is not None:
         mlflow.MlflowClient(tracking_uri).log_artifacts(parent.info.run_id, str(out_dir), "report")

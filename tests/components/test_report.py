@@ -38,7 +38,11 @@ def test_report_reads_the_run_back_from_mlflow(tmp_path, tracking):
     for png in ("mixture.png", "gate.png", "learning_curve.png", "baselines.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
         assert f"![{png}]({png})" in markdown
-    assert html.read_text().count("data:image/png;base64") == 4
+    page = html.read_text()
+    assert page.count("data:image/png;base64") == 4
+    assert "<b>PASSED</b>" in page and "<code>prior</code>" in page
+    assert "<table><tr><th>domain</th><th>chosen weight</th></tr>" in page
+    assert "<tr><td>code</td><td>0.7000</td></tr>" in page
     logged = mlflow.MlflowClient(tracking["uri"]).list_artifacts(tracking["parent_run_id"], "report")
     assert {a.path for a in logged} >= {"report/report.md", "report/report.html"}
 
@@ -61,3 +65,14 @@ def test_a_failed_run_says_where_it_failed(tmp_path, tracking):
     assert "**FAILED**" not in (tmp_path / "b" / "report.md").read_text()
     (line,) = outcome_lines(RunRecord("early"), "FAILED")  # before any tracked stage
     assert "no tracked stage failed" in line and "data preparation" in line
+
+
+def test_a_stage_that_failed_before_its_result_is_named_not_a_crash(tmp_path, tracking):
+    with pytest.raises(ValueError), stage_run(tracking, "regression", "fit<1>"):
+        mlflow.log_metric("proxies_failed", 9)  # as the fit stage logs before it can refuse
+        raise ValueError("only 3 of 12 proxies finished")
+    build_report(tracking["uri"], "regmix-test", "test-run", tmp_path / "r", outcome="FAILED")
+    assert "- regression: FAILED without a result (MLflow run `fit<1>`)" in (
+        tmp_path / "r" / "report.md").read_text()
+    assert "<p>regression: FAILED without a result (MLflow run <code>fit&lt;1&gt;</code>)</p>" in (
+        tmp_path / "r" / "report.html").read_text()
