@@ -153,7 +153,10 @@ class TrainRecipe(Strict):
         """The settings that decide what a run computes: the recipe in a result's content hash.
         Gradient accumulation changes only float rounding, and logging and checkpoint intervals
         nothing, so changing them keeps every finished result. (`distributed` and `compile`
-        stay in: they change how checkpoints are stored, and checkpoints share the hash.)"""
+        stay in: they change how checkpoints are stored, and checkpoints share the hash.)
+        `mixed_precision: auto` stays `auto`: runs are planned in a CPU pod, which cannot know
+        what the trainer's device resolves it to; an experiment whose runs train on both CPUs
+        and GPUs should name the precision, or bf16 and float32 results share hashes."""
         return self.model_dump(mode="json", exclude={"micro_batch_size", "log_every",
                                                      "checkpoint_every"})
 
