@@ -186,14 +186,20 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
     return record
 
 
-def export_csv(tracking_uri: str, experiment: str, stage: str, mixtures: Path,
+EXPORTED_STAGES = ("proxy", "active-proxy")  # the proxies a pipeline's regression fits on
+
+
+def export_csv(tracking_uri: str, experiment: str, stages: list[str], mixtures: Path,
                losses: Path) -> int:
-    """Write an experiment's finished proxies as the paper's two CSVs (paired by index)."""
+    """Write an experiment's finished proxies of these stages as the paper's two CSVs (paired
+    by index)."""
     from components.tracking import proxy_runs
 
-    results = sorted(proxy_runs(tracking_uri, experiment, stage), key=lambda r: r["id"])
+    results = sorted((r for stage in stages for r in proxy_runs(tracking_uri, experiment, stage)),
+                     key=lambda r: r["id"])
     if not results:
-        raise DataError(f"experiment '{experiment}' has no finished '{stage}' runs to export")
+        raise DataError(f"experiment '{experiment}' has no finished runs of stage "
+                        f"{' or '.join(stages)} to export")
     # One regression needs comparable rows: one model shape and token budget, one set of domains
     settings = sorted({json.dumps(r["setting"], sort_keys=True) for r in results})
     if len(settings) > 1:
@@ -343,7 +349,9 @@ def add_commands(sub) -> None:
 
     export = add_command(sub, "export", "write an experiment's proxy results as CSVs")
     export.add_argument("--experiment", required=True, help="the config's `name`")
-    export.add_argument("--stage", default="proxy", help="runs tagged regmix.stage=STAGE")
+    export.add_argument("--stage", action="append", dest="stages", metavar="STAGE",
+                        help="export runs tagged regmix.stage=STAGE; repeat for several "
+                             f"(default: {' and '.join(EXPORTED_STAGES)})")
     export.add_argument("--tracking-uri", help=f"MLflow tracking URI ({DEFAULT_TRACKING_HELP})")
     export.add_argument("--mixtures", required=True, type=output_file,
                         help="mixtures CSV to write (index, one column per domain)")
@@ -399,7 +407,8 @@ def cmd_export(args) -> int:
 
     uri = checked_tracking_uri(args.tracking_uri or default_tracking_uri(), existing=True)
     try:
-        rows = export_csv(uri, args.experiment, args.stage, args.mixtures, args.losses)
+        rows = export_csv(uri, args.experiment, args.stages or list(EXPORTED_STAGES),
+                          args.mixtures, args.losses)
     except ValueError as e:
         raise DataError(str(e)) from None
     print(f"wrote {rows} proxies to {args.mixtures} and {args.losses}")

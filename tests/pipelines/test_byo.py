@@ -235,8 +235,9 @@ def test_bad_flags_are_refused_before_any_work(capsys, command, message):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-def log_proxy(tracking, i: int, weights, tokens_budget: int = 1000, corpus: str = "f1") -> None:
-    with stage_run(tracking, "proxy", f"proxy-m{i}", {HASH_TAG: f"h{i}", CORPUS_TAG: corpus}):
+def log_proxy(tracking, i: int, weights, tokens_budget: int = 1000, corpus: str = "f1",
+              stage: str = "proxy") -> None:
+    with stage_run(tracking, stage, f"{stage}-m{i}", {HASH_TAG: f"h{i}", CORPUS_TAG: corpus}):
         mlflow.log_params({f"weight.{d}": w for d, w in zip("abc", weights, strict=True)})
         mlflow.log_params({"mixture_id": f"m{i:04d}", "shape": "tiny", "tokens_budget": tokens_budget})
         mlflow.log_metrics({f"val_loss.{d}": 3 + i for d in "abc"})
@@ -256,6 +257,14 @@ def test_export_writes_the_paper_format_from_mlflow(tmp_path, tracking, capsys):
     assert table.domains == ["a", "b", "c"] and len(table.index) == 5
     rows = list(csv.DictReader(losses.open()))
     assert [float(r["val_loss.a"]) for r in rows] == [3, 4, 5, 6, 7]
+    # Active-learning proxies are fitted on too (exported by default); gate proxies are not
+    log_proxy(tracking, 7, [0.1, 0.1, 0.8], stage="active-proxy")
+    log_proxy(tracking, 8, [0.1, 0.8, 0.1], stage="gate-proxy")
+    assert main(export) == 0 and len(read_proxy_csvs(mixtures).index) == 6
+    assert main([*export, "--stage", "proxy"]) == 0 and len(read_proxy_csvs(mixtures).index) == 5
+    assert main([*export, "--stage", "proxy", "--stage", "gate-proxy"]) == 0
+    assert len(read_proxy_csvs(mixtures).index) == 6
+    capsys.readouterr()
     # Proxies trained on another token budget, or other data (a retrained tokenizer, say), are
     # not rows of the same regression
     log_proxy(tracking, 5, [0.2, 0.3, 0.5], tokens_budget=2000)
