@@ -469,9 +469,10 @@ def record_proxy(tracking: dict, stage: str, mixture: dict, shape: ModelShape, r
         raise TrackingUnavailable(f"{e}. The trained proxy is kept at {kept}; rerun once MLflow "
                                   "is back and it is logged without training again") from None
     except Diverged as e:
-        kept.unlink(missing_ok=True)
-        return failed_result(mixture, str(e))
-    kept.unlink(missing_ok=True)
+        error = str(e)
+    kept.unlink(missing_ok=True)  # MLflow has it now
+    if diverged:
+        return failed_result(mixture, error)
     return {"id": mixture["id"], "hash": mixture["hash"], "weights": mixture["weights"],
             "val_loss": outcome["val_loss"], "train_loss": outcome["train_loss"],
             "tokens": outcome["tokens"], "seconds": outcome["seconds"],
