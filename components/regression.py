@@ -112,6 +112,14 @@ class FitReport:
     out_of_fold: np.ndarray = field(repr=False)  # the chosen model's CV predictions, row by row
     settings: dict[str, object] = field(default_factory=dict)  # what CV chose, for logging
 
+    @property
+    def left_out(self) -> list[int]:
+        """Rows left out of the fit as outliers (see OUTLIER_MADS); any part's, per domain."""
+        rows = set(self.settings.get("outlier_rows", []))
+        for part in self.settings.get("parts", []):
+            rows.update(part.get("outlier_rows", []))
+        return sorted(rows)
+
 
 class _Member(Protocol):
     """One fitted model inside a Regressor."""
@@ -1094,6 +1102,7 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
         mlflow.log_metrics({
             "cv_spearman": report.cv_spearman, "cv_rmse": report.cv_rmse,
             "fit_seconds": report.seconds, "best_train_target": float(losses[best]),
+            "proxies_left_out": len(report.left_out),
             **{f"cv_spearman.{m}": v for m, v in report.cv_by_model.items()},
         })
         for size, rho in curve:
@@ -1102,6 +1111,10 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
         if report.model == PER_DOMAIN:
             settings = {**settings, "parts": dict(zip(target, settings["parts"], strict=True))}
         mlflow.log_dict(settings, "fit_settings.json")
+        if report.left_out:  # a run far off its prediction may be worth a look (seed, data)
+            mlflow.log_dict({results[i]["id"]: {"target": float(losses[i]),
+                                                "cv_predicted": float(report.out_of_fold[i])}
+                             for i in report.left_out}, "left_out_proxies.json")
         if model.linear_coefficients:
             mlflow.log_dict(model.linear_coefficients, "linear_coefficients.json")
         log_mlflow_model(out, model)

@@ -164,8 +164,10 @@ def summary_lines(record: RunRecord, outcome: str | None = None) -> list[str]:
                          for run, metric in results.values())
     if fit:
         m = fit.data.metrics
+        left_out = (f" ({m['proxies_left_out']:.0f} left out as outliers, see "
+                    "`left_out_proxies.json`)" if m.get("proxies_left_out") else "")
         lines.append(f"- regression: {fit.data.params.get('model')} on "
-                     f"{fit.data.params.get('proxies')} proxies, CV Spearman "
+                     f"{fit.data.params.get('proxies')} proxies{left_out}, CV Spearman "
                      f"{m['cv_spearman']:.3f}, CV RMSE {m['cv_rmse']:.4f}")
     if search:
         m = search.data.metrics

@@ -115,7 +115,8 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
     write_text(out / TARGETS_FILE, json.dumps(index, indent=2))
     return [{"target": name, "model": report.model, "cv_spearman": report.cv_spearman,
              "cv_rmse": report.cv_rmse, "seconds": report.seconds,
-             "cv_by_model": report.cv_by_model, "per_domain": report.settings.get("per_domain")}
+             "cv_by_model": report.cv_by_model, "per_domain": report.settings.get("per_domain"),
+             "left_out": table.index[report.left_out].tolist()}
             for name, _, _, report in fitted]
 
 
@@ -368,6 +369,10 @@ def cmd_fit(args) -> int:
               f"(CV RMSE {r['cv_rmse']:.4f}), fitted in {r['seconds']:.1f} s")
         if r["per_domain"]:
             print(f"  per-domain {r['per_domain']}")
+        if r["left_out"]:
+            shown = ", ".join(map(str, r["left_out"][:20])) + (", ..." * (len(r["left_out"]) > 20))
+            print(f"  left out {len(r['left_out'])} rows whose loss CV could not predict "
+                  f"(index {shown})")
     print(f"wrote {args.out}")
     return 0
 

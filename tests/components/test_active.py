@@ -148,3 +148,23 @@ def test_the_fit_does_not_depend_on_the_order_proxy_results_arrive_in(prepared_d
         fits.append((report["cv_spearman"], Regressor.load(Path(model.path)).predict(weights)))
     assert fits[0][0] == fits[1][0]
     np.testing.assert_array_equal(fits[0][1], fits[1][1])
+
+
+def test_the_fit_logs_the_proxies_it_left_out(prepared_data, tracking, tmp_path):
+    meta = prepared_data.meta
+    config = tiny_config_dict("unused.yaml", regression={"model": "gp"})
+    rng = np.random.default_rng(0)
+    tasks = proxy_results(meta, rng.dirichlet(np.ones(3), size=40), "m")
+    for i, result in enumerate(tasks[0]["results"]):  # run-to-run noise, and one run gone wrong
+        shift = rng.normal(0, 0.005) + 0.5 * (i == 7)
+        result["val_loss"] = {d: v + shift for d, v in result["val_loss"].items()}
+    regressor = dsl.Model(name="regressor", uri=str(tmp_path / "fit"))
+    fit_regression_op.python_func(config=config, proxy_results=tasks, data_meta=meta,
+                                  tracking=tracking, regressor=regressor)
+    client = mlflow.MlflowClient(tracking["uri"])
+    run = next(r for r in client.search_runs([tracking["experiment_id"]])
+               if r.info.run_name == "fit-regression")
+    left_out = json.loads(Path(client.download_artifacts(
+        run.info.run_id, "left_out_proxies.json", str(tmp_path))).read_text())
+    assert run.data.metrics["proxies_left_out"] == len(left_out) >= 1
+    assert left_out["m0007"]["target"] > left_out["m0007"]["cv_predicted"] + 0.3

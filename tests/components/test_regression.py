@@ -267,3 +267,25 @@ def test_domain_interactions_recover_how_each_weight_moves_each_loss():
     # Weights sum to 1, so coefficients are identified up to a constant per loss
     np.testing.assert_allclose(found - found.mean(axis=1, keepdims=True),
                                effects - effects.mean(axis=1, keepdims=True), atol=0.02)
+
+
+def test_rows_far_off_their_prediction_are_left_out_and_the_fit_recovers(monkeypatch):
+    # A run that went wrong (a bad seed, a mislabelled mixture) bends every model near it.
+    weights, y = smooth_problem(150, 6)
+    planted = np.arange(0, 150, 19)
+    y[planted] += 0.1  # about 20 noise SDs
+    fresh_weights, fresh_y = smooth_problem(200, 6, seed=1)
+    regressor, report = fit_regressor(weights, y, names(6))
+    assert report.left_out == planted.tolist() == report.settings["outlier_rows"]
+    monkeypatch.setattr(regression, "OUTLIER_ROUNDS", 0)
+    bent, kept_all = fit_regressor(weights, y, names(6))
+    assert kept_all.left_out == []
+    assert report.cv_spearman > kept_all.cv_spearman  # scored on every row, the planted too
+    error = np.sqrt(np.mean((regressor.predict(fresh_weights) - fresh_y) ** 2))
+    assert error < 0.5 * np.sqrt(np.mean((bent.predict(fresh_weights) - fresh_y) ** 2))
+
+
+def test_clean_rows_are_all_kept():
+    for seed in range(3):
+        weights, y = smooth_problem(150, 6, seed)
+        assert fit_regressor(weights, y, names(6))[1].left_out == []

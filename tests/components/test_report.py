@@ -9,7 +9,7 @@ from components.tracking import PIPELINE_TAG, STAGE_TAG, stage_run
 def test_report_reads_the_run_back_from_mlflow(tmp_path, tracking):
     with stage_run(tracking, "regression", "fit"):
         mlflow.log_params({"model": "gp", "proxies": 12})
-        mlflow.log_metrics({"cv_spearman": 0.91, "cv_rmse": 0.02})
+        mlflow.log_metrics({"cv_spearman": 0.91, "cv_rmse": 0.02, "proxies_left_out": 2})
         for n, rho in ((4, 0.5), (8, 0.8), (12, 0.91)):
             mlflow.log_metric("learning_curve.cv_spearman", rho, step=n)
     with stage_run(tracking, "search", "search"):
@@ -34,6 +34,7 @@ def test_report_reads_the_run_back_from_mlflow(tmp_path, tracking):
     assert (tmp_path / "report" / "mixture.png").read_bytes() == chart.read_bytes()
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "CV Spearman 0.910" in markdown and "**PASSED**" in markdown
+    assert "gp on 12 proxies (2 left out as outliers, see `left_out_proxies.json`)" in markdown
     assert "large model on `prior`: 3.2000 +- 0.0200 over 3 seed(s), chosen wins by 0.2000" in markdown
     for png in ("mixture.png", "gate.png", "learning_curve.png", "baselines.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000

@@ -1,6 +1,7 @@
 """regmix fit / predict / search / export on the paper's own CSVs and a real MLflow store."""
 
 import csv
+import re
 from pathlib import Path
 
 import mlflow
@@ -276,3 +277,18 @@ def test_export_writes_the_paper_format_from_mlflow(tmp_path, tracking, capsys):
     log_proxy(tracking, 6, [0.2, 0.3, 0.5], corpus="f2")
     assert main(export) == 2
     assert "mixes proxies of 2 settings" in capsys.readouterr().err
+
+
+@needs_paper_data
+def test_fit_names_the_rows_it_left_out_by_their_index(tmp_path, capsys):
+    mixtures, losses = first_proxies(tmp_path, 100)
+    header, *rows = losses.read_text().splitlines()
+    column = header.split(",").index(PILE_CC)
+    cells = rows[41].split(",")
+    cells[column] = str(float(cells[column]) + 1.0)  # a run gone wrong
+    losses.write_text("\n".join([header, *rows[:41], ",".join(cells), *rows[42:]]) + "\n")
+    assert main(["fit", "--mixtures", str(mixtures), "--losses", str(losses), "--model", "gp",
+                 "--target", PILE_CC, "--out", str(tmp_path / "model")]) == 0
+    named = re.search(r"left out \d+ rows whose loss CV could not predict \(index ([^)]*)\)",
+                      capsys.readouterr().out)
+    assert cells[0] in named.group(1).split(", ")  # the CSV's own index, not a row number
