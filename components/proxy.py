@@ -141,12 +141,14 @@ def make_accelerator(recipe: TrainRecipe):
 
 
 class Progress:
-    """What a checkpoint holds beside model and optimizer: the step, the samplers, the curve."""
+    """What a checkpoint holds beside model and optimizer: the step, the samplers, the curve,
+    and the seconds trained so far (a resumed run's throughput counts every try)."""
 
     def __init__(self, batches: list[MixtureBatches]):
         self.step = 0
         self.batches = batches
         self.logged: list[tuple[int, list[float]]] = []  # (step, one train loss per model)
+        self.seconds = 0.0
 
     def next(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch per model, stacked: (models, batch_size, context) inputs and targets."""
@@ -154,11 +156,12 @@ class Progress:
         return torch.stack(x), torch.stack(y)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "logged": self.logged,
+        return {"step": self.step, "logged": self.logged, "seconds": self.seconds,
                 "rngs": [b.rng.bit_generator.state for b in self.batches]}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.logged = state["step"], [tuple(item) for item in state["logged"]]
+        self.seconds = state.get("seconds", 0.0)  # checkpoints from before it was kept: 0
         for b, rng in zip(self.batches, state["rngs"], strict=True):
             b.rng.bit_generator.state = rng
 
@@ -190,8 +193,9 @@ def train_lm(
     seed: int,
     on_log: Callable[[int, float], None] | None = None,
     checkpoint_dir: str | Path | None = None,
-) -> tuple[LM, float, int]:
-    """Train an LM on `weights` for `recipe.tokens` tokens; returns (model, last loss, tokens).
+) -> tuple[LM, float, int, float]:
+    """Train an LM on `weights` for `recipe.tokens` tokens; returns (model, last loss, tokens,
+    seconds trained, over every try of a resumed run).
 
     With `checkpoint_dir`, the state is saved there every `recipe.checkpoint_every` steps and a
     run finding a checkpoint there resumes from it, ending as the uninterrupted run would.
@@ -201,9 +205,9 @@ def train_lm(
     set_seed(seed)
     model = LM(shape, data.vocab_size)
     log = None if on_log is None else lambda step, losses: on_log(step, losses[0])
-    model, losses, tokens = run_training(
+    model, losses, tokens, seconds = run_training(
         model, [MixtureBatches(data, weights, shape.context, seed)], recipe, log, checkpoint_dir)
-    return model, losses[0], tokens
+    return model, losses[0], tokens, seconds
 
 
 def train_packed(
@@ -214,11 +218,12 @@ def train_packed(
     seeds: list[int],
     on_log: Callable[[int, list[float]], None] | None = None,
     checkpoint_dir: str | Path | None = None,
-) -> tuple[list[LM], list[float], int]:
+) -> tuple[list[LM], list[float], int, float]:
     """`train_lm` for several (mixture, seed) pairs at once, packed into one batched model.
 
     Each model is initialised and fed exactly as `train_lm` would alone, so each ends as it
-    would have alone, up to float rounding. Returns (models, last losses, tokens per model).
+    would have alone, up to float rounding. Returns (models, last losses, tokens per model,
+    seconds trained in all).
     """
     from accelerate.utils import set_seed
 
@@ -228,8 +233,9 @@ def train_packed(
         models.append(LM(shape, data.vocab_size))
     batches = [MixtureBatches(data, w, shape.context, seed)
                for w, seed in zip(mixtures, seeds, strict=True)]
-    packed, losses, tokens = run_training(PackedLM(models), batches, recipe, on_log, checkpoint_dir)
-    return packed.unpack(), losses, tokens
+    packed, losses, tokens, seconds = run_training(
+        PackedLM(models), batches, recipe, on_log, checkpoint_dir)
+    return packed.unpack(), losses, tokens, seconds
 
 
 def run_training(model: LM | PackedLM, batches: list[MixtureBatches], recipe: TrainRecipe,
@@ -261,6 +267,7 @@ def run_training(model: LM | PackedLM, batches: list[MixtureBatches], recipe: Tr
     if on_log:
         for step, losses in progress.logged:  # the curve so far, for a resumed run's log
             on_log(step, losses)
+    started, earlier_tries = time.perf_counter(), progress.seconds
 
     def losses_of(x, y):  # (models, B, T) -> (models,) losses
         return model(x, y) if packed else model(x[0], y[0])[None]
@@ -299,8 +306,10 @@ def run_training(model: LM | PackedLM, batches: list[MixtureBatches], recipe: Tr
                 on_log(step, values)
         if checkpoint_dir is not None and recipe.checkpoint_every and (
                 progress.step % recipe.checkpoint_every == 0 and progress.step < steps):
+            progress.seconds = earlier_tries + time.perf_counter() - started
             save_checkpoint(accelerator, checkpoint_dir, progress.step)
     tokens = steps * recipe.batch_size * context
+    seconds = earlier_tries + time.perf_counter() - started
     if sharded:  # gather the whole model onto the main process; the other ranks are done
         state = accelerator.get_state_dict(model)
         inner = accelerator.unwrap_model(model)
@@ -308,8 +317,9 @@ def run_training(model: LM | PackedLM, batches: list[MixtureBatches], recipe: Tr
         if accelerator.is_main_process:
             model = LM(inner.shape, inner.vocab_size).to(accelerator.device)
             model.load_state_dict(state)
-        return model, progress.logged[-1][1], tokens
-    return accelerator.unwrap_model(model, keep_fp32_wrapper=False), progress.logged[-1][1], tokens
+        return model, progress.logged[-1][1], tokens, seconds
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    return unwrapped, progress.logged[-1][1], tokens, seconds
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -493,15 +503,14 @@ def train_proxy(
     outcome = kept_outcome(mixture["hash"])
     if outcome is None:
         checkpoints = checkpoint_folder(mixture["hash"])
-        started, curve = time.perf_counter(), []
-        model, train_loss, tokens = train_lm(
+        curve = []
+        model, train_loss, tokens, seconds = train_lm(
             data, mixture["weights"], shape, recipe, seed,
             on_log=lambda step, loss: curve.append((step, loss)), checkpoint_dir=checkpoints)
         if main:
             outcome = keep_outcome(mixture["hash"], {
                 "val_loss": evaluate(model, data, resolved_precision(recipe)),
-                "train_loss": train_loss, "tokens": tokens,
-                "seconds": time.perf_counter() - started, "curve": curve})
+                "train_loss": train_loss, "tokens": tokens, "seconds": seconds, "curve": curve})
             shutil.rmtree(checkpoints, ignore_errors=True)  # the kept outcome is the record now
     if not main:
         # Another rank of a multi-GPU run (that trained its share, or found the outcome kept
@@ -531,11 +540,10 @@ def train_proxies_packed(
         key = hashlib.sha256("".join(m["hash"] for m, _ in todo).encode()).hexdigest()[:16]
         checkpoints = checkpoint_folder(f"packed-{key}")
         curves: list[tuple[int, list[float]]] = []
-        started = time.perf_counter()
-        models, train_losses, tokens = train_packed(
+        models, train_losses, tokens, seconds = train_packed(
             data, [m["weights"] for m, _ in todo], shape, recipe, [seed for _, seed in todo],
             on_log=lambda step, losses: curves.append((step, losses)), checkpoint_dir=checkpoints)
-        seconds = (time.perf_counter() - started) / len(todo)
+        seconds /= len(todo)  # each proxy's share
         for i, (m, _) in enumerate(todo):
             outcomes[m["hash"]] = keep_outcome(m["hash"], {
                 "val_loss": evaluate(models[i], data, resolved_precision(recipe)),

@@ -16,10 +16,10 @@ def test_packed_proxies_match_the_same_proxies_trained_alone(prepared_data):
     mixtures = [{"code": 0.8, "changelogs": 0.1, "licenses": 0.1},
                 {"code": 0.2, "changelogs": 0.3, "licenses": 0.5}]
     seeds = [0, 1]
-    models, losses, tokens = train_packed(prepared_data, mixtures, shape, recipe, seeds)
+    models, losses, tokens, _ = train_packed(prepared_data, mixtures, shape, recipe, seeds)
     assert tokens == 8192 and losses[0] != losses[1]
     for model, loss, weights, seed in zip(models, losses, mixtures, seeds, strict=True):
-        alone, alone_loss, _ = train_lm(prepared_data, weights, shape, recipe, seed)
+        alone, alone_loss, _, _ = train_lm(prepared_data, weights, shape, recipe, seed)
         assert loss == pytest.approx(alone_loss, rel=1e-5)
         assert evaluate(model, prepared_data) == pytest.approx(evaluate(alone, prepared_data),
                                                                rel=1e-5)

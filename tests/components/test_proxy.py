@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import mlflow
 import numpy as np
@@ -61,8 +62,8 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_training_is_deterministic_and_learns(prepared_data):
     recipe = TrainRecipe(tokens=16_384, batch_size=8, lr=0.01)
     weights = {d: 1 / 3 for d in prepared_data.domains}
-    model, loss, tokens = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, seed=0)
-    again, loss_again, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, seed=0)
+    model, loss, tokens, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, seed=0)
+    again, loss_again, _, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, seed=0)
     assert loss == loss_again
     assert tokens == 16_384
     assert max(evaluate(model, prepared_data).values()) < np.log(512) - 0.5
@@ -73,24 +74,26 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(prepared_da
     weights = {"code": 0.5, "changelogs": 0.3, "licenses": 0.2}
     shape = SHAPES["tiny-proxy"]
     curve = []
-    model, loss, _ = train_lm(prepared_data, weights, shape, recipe, 0,
-                              on_log=lambda step, value: curve.append((step, value)))
+    model, loss, _, _ = train_lm(prepared_data, weights, shape, recipe, 0,
+                                 on_log=lambda step, value: curve.append((step, value)))
 
     class Killed(Exception):
         pass
 
     def killed_at_step_12(step, value):
+        time.sleep(0.2)  # a slow first try: its seconds (2+ by the checkpoint) count once resumed
         if step == 12:
             raise Killed
 
     with pytest.raises(Killed):
         train_lm(prepared_data, weights, shape, recipe, 0, killed_at_step_12, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["step-000000010"]  # whole, and only the last
-    resumed_curve = []
-    resumed, resumed_loss, _ = train_lm(
+    resumed_curve, started = [], time.perf_counter()
+    resumed, resumed_loss, _, seconds = train_lm(
         prepared_data, weights, shape, recipe, 0,
         on_log=lambda step, value: resumed_curve.append((step, value)), checkpoint_dir=tmp_path)
     assert resumed_loss == loss and resumed_curve == curve  # the curve so far is replayed
+    assert seconds > time.perf_counter() - started + 1.0
     for (name, p), q in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
 
@@ -128,7 +131,7 @@ def test_runs_with_different_precisions_share_one_process(prepared_data):
     weights = {d: 1 / 3 for d in prepared_data.domains}
     for precision in ("bf16", "no", "bf16"):
         recipe = TrainRecipe(tokens=2048, batch_size=4, mixed_precision=precision)
-        _, loss, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, seed=0)
+        _, loss, _, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, seed=0)
         assert np.isfinite(loss)
 
 
@@ -149,7 +152,7 @@ def test_two_processes_train_the_model_one_process_does(prepared_data, tmp_path,
         from components.proxy import train_lm
         from components.shapes import SHAPES
         recipe = TrainRecipe.model_validate_json({recipe.model_dump_json()!r})
-        _, loss, _ = train_lm(TokenData.open(sys.argv[1]), {weights!r}, SHAPES["tiny-proxy"],
+        _, loss, _, _ = train_lm(TokenData.open(sys.argv[1]), {weights!r}, SHAPES["tiny-proxy"],
                               recipe, 0)
         if PartialState().is_main_process:
             print(json.dumps({{"processes": PartialState().num_processes, "loss": loss}}))
@@ -160,7 +163,7 @@ def test_two_processes_train_the_model_one_process_does(prepared_data, tmp_path,
         env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, check=True)
     ranks = json.loads(out.stdout.strip().splitlines()[-1])
-    _, loss, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, 0)
+    _, loss, _, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, 0)
     assert ranks["processes"] == 2 and ranks["loss"] == pytest.approx(loss, rel=1e-5)
 
 
@@ -299,8 +302,8 @@ def test_packed_training_under_a_loss_scale_clips_as_training_alone(prepared_dat
     recipe = TrainRecipe(tokens=8192, batch_size=8, lr=0.01, mixed_precision="fp16")
     weights = {"code": 0.5, "changelogs": 0.3, "licenses": 0.2}
     monkeypatch.setattr(components.proxy, "make_accelerator", with_loss_scale)
-    _, alone, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, 0)
-    _, packed, _ = train_packed(prepared_data, [weights, weights], SHAPES["tiny-proxy"], recipe,
+    _, alone, _, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, 0)
+    _, packed, _, _ = train_packed(prepared_data, [weights, weights], SHAPES["tiny-proxy"], recipe,
                                 [0, 1])
     assert packed[0] == pytest.approx(alone, rel=1e-5)
 
