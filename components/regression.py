@@ -547,9 +547,10 @@ def _rmse(y: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.sqrt(np.mean((y - predicted) ** 2)))
 
 
-def _fit_summary(y: np.ndarray, out_of_fold: np.ndarray) -> dict[str, float]:
+def _fit_summary(y: np.ndarray, out_of_fold: np.ndarray, left_out: list[int]) -> dict[str, float]:
+    # A proxy left out as an outlier is no evidence of what its mixture gives, so not the best.
     return {"cv_spearman": _spearman(y, out_of_fold), "cv_rmse": _rmse(y, out_of_fold),
-            "best_train_target": float(y.min())}
+            "best_train_target": float(np.delete(y, left_out).min())}
 
 
 def _lightgbm_defaults(rows: int, seed: int) -> dict[str, object]:
@@ -684,7 +685,8 @@ def _fit_candidates(
     half_thetas: list[np.ndarray] | None = None,
 ) -> _Candidates:
     """Every candidate's out-of-fold predictions on all rows, each fitted on the `kept` rows of
-    the other folds; settings (penalty, rounds, blend) chosen by CV error on the kept rows.
+    the other folds; the law's penalty and the blend chosen by CV error on the kept rows
+    (LightGBM's early stopping watches every held-out row).
     `lightgbm_params` and `half_thetas` carry a previous pass's tuned LightGBM settings and GP
     kernels (the kernels are refitted from there)."""
     needed = set(candidates) | (set(blended) if "ensemble" in candidates else set())
@@ -834,10 +836,13 @@ def fit_regressor(
             tuned = {k: v for k, v in fit.settings["lightgbm"].items() if k != "rounds"}
         trimmed = _fit_candidates(weights, y, splits, candidates, blended, seed, tune_trials,
                                   ~outliers, tuned, fit.half_thetas)
-        if trimmed.cv_by_model[trimmed.chosen] <= fit.cv_by_model[fit.chosen]:
+        # (A constant prediction scores Spearman 0: never an improvement, whatever came before.)
+        score = trimmed.cv_by_model[trimmed.chosen]
+        if score <= max(fit.cv_by_model[fit.chosen], 0.0) or np.ptp(trimmed.out_of_fold) == 0:
             break
         fit = trimmed
-    settings = {**fit.settings, "outlier_rows": np.flatnonzero(~fit.kept).tolist()}
+    left_out = np.flatnonzero(~fit.kept).tolist()
+    settings = {**fit.settings, "outlier_rows": left_out}
     regressor = Regressor(
         fit.chosen,
         list(domains),
@@ -845,7 +850,7 @@ def fit_regressor(
         fit.linear.by_domain(domains),
         weights,
         fit.member_weights,
-        _fit_summary(y, fit.out_of_fold),
+        _fit_summary(y, fit.out_of_fold, left_out),
     )
     report = FitReport(
         model=fit.chosen,
@@ -947,15 +952,15 @@ def fit_target(
         return whole
     # The domain-interaction analysis is of the target itself: the one-model fit made its ridge.
     coefficients = whole[0].linear_coefficients if whole else _fit_ridge(weights, y).by_domain(domains)
-    regressor = Regressor(PER_DOMAIN, list(domains), [part for part, _ in parts], coefficients,
-                          np.asarray(weights, dtype=float), shares.tolist(),
-                          _fit_summary(y, out_of_fold))
     report = FitReport(
         model=PER_DOMAIN, cv_spearman=cv, cv_rmse=_rmse(y, out_of_fold), cv_by_model=cv_by_model,
         seconds=time.perf_counter() - start, out_of_fold=out_of_fold,
         settings={"parts": [{"model": r.model, "cv_spearman": r.cv_spearman, **r.settings}
                             for _, r in parts]},
     )
+    regressor = Regressor(PER_DOMAIN, list(domains), [part for part, _ in parts], coefficients,
+                          np.asarray(weights, dtype=float), shares.tolist(),
+                          _fit_summary(y, out_of_fold, report.left_out))
     return regressor, report
 
 
@@ -1068,6 +1073,18 @@ def learning_curve(weights: np.ndarray, losses: np.ndarray, shares: np.ndarray,
     return [*curve, [n, full_cv]]
 
 
+def left_out_record(report: FitReport, target: dict[str, float], losses: np.ndarray,
+                    row: int) -> dict:
+    """What `left_out_proxies.json` says of a proxy left out: its target and CV prediction, and
+    for a per-domain model the domains whose fit left it out (the target may look fine)."""
+    record = {"target": float(losses[row]), "cv_predicted": float(report.out_of_fold[row])}
+    if report.model == PER_DOMAIN:
+        record["left_out_by"] = [domain for domain, part in zip(target, report.settings["parts"],
+                                                                 strict=True)
+                                 if row in part["outlier_rows"]]
+    return record
+
+
 def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Path,
                 run_name: str) -> dict:
     """Fit mixture -> target loss on every finished proxy result; save the model (with the
@@ -1100,7 +1117,9 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
         model.save(out)
         # A later active-learning round refits on these plus its own proxies.
         write_text(out / PROXY_RESULTS_FILE, json.dumps(every))
-        best = int(np.argmin(losses))
+        # A proxy left out as an outlier is no evidence of what its mixture gives: not the best
+        trusted = np.delete(np.arange(len(losses)), report.left_out)
+        best = int(trusted[np.argmin(losses[trusted])])
         mlflow.log_params({"model": report.model, "folds": cfg.regression.folds,
                            "target": str(cfg.regression.target), "proxies": len(results)})
         mlflow.log_metrics({
@@ -1116,8 +1135,7 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
             settings = {**settings, "parts": dict(zip(target, settings["parts"], strict=True))}
         mlflow.log_dict(settings, "fit_settings.json")
         if report.left_out:  # a run far off its prediction may be worth a look (seed, data)
-            mlflow.log_dict({results[i]["id"]: {"target": float(losses[i]),
-                                                "cv_predicted": float(report.out_of_fold[i])}
+            mlflow.log_dict({results[i]["id"]: left_out_record(report, target, losses, i)
                              for i in report.left_out}, "left_out_proxies.json")
         if model.linear_coefficients:
             mlflow.log_dict(model.linear_coefficients, "linear_coefficients.json")

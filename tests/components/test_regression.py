@@ -18,6 +18,7 @@ from components.regression import (
     domain_interactions,
     fit_regressor,
     fit_target,
+    left_out_record,
 )
 
 PAPER_DATA = Path(__file__).resolve().parents[3] / "shared" / "regmix-paper-data"
@@ -283,6 +284,39 @@ def test_rows_far_off_their_prediction_are_left_out_and_the_fit_recovers(monkeyp
     assert report.cv_spearman > kept_all.cv_spearman  # scored on every row, the planted too
     error = np.sqrt(np.mean((regressor.predict(fresh_weights) - fresh_y) ** 2))
     assert error < 0.5 * np.sqrt(np.mean((bent.predict(fresh_weights) - fresh_y) ** 2))
+
+
+def test_a_left_out_run_is_not_the_best_training_proxy():
+    weights, y = smooth_problem(60, 4)
+    y[5] = y.min() - 0.3  # a run gone wrong, low: the best proxy it is not evidence of
+    regressor, report = fit_regressor(weights, y, names(4), model="gp")
+    assert 5 in report.left_out
+    assert regressor.fit_summary["best_train_target"] == np.delete(y, report.left_out).min()
+
+
+def test_a_refit_that_predicts_a_constant_is_not_kept():
+    # Spearman of a constant prediction is taken as 0, above a first fit's negative CV score.
+    weights = np.random.default_rng(0).dirichlet(np.ones(3), size=30)
+    y = np.full(30, 3.0)
+    y[7] = 3.5
+    regressor, report = fit_regressor(weights, y, names(3))
+    assert report.left_out == []
+    fresh = np.random.default_rng(1).dirichlet(np.ones(3), size=100)
+    assert np.ptp(regressor.predict(fresh)) > 0
+
+
+def test_a_per_domain_fit_says_which_domains_left_a_proxy_out():
+    weights, _ = smooth_problem(40, 3)
+    rng = np.random.default_rng(1)
+    columns = 3.0 + 0.1 * np.log(weights + 0.01) + rng.normal(0, 0.005, (40, 3))
+    columns[[4, 5], 1] += 0.2  # two runs gone wrong on the second domain only
+    columns[[8, 9], 2] += 0.2
+    target = {"d0": 1 / 3, "d1": 1 / 3, "d2": 1 / 3}
+    _, report = fit_target(weights, columns, np.full(3, 1 / 3), names(3), model=PER_DOMAIN)
+    assert {4, 5, 8, 9} <= set(report.left_out)
+    fourth, eighth = (left_out_record(report, target, columns.mean(axis=1), row) for row in (4, 8))
+    assert "d1" in fourth["left_out_by"] and "d2" not in fourth["left_out_by"]
+    assert "d2" in eighth["left_out_by"] and eighth["target"] == columns[8].mean()
 
 
 def test_clean_rows_are_all_kept():
