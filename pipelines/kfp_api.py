@@ -4,7 +4,9 @@ Thin plain functions over `kfp.Client` (KFP's v2beta1 REST API). A run gets the 
 its `config` parameter, so the compiled package is all a run needs.
 """
 
-from contextlib import contextmanager
+import io
+import sys
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import kfp
@@ -46,6 +48,16 @@ def required(value: str | None, what: str) -> str:
 
 
 @contextmanager
+def checked_first():
+    """Hold what kfp prints as it goes (its 'Experiment details: <link>' lines) and print it
+    only if the block ends well: behind a login page the link ends in /None."""
+    held = io.StringIO()
+    with redirect_stdout(held):
+        yield
+    sys.stdout.write(held.getvalue())
+
+
+@contextmanager
 def answering(host: str | None):
     """Turn an unreachable or refusing KFP API into one line naming the address and the fix."""
     import kfp_server_api
@@ -77,12 +89,13 @@ def submit(client: kfp.Client, config: RegMixConfig, package: Path, namespace: s
            experiment: str | None = None, run_name: str | None = None) -> str:
     """Start one run in the experiment (made if missing, named after the config by default);
     returns the run's id."""
-    result = client.create_run_from_pipeline_package(
-        str(package), run_name=run_name or config.name,
-        experiment_name=experiment or config.name, namespace=namespace,
-        service_account=config.cluster.service_account,
-    )
-    return required(result.run_id, "a run id")
+    with checked_first():
+        result = client.create_run_from_pipeline_package(
+            str(package), run_name=run_name or config.name,
+            experiment_name=experiment or config.name, namespace=namespace,
+            service_account=config.cluster.service_account,
+        )
+        return required(result.run_id, "a run id")
 
 
 def check_cron(expression: str) -> str:
@@ -103,9 +116,11 @@ def schedule(client: kfp.Client, config: RegMixConfig, package: Path, cron: str,
              namespace: str | None = None, experiment: str | None = None,
              name: str | None = None) -> str:
     """A recurring run on a cron schedule, one run at a time, no backfill; returns its id."""
-    exp = client.create_experiment(experiment or config.name, namespace=namespace)
+    with checked_first():
+        exp = client.create_experiment(experiment or config.name, namespace=namespace)
+        experiment_id = required(exp.experiment_id, "an experiment id")
     recurring = client.create_recurring_run(
-        required(exp.experiment_id, "an experiment id"), name or f"{config.name}-scheduled",
+        experiment_id, name or f"{config.name}-scheduled",
         cron_expression=check_cron(cron),
         pipeline_package_path=str(package), max_concurrency=1,
         no_catchup=True, service_account=config.cluster.service_account,
