@@ -548,10 +548,16 @@ def _rmse(y: np.ndarray, predicted: np.ndarray) -> float:
     return float(np.sqrt(np.mean((y - predicted) ** 2)))
 
 
+def best_row(y: np.ndarray, left_out: list[int]) -> int:
+    """The row of the lowest target, among those not left out: a proxy left out as an outlier
+    is no evidence of what its mixture gives, so never the best training proxy."""
+    trusted = np.delete(np.arange(len(y)), left_out)
+    return int(trusted[np.argmin(y[trusted])])
+
+
 def _fit_summary(y: np.ndarray, out_of_fold: np.ndarray, left_out: list[int]) -> dict[str, float]:
-    # A proxy left out as an outlier is no evidence of what its mixture gives, so not the best.
     return {"cv_spearman": _spearman(y, out_of_fold), "cv_rmse": _rmse(y, out_of_fold),
-            "best_train_target": float(np.delete(y, left_out).min())}
+            "best_train_target": float(y[best_row(y, left_out)])}
 
 
 def _lightgbm_defaults(rows: int, seed: int) -> dict[str, object]:
@@ -683,19 +689,20 @@ def _fit_candidates(
     tune_trials: int,
     kept: np.ndarray,
     lightgbm_params: dict[str, object] | None = None,
-    half_thetas: list[np.ndarray] | None = None,
+    gp_starts: list[np.ndarray] | None = None,
 ) -> _Candidates:
     """Every candidate's out-of-fold predictions on all rows, each fitted on the `kept` rows of
     the other folds; the law's penalty and the blend chosen by CV error on the kept rows
     (LightGBM's early stopping watches every held-out row).
-    `lightgbm_params` and `half_thetas` carry a previous pass's tuned LightGBM settings and GP
-    kernels (the kernels are refitted from there)."""
+    `lightgbm_params` and `gp_starts` carry a previous pass's tuned LightGBM settings and GP
+    half kernels (the kernels are refitted from there)."""
     needed = set(candidates) | (set(blended) if "ensemble" in candidates else set())
     folds = [(train[kept[train]], held_out) for train, held_out in splits]
     fitted_weights, fitted_y = weights[kept], y[kept]
     out_of_fold: dict[str, np.ndarray] = {}
     final: dict[str, object] = {}  # kind -> zero-argument builder of the member on kept rows
     settings: dict[str, object] = {}
+    half_thetas = None
 
     def error(predicted: np.ndarray) -> float:
         return float(np.mean((predicted[kept] - y[kept]) ** 2))
@@ -725,7 +732,7 @@ def _fit_candidates(
         halves = np.array_split(np.random.default_rng(seed).permutation(len(y)), 2)
         half_thetas = [
             _fit_gp_theta(weights[half[kept[half]]], y[half[kept[half]]], seed, start)
-            for half, start in zip(halves, half_thetas or [None, None], strict=True)
+            for half, start in zip(halves, gp_starts or [None, None], strict=True)
         ]
         out_of_fold["gp"] = np.empty_like(y)
         for scored, theta in zip(halves, half_thetas[::-1], strict=True):
@@ -773,7 +780,7 @@ def _fit_candidates(
         shares = [float(share) for share in blend if share > 0]
     return _Candidates(chosen, cv_by_model, out_of_fold[chosen], kept, linear,
                        [final[kind] for kind in kinds], shares, settings,
-                       half_thetas if "gp" in needed else None)
+                       half_thetas)
 
 
 def _outliers(y: np.ndarray, out_of_fold: np.ndarray) -> np.ndarray:
@@ -838,8 +845,7 @@ def fit_regressor(
         trimmed = _fit_candidates(weights, y, splits, candidates, blended, seed, tune_trials,
                                   ~outliers, tuned, fit.half_thetas)
         # (A constant prediction scores Spearman 0: never an improvement, whatever came before.)
-        score = trimmed.cv_by_model[trimmed.chosen]
-        if score <= max(fit.cv_by_model[fit.chosen], 0.0) or np.ptp(trimmed.out_of_fold) == 0:
+        if trimmed.cv_by_model[trimmed.chosen] <= max(fit.cv_by_model[fit.chosen], 0.0):
             break
         fit = trimmed
     left_out = np.flatnonzero(~fit.kept).tolist()
@@ -1118,9 +1124,7 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
         model.save(out)
         # A later active-learning round refits on these plus its own proxies.
         write_text(out / PROXY_RESULTS_FILE, json.dumps(every))
-        # A proxy left out as an outlier is no evidence of what its mixture gives: not the best
-        trusted = np.delete(np.arange(len(losses)), report.left_out)
-        best = int(trusted[np.argmin(losses[trusted])])
+        best = best_row(losses, report.left_out)
         mlflow.log_params({"model": report.model, "folds": cfg.regression.folds,
                            "target": str(cfg.regression.target), "proxies": len(results)})
         mlflow.log_metrics({

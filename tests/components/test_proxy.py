@@ -303,8 +303,8 @@ def test_packed_training_under_a_loss_scale_clips_as_training_alone(prepared_dat
     weights = {"code": 0.5, "changelogs": 0.3, "licenses": 0.2}
     monkeypatch.setattr(components.proxy, "make_accelerator", with_loss_scale)
     _, alone, _, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, 0)
-    _, packed, _, _ = train_packed(prepared_data, [weights, weights], SHAPES["tiny-proxy"], recipe,
-                                [0, 1])
+    _, packed, _, _ = train_packed(prepared_data, [weights, weights], SHAPES["tiny-proxy"],
+                                   recipe, [0, 1])
     assert packed[0] == pytest.approx(alone, rel=1e-5)
 
 
