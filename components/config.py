@@ -239,6 +239,8 @@ REGRESSION_MODELS: tuple[str, ...] = get_args(OneColumnModel)
 # per-domain: a target over several domains fitted one domain at a time (regression.fit_target)
 PER_DOMAIN = "per-domain"
 RegressionModel = Literal["auto", "per-domain", OneColumnModel]
+# numpy's legacy seeding and scikit-learn take seeds in [0, 2**32 - 1]
+MAX_SEED = 2**32 - 1
 PER_DOMAIN_MAX_SECONDS = 900.0  # auto's default time budget for the per-domain fit
 
 
@@ -468,7 +470,7 @@ class ClusterConfig(Strict):
 
 class RegMixConfig(Strict):
     name: str = Field(pattern=PIPELINE_NAME)  # pipeline and MLflow experiment name
-    seed: int = Field(0, ge=0)  # numpy's generators take no negative seeds
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     corpus: CorpusConfig
     tokenizer: TokenizerConfig = TokenizerConfig()
     mixtures: MixtureConfig = MixtureConfig()

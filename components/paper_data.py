@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,9 @@ class ProxyTable:
     domains: list[str]  # mixture columns
     weights: np.ndarray  # (n, d) float, rows sum to 1
     targets: list[str]  # loss columns; empty when no losses file was read
-    losses: np.ndarray  # (n, t)
+    losses: np.ndarray  # (n, t); NaN where a cell is empty or not a number
+    losses_path: Path | None = None
+    unreadable: dict[str, str] = field(default_factory=dict)  # loss column -> its first bad cell
 
 
 @dataclass
@@ -46,6 +48,7 @@ class _Csv:
     index: np.ndarray
     columns: list[str]
     values: np.ndarray
+    unreadable: dict[str, str] = field(default_factory=dict)  # column -> why a cell is not a value
 
 
 def _parse_index(path: Path, line: int, cell: str) -> int:
@@ -70,8 +73,10 @@ def _parse_index(path: Path, line: int, cell: str) -> int:
 
 
 def _read_numeric_csv(path: Path, missing_ok: bool = False) -> _Csv:
-    """`missing_ok`: empty cells outside the index read as NaN, for columns the caller may not
-    use (a losses file's unused targets); otherwise an empty cell is an error."""
+    """`missing_ok`: cells outside the index that are empty or not finite numbers read as NaN,
+    for columns the caller may not use (a losses file's unused targets, or a run-name column);
+    `_Csv.unreadable` keeps the first such non-empty cell's complaint per column. Otherwise any
+    such cell is an error."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -80,6 +85,9 @@ def _read_numeric_csv(path: Path, missing_ok: bool = False) -> _Csv:
             rows = list(csv.reader(handle))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 CSV") from None
+    except csv.Error as e:  # e.g. a JSON file given by mistake: one huge "field"
+        raise DataError(f"{path}: not a CSV file ({e}); give a comma-separated file with an "
+                        f"'{INDEX_COLUMN}' column") from None
     if not rows:
         raise DataError(f"{path}: the file is empty; expected a header line with '{INDEX_COLUMN}'")
     header = [name.strip() for name in rows[0]]
@@ -101,6 +109,7 @@ def _read_numeric_csv(path: Path, missing_ok: bool = False) -> _Csv:
     index_at = header.index(INDEX_COLUMN)
     index = np.empty(len(body), dtype=np.int64)
     values = np.empty((len(body), len(header)))
+    unreadable: dict[str, str] = {}
     for i, (line, row) in enumerate(body):
         if len(row) != len(header):
             raise DataError(
@@ -118,15 +127,16 @@ def _read_numeric_csv(path: Path, missing_ok: bool = False) -> _Csv:
                                 "fill it in or drop the row")
             try:
                 values[i, j] = float(cell)
+                problem = None if np.isfinite(values[i, j]) else "is not finite; drop the row " \
+                    "or re-measure it"
             except ValueError:
-                raise DataError(
-                    f"{path}, line {line}, column '{header[j]}': '{cell}' is not a number"
-                ) from None
-            if not np.isfinite(values[i, j]):
-                raise DataError(
-                    f"{path}, line {line}, column '{header[j]}': '{cell}' is not finite; "
-                    "drop the row or re-measure it"
-                )
+                problem = "is not a number"
+            if problem:
+                complaint = f"{path}, line {line}, column '{header[j]}': '{cell}' {problem}"
+                if not missing_ok:
+                    raise DataError(complaint)
+                values[i, j] = math.nan
+                unreadable.setdefault(header[j], complaint)
     seen: dict[int, int] = {}
     for (line, _), value in zip(body, index.tolist(), strict=True):
         if value in seen:
@@ -136,7 +146,7 @@ def _read_numeric_csv(path: Path, missing_ok: bool = False) -> _Csv:
             )
         seen[value] = line
     columns = [name for name in header if name != INDEX_COLUMN]
-    return _Csv(path, index, columns, np.delete(values, index_at, axis=1))
+    return _Csv(path, index, columns, np.delete(values, index_at, axis=1), unreadable)
 
 
 def _check_mixtures(mixtures: _Csv) -> np.ndarray:
@@ -161,6 +171,9 @@ def _check_mixtures(mixtures: _Csv) -> np.ndarray:
             f"(tolerance {ROW_SUM_TOLERANCE}); {off.size} row(s) are off. Normalise each row, "
             "or check for a missing domain column"
         )
+    if len(mixtures.columns) < 2:  # every row is 1.0: nothing to mix, nothing to learn
+        raise DataError(f"{path}: one domain column ({mixtures.columns[0]!r}) beside "
+                        f"'{INDEX_COLUMN}'; a mixture needs at least 2 domains")
     return weights / sums[:, None]
 
 
@@ -206,7 +219,8 @@ def read_proxy_csvs(mixtures_csv: Path, losses_csv: Path | None = None,
             f"{mixtures.path}: {len(weights)} rows for {len(mixtures.columns)} domains; "
             f"fitting needs at least {len(mixtures.columns) + 1} measured mixtures"
         )
-    return ProxyTable(mixtures.index, mixtures.columns, weights, losses.columns, paired)
+    return ProxyTable(mixtures.index, mixtures.columns, weights, losses.columns, paired,
+                      losses.path, losses.unreadable)
 
 
 def target_name(spec: str | dict[str, float]) -> str:
@@ -233,10 +247,13 @@ def resolve_target(
         raise DataError(f"unknown target column(s) {unknown}; available: {table.targets}")
     if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
         raise DataError(f"target weights {weights} must be >= 0 and not all zero")
+    bad = [table.unreadable[name] for name in weights if name in table.unreadable]
+    if bad:
+        raise DataError(bad[0])
     columns = table.losses[:, [table.targets.index(n) for n in weights]]
     missing_row, missing_column = np.nonzero(np.isnan(columns))
     if missing_row.size:
-        raise DataError(f"the losses file's row with index {table.index[missing_row[0]]} has no "
+        raise DataError(f"{table.losses_path}: the row with index {table.index[missing_row[0]]} has no "
                         f"value in column '{list(weights)[missing_column[0]]}' "
                         f"({missing_row.size} empty cell(s) in the target's columns); fill them "
                         "in or drop those rows from both files")

@@ -429,6 +429,10 @@ class _GaussianProcess:
         state = json.loads((directory / "kernel.json").read_text())
         thetas = [np.array(theta) for theta in state.get("thetas", [state.get("theta")])]
         weights = np.load(directory / "weights.npy", allow_pickle=False)
+        expected = _gp_kernel(weights.shape[1]).n_dims
+        if any(theta.shape != (expected,) for theta in thetas):  # an older kernel's
+            raise ValueError(f"{directory / 'kernel.json'}: the kernel's hyperparameters do not "
+                             f"fit this version's GP ({expected} per kernel)")
         return cls(thetas, weights, np.load(directory / "y.npy", allow_pickle=False))
 
 
@@ -455,8 +459,8 @@ class Regressor:
     # The mixtures it was fitted on: the search measures how far a chosen point lies from them.
     train_weights: np.ndarray | None = None
     member_weights: list[float] | None = None  # None: equal weights
-    # How well CV predicted the target and the best value measured on the training rows: the
-    # search weighs a predicted gain over the best proxy against the model's CV error.
+    # How well CV predicted the target, and the best value measured on the training rows and
+    # its row: the search weighs a predicted gain over the best proxy against the CV error.
     fit_summary: dict[str, float] | None = None
 
     def _check(self, weights: np.ndarray) -> np.ndarray:
@@ -556,8 +560,9 @@ def best_row(y: np.ndarray, left_out: list[int]) -> int:
 
 
 def _fit_summary(y: np.ndarray, out_of_fold: np.ndarray, left_out: list[int]) -> dict[str, float]:
+    best = best_row(y, left_out)
     return {"cv_spearman": _spearman(y, out_of_fold), "cv_rmse": _rmse(y, out_of_fold),
-            "best_train_target": float(y[best_row(y, left_out)])}
+            "best_train_target": float(y[best]), "best_train_row": best}
 
 
 def _lightgbm_defaults(rows: int, seed: int) -> dict[str, object]:
@@ -887,15 +892,22 @@ def check_target(losses: np.ndarray, shares: np.ndarray, model: str) -> None:
                          "has nothing to fit; check that it was measured, or choose another model")
 
 
+# Differences below this share of a target's size are rounding, not measurement: a loss that
+# varies by 1e-12 would still "fit", with a CV Spearman of noise.
+CONSTANT_SPREAD = 1e-9
+
+
 def _constant_columns(losses: np.ndarray) -> np.ndarray:
     """Loss columns measured the same on every proxy: nothing to fit on their own."""
-    return np.flatnonzero(np.ptp(losses, axis=0) == 0)
+    size = np.abs(losses).max(axis=0)
+    return np.flatnonzero(np.ptp(losses, axis=0) <= CONSTANT_SPREAD * size)
 
 
 def _check_varies(y: np.ndarray) -> None:
-    if np.ptp(y) == 0:
-        raise ValueError(f"the target is the same ({y[0]:g}) on every row: there is nothing to "
-                         "rank mixtures by; check that the loss column was measured")
+    if _constant_columns(y[:, None]).size:
+        raise ValueError(f"the target is the same ({y[0]:g}) on every row (to {CONSTANT_SPREAD:g} "
+                         "of its size): there is nothing to rank mixtures by; check that the loss "
+                         "column was measured")
 
 
 def fit_target(

@@ -166,13 +166,18 @@ class SearchResult:
     bounds: dict[str, list[float]] = field(default_factory=dict)
     cv_rmse: float | None = None  # the regressor's CV error, when it was saved with the model
     best_train_target: float | None = None  # the best value measured on a training proxy
+    best_train_predicted: float | None = None  # the model's prediction at that proxy's mixture
     # The paper recipe's: the predicted loss of every mixture it sampled (its simulation)
     sampled_predictions: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def predicted_gain(self) -> float | None:
-        """How much lower than the best training proxy the chosen mixture is predicted."""
-        return None if self.best_train_target is None else self.best_train_target - self.predicted
+        """How much lower the chosen mixture is predicted than the best training proxy's. Both
+        are predictions where the model gives one: a model that misses the measured value at
+        that very mixture would otherwise call its own error a gain."""
+        best = self.best_train_target if self.best_train_predicted is None \
+            else self.best_train_predicted
+        return None if best is None else best - self.predicted
 
     def gain_verdict(self) -> str:
         """The predicted gain over the best training proxy, weighed against the model's CV
@@ -191,6 +196,9 @@ class SearchResult:
         if self.predicted_gain is not None and self.cv_rmse is not None:
             record["predicted_gain"] = {"over_best_training_proxy": self.predicted_gain,
                                         "verdict": self.gain_verdict()}
+            if self.best_train_predicted is not None:
+                record["predicted_gain"]["best_training_proxy_predicted"] = \
+                    self.best_train_predicted
         if self.nearest_distance is not None:
             record["nearest_training_l1"] = self.nearest_distance
         return {**record, "method": self.method, "trials": self.trials, "seconds": self.seconds,
@@ -294,6 +302,10 @@ def _finish(
     if train_weights is not None:
         nearest = float(nearest_l1_distance(best[None, :], np.asarray(train_weights, float))[0])
     summary = regressor.fit_summary or {}
+    best_train_predicted = None
+    if "best_train_row" in summary and regressor.train_weights is not None:
+        best_train = regressor.train_weights[summary["best_train_row"]]
+        best_train_predicted = float(regressor.predict(best_train[None, :])[0])
     return SearchResult(
         weights=dict(zip(regressor.domains, best.tolist(), strict=True)),
         predicted=float(predicted[0]),
@@ -307,6 +319,7 @@ def _finish(
                 if (low, high) != (0.0, 1.0)},
         cv_rmse=summary.get("cv_rmse"),
         best_train_target=summary.get("best_train_target"),
+        best_train_predicted=best_train_predicted,
     )
 
 
@@ -458,7 +471,9 @@ def _recipe_record(recipe: SearchResult, regressor: Regressor) -> dict:
     """The paper's recipe as the record shows it beside the chosen mixture. The recipe may leave
     the trained region (as in the paper), where its prediction is a guess: the record says
     where (domain: [its weight, the largest any proxy had]) and how far the nearest proxy is."""
-    record = {"weights": recipe.weights, "predicted": recipe.predicted}
+    # A copy: the chosen mixture may be this very one, and YAML would write the second mention
+    # of one dict as an alias (`*id001`) where readers expect the weights.
+    record = {"weights": dict(recipe.weights), "predicted": recipe.predicted}
     if regressor.train_weights is not None:
         trained = regressor.train_weights.max(axis=0)
         record["nearest_training_l1"] = recipe.nearest_distance

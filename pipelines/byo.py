@@ -18,6 +18,7 @@ import yaml
 
 from components.config import (
     CMAES_POPULATION,
+    MAX_SEED,
     MIN_SEARCH_TRIALS,
     PAPER_SAMPLES,
     PER_DOMAIN_MAX_SECONDS,
@@ -60,7 +61,8 @@ def parse_target(text: str) -> str | dict[str, float]:
 def folder_name(target: str) -> str:
     """A readable folder name for a target; a long one keeps a hash of the whole, so that two
     targets that differ only past the cut do not share (and overwrite) one folder."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", target).strip("_") or "target"
+    # Dots stay inside a name (`val_loss.web`), not at its ends: '.' and '..' are not folders.
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", target).strip("_.") or "target"
     if len(name) <= FOLDER_NAME_LENGTH:
         return name
     digest = hashlib.sha256(target.encode()).hexdigest()[:10]
@@ -88,11 +90,13 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
     table = read_proxy_csvs(mixtures, losses)
     resolved, index = [], {}  # target name -> its folder
     for text, spec in zip(targets, specs, strict=True):
-        name, columns, shares = resolve_target(table, spec)
         try:
-            check_target(columns, shares, model)
-        except ValueError as e:  # e.g. a constant target
-            raise DataError(f"--target '{name}': {e}") from None
+            name, columns, shares = resolve_target(table, spec)
+            check_target(columns, shares, model)  # e.g. a constant target
+        except ValueError as e:
+            raise DataError(f"--target '{text}': {e}") from None
+        if name in index:
+            raise DataError(f"--target '{text}': given twice; give each target once")
         folder = folder_name(name)
         if folder in index.values() and index.get(name) != folder:
             raise DataError(f"--target '{text}': its folder name '{folder}' is taken by another "
@@ -121,6 +125,8 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
 
 
 def load_models(model_dir: Path) -> dict:
+    from lightgbm.basic import LightGBMError
+
     from components.regression import Regressor
 
     index_file = Path(model_dir) / TARGETS_FILE
@@ -129,10 +135,14 @@ def load_models(model_dir: Path) -> dict:
                         "wrote")
     try:
         index = json.loads(index_file.read_text())
-        return {name: Regressor.load(Path(model_dir) / folder) for name, folder in index.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        models = {name: Regressor.load(Path(model_dir) / folder) for name, folder in index.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, LightGBMError) as e:
         raise DataError(f"--model {model_dir}: unreadable model folder ({type(e).__name__}: {e}); "
                         "fit it again with `regmix fit`") from None
+    if not models:
+        raise DataError(f"--model {model_dir}: {TARGETS_FILE} names no targets; fit it again "
+                        "with `regmix fit`")
+    return models
 
 
 def predict_csv(model_dir: Path, mixtures: Path, out: Path) -> int:
@@ -196,6 +206,8 @@ def export_csv(tracking_uri: str, experiment: str, stages: list[str], mixtures: 
     by index)."""
     from components.tracking import proxy_runs
 
+    if mixtures.resolve() == losses.resolve():
+        raise DataError(f"--mixtures and --losses are both {mixtures}; give two files")
     results = sorted((r for stage in stages for r in proxy_runs(tracking_uri, experiment, stage)),
                      key=lambda r: r["id"])
     if not results:
@@ -258,8 +270,11 @@ def output_file(text: str) -> Path:
 def output_folder(text: str) -> Path:
     """An argparse type: a folder to write into (made if missing), not an existing file."""
     path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"'{text}' is a file; give a folder")
+    for folder in (path, *path.parents):  # the nearest existing one must be a folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise argparse.ArgumentTypeError(f"'{folder}' is a file; give a folder path")
+            return path
     return path
 
 
@@ -274,11 +289,14 @@ def positive_number(text: str) -> float:
     return value
 
 
-def at_least(minimum: int):
-    """An argparse type: an integer >= minimum (argparse names the flag in its message)."""
+def at_least(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer >= minimum (and <= maximum, if given); argparse names the
+    flag in its message."""
     def parse(text: str) -> int:
-        if not text.lstrip("-").isdigit() or int(text) < minimum:
-            raise argparse.ArgumentTypeError(f"give an integer >= {minimum}, not '{text}'")
+        if (not text.lstrip("-").isdigit() or int(text) < minimum
+                or (maximum is not None and int(text) > maximum)):
+            within = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise argparse.ArgumentTypeError(f"give an integer {within}, not '{text}'")
         return int(text)
     return parse
 
@@ -304,7 +322,7 @@ def add_commands(sub) -> None:
                      help="cross-validation folds (default 5)")
     fit.add_argument("--tune-trials", type=at_least(0), default=0,
                      help="Optuna trials for LightGBM's settings (default 0: its defaults)")
-    fit.add_argument("--seed", type=at_least(0), default=0, help="for folds and fits (default 0)")
+    fit.add_argument("--seed", type=at_least(0, MAX_SEED), default=0, help="for folds and fits (default 0)")
     fit.add_argument("--per-domain-max-seconds", type=at_least(0),
                      default=int(PER_DOMAIN_MAX_SECONDS),
                      help="auto's time budget for fitting a weighted mean one column at a time "
@@ -331,7 +349,7 @@ def add_commands(sub) -> None:
                         f"CMA-ES runs whole generations of {CMAES_POPULATION}, so up to "
                         f"{CMAES_POPULATION - 1} fewer) or the paper recipe's samples (default "
                         f"{PAPER_SAMPLES})")
-    search.add_argument("--seed", type=at_least(0), default=0, help="default 0")
+    search.add_argument("--seed", type=at_least(0, MAX_SEED), default=0, help="default 0")
     for flag, what in (("--min-weight", "a lower bound on"), ("--max-weight", "an upper bound on"),
                        ("--fixed", "the exact")):
         search.add_argument(flag, type=weights_arg, action=MergeWeights, default={},

@@ -27,6 +27,7 @@ CONFIG_CASES = [
     ({"bogus": 1}, "bogus: unknown key"),
     ({"proxy__epochs": 3}, "proxy.epochs: unknown key"),
     ({"seed": "zero"}, "seed: Input should be a valid integer"),
+    ({"seed": 2**32}, "seed: Input should be less than or equal to 4294967295"),
     ({"regression__target": {"code": 0.5, "licenses": 0.4}}, "sum to 1 (they sum to 0.9)"),
     ({"regression__target": "wikipedia"}, "regression.target: unknown domain(s) ['wikipedia']"),
     ({"gate__spearman_threshold": 2}, "gate.spearman_threshold"),
@@ -138,6 +139,9 @@ CSV_CASES = [
     (GOOD_LOSSES, GOOD_LOSSES, "(is this the losses file? check --mixtures and --losses)"),
     (mixtures_csv(GOOD_ROWS), mixtures_csv([f"{i},3.5" for i in range(1, 9)], "index,loss"),
      "--target 'loss': the target is the same (3.5) on every row"),
+    (mixtures_csv(GOOD_ROWS), mixtures_csv([f"{i},{3.5 + i * 1e-13}" for i in range(1, 9)],
+                                           "index,loss"),
+     "--target 'loss': the target is the same (3.5) on every row (to 1e-09 of its size)"),
     (mixtures_csv(GOOD_ROWS[:-1] + ["9,0.1,0.8,0.1"]), GOOD_LOSSES, "the 'index' columns differ"),
     (mixtures_csv(GOOD_ROWS[:3]), mixtures_csv(["1,3", "2,3", "3,3"], "index,loss"),
      "3 rows for 3 domains"),
@@ -146,7 +150,8 @@ CSV_CASES = [
     (mixtures_csv(GOOD_ROWS[:-1] + ["8,0.1,0.9"]), GOOD_LOSSES, "3 cells but the header has 4"),
     ("", GOOD_LOSSES, "the file is empty"),
     (mixtures_csv(GOOD_ROWS), mixtures_csv([f"{i},{3 + i / 10}" for i in range(1, 9)],
-                                           "index,other"), "unknown target column(s) ['loss']"),
+                                           "index,other"),
+     "--target 'loss': unknown target column(s) ['loss']"),
 ]
 
 

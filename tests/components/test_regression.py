@@ -80,7 +80,7 @@ def test_save_load_round_trip_is_exact(tmp_path, model):
     assert loaded.domains == names(5)
     assert loaded.linear_coefficients == regressor.linear_coefficients
     assert loaded.fit_summary == {"cv_spearman": report.cv_spearman, "cv_rmse": report.cv_rmse,
-                                  "best_train_target": y.min()}
+                                  "best_train_target": y.min(), "best_train_row": int(np.argmin(y))}
     # The training mixtures alone, in any domain order, without loading the members
     reordered = regression.saved_train_weights(tmp_path / "model", names(5)[::-1])
     np.testing.assert_array_equal(reordered, weights[:, ::-1])

@@ -183,7 +183,8 @@ def test_the_stage_records_its_choice_beside_the_papers_recipe(
     meta = prepared_data.meta
     weights = np.random.default_rng(0).dirichlet(np.ones(3), size=30)
     y = ((weights - [0.5, 0.3, 0.2]) ** 2).sum(axis=1)
-    fit_regressor(weights, y, meta["domains"], model="gp", folds=3)[0].save(tmp_path / "model")
+    regressor = fit_regressor(weights, y, meta["domains"], model="gp", folds=3)[0]
+    regressor.save(tmp_path / "model")
     config = tiny_config_dict("unused.yaml", search={"method": method, "trials": 2000,
                                                      "max_epochs": None})
     mixture = dsl.Artifact(name="mixture", uri=str(tmp_path / "mixture.yaml"))
@@ -203,9 +204,13 @@ def test_the_stage_records_its_choice_beside_the_papers_recipe(
         [tracking["experiment_id"]], "attributes.run_name = 'search-mixture'")[0]
     assert run.data.metrics["predicted_loss"] == pytest.approx(record["predicted"])
     assert run.data.params["method"] == method
-    # The prediction comes with the model's CV error and its gain over the best proxy
-    gain = y.min() - record["predicted"]
+    # The prediction comes with the model's CV error and its gain over the best proxy, both
+    # predicted (at the best proxy's own mixture, for that one)
+    best = weights[np.argmin(y)]
+    gain = regressor.predict(best[None, :])[0] - record["predicted"]
     assert record["predicted_gain"]["over_best_training_proxy"] == pytest.approx(gain)
+    assert record["predicted_gain"]["best_training_proxy_predicted"] == pytest.approx(
+        regressor.predict(best[None, :])[0])
     assert run.data.metrics["predicted_gain"] == pytest.approx(gain)
     assert record["predicted_gain"]["verdict"] in ("better", "within the CV error", "worse")
     plots = {a.path for a in mlflow.MlflowClient(tracking["uri"]).list_artifacts(run.info.run_id,
@@ -222,3 +227,6 @@ def test_a_predicted_gain_is_weighed_against_the_cv_error(predicted, verdict):
                           best_train_target=5.0)
     gain = result.record()["predicted_gain"]
     assert gain == {"over_best_training_proxy": pytest.approx(5.0 - predicted), "verdict": verdict}
+    # Where the model predicts the best proxy itself, the gain is prediction against prediction
+    result.best_train_predicted = 5.2
+    assert result.predicted_gain == pytest.approx(5.2 - predicted)

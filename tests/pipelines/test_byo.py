@@ -11,6 +11,7 @@ import yaml
 from scipy.stats import spearmanr
 
 from components.paper_data import read_proxy_csvs
+from components.regression import Regressor
 from components.tracking import CORPUS_TAG, HASH_TAG, proxy_runs, stage_run
 from pipelines.cli import main
 
@@ -211,7 +212,11 @@ def test_a_spreadsheets_utf8_csv_with_a_byte_order_mark_reads(tmp_path):
         (["fit", "--mixtures", "m.csv", "--losses", "l.csv", "--target", "t", "--out", "o",
           "--per-domain-max-seconds", "-1"], "--per-domain-max-seconds: give an integer >= 0"),
         (["search", "--model", "m", "--out", "o", "--seed", "-1"],
-         "--seed: give an integer >= 0, not '-1'"),
+         "--seed: give an integer in [0, 4294967295], not '-1'"),
+        (["fit", "--mixtures", "m.csv", "--losses", "l.csv", "--target", "t", "--out", "o",
+          "--seed", str(2**32)], "--seed: give an integer in [0, 4294967295]"),
+        (["fit", "--mixtures", "m.csv", "--losses", "l.csv", "--target", "t", "--out",
+          f"{__file__}/model"], f"--out: '{__file__}' is a file; give a folder path"),
         (["search", "--model", "m", "--out", "o", "--max-epochs", "0"],
          "--max-epochs: give a number > 0, not '0'"),
         (["search", "--model", "m", "--out", "o", "--trials", "20"],
@@ -292,3 +297,72 @@ def test_fit_names_the_rows_it_left_out_by_their_index(tmp_path, capsys):
     named = re.search(r"left out \d+ rows whose loss CV could not predict \(index ([^)]*)\)",
                       capsys.readouterr().out)
     assert cells[0] in named.group(1).split(", ")  # the CSV's own index, not a row number
+
+
+@needs_paper_data
+def test_a_damaged_or_outdated_model_folder_is_refused_in_one_line(tmp_path, capsys):
+    mixtures, losses = first_proxies(tmp_path, 40)
+
+    def fitted(model: str) -> tuple[list[str], Path]:
+        folder = tmp_path / model
+        assert main(["fit", "--mixtures", str(mixtures), "--losses", str(losses), "--model",
+                     model, "--target", PILE_CC, "--out", str(folder)]) == 0
+        predict = ["predict", "--model", str(folder), "--mixtures", str(mixtures), "--out",
+                   str(tmp_path / "p.csv")]
+        return predict, next((folder / "metric_the_pile_pile_cc_val_loss").glob(f"*_{model}"))
+
+    predict, member = fitted("gp")
+    (member / "kernel.json").write_text('{"theta": [1, 2, 0.3, -6.9]}')  # an early, smaller kernel
+    assert main(predict) == 2
+    assert "kernel.json: the kernel's hyperparameters do not fit this version's GP" in \
+        capsys.readouterr().err
+    predict, member = fitted("lightgbm")
+    (member / "model.txt").write_text("garbage")
+    search = ["search", "--model", predict[2], "--out", str(tmp_path / "s.yaml")]
+    for command in (predict, search):
+        assert main(command) == 2
+        assert "unreadable model folder (LightGBMError" in capsys.readouterr().err
+    (Path(predict[2]) / "targets.json").write_text("{}")
+    assert main(predict) == 2
+    assert "targets.json names no targets" in capsys.readouterr().err
+
+
+@needs_paper_data
+def test_a_target_named_twice_or_like_a_folder_link_is_refused(tmp_path, capsys):
+    mixtures, losses = first_proxies(tmp_path, 30)
+    header, *rows = losses.read_text().splitlines()
+    losses.write_text("\n".join([f"{header},..", *(f"{row},{i}" for i, row in enumerate(rows))]))
+    fit = ["fit", "--mixtures", str(mixtures), "--losses", str(losses), "--model", "linear",
+           "--out", str(tmp_path / "model")]
+    assert main([*fit, "--target", PILE_CC, "--target", PILE_CC]) == 2
+    assert f"--target '{PILE_CC}': given twice" in capsys.readouterr().err
+    assert main([*fit, "--target", ".."]) == 0  # a folder of its own, inside --out
+    assert (tmp_path / "model" / "target" / "regressor.json").is_file()
+
+
+@needs_paper_data
+def test_a_mixture_a_proxy_was_trained_on_gains_nothing_over_it(tmp_path, capsys):
+    """The gain over the best proxy compares two predictions: a model that misses that proxy's
+    measured loss (a linear one on 40 rows does, by far) must not call its own error a gain."""
+    mixtures, losses = first_proxies(tmp_path, 40)
+    model, chosen = tmp_path / "model", tmp_path / "mixture.yaml"
+    github = "metric/the_pile_github_val_loss"
+    assert main(["fit", "--mixtures", str(mixtures), "--losses", str(losses), "--model", "linear",
+                 "--target", github, "--out", str(model)]) == 0
+    fitted = Regressor.load(model / "metric_the_pile_github_val_loss")
+    best = fitted.train_weights[fitted.fit_summary["best_train_row"]]
+    fixed = ",".join(f"{d}={w!r}" for d, w in zip(fitted.domains, best.tolist(), strict=True))
+    assert main(["search", "--model", str(model), "--out", str(chosen), "--trials", "128",
+                 "--method", "paper", "--fixed", fixed, "--allow-extrapolation"]) == 0
+    text = chosen.read_text()
+    gain = yaml.safe_load(text)["predicted_gain"]
+    assert abs(gain["over_best_training_proxy"]) < 1e-6 and gain["verdict"] == "within the CV error"
+    assert "*id" not in text  # the recipe's weights written out, not as a YAML alias
+
+
+def test_export_refuses_one_file_for_both_tables(tmp_path, tracking, capsys):
+    log_proxy(tracking, 0, [0.2, 0.3, 0.5])
+    same = str(tmp_path / "both.csv")
+    assert main(["export", "--experiment", "regmix-test", "--tracking-uri", tracking["uri"],
+                 "--mixtures", same, "--losses", same]) == 2
+    assert "--mixtures and --losses are both" in capsys.readouterr().err
