@@ -9,8 +9,10 @@ executes code.
 """
 
 
+import hashlib
 import itertools
 import json
+import shutil
 import tempfile
 import time
 import warnings
@@ -43,6 +45,7 @@ from sklearn.model_selection import KFold
 from components import component
 from components.config import PER_DOMAIN, PER_DOMAIN_MAX_SECONDS, REGRESSION_MODELS
 from components.files import replacing, write_text
+from components.paper_data import ROW_SUM_TOLERANCE
 
 MODELS = REGRESSION_MODELS
 ENSEMBLE_MEMBERS = ("lightgbm", "gp", "law")
@@ -464,13 +467,28 @@ class Regressor:
     fit_summary: dict[str, float] | None = None
 
     def _check(self, weights: np.ndarray) -> np.ndarray:
+        """The rows as mixtures over this model's domains, renormalised to sum to 1 (rounded
+        weights, as the paper's CSVs have), or a ValueError naming the rows that are none: a
+        model asked about NaN, negative or percentage weights extrapolates into nonsense."""
         weights = np.atleast_2d(np.asarray(weights, dtype=float))
         if weights.shape[1] != len(self.domains):
             raise ValueError(
                 f"weights have {weights.shape[1]} columns, the regressor {len(self.domains)} "
                 f"domains ({self.domains})"
             )
-        return weights
+        sums = weights.sum(axis=1)
+        for bad, what in ((~np.isfinite(weights).all(axis=1), "NaN or infinite weights"),
+                          ((weights < 0).any(axis=1), "negative weights"),
+                          (np.abs(sums - 1) > ROW_SUM_TOLERANCE,
+                           f"weights that do not sum to 1 (within {ROW_SUM_TOLERANCE}; "
+                           "percentages? divide by 100; a domain column missing or extra?)")):
+            rows = np.flatnonzero(bad)
+            if rows.size:
+                raise ValueError(f"mixture row(s) {rows[:5].tolist()} of {len(weights)} have "
+                                 f"{what}; each row is a mixture over {self.domains}")
+        # Rows summing to 1 up to rounding stay bit for bit as given (predictions repeat exactly)
+        off = np.abs(sums - 1) > 1e-12
+        return np.where(off[:, None], weights / sums[:, None], weights)
 
     def predict(self, weights: np.ndarray) -> np.ndarray:
         return self.predict_with_spread(weights)[0]
@@ -1001,30 +1019,42 @@ class _PyfuncRegressor:
 
 
 def _load_pyfunc(data_path: str) -> _PyfuncRegressor:
-    """mlflow.pyfunc's loader hook (`loader_module="components.regression"`)."""
+    """mlflow.pyfunc's loader hook for models logged before `pyfunc_loader` (their
+    `loader_module` is this module)."""
     return _PyfuncRegressor(data_path)
+
+
+def code_digest(package: Path) -> str:
+    """A hash of a package's Python sources: names the loader of models logged with this code."""
+    digest = hashlib.sha256()
+    for source in sorted(package.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def log_mlflow_model(folder: Path, regressor: Regressor) -> None:
     """Log the saved regressor `folder` to the active run as an MLflow pyfunc model: loadable
     with `mlflow.pyfunc.load_model`, registrable and servable, with a signature naming the
-    domains. Its data is the folder as saved (LightGBM text, JSON, .npy): nothing is pickled."""
+    domains. Its data is the folder as saved (LightGBM text, JSON, .npy): nothing is pickled.
+    Its code is this `components` package, loaded apart from any other (see pyfunc_loader)."""
     from importlib.metadata import version
 
     import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
 
-    import components
-
+    package = Path(__file__).parent
     example = pd.DataFrame(regressor.train_weights[:3], columns=regressor.domains)
-    mlflow.pyfunc.log_model(
-        name="regressor", loader_module="components.regression", data_path=str(folder),
-        code_paths=[str(Path(components.__file__).parent)],
-        pip_requirements=[f"{name}=={version(name)}" for name in MLFLOW_MODEL_PACKAGES],
-        signature=infer_signature(example, regressor.predict(example.to_numpy())),
-        input_example=example,
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        loader = Path(scratch) / f"regmix_regressor_{code_digest(package)}.py"
+        shutil.copyfile(package / "pyfunc_loader.py", loader)
+        mlflow.pyfunc.log_model(
+            name="regressor", loader_module=loader.stem, data_path=str(folder),
+            code_paths=[str(package), str(loader)],
+            pip_requirements=[f"{name}=={version(name)}" for name in MLFLOW_MODEL_PACKAGES],
+            signature=infer_signature(example, regressor.predict(example.to_numpy())),
+            input_example=example,
+        )
 
 
 def domain_interactions(weights: np.ndarray, losses: np.ndarray) -> np.ndarray:

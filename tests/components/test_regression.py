@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import numpy as np
@@ -323,3 +324,73 @@ def test_clean_rows_are_all_kept():
     for seed in range(3):
         weights, y = smooth_problem(150, 6, seed)
         assert fit_regressor(weights, y, names(6))[1].left_out == []
+
+
+def test_predictions_are_only_for_mixtures():
+    weights, y = smooth_problem(30, 3)
+    regressor, _ = fit_regressor(weights, y, names(3), model="linear", folds=3)
+    rounded = np.round(weights[:4], 3)  # as the paper's CSVs print them: renormalised
+    np.testing.assert_allclose(regressor.predict(rounded),
+                               regressor.predict(rounded / rounded.sum(axis=1, keepdims=True)))
+    for bad, what in (([[np.nan, 0.5, 0.5]], "NaN or infinite weights"),
+                      ([[-0.5, 1.0, 0.5]], "negative weights"),
+                      ([[0.2, 0.3, 0.5], [20, 30, 50]], r"row\(s\) \[1\] of 2 have weights that "
+                                                        r"do not sum to 1")):
+        with pytest.raises(ValueError, match=what):
+            regressor.predict(np.array(bad))
+
+
+MODEL_CODE_CHECK = """
+import sys
+from pathlib import Path
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import components  # another project's package of that name, imported first
+logged = mlflow.pyfunc.load_model(sys.argv[1])
+table = pd.DataFrame(np.load(sys.argv[2]), columns=sys.argv[3].split(","))
+np.save(sys.argv[4], logged.predict(table))
+assert not hasattr(components, "IMAGE") and "components.regression" not in sys.modules
+"""
+
+
+def test_a_logged_model_runs_its_own_code_whatever_components_is_imported(tmp_path, tracking):
+    """MLflow keeps modules already imported: the model's `components` is loaded aside, so
+    neither another project's `components` nor another regmix version's stands in for it."""
+    import subprocess
+    import sys
+
+    import mlflow
+    import pandas as pd
+
+    weights, y = smooth_problem(30, 3)
+    regressor, _ = fit_regressor(weights, y, names(3), model="linear", folds=3)
+    regressor.save(tmp_path / "model")
+    mlflow.set_tracking_uri(tracking["uri"])
+    with mlflow.start_run(experiment_id=tracking["experiment_id"]) as run:
+        regression.log_mlflow_model(tmp_path / "model", regressor)
+    uri = f"runs:/{run.info.run_id}/regressor"
+    # In this process, where the checkout's `components` is imported, a copy of the model whose
+    # code differs (as another regmix version's would) runs its own code, beside the original
+    changed = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "changed")))
+    code = changed / "code" / "components" / "regression.py"
+    code.write_text(code.read_text().replace("return self.regressor.predict(",
+                                             "return 100 + self.regressor.predict("))
+    table = pd.DataFrame(weights, columns=names(3))[names(3)[::-1]]
+    other_version = mlflow.pyfunc.load_model(str(changed))
+    logged = mlflow.pyfunc.load_model(uri)
+    np.testing.assert_allclose(other_version.predict(table), 100 + regressor.predict(weights))
+    np.testing.assert_allclose(logged.predict(table), regressor.predict(weights))
+    assert sys.modules["components.regression"] is regression  # the process keeps its own
+    with pytest.raises(Exception, match=r"mixture row\(s\) \[0\] of 1 have negative weights"):
+        logged.predict(pd.DataFrame([[-0.5, 1.0, 0.5]], columns=names(3)))
+    # In a process that imported another project's `components` first
+    (tmp_path / "other" / "components").mkdir(parents=True)
+    (tmp_path / "other" / "components" / "__init__.py").write_text("")
+    (tmp_path / "check.py").write_text(MODEL_CODE_CHECK)
+    np.save(tmp_path / "weights.npy", weights)
+    subprocess.run([sys.executable, str(tmp_path / "check.py"), uri, str(tmp_path / "weights.npy"),
+                    ",".join(names(3)), str(tmp_path / "predicted.npy")], check=True,
+                   cwd=tmp_path / "other", env={**os.environ, "MLFLOW_TRACKING_URI": tracking["uri"],
+                                                "PYTHONPATH": str(tmp_path / "other")})
+    np.testing.assert_allclose(np.load(tmp_path / "predicted.npy"), regressor.predict(weights))
