@@ -264,14 +264,19 @@ def resolve_target(
 
 
 def write_predictions_csv(
-    path: Path, index: np.ndarray, names: list[str], predictions: np.ndarray
+    path: Path, index: np.ndarray, names: list[str], predictions: np.ndarray,
+    labels: dict[str, list[str]] | None = None,
 ) -> None:
-    """Write predictions in the losses-file format: `index` then one column per name."""
+    """Write predictions in the losses-file format: `index`, the `labels` columns (text, such
+    as a run's name: fitting skips them), then one column per name."""
     predictions = np.asarray(predictions, dtype=float).reshape(len(index), -1)
     if predictions.shape[1] != len(names):
         raise ValueError(f"{len(names)} names for {predictions.shape[1]} prediction columns")
+    labels = labels or {}
     with replacing(path) as partial, partial.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow([INDEX_COLUMN, *names])
-        for value, row in zip(np.asarray(index).tolist(), predictions.tolist(), strict=True):
-            writer.writerow([value, *(repr(x) for x in row)])
+        writer.writerow([INDEX_COLUMN, *labels, *names])
+        label_rows = list(zip(*labels.values())) if labels else [()] * len(predictions)
+        for value, label, row in zip(np.asarray(index).tolist(), label_rows,
+                                     predictions.tolist(), strict=True):
+            writer.writerow([value, *label, *(repr(x) for x in row)])

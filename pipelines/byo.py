@@ -229,7 +229,9 @@ def export_csv(tracking_uri: str, experiment: str, stages: list[str], mixtures: 
     weights = np.array([[r["weights"][d] for d in domains] for r in results])
     values = np.array([[r["val_loss"][t] for t in targets] for r in results])
     write_predictions_csv(mixtures, index, domains, weights)
-    write_predictions_csv(losses, index, [f"val_loss.{t}" for t in targets], values)
+    # Each row's proxy by name, to trace it back to its MLflow run; fitting skips the column
+    write_predictions_csv(losses, index, [f"val_loss.{t}" for t in targets], values,
+                          {"mixture_id": [r["id"] for r in results]})
     return len(results)
 
 

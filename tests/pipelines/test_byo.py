@@ -263,6 +263,9 @@ def test_export_writes_the_paper_format_from_mlflow(tmp_path, tracking, capsys):
     assert table.domains == ["a", "b", "c"] and len(table.index) == 5
     rows = list(csv.DictReader(losses.open()))
     assert [float(r["val_loss.a"]) for r in rows] == [3, 4, 5, 6, 7]
+    assert [r["mixture_id"] for r in rows] == [f"m{i:04d}" for i in range(5)]  # the MLflow runs'
+    assert read_proxy_csvs(mixtures, losses).targets == ["mixture_id", "val_loss.a", "val_loss.b",
+                                                          "val_loss.c"]
     # Active-learning proxies are fitted on too (exported by default); gate proxies are not
     log_proxy(tracking, 7, [0.1, 0.1, 0.8], stage="active-proxy")
     log_proxy(tracking, 8, [0.1, 0.8, 0.1], stage="gate-proxy")
