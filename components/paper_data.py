@@ -276,7 +276,7 @@ def write_predictions_csv(
     with replacing(path) as partial, partial.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow([INDEX_COLUMN, *labels, *names])
-        label_rows = list(zip(*labels.values())) if labels else [()] * len(predictions)
+        label_rows = list(zip(*labels.values(), strict=True)) if labels else [()] * len(predictions)
         for value, label, row in zip(np.asarray(index).tolist(), label_rows,
                                      predictions.tolist(), strict=True):
             writer.writerow([value, *label, *(repr(x) for x in row)])
