@@ -127,8 +127,7 @@ def _read_numeric_csv(path: Path, missing_ok: bool = False) -> _Csv:
                                 "fill it in or drop the row")
             try:
                 values[i, j] = float(cell)
-                problem = None if np.isfinite(values[i, j]) else "is not finite; drop the row " \
-                    "or re-measure it"
+                problem = "" if np.isfinite(values[i, j]) else "is not finite; drop the row or re-measure it"
             except ValueError:
                 problem = "is not a number"
             if problem:
