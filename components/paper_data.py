@@ -78,6 +78,8 @@ def _read_numeric_csv(path: Path, missing_ok: bool = False) -> _Csv:
     `_Csv.unreadable` keeps the first such non-empty cell's complaint per column. Otherwise any
     such cell is an error."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not a CSV file; give the file's path")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:  # utf-8-sig: spreadsheet programs start their "CSV UTF-8" files with a byte-order mark

@@ -72,6 +72,8 @@ def test_malformed_csvs_name_the_problem(tmp_path, mixtures, losses, expected):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="not found"):
         read_proxy_csvs(tmp_path / "absent.csv")
+    with pytest.raises(DataError, match="a folder, not a CSV file"):
+        read_proxy_csvs(tmp_path)
 
 
 def test_resolve_target(tmp_path):
