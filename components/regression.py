@@ -477,9 +477,10 @@ class Regressor:
                 f"domains ({self.domains})"
             )
         sums = weights.sum(axis=1)
+        off_by = np.abs(sums - 1)
         for bad, what in ((~np.isfinite(weights).all(axis=1), "NaN or infinite weights"),
                           ((weights < 0).any(axis=1), "negative weights"),
-                          (np.abs(sums - 1) > ROW_SUM_TOLERANCE,
+                          (off_by > ROW_SUM_TOLERANCE,
                            f"weights that do not sum to 1 (within {ROW_SUM_TOLERANCE}; "
                            "percentages? divide by 100; a domain column missing or extra?)")):
             rows = np.flatnonzero(bad)
@@ -487,8 +488,7 @@ class Regressor:
                 raise ValueError(f"mixture row(s) {rows[:5].tolist()} of {len(weights)} have "
                                  f"{what}; each row is a mixture over {self.domains}")
         # Rows summing to 1 up to rounding stay bit for bit as given (predictions repeat exactly)
-        off = np.abs(sums - 1) > 1e-12
-        return np.where(off[:, None], weights / sums[:, None], weights)
+        return np.where((off_by > 1e-12)[:, None], weights / sums[:, None], weights)
 
     def predict(self, weights: np.ndarray) -> np.ndarray:
         return self.predict_with_spread(weights)[0]
@@ -498,15 +498,18 @@ class Regressor:
 
         A per-domain model's spread is the target-weighted sum of its domains' own spreads
         (their disagreements may line up, so they add, at worst)."""
-        weights = self._check(weights)
+        return self._predict_mixtures(self._check(weights))
+
+    def _predict_mixtures(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`predict_with_spread` on rows `_check` passed (once, not per batch or part)."""
         if len(weights) > PREDICT_BATCH_ROWS:  # e.g. the paper recipe's 100k samples
             batches = np.array_split(weights, -(-len(weights) // PREDICT_BATCH_ROWS))
             # Batches on threads: numpy and LightGBM (thread-safe predict) release the GIL
             with ThreadPoolExecutor(cpu_count()) as pool:
-                mean, spread = zip(*pool.map(self.predict_with_spread, batches), strict=True)
+                mean, spread = zip(*pool.map(self._predict_mixtures, batches), strict=True)
             return np.concatenate(mean), np.concatenate(spread)
         if self.model == PER_DOMAIN:
-            parts = np.stack([member.predict_with_spread(weights) for member in self.members])
+            parts = np.stack([member._predict_mixtures(weights) for member in self.members])
             mean, spread = np.tensordot(self.member_weights, parts, axes=1)
             return mean, spread
         each = np.stack([member.predict(weights) for member in self.members])

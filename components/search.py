@@ -175,8 +175,9 @@ class SearchResult:
         """How much lower the chosen mixture is predicted than the best training proxy's. Both
         are predictions where the model gives one: a model that misses the measured value at
         that very mixture would otherwise call its own error a gain."""
-        best = self.best_train_target if self.best_train_predicted is None \
-            else self.best_train_predicted
+        best = self.best_train_predicted
+        if best is None:  # a model saved before its best row was: the measured value
+            best = self.best_train_target
         return None if best is None else best - self.predicted
 
     def gain_verdict(self) -> str:
@@ -194,11 +195,10 @@ class SearchResult:
         if self.cv_rmse is not None:
             uncertainty["cv_rmse"] = self.cv_rmse
         if self.predicted_gain is not None and self.cv_rmse is not None:
-            record["predicted_gain"] = {"over_best_training_proxy": self.predicted_gain,
-                                        "verdict": self.gain_verdict()}
+            gain = {"over_best_training_proxy": self.predicted_gain, "verdict": self.gain_verdict()}
             if self.best_train_predicted is not None:
-                record["predicted_gain"]["best_training_proxy_predicted"] = \
-                    self.best_train_predicted
+                gain["best_training_proxy_predicted"] = self.best_train_predicted
+            record["predicted_gain"] = gain
         if self.nearest_distance is not None:
             record["nearest_training_l1"] = self.nearest_distance
         return {**record, "method": self.method, "trials": self.trials, "seconds": self.seconds,

@@ -98,7 +98,7 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
         if name in index:
             raise DataError(f"--target '{text}': given twice; give each target once")
         folder = folder_name(name)
-        if folder in index.values() and index.get(name) != folder:
+        if folder in index.values():
             raise DataError(f"--target '{text}': its folder name '{folder}' is taken by another "
                             "target; rename a loss column")
         index[name] = folder
@@ -272,11 +272,10 @@ def output_file(text: str) -> Path:
 def output_folder(text: str) -> Path:
     """An argparse type: a folder to write into (made if missing), not an existing file."""
     path = Path(text)
-    for folder in (path, *path.parents):  # the nearest existing one must be a folder
-        if folder.exists():
-            if not folder.is_dir():
-                raise argparse.ArgumentTypeError(f"'{folder}' is a file; give a folder path")
-            return path
+    # The nearest folder that exists (at worst '.' or '/') is where it will be made
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"'{existing}' is a file; give a folder path")
     return path
 
 
