@@ -6,6 +6,8 @@ Trains one shape on synthetic tokens (throughput does not depend on the text) wi
                      (AdamW, cross-entropy on the logits, clipping; bf16 autocast on GPU);
   regmix-packed-G    `train_packed`: G proxies at once as one batched model (tokens/s of all G);
   regmix-compile     with `--compile`: `train_lm` with `torch.compile` (compiled in the warm-up);
+  regmix-eager-softmax  on GPU: `train_lm` with the output layer's softmax left uncompiled, to
+                     show what compiling it (the default on CUDA) gains;
 and reports tokens/s, MFU (model FLOP/s over the peak matmul FLOP/s measured here on the same
 device) and peak memory (CUDA: allocated; CPU: the measuring process's peak RSS). Each
 measurement runs in a fresh process after an untimed warm-up, so none inherits another's
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -109,8 +112,11 @@ def hf_train(data: TokenData, weights: dict, shape, recipe: TrainRecipe, device:
 def measure(impl: str, data_dir: str, shape_name: str, device: str, batch: int, steps: int,
             threads: int | None) -> dict:
     """One measurement in this (fresh) process: an untimed warm-up, then the timed run."""
+    import components.model
     from components.proxy import train_lm, train_packed
 
+    if impl == "regmix-eager-softmax":
+        components.model.compiled_loss_and_grad = lambda: components.model.softmax_loss_and_grad
     if threads:
         torch.set_num_threads(threads)
     data, shape = TokenData.open(data_dir), SHAPES[shape_name]
@@ -123,7 +129,7 @@ def measure(impl: str, data_dir: str, shape_name: str, device: str, batch: int, 
                              checkpoint_every=0, log_every=10**9, compile=impl == "regmix-compile")
         if impl == "hf":
             hf_train(data, weights, shape, recipe, device)
-        elif impl in ("regmix", "regmix-compile"):
+        elif impl in ("regmix", "regmix-compile", "regmix-eager-softmax"):
             train_lm(data, weights, shape, recipe, seed=0)
         else:
             train_packed(data, [weights] * packs, shape, recipe, seeds=list(range(packs)))
@@ -142,6 +148,29 @@ def measure(impl: str, data_dir: str, shape_name: str, device: str, batch: int, 
             "peak_mem_mb": round(peak / 2**20, 1), "seconds": round(seconds, 2)}
 
 
+def profile(data_dir: str, shape_name: str, device: str, batch: int, steps: int) -> str:
+    """Where `train_lm`'s time goes: torch.profiler's top operators over `steps` steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    from components.proxy import train_lm
+
+    data, shape = TokenData.open(data_dir), SHAPES[shape_name]
+    weights = {d: 1 / len(data.domains) for d in data.domains}
+
+    def run(steps: int) -> None:
+        recipe = TrainRecipe(tokens=steps * batch * shape.context, batch_size=batch,
+                             checkpoint_every=0, log_every=10**9)
+        train_lm(data, weights, shape, recipe, seed=0)
+
+    run(2)  # compiles, and warms the allocator
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profiler(activities=activities) as prof:
+        run(steps)
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -157,6 +186,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also measure regmix with torch.compile")
     p.add_argument("--quick", action="store_true", help="fewer steps; under 3 minutes on 2 cores")
     p.add_argument("--json", action="store_true", help="one JSON object per measurement")
+    p.add_argument("--profile", action="store_true",
+                   help="also print where regmix's step time goes (torch.profiler's top operators)")
     args = p.parse_args()
     gpu = args.device == "cuda"
     shape = args.shape or ("proxy-1m" if gpu else "local-proxy")
@@ -171,23 +202,36 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if gpu else f"cpu x{torch.get_num_threads()}"
     impls = ["regmix", "hf"] + [f"regmix-packed-{g}" for g in packs]
     impls += ["regmix-compile"] if args.compile else []
+    impls += ["regmix-eager-softmax"] if gpu else []
     with tempfile.TemporaryDirectory() as folder:
         data_dir = str(synthetic_data(Path(folder), vocab))
         best: dict[str, dict] = {}
         rounds: list[dict[str, float]] = []  # tokens/s per implementation, one dict per round
-        # Fresh process per measurement; rounds interleave implementations so that a burst of
-        # load on a shared machine does not favour one of them.
-        with ProcessPoolExecutor(1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-            for _ in range(repeats):
-                rounds.append({})
-                for impl in impls:
-                    # Packed runs do G times the work per step; fewer steps keep them short.
-                    n = max(2, steps // int(impl.rsplit("-", 1)[1])) if "packed" in impl else steps
-                    result = pool.submit(measure, impl, data_dir, shape, args.device, args.batch,
-                                         n, args.threads).result()
-                    rounds[-1][impl] = result["tokens_per_s"]
-                    if impl not in best or result["tokens_per_s"] > best[impl]["tokens_per_s"]:
-                        best[impl] = result
+        # Fresh process per measurement (a pool of its own, so that a crash cannot break the
+        # next); rounds interleave implementations so that a burst of load on a shared machine
+        # does not favour one of them.
+        for _ in range(repeats):
+            rounds.append({})
+            for impl in impls:
+                # Packed runs do G times the work per step; fewer steps keep them short.
+                n = max(2, steps // int(impl.rsplit("-", 1)[1])) if "packed" in impl else steps
+                try:
+                    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                        result = pool.submit(measure, impl, data_dir, shape, args.device,
+                                             args.batch, n, args.threads).result()
+                except Exception as error:  # out of memory, say: the other measurements stand
+                    print(f"{impl}: failed: {type(error).__name__}: {error}"[:300], file=sys.stderr)
+                    continue
+                rounds[-1][impl] = result["tokens_per_s"]
+                # as it goes, so that a run cut short still tells what it measured
+                print(f"{impl}: {result['tokens_per_s']:.0f} tokens/s, {result['peak_mem_mb']} MB",
+                      file=sys.stderr, flush=True)
+                if impl not in best or result["tokens_per_s"] > best[impl]["tokens_per_s"]:
+                    best[impl] = result
+        if args.profile:
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+                print(pool.submit(profile, data_dir, shape, args.device, args.batch,
+                                  min(steps, 10)).result(), file=sys.stderr)
     rows = [{"impl": impl, "shape": shape, "vocab": vocab, "device": device_name,
              "tokens_per_s": round(r["tokens_per_s"]), "mfu": round(r["tokens_per_s"] *
              flops_per_token / peak, 4), "peak_mem_mb": r["peak_mem_mb"]}
@@ -198,20 +242,26 @@ def main() -> None:
         return
     print(f"{shape} (vocab {vocab}, batch {args.batch}) on {device_name}; peak matmul "
           f"{peak / 1e9:.0f} GFLOP/s; {flops_per_token / 1e6:.2f} MFLOP per token")
-    print(f"{'impl':<18} {'tokens/s':>10} {'MFU':>7} {'peak MB':>9}")
+    print(f"{'impl':<20} {'tokens/s':>10} {'MFU':>7} {'peak MB':>9}")
     for row in rows:
-        print(f"{row['impl']:<18} {row['tokens_per_s']:>10} {row['mfu']:>7.1%} "
+        print(f"{row['impl']:<20} {row['tokens_per_s']:>10} {row['mfu']:>7.1%} "
               f"{row['peak_mem_mb']:>9}")
-    ours, theirs = best["regmix"]["tokens_per_s"], best["hf"]["tokens_per_s"]
-    # On a shared (virtual) machine the speed of both drifts with the neighbours' load; the ratio
-    # within a round, whose runs are adjacent in time, shows how much of a difference is noise.
-    paired = sorted(r["regmix"] / r["hf"] for r in rounds)
-    print(f"regmix / hf: {ours / theirs:.2f}x (best of each); within a round: median "
-          f"{paired[len(paired) // 2]:.2f}x, range {paired[0]:.2f}-{paired[-1]:.2f}x")
-    for g in packs:
-        print(f"packed G={g} / unpacked: {best[f'regmix-packed-{g}']['tokens_per_s'] / ours:.2f}x")
-    if args.compile:
-        print(f"compiled / eager: {best['regmix-compile']['tokens_per_s'] / ours:.2f}x")
+    if "regmix" not in best:
+        return
+    ours = best["regmix"]["tokens_per_s"]
+    if "hf" in best:
+        # On a shared (virtual) machine the speed of both drifts with the neighbours' load; the
+        # ratio within a round, whose runs are adjacent in time, shows how much is noise.
+        paired = sorted(r["regmix"] / r["hf"] for r in rounds if {"regmix", "hf"} <= r.keys())
+        print(f"regmix / hf: {ours / best['hf']['tokens_per_s']:.2f}x (best of each); within a "
+              f"round: median {paired[len(paired) // 2]:.2f}x, range {paired[0]:.2f}-{paired[-1]:.2f}x")
+    ratios = {f"packed G={g} / unpacked": best.get(f"regmix-packed-{g}") for g in packs}
+    ratios["compiled / eager"] = best.get("regmix-compile")
+    for label, result in ratios.items():
+        if result:
+            print(f"{label}: {result['tokens_per_s'] / ours:.2f}x")
+    if "regmix-eager-softmax" in best:
+        print(f"compiled softmax / eager: {ours / best['regmix-eager-softmax']['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ paper's models (TinyLlama in lit-gpt, as the RegMix code trains them); shapes ar
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,6 +19,8 @@ from components.shapes import ModelShape
 # Rows of output-layer logits computed at once: bounds the loss's memory (a (tokens x vocab)
 # float32 block) at 256 MiB however large the batch or vocabulary.
 LOGITS_PER_CHUNK = 1 << 26
+# A token's loss reads as at most -log(float32 tiny) = 87 nats, far past any trained model's.
+TINY = torch.finfo(torch.float32).tiny
 
 
 def rope_tables(shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,21 +35,70 @@ def rope_tables(shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: (B, T, H, D); rotate the two halves of each head (the GPT-NeoX / LLaMA-HF convention):
     # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), with the minus sign folded into `sin`.
+    # In x's dtype (as Hugging Face's Llama does): float32 tables would promote bf16 q and k to
+    # float32 under autocast, doubling their traffic, and leave v behind in bf16.
     T = x.size(1)
-    return x * cos[:T] + x.roll(x.size(-1) // 2, dims=-1) * sin[:T]
+    return x * cos[:T].to(x.dtype) + x.roll(x.size(-1) // 2, dims=-1) * sin[:T].to(x.dtype)
+
+
+# Packing (components/packed.py): a model built with `packs=G` is G models of one shape in one,
+# each weight stacked along a new leading dimension, its activations (G, B, T, C). The layers
+# below take either; a packed one does each product as one batched matmul over the G models.
+
+def stacked(packs: int | None, *dims: int) -> torch.Tensor:
+    return torch.empty(*(() if packs is None else (packs,)), *dims)
+
+
+class Linear(nn.Module):
+    """`nn.Linear` without bias: weight (out, in), or (G, out, in) packed."""
+
+    def __init__(self, fan_in: int, fan_out: int, packs: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(stacked(packs, fan_out, fan_in))
+
+    def forward(self, x):
+        if self.weight.dim() == 2:
+            return F.linear(x, self.weight)
+        return torch.bmm(x.flatten(1, -2), self.weight.mT).unflatten(1, x.shape[1:-1])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, packs: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(stacked(packs, dim).fill_(1.0))
+
+    def forward(self, x):
+        # The same arithmetic packed or not, so that a packed model matches its models alone
+        weight = self.weight if self.weight.dim() == 1 else self.weight[:, None, None]
+        return F.rms_norm(x, x.shape[-1:], eps=1e-5) * weight
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, dim: int, packs: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(stacked(packs, vocab, dim))
+
+    def forward(self, idx):
+        if self.weight.dim() == 2:
+            return F.embedding(idx, self.weight)
+        # Model g's rows follow model g-1's in the flattened table: one lookup for all G
+        G, vocab = self.weight.shape[:2]
+        offsets = torch.arange(0, G * vocab, vocab, device=idx.device).view(G, *[1] * (idx.dim() - 1))
+        return F.embedding(idx + offsets, self.weight.flatten(0, 1))
 
 
 class Attention(nn.Module):
-    def __init__(self, shape: ModelShape):
+    def __init__(self, shape: ModelShape, packs: int | None = None):
         super().__init__()
         self.n_head, self.n_kv = shape.n_head, shape.n_kv_head or shape.n_head
         self.head_dim = shape.n_embd // shape.n_head
-        self.qkv = nn.Linear(shape.n_embd, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=False)
-        self.proj = nn.Linear(shape.n_embd, shape.n_embd, bias=False)
+        self.qkv = Linear(shape.n_embd, (self.n_head + 2 * self.n_kv) * self.head_dim, packs)
+        self.proj = Linear(shape.n_embd, shape.n_embd, packs)
 
     def forward(self, x, cos, sin):
-        B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv, self.head_dim)
+        *_, T, C = x.shape
+        # Packed models' sequences join the batch: attention has no weights, one kernel serves all
+        qkv = self.qkv(x).view(-1, T, self.n_head + 2 * self.n_kv, self.head_dim)
         qk = apply_rope(qkv[:, :, : self.n_head + self.n_kv], cos, sin)  # q and k in one pass
         q, k = qk.split([self.n_head, self.n_kv], dim=2)
         v = qkv[:, :, self.n_head + self.n_kv :]
@@ -54,14 +106,14 @@ class Attention(nn.Module):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             is_causal=True, enable_gqa=self.n_kv != self.n_head,
         )
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(x.shape))
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, shape: ModelShape):
+    def __init__(self, shape: ModelShape, packs: int | None = None):
         super().__init__()
-        self.gate_up = nn.Linear(shape.n_embd, 2 * shape.mlp_hidden, bias=False)
-        self.down = nn.Linear(shape.mlp_hidden, shape.n_embd, bias=False)
+        self.gate_up = Linear(shape.n_embd, 2 * shape.mlp_hidden, packs)
+        self.down = Linear(shape.mlp_hidden, shape.n_embd, packs)
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -69,12 +121,12 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, shape: ModelShape):
+    def __init__(self, shape: ModelShape, packs: int | None = None):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(shape.n_embd, eps=1e-5)
-        self.attn = Attention(shape)
-        self.mlp_norm = nn.RMSNorm(shape.n_embd, eps=1e-5)
-        self.mlp = SwiGLU(shape)
+        self.attn_norm = RMSNorm(shape.n_embd, packs)
+        self.attn = Attention(shape, packs)
+        self.mlp_norm = RMSNorm(shape.n_embd, packs)
+        self.mlp = SwiGLU(shape, packs)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -82,16 +134,16 @@ class Block(nn.Module):
 
 
 class LM(nn.Module):
-    def __init__(self, shape: ModelShape, vocab_size: int):
+    def __init__(self, shape: ModelShape, vocab_size: int, packs: int | None = None):
         super().__init__()
-        self.shape, self.vocab_size = shape, vocab_size
+        self.shape, self.vocab_size, self.packs = shape, vocab_size, packs
         # Rows padded to a multiple of 64, as in the paper's models: the output layer's matmuls
         # then tile evenly on tensor cores (50,277 GPT-NeoX tokens -> 50,304 rows).
         padded = -(-vocab_size // 64) * 64
-        self.embed = nn.Embedding(padded, shape.n_embd)
-        self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
-        self.norm = nn.RMSNorm(shape.n_embd, eps=1e-5)
-        self.head = nn.Linear(shape.n_embd, padded, bias=False)
+        self.embed = Embedding(padded, shape.n_embd, packs)
+        self.blocks = nn.ModuleList(Block(shape, packs) for _ in range(shape.n_layer))
+        self.norm = RMSNorm(shape.n_embd, packs)
+        self.head = Linear(shape.n_embd, padded, packs)
         cos, sin = rope_tables(shape)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -99,18 +151,21 @@ class LM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("down.weight"):
                 nn.init.normal_(p, std=1 / math.sqrt(shape.mlp_hidden) / shape.n_layer)
-            elif not name.endswith("norm.weight"):  # p.size(1) is the fan-in (the width for embed)
-                nn.init.normal_(p, std=math.sqrt(2 / 5 / p.size(1)))
+            elif not name.endswith("norm.weight"):  # the last dim is the fan-in (the width for embed)
+                nn.init.normal_(p, std=math.sqrt(2 / 5 / p.size(-1)))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """The logits (B, T, vocab) or, given targets, the mean next-token loss."""
+        """The logits (B, T, vocab) or, given targets, the mean next-token loss; packed, each with
+        a leading G: tokens (G, B, T) give logits (G, B, T, vocab) or the G models' losses (G,)."""
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, self.rope_cos, self.rope_sin)
         x = self.norm(x)
         if targets is None:
             return self.head(x)[..., : self.vocab_size]
-        return head_loss(x.flatten(0, -2), self.head.weight, targets.flatten())
+        if self.packs is None:
+            return head_loss(x.flatten(0, -2)[None], self.head.weight[None], targets.flatten()[None])[0]
+        return head_loss(x.flatten(1, -2), self.head.weight, targets.flatten(1))
 
     def non_embedding_params(self) -> int:
         return sum(p.numel() for n, p in self.named_parameters() if not n.startswith(("embed", "head")))
@@ -124,7 +179,10 @@ class LM(nn.Module):
 
 
 def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the logits `x @ weight.T` (x: (N, C), targets: (N,))."""
+    """Each of G models' mean cross-entropy of its logits `x[g] @ weight[g].T`.
+
+    x: (G, N, C), weight: (G, V, C), targets: (G, N); returns the G losses.
+    """
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return LinearCrossEntropy.apply(x, weight, targets)[0]
     return _chunked_head(x, weight, targets, with_grads=False)[0]
@@ -138,8 +196,6 @@ class LinearCrossEntropy(torch.autograd.Function):
     compute them there chunk by chunk (as Liger-Kernel does) and let backward only rescale.
     """
 
-    generate_vmap_rule = True  # packed proxies (components/packed.py) run it under vmap
-
     @staticmethod
     def forward(x, weight, targets):
         return _chunked_head(x, weight, targets, with_grads=True)
@@ -151,33 +207,71 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(grad_x, grad_weight)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_x, _grad_weight):
+    def backward(ctx, grad_losses, _grad_x, _grad_weight):
         grad_x, grad_weight = ctx.saved_tensors
-        return grad_x * grad_loss, grad_weight * grad_loss, None
+        scale = grad_losses.view(-1, 1, 1)
+        return grad_x * scale.to(grad_x.dtype), grad_weight * scale.to(grad_weight.dtype), None
 
 
 def _chunked_head(x, weight, targets, with_grads: bool):
-    """(mean loss, d loss / d x, d loss / d weight); the gradients only `with_grads`."""
-    n, vocab = x.size(0), weight.size(0)
-    rows = max(1, LOGITS_PER_CHUNK // vocab)
-    loss = x.new_zeros((), dtype=torch.float32)
-    # The weight's gradient sums over chunks: in float32, whatever the weight's dtype.
-    grads_x, grad_weight = [], torch.zeros_like(weight, dtype=torch.float32) if with_grads else None
+    """(G mean losses, d loss / d x, d loss / d weight); the gradients only `with_grads`."""
+    G, n, vocab = x.size(0), x.size(1), weight.size(1)
+    rows = max(1, logits_per_chunk(x) // vocab)
+    losses = x.new_zeros(G, dtype=torch.float32)
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
     matmul_dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-    for start in range(0, n, rows):
-        xc, tc = x[start : start + rows], targets[start : start + rows, None]
-        probs = torch.softmax(xc @ weight.T, -1, dtype=torch.float32)  # bf16 logits read once
-        # One softmax pass serves loss and gradient (log_softmax + exp costs two). A token's
-        # loss reads as at most -log(float32 tiny) = 87 nats, far past any trained model's.
-        loss = loss - probs.gather(-1, tc).clamp_min(torch.finfo(torch.float32).tiny).log().sum()
-        if with_grads:
-            probs.scatter_add_(-1, tc, probs.new_full(tc.shape, -1.0))  # d loss / d logits * n
-            probs = probs.to(matmul_dtype)  # cast once, not once per product under autocast
-            grads_x.append(probs @ weight)
-            grad_weight += (xc.T @ probs).T  # as (C x V) products: faster than probs.T @ xc
+    if with_grads:
+        grad_x = torch.empty_like(x)
+        # The weight's gradient sums over chunks: in float32, whatever the weight's dtype.
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+    loss_and_grad = compiled_loss_and_grad() if x.is_cuda else softmax_loss_and_grad
+    for g in range(G):
+        for start in range(0, n, rows):
+            xc, tc = x[g, start : start + rows], targets[g, start : start + rows, None]
+            logits = xc @ weight[g].T
+            if not with_grads:
+                probs = torch.softmax(logits, -1, dtype=torch.float32)
+                losses[g] -= probs.gather(-1, tc).clamp_min(TINY).log().sum()
+                continue
+            chunk_loss, grad_logits = loss_and_grad(logits, tc, matmul_dtype)
+            losses[g] += chunk_loss
+            grad_x[g, start : start + rows] = grad_logits @ weight[g]
+            grad_weight[g] += (xc.T @ grad_logits).T  # as (C x V) products: faster than probs.T @ xc
     if not with_grads:
-        return loss / n, None, None
+        return losses / n, None, None
     # 1/n scales the small (N x C) and (V x C) products rather than the (N x V) probabilities
-    return loss / n, torch.cat(grads_x).div_(n).to(x.dtype), grad_weight.div_(n).to(weight.dtype)
+    return losses / n, grad_x.div_(n), grad_weight.div_(n).to(weight.dtype)
+
+
+def logits_per_chunk(x: torch.Tensor) -> int:
+    """Logits computed at once. On a GPU, larger chunks: fewer, fuller kernels, and a chunk's
+    bf16 logits and gradient (1 GiB) are small beside its memory."""
+    return LOGITS_PER_CHUNK * (4 if x.is_cuda else 1)
+
+
+def softmax_loss_and_grad(logits, targets, grad_dtype):
+    """A chunk's summed loss and n x d loss / d logits (softmax minus one-hot), from one softmax.
+
+    One softmax serves loss and gradient (log_softmax + exp costs two passes), and the
+    gradient is cast once to the matmul dtype rather than once per product under autocast.
+    """
+    probs = torch.softmax(logits, -1, dtype=torch.float32)
+    loss = -probs.gather(-1, targets).clamp_min(TINY).log().sum()
+    if torch.compiler.is_compiling():  # as a `where`, the one-hot fuses into the softmax's kernel
+        hit = torch.arange(probs.size(-1), device=probs.device) == targets
+        return loss, torch.where(hit, probs - 1, probs).to(grad_dtype)
+    # Eager, updating the n target entries in place beats two more passes over the block
+    return loss, probs.scatter_add_(-1, targets, probs.new_full(targets.shape, -1.0)).to(grad_dtype)
+
+
+@functools.cache
+def compiled_loss_and_grad():
+    """`softmax_loss_and_grad` compiled, which on CUDA is one fused kernel.
+
+    Eager, the (tokens x vocab) block is read and written five times (bf16 logits, float32
+    probabilities, their one-hot update, the bf16 cast); compiled, the kernel reads the logits
+    and writes the gradient. On CPU compiling costs more than it saves.
+    """
+    # fullgraph: a graph break would silently fall back to the slow eager kernels
+    return torch.compile(softmax_loss_and_grad, fullgraph=True, dynamic=False)
