@@ -9,15 +9,15 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/env.txt"
 python3 -c "import torch, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'accelerate', accelerate.__version__)" 2>&1 | tee -a "$out/env.txt"
-timeout 110 python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_gpu.py 2>&1 \
+timeout 75 python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_gpu.py 2>&1 \
   | tee "$out/tests.txt"
 bench() {  # name, seconds allowed, then the benchmark's flags
   local name=$1 limit=$2; shift 2
   timeout "$limit" python3 benchmarks/proxy_throughput.py --device cuda "$@" 2>&1 | tee "$out/$name.txt"
 }
 # The paper's proxy-1m shape and vocabulary; 16 x 2048 tokens per proxy per step.
-bench batch16 120 --batch 16 --steps 60 --repeats 1 --packs 1,4,16
+bench batch16 165 --batch 16 --steps 60 --repeats 1 --packs 1,4,16 --compile --profile
+# Small per-proxy steps, where one proxy alone leaves the GPU idlest and packing gains most.
+bench batch4 90 --batch 4 --steps 60 --repeats 1 --packs 4,16
 # Bigger steps: the launch overhead of the small layers spreads over 4x the tokens.
 bench batch64 80 --batch 64 --steps 30 --repeats 1 --packs 4
-# Small per-proxy steps, where one proxy alone leaves the GPU idlest and packing gains most.
-bench batch4 80 --batch 4 --steps 60 --repeats 1 --packs 4,16

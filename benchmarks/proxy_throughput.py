@@ -75,8 +75,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def hf_train(data: TokenData, weights: dict, shape, recipe: TrainRecipe, device: str) -> None:
-    """transformers' Llama of the same shape in the plain PyTorch training loop."""
+def hf_train(data: TokenData, weights: dict, shape, recipe: TrainRecipe, device: str) -> float:
+    """transformers' Llama of the same shape in the plain PyTorch training loop; its seconds."""
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -95,6 +95,8 @@ def hf_train(data: TokenData, weights: dict, shape, recipe: TrainRecipe, device:
                                   weight_decay=recipe.weight_decay)
     batches = MixtureBatches(data, weights, shape.context, seed=0)
     steps = recipe.tokens // (recipe.batch_size * shape.context)
+    sync(device)
+    start = time.perf_counter()
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, recipe)
@@ -107,11 +109,16 @@ def hf_train(data: TokenData, weights: dict, shape, recipe: TrainRecipe, device:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     loss.item()
+    return time.perf_counter() - start
 
 
 def measure(impl: str, data_dir: str, shape_name: str, device: str, batch: int, steps: int,
             threads: int | None) -> dict:
-    """One measurement in this (fresh) process: an untimed warm-up, then the timed run."""
+    """One measurement in this (fresh) process: an untimed warm-up, then the timed run.
+
+    Only the training steps count (each trainer's own clock, which stops after a sync): building
+    and initialising the models on the host, G times over when packed, is no part of a step.
+    """
     import components.model
     from components.proxy import train_lm, train_packed
 
@@ -123,25 +130,20 @@ def measure(impl: str, data_dir: str, shape_name: str, device: str, batch: int, 
     weights = {d: 1 / len(data.domains) for d in data.domains}
     packs = int(impl.rsplit("-", 1)[1]) if impl.startswith("regmix-packed") else 1
 
-    def run(steps: int) -> None:
+    def run(steps: int) -> float:
         recipe = TrainRecipe(tokens=steps * batch * shape.context, batch_size=batch,
                              mixed_precision="bf16" if device == "cuda" else "no",
                              checkpoint_every=0, log_every=10**9, compile=impl == "regmix-compile")
         if impl == "hf":
-            hf_train(data, weights, shape, recipe, device)
-        elif impl in ("regmix", "regmix-compile", "regmix-eager-softmax"):
-            train_lm(data, weights, shape, recipe, seed=0)
-        else:
-            train_packed(data, [weights] * packs, shape, recipe, seeds=list(range(packs)))
+            return hf_train(data, weights, shape, recipe, device)
+        if impl in ("regmix", "regmix-compile", "regmix-eager-softmax"):
+            return train_lm(data, weights, shape, recipe, seed=0)[3]
+        return train_packed(data, [weights] * packs, shape, recipe, seeds=list(range(packs)))[3]
 
     run(2)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    sync(device)
-    start = time.perf_counter()
-    run(steps)
-    sync(device)
-    seconds = time.perf_counter() - start
+    seconds = run(steps)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"tokens_per_s": packs * steps * batch * shape.context / seconds,
@@ -158,7 +160,7 @@ def profile(data_dir: str, shape_name: str, device: str, batch: int, steps: int)
     data, shape = TokenData.open(data_dir), SHAPES[shape_name]
     weights = {d: 1 / len(data.domains) for d in data.domains}
 
-    def run(steps: int) -> None:
+    def run(steps: int) -> float:
         recipe = TrainRecipe(tokens=steps * batch * shape.context, batch_size=batch,
                              checkpoint_every=0, log_every=10**9)
         train_lm(data, weights, shape, recipe, seed=0)
