@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from components.shapes import ModelShape
 
-# Rows of output-layer logits computed at once: bounds the loss's memory (a (tokens x vocab)
-# float32 block) at 256 MiB however large the batch or vocabulary.
+# Output-layer logits computed at once: bounds the loss's memory (a (tokens x vocab) float32
+# block) at 256 MiB however large the batch or vocabulary; 4x that on a GPU (logits_per_chunk).
 LOGITS_PER_CHUNK = 1 << 26
 # A token's loss reads as at most -log(float32 tiny) = 87 nats, far past any trained model's.
 TINY = torch.finfo(torch.float32).tiny
