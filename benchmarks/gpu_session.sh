@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks and measures, in one go (device time is scarce): the GPU
 # tests, then proxy throughput at three batch sizes. Results go to $OUT (default gpu-results/).
+# Needs the project's Python packages (the proxy image has them) with a CUDA build of torch.
 #   bash benchmarks/gpu_session.sh
 set -uo pipefail
 out=${OUT:-gpu-results}
@@ -15,9 +16,12 @@ bench() {  # name, seconds allowed, then the benchmark's flags
   local name=$1 limit=$2; shift 2
   timeout "$limit" python3 benchmarks/proxy_throughput.py --device cuda "$@" 2>&1 | tee "$out/$name.txt"
 }
-# The paper's proxy-1m shape and vocabulary; 16 x 2048 tokens per proxy per step.
-bench batch16 165 --batch 16 --steps 60 --repeats 1 --packs 1,4,16 --compile --profile
+# The paper's proxy-1m shape and vocabulary; 16 x 2048 tokens per proxy per step. About 10 s a
+# measurement (each in a fresh process), the profile 20 s.
+bench batch16 180 --batch 16 --steps 60 --repeats 1 --packs 1,4,16 --profile
 # Small per-proxy steps, where one proxy alone leaves the GPU idlest and packing gains most.
 bench batch4 90 --batch 4 --steps 60 --repeats 1 --packs 4,16
 # Bigger steps: the launch overhead of the small layers spreads over 4x the tokens.
-bench batch64 80 --batch 64 --steps 30 --repeats 1 --packs 4
+bench batch64 90 --batch 64 --steps 30 --repeats 1 --packs 4
+# Whole-model torch.compile: a minute or more of compiling.
+bench compile 150 --batch 16 --steps 60 --repeats 1 --packs 1 --compile
