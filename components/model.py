@@ -225,7 +225,7 @@ def _chunked_head(x, weight, targets, with_grads: bool):
         grad_x = torch.empty_like(x)
         # The weight's gradient sums over chunks: in float32, whatever the weight's dtype.
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-    loss_and_grad = compiled_loss_and_grad() if x.is_cuda else softmax_loss_and_grad
+    loss_and_grad = compiled_loss_and_grad() if compiles_softmax(x) else softmax_loss_and_grad
     for g in range(G):
         for start in range(0, n, rows):
             xc, tc = x[g, start : start + rows], targets[g, start : start + rows, None]
@@ -263,6 +263,13 @@ def softmax_loss_and_grad(logits, targets, grad_dtype):
         return loss, torch.where(hit, probs - 1, probs).to(grad_dtype)
     # Eager, updating the n target entries in place beats two more passes over the block
     return loss, probs.scatter_add_(-1, targets, probs.new_full(targets.shape, -1.0)).to(grad_dtype)
+
+
+def compiles_softmax(x: torch.Tensor) -> bool:
+    """On GPUs that Triton (torch.compile's GPU backend) supports; elsewhere eager."""
+    from torch.utils._triton import has_triton
+
+    return x.is_cuda and has_triton()
 
 
 @functools.cache
