@@ -32,6 +32,10 @@ def data(tmp_path_factory) -> TokenData:
 
 
 def test_the_compiled_softmax_head_matches_the_eager_one(monkeypatch):
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        pytest.skip("the softmax compiles only where Triton runs")
     torch.manual_seed(0)
     model = LM(SHAPES["local-proxy"], vocab_size=50_277).cuda()
     x, y = torch.randint(0, 50_277, (2, 8, 128), device="cuda")
