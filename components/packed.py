@@ -18,10 +18,14 @@ class PackedLM(LM):
     """G `LM`s of one shape with their parameters stacked: (G, B, T) tokens -> (G,) losses."""
 
     def __init__(self, models: list[LM]):
-        super().__init__(models[0].shape, models[0].vocab_size, packs=len(models))
+        with torch.device("meta"):  # no random init: every weight is copied from the models
+            super().__init__(models[0].shape, models[0].vocab_size, packs=len(models))
+        self.to_empty(device=models[0].rope_cos.device)
         with torch.no_grad():
             for name, p in self.named_parameters():
                 p.copy_(torch.stack([m.get_parameter(name) for m in models]))
+            for name, b in self.named_buffers():
+                b.copy_(models[0].get_buffer(name))
 
     def clip_grad_norms_(self, max_norm: float) -> torch.Tensor:
         """Clip each proxy's gradient to `max_norm` on its own, as `clip_grad_norm_` would alone."""
@@ -35,7 +39,13 @@ class PackedLM(LM):
     def unpack(self) -> list[LM]:
         models = []
         for g in range(self.packs):
-            model = LM(self.shape, self.vocab_size).to(self.rope_cos.device)
-            model.load_state_dict({n: p[g].detach() for n, p in self.named_parameters()})
+            with torch.device("meta"):
+                model = LM(self.shape, self.vocab_size)
+            model.to_empty(device=self.rope_cos.device)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(self.get_parameter(name)[g])
+                for name, b in model.named_buffers():
+                    b.copy_(self.get_buffer(name))
             models.append(model)
         return models
