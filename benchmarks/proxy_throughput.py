@@ -112,9 +112,13 @@ def hf_train(data: TokenData, weights: dict, shape, recipe: TrainRecipe, device:
     return time.perf_counter() - start
 
 
-def measure(impl: str, data_dir: str, shape_name: str, device: str, batch: int, steps: int,
-            threads: int | None) -> dict:
-    """One measurement in this (fresh) process: an untimed warm-up, then the timed run.
+def packs_of(impl: str) -> int:
+    """How many proxies a measurement trains at once: G for `regmix-packed-G`, else 1."""
+    return int(impl.rsplit("-", 1)[1]) if impl.startswith("regmix-packed") else 1
+
+
+def trainer(impl: str, data_dir: str, shape_name: str, device: str, batch: int):
+    """`run(steps)`: train `impl` for `steps` steps in this process; the steps' seconds.
 
     Only the training steps count (each trainer's own clock, which stops after a sync): building
     and initialising the models on the host, G times over when packed, is no part of a step.
@@ -124,11 +128,9 @@ def measure(impl: str, data_dir: str, shape_name: str, device: str, batch: int, 
 
     if impl == "regmix-eager-softmax":
         components.model.compiled_loss_and_grad = lambda: components.model.softmax_loss_and_grad
-    if threads:
-        torch.set_num_threads(threads)
     data, shape = TokenData.open(data_dir), SHAPES[shape_name]
     weights = {d: 1 / len(data.domains) for d in data.domains}
-    packs = int(impl.rsplit("-", 1)[1]) if impl.startswith("regmix-packed") else 1
+    packs = packs_of(impl)
 
     def run(steps: int) -> float:
         recipe = TrainRecipe(tokens=steps * batch * shape.context, batch_size=batch,
@@ -140,14 +142,24 @@ def measure(impl: str, data_dir: str, shape_name: str, device: str, batch: int, 
             return train_lm(data, weights, shape, recipe, seed=0)[3]
         return train_packed(data, [weights] * packs, shape, recipe, seeds=list(range(packs)))[3]
 
+    return run
+
+
+def measure(impl: str, data_dir: str, shape_name: str, device: str, batch: int, steps: int,
+            threads: int | None) -> dict:
+    """One measurement in this (fresh) process: an untimed warm-up, then the timed run."""
+    if threads:
+        torch.set_num_threads(threads)
+    run = trainer(impl, data_dir, shape_name, device, batch)
     run(2)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = run(steps)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"tokens_per_s": packs * steps * batch * shape.context / seconds,
-            "peak_mem_mb": round(peak / 2**20, 1), "seconds": round(seconds, 2)}
+    tokens = packs_of(impl) * steps * batch * SHAPES[shape_name].context
+    return {"tokens_per_s": tokens / seconds, "peak_mem_mb": round(peak / 2**20, 1),
+            "seconds": round(seconds, 2)}
 
 
 def profile(data_dir: str, shape_name: str, device: str, batch: int, steps: int) -> str:
@@ -155,16 +167,7 @@ def profile(data_dir: str, shape_name: str, device: str, batch: int, steps: int)
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
-    from components.proxy import train_lm
-
-    data, shape = TokenData.open(data_dir), SHAPES[shape_name]
-    weights = {d: 1 / len(data.domains) for d in data.domains}
-
-    def run(steps: int) -> float:
-        recipe = TrainRecipe(tokens=steps * batch * shape.context, batch_size=batch,
-                             checkpoint_every=0, log_every=10**9)
-        train_lm(data, weights, shape, recipe, seed=0)
-
+    run = trainer("regmix", data_dir, shape_name, device, batch)
     run(2)  # compiles, and warms the allocator
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profiler(activities=activities) as prof:
@@ -216,7 +219,7 @@ def main() -> None:
             rounds.append({})
             for impl in impls:
                 # Packed runs do G times the work per step; fewer steps keep them short.
-                n = max(2, steps // int(impl.rsplit("-", 1)[1])) if "packed" in impl else steps
+                n = max(2, steps // packs_of(impl)) if packs_of(impl) > 1 else steps
                 try:
                     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
                         result = pool.submit(measure, impl, data_dir, shape, args.device,

@@ -218,14 +218,14 @@ def _chunked_head(x, weight, targets, with_grads: bool):
     G, n, vocab = x.size(0), x.size(1), weight.size(1)
     rows = max(1, logits_per_chunk(x) // vocab)
     losses = x.new_zeros(G, dtype=torch.float32)
-    device = x.device.type
-    autocast = torch.is_autocast_enabled(device)
-    matmul_dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     if with_grads:
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        matmul_dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        loss_and_grad = compiled_loss_and_grad() if compiles_softmax(x) else softmax_loss_and_grad
         grad_x = torch.empty_like(x)
         # The weight's gradient sums over chunks: in float32, whatever the weight's dtype.
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-    loss_and_grad = compiled_loss_and_grad() if compiles_softmax(x) else softmax_loss_and_grad
     for g in range(G):
         for start in range(0, n, rows):
             xc, tc = x[g, start : start + rows], targets[g, start : start + rows, None]

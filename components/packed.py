@@ -9,6 +9,8 @@ losses is each proxy's own gradient, and AdamW is elementwise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from components.model import LM
@@ -20,12 +22,7 @@ class PackedLM(LM):
     def __init__(self, models: list[LM]):
         with torch.device("meta"):  # no random init: every weight is copied from the models
             super().__init__(models[0].shape, models[0].vocab_size, packs=len(models))
-        self.to_empty(device=models[0].rope_cos.device)
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                p.copy_(torch.stack([m.get_parameter(name) for m in models]))
-            for name, b in self.named_buffers():
-                b.copy_(models[0].get_buffer(name))
+        fill(self, lambda name: torch.stack([m.get_parameter(name) for m in models]), models[0])
 
     def clip_grad_norms_(self, max_norm: float) -> torch.Tensor:
         """Clip each proxy's gradient to `max_norm` on its own, as `clip_grad_norm_` would alone."""
@@ -41,11 +38,17 @@ class PackedLM(LM):
         for g in range(self.packs):
             with torch.device("meta"):
                 model = LM(self.shape, self.vocab_size)
-            model.to_empty(device=self.rope_cos.device)
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.copy_(self.get_parameter(name)[g])
-                for name, b in model.named_buffers():
-                    b.copy_(self.get_buffer(name))
+            fill(model, lambda name, g=g: self.get_parameter(name)[g], self)
             models.append(model)
         return models
+
+
+def fill(model: LM, weight: Callable[[str], torch.Tensor], like: LM) -> None:
+    """Give a model built on the meta device storage on `like`'s device, each parameter's values
+    from `weight(name)`, and `like`'s buffers (the rotary tables)."""
+    model.to_empty(device=like.rope_cos.device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weight(name))
+        for name, b in model.named_buffers():
+            b.copy_(like.get_buffer(name))
