@@ -147,7 +147,9 @@ class TrainRecipe(Strict):
     # How several GPUs (torchrun, accelerate launch) share the model: each holds a replica
     # (ddp), or a shard of parameters, gradients and optimizer state (fsdp, for large models).
     distributed: Literal["ddp", "fsdp"] = "ddp"
-    compile: bool = False  # torch.compile: ~15% faster steps on CPU, but ~1 min to compile
+    # torch.compile the whole model: about 1.15x the steps on CPU and 1.25-1.29x on an H200
+    # (proxy-1m, benchmarks/proxy_throughput.py), after a one-off compile per process
+    compile: bool = False
 
     def identity(self) -> dict:
         """The settings that decide what a run computes: the recipe in a result's content hash.

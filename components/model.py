@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import shutil
 
 import torch
 import torch.nn as nn
@@ -222,7 +224,9 @@ def _chunked_head(x, weight, targets, with_grads: bool):
         device = x.device.type
         autocast = torch.is_autocast_enabled(device)
         matmul_dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-        loss_and_grad = compiled_loss_and_grad() if compiles_softmax(x) else softmax_loss_and_grad
+        # Inside a compiled model the softmax is traced into the model's own graph
+        compile_here = compiles_softmax(x) and not torch.compiler.is_compiling()
+        loss_and_grad = compiled_loss_and_grad() if compile_here else softmax_loss_and_grad
         grad_x = torch.empty_like(x)
         # The weight's gradient sums over chunks: in float32, whatever the weight's dtype.
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
@@ -266,10 +270,25 @@ def softmax_loss_and_grad(logits, targets, grad_dtype):
 
 
 def compiles_softmax(x: torch.Tensor) -> bool:
-    """On GPUs that Triton (torch.compile's GPU backend) supports; elsewhere eager."""
+    """On GPUs that Triton (torch.compile's GPU backend) supports, where it finds its C
+    compiler; elsewhere eager."""
     from torch.utils._triton import has_triton
 
-    return x.is_cuda and has_triton()
+    return x.is_cuda and has_triton() and missing_compiler(x.device) is None
+
+
+def missing_compiler(device: torch.device) -> str | None:
+    """The compiler torch.compile needs on `device` and this machine lacks, if it lacks it.
+
+    Triton builds each GPU kernel's launcher with a C compiler ($CC, else gcc or clang, as
+    Triton looks for one); inductor builds CPU kernels with a C++ one ($CXX, else g++). Slim
+    images (python:*-slim) have neither, and compiling then fails at the first step.
+    """
+    if device.type == "cuda":
+        names = [os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang"]
+    else:
+        names = [os.environ.get("CXX") or "g++"]
+    return None if any(shutil.which(name) for name in names) else " or ".join(names)
 
 
 @functools.cache

@@ -33,7 +33,7 @@ from components import component
 from components.config import TrainRecipe
 from components.data import TokenData
 from components.files import cache_root, write_text
-from components.model import LM
+from components.model import LM, missing_compiler
 from components.packed import PackedLM
 from components.shapes import ModelShape
 from components.tracking import CORPUS_TAG, HASH_TAG, TrackingUnavailable, retried
@@ -257,6 +257,10 @@ def run_training(model: LM | PackedLM, batches: list[MixtureBatches], recipe: Tr
     per_rank = recipe.batch_size // ranks
     micro = min(recipe.micro_batch_size or per_rank, per_rank)
     packed = isinstance(model, PackedLM)
+    if recipe.compile and (compiler := missing_compiler(accelerator.device)):
+        raise ValueError(f"train.compile is true, but torch.compile on {accelerator.device.type} "
+                         f"needs a compiler this machine lacks ({compiler}): install it (the "
+                         "project's image, docker/Dockerfile, has gcc and g++) or set compile: false")
     model = accelerator.prepare(model)
     optimizer = accelerator.prepare(make_optimizer(model.parameters(), recipe))
     progress = Progress(batches)
@@ -318,7 +322,8 @@ def run_training(model: LM | PackedLM, batches: list[MixtureBatches], recipe: Tr
             model = LM(inner.shape, inner.vocab_size).to(accelerator.device)
             model.load_state_dict(state)
         return model, progress.logged[-1][1], tokens, seconds
-    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    # The plain LM, not torch.compile's wrapper (whose state dict names carry `_orig_mod.`)
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False, keep_torch_compile=False)
     return unwrapped, progress.logged[-1][1], tokens, seconds
 
 

@@ -54,7 +54,7 @@ def test_every_pip_install_is_pinned_and_the_image_runs_as_the_pods_uid(recipe):
     assert ("USER", f"{IMAGE_UID}:{IMAGE_UID}") in steps
 
 
-def test_the_image_has_lightgbms_openmp_and_torch_in_a_layer_only_the_constraints_change():
+def test_the_image_has_lightgbms_openmp_compilers_and_torch_in_a_layer_only_constraints_change():
     steps = instructions(Path("docker/Dockerfile"))
 
     def first_run(has) -> int:
@@ -62,6 +62,8 @@ def test_the_image_has_lightgbms_openmp_and_torch_in_a_layer_only_the_constraint
 
     apt = first_run(lambda args: "apt-get install" in args)
     assert "libgomp1" in steps[apt][1].split()  # lightgbm's wheel links libgomp.so.1
+    # torch.compile's compilers: Triton's launchers (gcc), inductor's CPU kernels (g++)
+    assert {"gcc", "g++"} <= set(steps[apt][1].split())
     assert "rm -rf /var/lib/apt/lists/*" in steps[apt][1]
     assert apt < first_run(lambda args: "pip install" in args)
     torch = first_run(lambda args: any("torch" in packages(cmd) for cmd in args.split("&&")

@@ -76,3 +76,20 @@ def test_compiled_softmax_matches_the_eager_one():
     eager = components.model.softmax_loss_and_grad(logits, targets, torch.bfloat16)
     assert compiled[0].item() == pytest.approx(eager[0].item(), rel=1e-5)
     assert torch.allclose(compiled[1].float(), eager[1].float(), atol=1e-2)
+
+
+def test_a_machine_without_a_compiler_is_told_apart(monkeypatch, tmp_path):
+    # Slim images have no C or C++ compiler, and torch.compile then fails at its first kernel
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert components.model.missing_compiler(cpu) == "g++"
+    assert components.model.missing_compiler(cuda) == "gcc or clang"
+    (tmp_path / "gcc").write_text("#!/bin/sh\n")
+    (tmp_path / "gcc").chmod(0o755)
+    assert components.model.missing_compiler(cuda) is None
+    monkeypatch.setenv("CC", "icx")  # as Triton does, $CC alone counts when it is set
+    assert components.model.missing_compiler(cuda) == "icx"
+    monkeypatch.setenv("CXX", "gcc")
+    assert components.model.missing_compiler(cpu) is None

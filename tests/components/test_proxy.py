@@ -69,6 +69,30 @@ def test_training_is_deterministic_and_learns(prepared_data):
     assert max(evaluate(model, prepared_data).values()) < np.log(512) - 0.5
 
 
+def test_compile_without_a_compiler_is_refused_before_training(prepared_data, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    recipe = TrainRecipe(tokens=16_384, batch_size=8, compile=True)
+    weights = {d: 1 / 3 for d in prepared_data.domains}
+    with pytest.raises(ValueError, match=r"train.compile is true, but torch.compile on cpu needs a "
+                                         r"compiler this machine lacks \(no-such-compiler\).*"
+                                         r"set compile: false"):
+        train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, seed=0)
+
+
+@pytest.mark.slow  # compiling takes about 15 s on 2 cores
+def test_a_compiled_run_trains_as_the_eager_one_and_returns_the_plain_model(prepared_data, tmp_path):
+    recipe = TrainRecipe(tokens=16_384, batch_size=8, lr=0.01, checkpoint_every=5)
+    weights = {d: 1 / 3 for d in prepared_data.domains}
+    eager, eager_loss, _, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, 0)
+    compiled, loss, _, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"],
+                                    recipe.model_copy(update={"compile": True}), 0, None, tmp_path)
+    assert type(compiled) is type(eager)  # its state dict loads into an LM
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    assert loss == pytest.approx(eager_loss, abs=1e-4)
+    measured, expected = evaluate(compiled, prepared_data), evaluate(eager, prepared_data)
+    assert measured == pytest.approx(expected, abs=1e-4)
+
+
 def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(prepared_data, tmp_path):
     recipe = TrainRecipe(tokens=16_384, batch_size=8, lr=0.01, log_every=1, checkpoint_every=5)
     weights = {"code": 0.5, "changelogs": 0.3, "licenses": 0.2}
