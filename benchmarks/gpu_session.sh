@@ -21,7 +21,7 @@ bench() {  # name, seconds allowed, then the benchmark's flags
 # measurement (each in a fresh process), the profile 20 s.
 bench batch16 110 --batch 16 --steps 60 --repeats 1 --packs 1 --profile
 # Small per-proxy steps, where one proxy alone leaves the GPU idlest and packing gains most;
-# whole-model torch.compile, with and without the output layer in the graph, at both ends
+# whole-model torch.compile, without and with the output layer in the graph, at both ends
 # (compiling takes most of those measurements' time).
 bench batch4 170 --batch 4 --steps 60 --repeats 1 --packs 4 --compile
 # Bigger steps: the launch overhead of the small layers spreads over 4x the tokens.

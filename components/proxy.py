@@ -315,7 +315,9 @@ def run_training(model: LM | PackedLM, batches: list[MixtureBatches], recipe: Tr
     tokens = steps * recipe.batch_size * context
     seconds = earlier_tries + time.perf_counter() - started
     if sharded:  # gather the whole model onto the main process; the other ranks are done
-        state = accelerator.get_state_dict(model)
+        # (compiled, FSDP's full state dict keeps torch.compile's `_orig_mod.` prefix)
+        state = {name.removeprefix("_orig_mod."): value
+                 for name, value in accelerator.get_state_dict(model).items()}
         inner = accelerator.unwrap_model(model)
         model = None
         if accelerator.is_main_process:

@@ -70,10 +70,11 @@ def test_training_is_deterministic_and_learns(prepared_data):
 
 
 def test_compile_without_a_compiler_is_refused_before_training(prepared_data, monkeypatch):
-    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("CXX", "no-such-compiler")  # inductor's, on CPU
+    monkeypatch.setenv("CC", "no-such-compiler")  # Triton's, on a GPU
     recipe = TrainRecipe(tokens=16_384, batch_size=8, compile=True)
     weights = {d: 1 / 3 for d in prepared_data.domains}
-    with pytest.raises(ValueError, match=r"train.compile is true, but torch.compile on cpu needs a "
+    with pytest.raises(ValueError, match=r"train.compile is true, but torch.compile on (cpu|cuda) needs a "
                                          r"compiler this machine lacks \(no-such-compiler\).*"
                                          r"set compile: false"):
         train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, seed=0)
