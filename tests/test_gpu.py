@@ -115,8 +115,8 @@ def test_a_killed_run_resumes_on_the_gpu_to_the_same_result(data, tmp_path):
 
 
 def test_a_compiled_bf16_proxy_trains_as_the_eager_one(data):
-    """`compile: true`, as configs/pile.yaml trains its proxies: the head's softmax is traced into
-    the model's graph, and the run returns the plain LM."""
+    """`compile: true`, as configs/pile.yaml trains its proxies: the body compiled, the output
+    layer outside its graph with its own compiled softmax; the run returns the plain LM."""
     recipe = TrainRecipe(tokens=16 * 8 * 128, batch_size=8, lr=3e-3, mixed_precision="bf16")
     shape = SHAPES["local-proxy"]
     eager, eager_loss, _, _ = train_lm(data, WEIGHTS, shape, recipe, 0)
