@@ -225,7 +225,7 @@ def main() -> None:
             rounds.append({})
             for impl in impls:
                 # Packed runs do G times the work per step; fewer steps keep them short.
-                n = max(2, steps // packs_of(impl)) if packs_of(impl) > 1 else steps
+                n = max(2, steps // g) if (g := packs_of(impl)) > 1 else steps
                 try:
                     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
                         result = pool.submit(measure, impl, data_dir, shape, args.device,

@@ -147,8 +147,9 @@ class TrainRecipe(Strict):
     # How several GPUs (torchrun, accelerate launch) share the model: each holds a replica
     # (ddp), or a shard of parameters, gradients and optimizer state (fsdp, for large models).
     distributed: Literal["ddp", "fsdp"] = "ddp"
-    # torch.compile the whole model: about 1.15x the steps on CPU and 1.25-1.29x on an H200
-    # (proxy-1m, benchmarks/proxy_throughput.py), after a one-off compile per process
+    # torch.compile the model (its body: the output layer compiles its own softmax) after a
+    # one-off compile per process: 1.11x the steps on 2 CPU cores (local-proxy), 1.27-1.31x on an
+    # H200 (proxy-1m, measured with the output layer still in the graph; docs/deploy.md)
     compile: bool = False
 
     def identity(self) -> dict:

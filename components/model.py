@@ -275,9 +275,14 @@ def softmax_loss_and_grad(logits, targets, grad_dtype):
 def compiles_softmax(x: torch.Tensor) -> bool:
     """On GPUs that Triton (torch.compile's GPU backend) supports, where it finds its C
     compiler; elsewhere eager."""
+    return x.is_cuda and _triton_runs()
+
+
+@functools.cache  # asked at every output-layer call: look the compiler up (a PATH scan) once
+def _triton_runs() -> bool:
     from torch.utils._triton import has_triton
 
-    return x.is_cuda and has_triton() and missing_compiler(x.device) is None
+    return has_triton() and missing_compiler(torch.device("cuda")) is None
 
 
 def missing_compiler(device: torch.device) -> str | None:
