@@ -182,6 +182,43 @@ def profile(data_dir: str, shape_name: str, device: str, batch: int, steps: int)
     return prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60)
 
 
+def report(best: dict[str, dict], rounds: list[dict[str, float]], packs: list[int], shape: str,
+           vocab: int, batch: int, device_name: str, flops_per_token: float, peak: float,
+           as_json: bool) -> None:
+    """The best of each implementation: a table (or JSON lines) and the ratios that matter."""
+    rows = [{"impl": impl, "shape": shape, "vocab": vocab, "device": device_name,
+             "tokens_per_s": round(r["tokens_per_s"]), "mfu": round(r["tokens_per_s"] *
+             flops_per_token / peak, 4), "peak_mem_mb": r["peak_mem_mb"]}
+            for impl, r in best.items()]
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    print(f"{shape} (vocab {vocab}, batch {batch}) on {device_name}; peak matmul "
+          f"{peak / 1e9:.0f} GFLOP/s; {flops_per_token / 1e6:.2f} MFLOP per token")
+    print(f"{'impl':<20} {'tokens/s':>10} {'MFU':>7} {'peak MB':>9}")
+    for row in rows:
+        print(f"{row['impl']:<20} {row['tokens_per_s']:>10} {row['mfu']:>7.1%} "
+              f"{row['peak_mem_mb']:>9}")
+    if "regmix" not in best:
+        return
+    ours = best["regmix"]["tokens_per_s"]
+    if "hf" in best:
+        # On a shared (virtual) machine the speed of both drifts with the neighbours' load; the
+        # ratio within a round, whose runs are adjacent in time, shows how much is noise.
+        paired = sorted(r["regmix"] / r["hf"] for r in rounds if {"regmix", "hf"} <= r.keys())
+        print(f"regmix / hf: {ours / best['hf']['tokens_per_s']:.2f}x (best of each); within a "
+              f"round: median {paired[len(paired) // 2]:.2f}x, range {paired[0]:.2f}-{paired[-1]:.2f}x")
+    ratios = {f"packed G={g} / unpacked": best.get(f"regmix-packed-{g}") for g in packs}
+    ratios["compiled / eager"] = best.get("regmix-compile")
+    ratios["compiled, head traced too / eager"] = best.get("regmix-compile-head")
+    for label, result in ratios.items():
+        if result:
+            print(f"{label}: {result['tokens_per_s'] / ours:.2f}x")
+    if "regmix-eager-softmax" in best:
+        print(f"compiled softmax / eager: {ours / best['regmix-eager-softmax']['tokens_per_s']:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -239,41 +276,13 @@ def main() -> None:
                       file=sys.stderr, flush=True)
                 if impl not in best or result["tokens_per_s"] > best[impl]["tokens_per_s"]:
                     best[impl] = result
+        # The numbers first: the profile is the part a time limit cuts short.
+        report(best, rounds, packs, shape, vocab, args.batch, device_name, flops_per_token, peak,
+               args.json)
         if args.profile:
             with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
                 print(pool.submit(profile, data_dir, shape, args.device, args.batch,
                                   min(steps, 10)).result(), file=sys.stderr)
-    rows = [{"impl": impl, "shape": shape, "vocab": vocab, "device": device_name,
-             "tokens_per_s": round(r["tokens_per_s"]), "mfu": round(r["tokens_per_s"] *
-             flops_per_token / peak, 4), "peak_mem_mb": r["peak_mem_mb"]}
-            for impl, r in best.items()]
-    if args.json:
-        for row in rows:
-            print(json.dumps(row))
-        return
-    print(f"{shape} (vocab {vocab}, batch {args.batch}) on {device_name}; peak matmul "
-          f"{peak / 1e9:.0f} GFLOP/s; {flops_per_token / 1e6:.2f} MFLOP per token")
-    print(f"{'impl':<20} {'tokens/s':>10} {'MFU':>7} {'peak MB':>9}")
-    for row in rows:
-        print(f"{row['impl']:<20} {row['tokens_per_s']:>10} {row['mfu']:>7.1%} "
-              f"{row['peak_mem_mb']:>9}")
-    if "regmix" not in best:
-        return
-    ours = best["regmix"]["tokens_per_s"]
-    if "hf" in best:
-        # On a shared (virtual) machine the speed of both drifts with the neighbours' load; the
-        # ratio within a round, whose runs are adjacent in time, shows how much is noise.
-        paired = sorted(r["regmix"] / r["hf"] for r in rounds if {"regmix", "hf"} <= r.keys())
-        print(f"regmix / hf: {ours / best['hf']['tokens_per_s']:.2f}x (best of each); within a "
-              f"round: median {paired[len(paired) // 2]:.2f}x, range {paired[0]:.2f}-{paired[-1]:.2f}x")
-    ratios = {f"packed G={g} / unpacked": best.get(f"regmix-packed-{g}") for g in packs}
-    ratios["compiled / eager"] = best.get("regmix-compile")
-    ratios["compiled, head traced too / eager"] = best.get("regmix-compile-head")
-    for label, result in ratios.items():
-        if result:
-            print(f"{label}: {result['tokens_per_s'] / ours:.2f}x")
-    if "regmix-eager-softmax" in best:
-        print(f"compiled softmax / eager: {ours / best['regmix-eager-softmax']['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

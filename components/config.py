@@ -148,8 +148,8 @@ class TrainRecipe(Strict):
     # (ddp), or a shard of parameters, gradients and optimizer state (fsdp, for large models).
     distributed: Literal["ddp", "fsdp"] = "ddp"
     # torch.compile the model (its body: the output layer compiles its own softmax) after a
-    # one-off compile per process: 1.11x the steps on 2 CPU cores (local-proxy), 1.27-1.31x on an
-    # H200 (proxy-1m, measured with the output layer still in the graph; docs/deploy.md)
+    # one-off compile per process: 1.11x the steps on 2 CPU cores (local-proxy), 1.21-1.28x on an
+    # H200 (proxy-1m) in no more memory than eager (docs/deploy.md)
     compile: bool = False
 
     def identity(self) -> dict:
