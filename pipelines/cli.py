@@ -145,7 +145,7 @@ def cmd_submit(args) -> int:
     config = cluster_config(args.config)
     with tempfile.TemporaryDirectory() as tmp, kfp_api.answering(args.host):
         package = kfp_api.compile_package(config, Path(tmp) / "pipeline.yaml")
-        client = kfp_api.connect(args.host, args.namespace)
+        client = kfp_api.connect(args.host)
         run_id = kfp_api.submit(client, config, package, args.namespace, args.experiment,
                                 args.run_name)
     print(f"run {run_id}: {kfp_api.ui_url(args.host, f'runs/details/{run_id}')}")
@@ -159,7 +159,7 @@ def cmd_schedule(args) -> int:
     config = cluster_config(args.config)
     with tempfile.TemporaryDirectory() as tmp, kfp_api.answering(args.host):
         package = kfp_api.compile_package(config, Path(tmp) / "pipeline.yaml")
-        client = kfp_api.connect(args.host, args.namespace)
+        client = kfp_api.connect(args.host)
         recurring_id = kfp_api.schedule(client, config, package, args.cron, args.namespace,
                                         args.experiment, args.name)
     print(f"recurring run {recurring_id} ({args.cron}): "
@@ -171,7 +171,7 @@ def cmd_runs(args) -> int:
     from pipelines import kfp_api
 
     with kfp_api.answering(args.host):
-        client = kfp_api.connect(args.host, args.namespace)
+        client = kfp_api.connect(args.host)
         runs = kfp_api.list_runs(client, args.namespace, args.limit)
     for r in runs:
         print(f"{r['created_at']:<26} {r['state'] or '':<10} {r['id']}  {r['name']}")

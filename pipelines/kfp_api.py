@@ -78,11 +78,13 @@ def answering(host: str | None):
                              f"{body.strip()[:300]}") from None
 
 
-def connect(host: str | None, namespace: str | None = None) -> kfp.Client:
+def connect(host: str | None) -> kfp.Client:
     """A client for the KFP API at `host`; without one, kfp finds it: in the cluster (a Kubeflow
-    notebook, with its service account's token) or through kubectl's credentials.
-    `namespace` is the user's profile namespace in multi-user Kubeflow."""
-    return kfp.Client(host=host, namespace=namespace or "kubeflow")  # kfp's "none given"
+    notebook, with its service account's token) or through kubectl's credentials. The user's
+    profile namespace (multi-user Kubeflow) goes to each call, not here: kfp.Client's own
+    `namespace` is where KFP is installed (kubeflow), from which it builds the in-cluster
+    address, so a profile namespace there points the client at a service that does not exist."""
+    return kfp.Client(host=host)
 
 
 def submit(client: kfp.Client, config: RegMixConfig, package: Path, namespace: str | None = None,

@@ -135,3 +135,28 @@ def test_a_login_page_in_front_of_kfp_fails_naming_the_host_and_the_fix(capsys, 
     assert (f"the KFP API at {login.url} answered without {missing}: "
             "is it behind a login page") in err
     assert "port-forward ml-pipeline-ui" in err
+
+
+def test_a_profile_namespace_goes_to_the_experiment_and_runs_not_to_kfps_address(kfp_api):
+    # kfp.Client's own `namespace` is where KFP is installed; given the profile namespace it
+    # would look for the API at ml-pipeline.<profile>.svc, which does not exist.
+    assert main(["submit", "--host", kfp_api.url, "--config", PILE, "--namespace", "team-a"]) == 0
+    (_, experiment), = kfp_api.calls("POST", f"{API}/experiments")
+    assert experiment["namespace"] == "team-a"
+    (query, _), = kfp_api.calls("GET", f"{API}/experiments")
+    assert query["namespace"] == "team-a"
+
+
+def test_in_a_cluster_the_client_finds_kfp_in_its_own_namespace(monkeypatch):
+    # What a Kubeflow notebook sees (faked: no cluster here): in-cluster credentials, a
+    # multi-user KFP. The API's address is KFP's service in `kubeflow`, whatever the profile.
+    import kfp
+    import kubernetes
+
+    from pipelines import kfp_api
+
+    monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda: None)
+    multi_user = type("Healthz", (), {"multi_user": True})
+    monkeypatch.setattr(kfp.Client, "get_kfp_healthz", lambda self: multi_user)
+    host = kfp_api.connect(None)._run_api.api_client.configuration.host
+    assert host == "ml-pipeline.kubeflow.svc.cluster.local:8888"
