@@ -164,6 +164,17 @@ def test_mlflow_is_reachable_only_from_inside_the_namespace(builds):
                          "ports": [{"port": 5432, "protocol": "TCP"}]}]
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_servers_take_no_istio_sidecar_since_their_clients_have_none(builds, overlay):
+    # KFP's pipeline pods and the PyTorchJob's pods run without a sidecar; in a Kubeflow profile
+    # namespace a sidecar on the server would refuse their plain-HTTP requests.
+    servers = [d for d in builds[overlay] if d["kind"] in ("Deployment", "StatefulSet")]
+    assert {d["metadata"]["name"] for d in servers} >= {"mlflow"}
+    for server in servers:
+        annotations = server["spec"]["template"]["metadata"].get("annotations", {})
+        assert annotations.get("sidecar.istio.io/inject") == "false", server["metadata"]["name"]
+
+
 def test_secret_templates_hold_no_values_and_are_never_applied_by_kustomize(builds):
     secrets = [d for path in (K8S / "secrets").glob("*.yaml") for d in load_all(path)]
     assert {s["metadata"]["name"] for s in secrets} == {
