@@ -443,6 +443,10 @@ class ClusterConfig(Strict):
     shm_size: str = Field("16Gi", pattern=MEMORY_QUANTITY)  # /dev/shm of GPU pods (NCCL)
     mlflow_secret: str | None = None  # a Secret with MLFLOW_TRACKING_URI/_USERNAME/_PASSWORD
     service_account: str | None = None  # runs' service account; None: KFP's default
+    # KFP may hand a run the result of an earlier data preparation with the same inputs (the
+    # only task it may cache); false prepares again (`regmix submit/schedule --no-cache`), e.g.
+    # after the volume's token arrays were deleted.
+    cache_data: bool = True
     retries: int = Field(0, ge=0)  # per task, for preempted nodes and flaky pulls
     backoff: str = Field("60s", pattern=SECONDS)  # first wait; doubles each retry
     backoff_max: str = Field("3600s", pattern=SECONDS)

@@ -457,7 +457,8 @@ class TokenData:
         if not (data.arrays / "validation").is_dir():
             raise CorpusError(
                 f"the prepared token arrays at {data.arrays} are gone (a cleaned volume?); "
-                "prepare the data again: rerun with KFP's cache off for prepare-data-op")
+                "prepare the data again: start the run with `regmix submit --no-cache` (or "
+                "`regmix schedule --no-cache`)")
         return data
 
     @property
@@ -487,15 +488,18 @@ class TokenData:
 # ---------------------------------------------------------------- KFP component
 @component
 def data_settings_op(config: dict) -> dict:
-    """The config's sections that decide the prepared data: corpus, tokenizer and seed.
+    """The config's sections that decide the prepared data: corpus, tokenizer and seed, and on
+    a cluster the shared volume the token arrays are written to (`cluster.volume`).
 
     Data preparation takes only these, so that KFP's cache of it (keyed on a task's inputs)
-    survives an edit to any other section, such as a gate threshold or a pod's memory.
+    survives an edit to any other section, such as a gate threshold or a pod's memory. The
+    volume is among them because a cached result names the arrays by their path on it: another
+    claim or mount path, or a first run without one, would hand the proxies a path to nothing.
     """
     from components.config import parse_config
 
-    return parse_config(config).model_dump(mode="json", include={"corpus", "tokenizer", "seed"},
-                                           exclude_none=True)
+    sections = {"corpus": True, "tokenizer": True, "seed": True, "cluster": {"volume"}}
+    return parse_config(config).model_dump(mode="json", include=sections, exclude_none=True)
 
 
 @component

@@ -45,10 +45,15 @@ def with_listed_domains_checked(config: RegMixConfig) -> RegMixConfig:
     return config
 
 
-def cluster_config(path: str) -> RegMixConfig:
+def cluster_config(path: str, cache_data: bool = True) -> RegMixConfig:
     """Load a config for a cluster run and check what can be checked from here: domain names
-    when the corpus lists them, and an MLflow every pod shares."""
+    when the corpus lists them, and an MLflow every pod shares. `cache_data=False` (--no-cache)
+    overrides `cluster.cache_data`. (kfp.Client's own enable_caching would not reach the data
+    preparation: it sets only the outermost DAG's tasks, and ours runs inside the exit handler.)"""
     config = with_listed_domains_checked(load_config(path))
+    if not cache_data:
+        cluster = config.cluster.model_copy(update={"cache_data": False})
+        config = config.model_copy(update={"cluster": cluster})
     if problem := shared_mlflow_missing(config):
         raise ConfigError(problem)
     if problem := retries_without_volume(config):
@@ -142,7 +147,7 @@ def cmd_compile(args) -> int:
 def cmd_submit(args) -> int:
     from pipelines import kfp_api
 
-    config = cluster_config(args.config)
+    config = cluster_config(args.config, cache_data=not args.no_cache)
     with tempfile.TemporaryDirectory() as tmp, kfp_api.answering(args.host):
         package = kfp_api.compile_package(config, Path(tmp) / "pipeline.yaml")
         client = kfp_api.connect(args.host)
@@ -156,7 +161,7 @@ def cmd_schedule(args) -> int:
     from pipelines import kfp_api
 
     kfp_api.check_cron(args.cron)  # before any work: a 5-field crontab line is a common slip
-    config = cluster_config(args.config)
+    config = cluster_config(args.config, cache_data=not args.no_cache)
     with tempfile.TemporaryDirectory() as tmp, kfp_api.answering(args.host):
         package = kfp_api.compile_package(config, Path(tmp) / "pipeline.yaml")
         client = kfp_api.connect(args.host)
@@ -234,6 +239,10 @@ def parser() -> argparse.ArgumentParser:
         if config:
             cmd.add_argument("--config", required=True, help="a run config YAML (see configs/)")
             cmd.add_argument("--experiment", help="KFP experiment (default: the config's name)")
+            cmd.add_argument("--no-cache", action="store_true",
+                             help="prepare the data again rather than reuse KFP's cached "
+                             "preparation (the only cached task), e.g. after its token arrays "
+                             "were deleted from the volume")
         return cmd
 
     submit = kfp_parser("submit", "compile and start one run on Kubeflow Pipelines")

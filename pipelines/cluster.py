@@ -78,7 +78,7 @@ def apply_task_settings(task: dsl.PipelineTask, cluster: ClusterConfig,
                        backoff_max_duration=cluster.backoff_max)
     # Only data preparation is a pure function of its inputs. Every other task writes MLflow
     # runs a cache hit would silently skip (proxies reuse finished runs by content hash).
-    task.set_caching_options(enable_caching=kind == "data")
+    task.set_caching_options(enable_caching=kind == "data" and cluster.cache_data)
     return task
 
 

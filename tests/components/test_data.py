@@ -87,11 +87,19 @@ def test_data_preparation_sees_only_the_sections_that_decide_the_data(corpus_spe
     """KFP caches data preparation by its inputs: other sections must not reach them."""
     config = tiny_config_dict(corpus_spec)
     settings = data_settings_op.python_func(config=config)
-    assert set(settings) == {"corpus", "tokenizer", "seed"}
-    edited = {**config, "gate": {**config.get("gate", {}), "spearman_threshold": 0.1}}
+    assert set(settings) == {"corpus", "tokenizer", "seed", "cluster"}
+    edited = {**config, "gate": {**config.get("gate", {}), "spearman_threshold": 0.1},
+              "cluster": {"proxy": {"memory": "8Gi"}}}
     assert data_settings_op.python_func(config=edited) == settings
     reseeded = {**config, "seed": config.get("seed", 0) + 1}
     assert data_settings_op.python_func(config=reseeded) != settings
+    # The cached result names its arrays by their path on the shared volume.
+    on_volume = {**config, "cluster": {"volume": {"claim": "regmix-data"}}}
+    other_claim = {**config, "cluster": {"volume": {"claim": "regmix-data-prod"}}}
+    other_mount = {**config, "cluster": {"volume": {"claim": "regmix-data", "mount_path": "/mnt"}}}
+    keys = {json.dumps(data_settings_op.python_func(config=c), sort_keys=True)
+            for c in (config, on_volume, other_claim, other_mount)}
+    assert len(keys) == 4
 
 
 def test_same_corpus_same_fingerprint(tmp_path, corpus_spec, prepared_data):

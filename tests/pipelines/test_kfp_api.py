@@ -160,3 +160,23 @@ def test_in_a_cluster_the_client_finds_kfp_in_its_own_namespace(monkeypatch):
     monkeypatch.setattr(kfp.Client, "get_kfp_healthz", lambda self: multi_user)
     host = kfp_api.connect(None)._run_api.api_client.configuration.host
     assert host == "ml-pipeline.kubeflow.svc.cluster.local:8888"
+
+
+def cached_tasks(pipeline_spec: dict) -> list[str]:
+    """The tasks, at any depth of the pipeline's DAGs, whose KFP caching is on."""
+    found = []
+    for dag in [pipeline_spec["root"], *pipeline_spec["components"].values()]:
+        for name, task in dag.get("dag", {}).get("tasks", {}).items():
+            if task.get("cachingOptions", {}).get("enableCache"):
+                found.append(name)
+    return found
+
+
+@pytest.mark.parametrize("command", [["submit"], ["schedule", "--cron", "0 0 3 * * 6"]])
+def test_no_cache_starts_runs_that_prepare_the_data_again(kfp_api, command):
+    path = f"{API}/runs" if command[0] == "submit" else f"{API}/recurringruns"
+    assert main([*command, "--host", kfp_api.url, "--config", PILE]) == 0
+    assert main([*command, "--host", kfp_api.url, "--config", PILE, "--no-cache"]) == 0
+    cached, fresh = (body["pipeline_spec"]["pipeline_spec"] for _, body in kfp_api.calls("POST", path))
+    assert cached_tasks(cached) == ["prepare-data-op"]  # the only task KFP may cache
+    assert cached_tasks(fresh) == []
