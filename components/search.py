@@ -333,7 +333,8 @@ def search_mixture(
     train_weights: np.ndarray | None = None,
     allow_extrapolation: bool = False,
 ) -> SearchResult:
-    """Minimise the predicted loss over the constrained simplex, starting from `prior`.
+    """Minimise the predicted loss over the constrained simplex, starting from `prior` or the
+    best predicted training mixture inside the bounds.
 
     "cmaes" runs CMA-ES, "tpe" Optuna's TPE (slower per trial: suits a few hundred), both over
     one logit per domain, proposing and predicting in batches. With `train_weights`, the
@@ -345,12 +346,19 @@ def search_mixture(
         raise ValueError(f"unknown search method '{method}'; choose one of {METHODS}")
     prior, lower, upper = _feasible_bounds(regressor, prior, constraints, train_weights,
                                            allow_extrapolation)
-    initial = project_onto_bounds(prior, lower, upper)[0]
-    initial_logits = _mixture_to_logits(initial, lower, upper)
-    best, best_loss = initial, float(regressor.predict(initial[None, :])[0])
+    # Start from the best predicted of the prior and the training mixtures inside the bounds:
+    # on a rugged surface (trees, few proxies) a search from the prior alone can end above a
+    # mixture already trained, and the answer should never be worse than what was measured.
+    starts = project_onto_bounds(prior, lower, upper)
+    if train_weights is not None:
+        trained = np.asarray(train_weights, dtype=float)
+        inside = ((trained >= lower - 1e-9) & (trained <= upper + 1e-9)).all(axis=1)
+        starts = np.vstack([starts, project_onto_bounds(trained[inside], lower, upper)])
+    predicted = regressor.predict(starts)
+    best, best_loss = starts[predicted.argmin()], float(predicted.min())
     ask_tell = _cmaes_batches if method == "cmaes" else _tpe_batches
-    evaluated = 1
-    for logits, tell in ask_tell(initial_logits, trials - 1, seed):
+    evaluated = len(starts)
+    for logits, tell in ask_tell(_mixture_to_logits(best, lower, upper), trials - 1, seed):
         mixtures = logits_to_mixtures(logits, lower, upper)
         losses = regressor.predict(mixtures)
         tell(losses)

@@ -421,8 +421,9 @@ def cmd_search(args) -> int:
         meaning = {"within the CV error": "within the CV error: no evidence either way",
                    "better": "better beyond the CV error",
                    "worse": "worse beyond the CV error"}[gain["verdict"]]
-        print(f"  predicted {gain['over_best_training_proxy']:+.4f} below the best training "
-              f"proxy: {meaning}")
+        margin = gain["over_best_training_proxy"]
+        side = "below" if margin > 0 else "above" if margin < 0 else "at"
+        print(f"  predicted {abs(margin):.4f} {side} the best training proxy's prediction: {meaning}")
     return 0
 
 

@@ -72,7 +72,7 @@ def test_fit_predict_search_on_the_paper_data(tmp_path, capsys):
     assert record["uncertainty"]["members_spread"] == 0
     assert 0.05 < record["uncertainty"]["cv_rmse"] < 0.5
     assert record["predicted_gain"]["verdict"] in ("better", "within the CV error", "worse")
-    assert "below the best training proxy" in capsys.readouterr().out
+    assert "the best training proxy's prediction" in capsys.readouterr().out
     # The paper's recipe beside it, and the search's plots beside the YAML
     recipe = record["paper_recipe"]
     assert sum(recipe["weights"].values()) == pytest.approx(1)
