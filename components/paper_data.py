@@ -94,6 +94,9 @@ def _read_numeric_csv(path: Path, missing_ok: bool = False) -> _Csv:
         raise DataError(f"{path}: the file is empty; expected a header line with '{INDEX_COLUMN}'")
     header = [name.strip() for name in rows[0]]
     if INDEX_COLUMN not in header:
+        if len(header) == 1 and (separator := next((c for c in ";\t|" if c in header[0]), None)):
+            raise DataError(f"{path}, line 1: the header is one column separated by "
+                            f"{separator!r}; save the file with commas between columns")
         raise DataError(
             f"{path}, line 1: no '{INDEX_COLUMN}' column in the header {header}; "
             f"add an '{INDEX_COLUMN}' column that pairs mixtures with losses"
@@ -166,9 +169,12 @@ def _check_mixtures(mixtures: _Csv) -> np.ndarray:
     off = np.flatnonzero(np.abs(sums - 1.0) > ROW_SUM_TOLERANCE)
     if off.size:
         i = off[0]
-        swapped = " (is this the losses file? check --mixtures and --losses)" if sums[i] > 2 else ""
+        if np.abs(sums - 100.0).max() <= 100 * ROW_SUM_TOLERANCE:  # every row: percentages
+            hint = " (percentages? divide every weight by 100)"
+        else:
+            hint = " (is this the losses file? check --mixtures and --losses)" if sums[i] > 2 else ""
         raise DataError(
-            f"{path}, index {mixtures.index[i]}: weights sum to {sums[i]:.6g}, not 1{swapped} "
+            f"{path}, index {mixtures.index[i]}: weights sum to {sums[i]:.6g}, not 1{hint} "
             f"(tolerance {ROW_SUM_TOLERANCE}); {off.size} row(s) are off. Normalise each row, "
             "or check for a missing domain column"
         )

@@ -107,6 +107,7 @@ LIGHTGBM_MIN_GAIN = 1e-4
 # for the paper recipe on a 13-part per-domain model of the paper's 512 proxies).
 PREDICT_BATCH_ROWS = 8192
 REGRESSOR_FILE, TRAIN_WEIGHTS_FILE = "regressor.json", "train_weights.npy"
+DOMAIN_INTERACTION_PLOT = "domain_interaction.png"
 PROXY_RESULTS_FILE = "proxy_results.json"  # beside the model: what it was fitted on
 
 
@@ -152,7 +153,11 @@ class _LightGBM:
 
     @classmethod
     def load(cls, directory: Path) -> "_LightGBM":
-        return cls(lgb.Booster(model_file=directory / "model.txt"))
+        text = (directory / "model.txt").read_text()
+        # LightGBM aborts the whole process (C++ terminate) on some truncated files
+        if "end of trees" not in text:
+            raise ValueError(f"{directory / 'model.txt'} is incomplete (no 'end of trees')")
+        return cls(lgb.Booster(model_str=text))
 
 
 @dataclass
@@ -1082,7 +1087,7 @@ def plot_domain_interactions(folder: Path, weights: np.ndarray, domains: list[st
 
     coefficients = domain_interactions(weights, np.column_stack(list(losses.values())))
     return plots.domain_interaction(coefficients, list(losses), domains,
-                                    folder / "domain_interaction.png")
+                                    folder / DOMAIN_INTERACTION_PLOT)
 
 
 # ---------------------------------------------------------------- the pipeline stage

@@ -77,17 +77,22 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
     target or a failed fit leaves the folder as it was, never half one fit and half another.
     Each target's folder is replaced whole, and `targets.json`, which names them, last."""
     from components.regression import (
+        DOMAIN_INTERACTION_PLOT,
+        REGRESSOR_FILE,
         check_target,
         fit_target,
         plot_domain_interactions,
         plot_fit,
     )
 
-    try:
-        specs = [parse_target(text) for text in targets]
+    if mixtures.resolve() == losses.resolve():
+        raise DataError(f"--mixtures and --losses are both {mixtures}; give the mixtures file "
+                        "and the losses file")
+    table = read_proxy_csvs(mixtures, losses)
+    try:  # a column's own name first: it may hold '=' or ','
+        specs = [text if text in table.targets else parse_target(text) for text in targets]
     except DataError as e:
         raise DataError(f"--target {e}") from None
-    table = read_proxy_csvs(mixtures, losses)
     resolved, index = [], {}  # target name -> its folder
     for text, spec in zip(targets, specs, strict=True):
         try:
@@ -101,6 +106,14 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
         if folder in index.values():
             raise DataError(f"--target '{text}': its folder name '{folder}' is taken by another "
                             "target; rename a loss column")
+        if folder in (TARGETS_FILE, DOMAIN_INTERACTION_PLOT):
+            raise DataError(f"--target '{text}': its folder name '{folder}' is a file `regmix fit` "
+                            "writes beside the targets' folders; rename the loss column")
+        # Each target's folder is replaced whole: never one that `regmix fit` did not write.
+        if (out / folder).exists() and not (out / folder / REGRESSOR_FILE).is_file():
+            raise DataError(f"--out {out}: '{out / folder}' (target '{name}') exists and is not "
+                            "a model `regmix fit` wrote, and fitting would replace it; give "
+                            "another --out, or move it away")
         index[name] = folder
         resolved.append((name, columns, shares))
     fitted = [(name, columns @ shares, *fit_target(
@@ -145,7 +158,26 @@ def load_models(model_dir: Path) -> dict:
     return models
 
 
+def check_output(out: Path, model_dir: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an output path that would overwrite an input or what `regmix fit` wrote (the
+    model folder may be the working folder: other files in it are fine)."""
+    from components.regression import DOMAIN_INTERACTION_PLOT
+
+    for flag, path in inputs.items():
+        if out.resolve() == path.resolve():
+            raise DataError(f"--out {out} is the {flag} file; give another path")
+    try:
+        folders = list(json.loads((model_dir / TARGETS_FILE).read_text()).values())
+    except (OSError, ValueError, AttributeError):
+        folders = []  # not a model folder: load_models says so
+    written = [model_dir / name for name in (TARGETS_FILE, DOMAIN_INTERACTION_PLOT, *folders)]
+    if any(out.resolve().is_relative_to(path.resolve()) for path in written):
+        raise DataError(f"--out {out} would overwrite the model `regmix fit` wrote in "
+                        f"{model_dir}; give another path")
+
+
 def predict_csv(model_dir: Path, mixtures: Path, out: Path) -> int:
+    check_output(out, model_dir, {"--mixtures": mixtures})
     models = load_models(model_dir)
     table = read_proxy_csvs(mixtures, domains=next(iter(models.values())).domains)
     # per model, the CSV's columns in the order it was fitted on (every target's model was
@@ -171,11 +203,13 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
         search_with_baseline,
     )
 
+    check_output(out, model_dir, {})
     models = load_models(model_dir)
     if target is None and len(models) > 1:
         raise DataError(f"--target: the model folder holds {list(models)}; name one")
     try:  # named as `regmix fit --target` named it
-        name = target_name(parse_target(target)) if target else next(iter(models))
+        name = (target if target in models else target_name(parse_target(target)) if target
+                else next(iter(models)))
     except DataError as e:
         raise DataError(f"--target {e}") from None
     if name not in models:

@@ -7,6 +7,7 @@ the fix; they never surface as a traceback.
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -285,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SERVICE_ERRORS as e:  # a service out of reach: not the user's input, still one line
         print(f"regmix: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `regmix ... | head`: the reader left; say nothing more
+        # Python flushes stdout again at exit: point it at nothing so that this stays quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

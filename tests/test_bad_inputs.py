@@ -152,6 +152,10 @@ CSV_CASES = [
     (mixtures_csv(GOOD_ROWS), mixtures_csv([f"{i},{3 + i / 10}" for i in range(1, 9)],
                                            "index,other"),
      "--target 'loss': unknown target column(s) ['loss']"),
+    (mixtures_csv([row.replace(",", ";") for row in GOOD_ROWS], "index;a;b;c"), GOOD_LOSSES,
+     "the header is one column separated by ';'; save the file with commas between columns"),
+    (mixtures_csv([f"{i},{i}0,{9 - i}0,10" for i in range(1, 9)]), GOOD_LOSSES,
+     "weights sum to 100, not 1 (percentages? divide every weight by 100)"),
 ]
 
 
@@ -166,7 +170,7 @@ def test_bad_csv(tmp_path, capsys, mixtures, losses, message):
 
 def test_bad_cli_values(tmp_path, capsys):
     assert_user_error(capsys, ["fit", "--mixtures", str(tmp_path / "none.csv"), "--losses",
-                               str(tmp_path / "none.csv"), "--target", "x", "--out",
+                               str(tmp_path / "gone.csv"), "--target", "x", "--out",
                                str(tmp_path)], "file not found")
     assert_user_error(capsys, ["predict", "--model", str(tmp_path), "--mixtures", "m.csv",
                                "--out", "p.csv"], "no targets.json")
@@ -174,14 +178,17 @@ def test_bad_cli_values(tmp_path, capsys):
     assert_user_error(capsys, ["predict", "--model", str(tmp_path), "--mixtures", "m.csv",
                                "--out", "p.csv"], "unreadable model folder (FileNotFoundError")
     (tmp_path / "m.csv").write_bytes("index,caf\u00e9\n1,1\n".encode("latin-1"))
-    assert_user_error(capsys, ["fit", "--mixtures", str(tmp_path / "m.csv"), "--losses",
-                               str(tmp_path / "m.csv"), "--target", "x", "--out",
-                               str(tmp_path / "out")], "m.csv: not UTF-8 text (byte 9)")
-    assert_user_error(capsys, ["fit", "--mixtures", str(tmp_path / "m.csv"), "--losses",
-                               str(tmp_path / "m.csv"), "--target", "x=nan", "--out",
-                               str(tmp_path / "out")], "needs a name and a finite weight")
-    (tmp_path / "m.csv").write_text(mixtures_csv(GOOD_ROWS))
     (tmp_path / "l.csv").write_text(GOOD_LOSSES)
+    assert_user_error(capsys, ["fit", "--mixtures", str(tmp_path / "m.csv"), "--losses",
+                               str(tmp_path / "l.csv"), "--target", "x", "--out",
+                               str(tmp_path / "out")], "m.csv: not UTF-8 text (byte 9)")
+    (tmp_path / "m.csv").write_text(mixtures_csv(GOOD_ROWS))
+    assert_user_error(capsys, ["fit", "--mixtures", str(tmp_path / "m.csv"), "--losses",
+                               str(tmp_path / "l.csv"), "--target", "x=nan", "--out",
+                               str(tmp_path / "out")], "needs a name and a finite weight")
+    assert_user_error(capsys, ["fit", "--mixtures", str(tmp_path / "m.csv"), "--losses",
+                               str(tmp_path / "m.csv"), "--target", "a", "--out",
+                               str(tmp_path / "out")], "--mixtures and --losses are both")
     assert_user_error(capsys, ["fit", "--mixtures", str(tmp_path / "m.csv"), "--losses",
                                str(tmp_path / "l.csv"), "--target", "loss", "--model",
                                "per-domain", "--out", str(tmp_path / "out")],

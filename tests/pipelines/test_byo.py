@@ -320,11 +320,15 @@ def test_a_damaged_or_outdated_model_folder_is_refused_in_one_line(tmp_path, cap
     assert "kernel.json: the kernel's hyperparameters do not fit this version's GP" in \
         capsys.readouterr().err
     predict, member = fitted("lightgbm")
-    (member / "model.txt").write_text("garbage")
+    whole = (member / "model.txt").read_text()
     search = ["search", "--model", predict[2], "--out", str(tmp_path / "s.yaml")]
-    for command in (predict, search):
-        assert main(command) == 2
-        assert "unreadable model folder (LightGBMError" in capsys.readouterr().err
+    # Cut short, some LightGBM files abort the process from C++ (no Python error to catch)
+    for damaged, message in (("garbage\nend of trees\n", "unreadable model folder (LightGBMError"),
+                             (whole[:2000], "model.txt is incomplete (no 'end of trees')")):
+        (member / "model.txt").write_text(damaged)
+        for command in (predict, search):
+            assert main(command) == 2
+            assert message in capsys.readouterr().err
     (Path(predict[2]) / "targets.json").write_text("{}")
     assert main(predict) == 2
     assert "targets.json names no targets" in capsys.readouterr().err
@@ -341,6 +345,41 @@ def test_a_target_named_twice_or_like_a_folder_link_is_refused(tmp_path, capsys)
     assert f"--target '{PILE_CC}': given twice" in capsys.readouterr().err
     assert main([*fit, "--target", ".."]) == 0  # a folder of its own, inside --out
     assert (tmp_path / "model" / "target" / "regressor.json").is_file()
+
+
+@needs_paper_data
+def test_fit_replaces_only_what_it_wrote_and_outputs_never_overwrite_inputs(tmp_path, capsys):
+    mixtures, losses = first_proxies(tmp_path, 30)
+    header, *rows = losses.read_text().splitlines()
+    columns = ["val_loss(step=1000)", "targets.json", "notes"]  # a column may hold '='
+    losses.write_text("\n".join([f"{header},{','.join(columns)}",
+                                 *(f"{row},{i},{i},{i}" for i, row in enumerate(rows))]))
+    model = tmp_path / "model"
+    (model / "notes").mkdir(parents=True)
+    (model / "notes" / "mine.txt").write_text("keep me")
+    fit = ["fit", "--mixtures", str(mixtures), "--losses", str(losses), "--model", "linear",
+           "--out", str(model), "--target"]
+    assert main([*fit, "notes"]) == 2  # a column named like the user's own folder
+    assert "model/notes' (target 'notes') exists and is not a model `regmix fit` wrote" in \
+        capsys.readouterr().err
+    assert (model / "notes" / "mine.txt").read_text() == "keep me"
+    assert main([*fit, "targets.json"]) == 2
+    assert "is a file `regmix fit` writes beside the targets' folders" in capsys.readouterr().err
+    assert main([*fit, "val_loss(step=1000)"]) == 0
+    assert main([*fit, "val_loss(step=1000)"]) == 0  # its own folder: replaced
+    # predict and search never write over their input or into the model folder
+    assert main(["predict", "--model", str(model), "--mixtures", str(mixtures), "--out",
+                 str(mixtures)]) == 2
+    assert "is the --mixtures file" in capsys.readouterr().err
+    target_folder = model / "val_loss_step_1000"
+    for command, args in (("predict", ["--mixtures", str(mixtures)]), ("search", [])):
+        for out in (model / "targets.json", target_folder / "x.csv"):
+            assert main([command, "--model", str(model), *args, "--out", str(out)]) == 2
+            assert "would overwrite the model `regmix fit` wrote" in capsys.readouterr().err
+    # Beside the model's own files is fine (the model folder may be the working folder)
+    assert main(["search", "--model", str(model), "--out", str(model / "s.yaml"),
+                 "--target", "val_loss(step=1000)"]) == 0
+    assert (target_folder / "regressor.json").is_file()
 
 
 @needs_paper_data
