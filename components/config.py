@@ -433,6 +433,9 @@ class ClusterConfig(Strict):
     # docker/Dockerfile's image, whose pods then must run as its uid 1000; None: $REGMIX_IMAGE
     # when compiling, else components.IMAGE
     image: str | None = None
+    # Secrets (kubernetes.io/dockerconfigjson) to pull `image` from a private registry with, on
+    # every task's pod and the PyTorchJob's (which run under no pipeline service account)
+    image_pull_secrets: list[str] = []
     namespace: str = "regmix"  # where the pipeline's pods (and large-run PyTorchJobs) run
     gpu_resource: str = "nvidia.com/gpu"  # the extended resource GPUs are requested as
     data: TaskPod = TaskPod()  # data preparation

@@ -143,6 +143,7 @@ def pytorchjob_manifest(name: str, config: RegMixConfig, work_dir: str) -> dict:
             "nodeSelector": large.node_selector,
             "tolerations": [t.model_dump(exclude_none=True) for t in large.tolerations],
             "containers": [container],
+            "imagePullSecrets": [{"name": name} for name in cluster.image_pull_secrets],
             "volumes": [
                 {"name": "data", "persistentVolumeClaim": {"claimName": cluster.volume.claim}},
                 {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": cluster.shm_size}},

@@ -41,6 +41,8 @@ def apply_task_settings(task: dsl.PipelineTask, cluster: ClusterConfig,
         pod = cluster.cpu
     if cluster.image:
         task.set_container_image(cluster.image)
+    if cluster.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, cluster.image_pull_secrets)
     # Every task runs the project's image (cluster.image, else $REGMIX_IMAGE or components.IMAGE
     # as compiled), built to run as this uid.
     kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID,

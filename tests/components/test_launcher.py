@@ -101,6 +101,7 @@ def test_manifest_is_a_pytorchjob_of_nonroot_gpu_pods_valid_for_kubernetes():
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                    "effect": "NoSchedule"}]
     assert {"name": "data", "persistentVolumeClaim": {"claimName": "regmix-data"}} in pod["volumes"]
+    assert pod["imagePullSecrets"] == []  # none configured
     secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"]["optional"]
                   for e in container["env"] if "valueFrom" in e}
     assert secret_env == {"MLFLOW_TRACKING_URI": False, "MLFLOW_TRACKING_USERNAME": True,
@@ -112,6 +113,15 @@ def test_manifest_is_a_pytorchjob_of_nonroot_gpu_pods_valid_for_kubernetes():
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
                                   "metadata": {"name": "worker"},
                                   "template": replicas["Worker"]["template"]}, "1.32", strict=True)
+
+
+def test_the_jobs_pods_pull_the_image_with_the_configured_secrets():
+    config = multinode_config()
+    private = config.model_copy(update={"cluster": config.cluster.model_copy(
+        update={"image_pull_secrets": ["registry-creds"]})})
+    manifest = launcher.pytorchjob_manifest("regmix-large-x", private, "/data/jobs/x")
+    for replica in manifest["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["spec"]["imagePullSecrets"] == [{"name": "registry-creds"}]
 
 
 def test_the_job_is_followed_until_it_succeeds_logging_each_change(caplog):

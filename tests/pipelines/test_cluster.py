@@ -99,6 +99,18 @@ def test_a_multinode_large_run_task_only_launches_its_pytorchjob_from_a_cpu_pod(
     assert pod["secretAsEnv"][0]["secretName"] == "regmix-mlflow-client"
 
 
+def test_a_private_registrys_pull_secrets_reach_every_pod(tmp_path, pile):
+    _, public = pile
+    assert not any("imagePullSecret" in pod for pod in public.values())  # none asked, none set
+    config = yaml.safe_load(Path("configs/pile.yaml").read_text())
+    config["cluster"]["image_pull_secrets"] = ["registry-creds"]
+    (tmp_path / "private.yaml").write_text(yaml.safe_dump(config))
+    _, platform = compiled(str(tmp_path / "private.yaml"), tmp_path / "pipeline.yaml")
+    assert platform  # every executor: data, CPU, proxy and large pods alike
+    for pod in platform.values():
+        assert [s["secretName"] for s in pod["imagePullSecret"]] == ["registry-creds"]
+
+
 def test_every_pod_gets_the_image_mlflow_secret_retries_and_no_pip_install(pile):
     spec, platform = pile
     for name, task in tasks(spec).items():
