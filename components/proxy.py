@@ -12,6 +12,7 @@ A proxy result (the contract the regression reads) is
 
 
 import ctypes
+import fcntl
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -383,6 +384,24 @@ def kept_outcome(mixture_hash: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+@contextmanager
+def training_lock(mixture_hash: str):
+    """Held while this process trains (or logs) the proxy with this content hash, so that two
+    pipeline runs at once (a manual run beside a scheduled one) do not both train it, into one
+    checkpoint folder: the second waits, then finds the first's result in MLflow. A lock file
+    on the cache (the shared volume, on a cluster); flock works across NFS clients, and the
+    lock goes with the process that held it, so a killed pod holds nothing."""
+    path = cache_root() / "locks" / f"{mixture_hash}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:  # never deleted: a waiter may hold this very file open
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("proxy %s is being trained by another run; waiting for it", mixture_hash)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 @retried
 def find_finished(tracking: dict, mixture_hash: str) -> dict | None:
     """A finished (or diverged) run with this content hash, if any: its result is reused, not
@@ -503,10 +522,20 @@ def train_proxy(
     """Train (or reuse) one proxy and log it as one MLflow run; returns the proxy result."""
     from accelerate import PartialState
 
+    state = PartialState()
+    # The ranks of one multi-GPU run train the proxy together: none of them may wait for another
+    lock = training_lock(mixture["hash"]) if state.num_processes == 1 else nullcontext()
+    with lock:
+        return _train_proxy(data, mixture, shape, recipe, seed, tracking, target, stage,
+                            state.is_main_process)
+
+
+def _train_proxy(data: TokenData, mixture: dict, shape: ModelShape, recipe: TrainRecipe,
+                 seed: int, tracking: dict, target: dict[str, float], stage: str,
+                 main: bool) -> dict:
     previous = find_finished(tracking, mixture["hash"])
     if previous is not None:
         return reused_result(previous, mixture, data.domains, stage)
-    main = PartialState().is_main_process
     outcome = kept_outcome(mixture["hash"])
     if outcome is None:
         checkpoints = checkpoint_folder(mixture["hash"])
@@ -536,6 +565,16 @@ def train_proxies_packed(
     Each proxy still gets its own MLflow run with the same params and metrics, written once the
     packed training ends; its `seconds` is its share of the packed run's time.
     """
+    with ExitStack() as locks:
+        for mixture_hash in sorted({m["hash"] for m in mixtures}):  # one order: no deadlock
+            locks.enter_context(training_lock(mixture_hash))
+        return _train_proxies_packed(data, mixtures, shape, recipe, seeds, tracking, target,
+                                     stage)
+
+
+def _train_proxies_packed(data: TokenData, mixtures: list[dict], shape: ModelShape,
+                          recipe: TrainRecipe, seeds: list[int], tracking: dict,
+                          target: dict[str, float], stage: str) -> list[dict]:
     previous = [find_finished(tracking, m["hash"]) for m in mixtures]
     results = {m["id"]: reused_result(p, m, data.domains, stage)
                for m, p in zip(mixtures, previous, strict=True) if p is not None}

@@ -151,6 +151,32 @@ def test_a_rerun_task_resumes_its_proxy_from_the_cache(prepared_data, tracking, 
     assert not folder.exists()  # the finished run in MLflow is the record now
 
 
+def test_a_proxy_another_run_is_training_is_waited_for_and_reused(prepared_data, tracking,
+                                                                  tmp_path, monkeypatch):
+    """Two pipeline runs at once (a manual run beside a scheduled one) train a shared proxy once."""
+    import threading
+
+    from components.proxy import _train_proxy, train_proxy, training_lock
+
+    monkeypatch.setenv("REGMIX_CACHE", str(tmp_path))
+    recipe, shape = TrainRecipe(tokens=4096, batch_size=4), SHAPES["tiny-proxy"]
+    mixture = {"id": "m0001", "hash": "0123456789abcdef", "weights": {"code": 1.0}}
+    args = (prepared_data, mixture, shape, recipe, 0, tracking, {"code": 1.0})
+    second: list[dict] = []
+    with training_lock(mixture["hash"]):  # the first run holds it while it trains
+        waiting = threading.Thread(target=lambda: second.append(train_proxy(*args)))
+        waiting.start()
+        waiting.join(timeout=2.0)
+        assert waiting.is_alive() and not second  # the second run waits...
+        first = _train_proxy(*args, stage="proxy", main=True)
+    waiting.join(timeout=60)
+    assert first["reused"] is False
+    assert second[0]["reused"] is True and second[0]["run_id"] == first["run_id"]  # ...and reuses
+    runs = mlflow.MlflowClient(tracking["uri"]).search_runs(
+        [tracking["experiment_id"]], f"tags.`regmix.mixture_hash` = '{mixture['hash']}'")
+    assert len(runs) == 1
+
+
 def test_runs_with_different_precisions_share_one_process(prepared_data):
     """accelerate's state is a process-wide singleton; each run still gets its own precision."""
     weights = {d: 1 / 3 for d in prepared_data.domains}
@@ -292,7 +318,7 @@ def test_only_the_main_process_logs_a_kept_outcome(prepared_data, tracking, monk
     recipe, shape = TrainRecipe(tokens=2048, batch_size=4), SHAPES["tiny-proxy"]
 
     class OtherRank:
-        is_main_process = False
+        is_main_process, num_processes = False, 2
 
     with monkeypatch.context() as m:
         m.setattr(accelerate, "PartialState", OtherRank)
