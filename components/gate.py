@@ -42,6 +42,17 @@ def replica_seeds(seed: int, seeds: int) -> list[int]:
     return [seed + i for i in range(1, seeds + 1)] if seeds > 1 else []
 
 
+def _rounded(weights: np.ndarray) -> bytes:
+    return np.round(weights, 4).tobytes()  # as the sampler tells duplicates
+
+
+def chosen_was_fitted(chosen: dict[str, float], domains: list[str], fitted: np.ndarray) -> bool:
+    """Whether the chosen mixture is one the regression was fitted on: the search may return a
+    training mixture itself (on a tree model's flat surface, the best one). Its prediction is
+    then in-sample, so it is no test of the regression and stays out of the rank check."""
+    return _rounded(np.array([chosen[d] for d in domains])) in {_rounded(w) for w in fitted}
+
+
 def fresh_mixtures(config, meta: dict, count: int, fitted: np.ndarray) -> np.ndarray:
     """`count` draws from the config's sampler, none a mixture the regression was fitted on.
 
@@ -49,12 +60,11 @@ def fresh_mixtures(config, meta: dict, count: int, fitted: np.ndarray) -> np.nda
     {code_go: 1}, which the regression had seen. The sampler's draws extend one sequence as
     more are asked for, so the fresh ones are the same whatever had to be skipped.
     """
-    seen = {np.round(w, 4).tobytes() for w in fitted}  # as the sampler tells duplicates
+    seen = {_rounded(w) for w in fitted}
     wanted = count
     while True:
         rng = np.random.default_rng([config.seed, 1])  # a separate stream from the training draw
-        drawn = [w for w in draw_mixtures(config, meta, wanted, rng)
-                 if np.round(w, 4).tobytes() not in seen]
+        drawn = [w for w in draw_mixtures(config, meta, wanted, rng) if _rounded(w) not in seen]
         if len(drawn) >= count:
             return np.stack(drawn[:count])
         wanted += count - len(drawn)
@@ -64,15 +74,17 @@ def plan_gate_proxies(
     config, meta: dict, chosen: dict[str, float], best: dict[str, float], tracking: dict,
     fitted: np.ndarray,
 ) -> list[dict]:
-    """Fresh held-out mixtures (the chosen one first; none of the `fitted` training mixtures)
-    plus seed replicas for the noise.
+    """`gate.proxies` held-out mixtures, the chosen one first (unless the regression was fitted
+    on it: then one more fresh one), none of the `fitted` training mixtures; plus seed replicas
+    for the noise.
 
     The replicas of the chosen mixture and of the best training proxy share seeds, none of them
     the run's own: the best proxy's loss at that seed is the lowest of many noisy losses, so it
     is biased low (the winner's curse), and reusing it would fail a chosen mixture as good as it.
     """
     domains, key = meta["domains"], proxy_key(config, meta)
-    fresh = fresh_mixtures(config, meta, config.gate.proxies - 1, fitted)
+    held_out = config.gate.proxies - (0 if chosen_was_fitted(chosen, domains, fitted) else 1)
+    fresh = fresh_mixtures(config, meta, held_out, fitted)
     weights = np.vstack([[chosen[d] for d in domains], fresh])
     mixtures = as_mixtures(weights, domains, "g", key)
     mixtures[0]["id"] = CHOSEN
@@ -142,10 +154,12 @@ def paired_difference(first: list[float], second: list[float]) -> tuple[float, f
 
 
 def decide(results: list[dict], predicted: dict[str, float], target: dict[str, float],
-           fit_report: dict, gate) -> dict:
-    """The gate decision and every number behind it."""
+           fit_report: dict, gate, chosen_fitted: bool = False) -> dict:
+    """The gate decision and every number behind it. `chosen_fitted`: the chosen mixture is a
+    training mixture (`chosen_was_fitted`), so the rank check leaves it out."""
     measured = {r["id"]: target_loss(r["val_loss"], target) for r in results}
-    fresh = sorted(r["id"] for r in results if "@seed" not in r["id"])  # not seed replicas
+    fresh = sorted(r["id"] for r in results  # held out: no seed replicas, nothing fitted
+                   if "@seed" not in r["id"] and not (chosen_fitted and r["id"] == CHOSEN))
     # Reported down to 3 points (below, a rank correlation is meaningless); decided from 5.
     spearman, low, high = bootstrap_spearman(
         np.array([predicted[i] for i in fresh]), np.array([measured[i] for i in fresh]),
@@ -202,6 +216,7 @@ def decide(results: list[dict], predicted: dict[str, float], target: dict[str, f
         "chosen_measured": float(np.mean(chosen)), "chosen_predicted": predicted[CHOSEN],
         "best_train_measured": float(np.mean(best)), "gap": gap, "tolerance": tolerance,
         "tolerance_basis": basis, "measured": measured, "predicted": predicted,
+        "fresh": fresh, "chosen_fitted": chosen_fitted,
     }
 
 
@@ -231,8 +246,8 @@ def validate_prediction_op(
     import numpy as np
 
     from components.config import parse_config
-    from components.gate import decide
-    from components.regression import Regressor
+    from components.gate import CHOSEN, chosen_was_fitted, decide
+    from components.regression import Regressor, saved_train_weights
     from components.tracking import stage_run
 
     cfg = parse_config(config)
@@ -242,11 +257,14 @@ def validate_prediction_op(
     ids = [r["id"] for r in results]
     predicted = dict(zip(ids, map(float, model.predict(weights)), strict=True))
     failed = [r for task in gate_results for r in task["results"] if "error" in r]
-    chosen_failed = next((r for r in failed if r["id"] == "chosen"), None)
+    chosen_failed = next((r for r in failed if r["id"] == CHOSEN), None)
     if chosen_failed:
         raise RuntimeError(f"the chosen mixture's gate proxy failed ({chosen_failed['error']}); "
                            "the gate cannot judge it. Rerun: finished proxies are reused")
-    decision = decide(results, predicted, fit_report["target"], fit_report, cfg.gate)
+    chosen = next(r["weights"] for r in results if r["id"] == CHOSEN)
+    fitted = chosen_was_fitted(chosen, model.domains, saved_train_weights(regressor.path,
+                                                                          model.domains))
+    decision = decide(results, predicted, fit_report["target"], fit_report, cfg.gate, fitted)
     with stage_run(tracking, "gate", "validate-prediction"):
         mlflow.log_metrics({
             "gate.spearman": decision["spearman"], "gate.spearman_low": decision["spearman_low"],

@@ -580,8 +580,10 @@ def _train_proxies_packed(data: TokenData, mixtures: list[dict], shape: ModelSha
                for m, p in zip(mixtures, previous, strict=True) if p is not None}
     outcomes = {m["hash"]: kept_outcome(m["hash"]) for m, p in zip(mixtures, previous, strict=True)
                 if p is None}
-    todo = [(m, seed) for m, seed in zip(mixtures, seeds, strict=True)
-            if m["id"] not in results and outcomes[m["hash"]] is None]
+    # One training per content hash: the gate's replicas of the chosen mixture and of the best
+    # proxy share theirs when the search chose the best proxy's own mixture
+    todo = list({m["hash"]: (m, seed) for m, seed in zip(mixtures, seeds, strict=True)
+                 if m["id"] not in results and outcomes[m["hash"]] is None}.values())
     if todo:
         key = hashlib.sha256("".join(m["hash"] for m, _ in todo).encode()).hexdigest()[:16]
         checkpoints = checkpoint_folder(f"packed-{key}")
@@ -598,13 +600,16 @@ def _train_proxies_packed(data: TokenData, mixtures: list[dict], shape: ModelSha
                 "curve": [(step, losses[i]) for step, losses in curves]})
         shutil.rmtree(checkpoints, ignore_errors=True)
     packed = {m["id"] for m, _ in todo}
+    recorded: dict[str, dict] = {}  # content hash -> the run logged for it here
     for m, seed in zip(mixtures, seeds, strict=True):
-        if m["id"] not in results:
+        if m["id"] not in results and m["hash"] in recorded:  # logged once, reused after
+            results[m["id"]] = {**recorded[m["hash"]], "id": m["id"], "reused": True}
+        elif m["id"] not in results:
             tags = {CORPUS_TAG: data.fingerprint}
             if m["id"] in packed:
                 tags["regmix.packed"] = str(len(todo))
-            results[m["id"]] = record_proxy(tracking, stage, m, shape, recipe, seed,
-                                            outcomes[m["hash"]], target, tags)
+            results[m["id"]] = recorded[m["hash"]] = record_proxy(
+                tracking, stage, m, shape, recipe, seed, outcomes[m["hash"]], target, tags)
     return [results[m["id"]] for m in mixtures]
 
 

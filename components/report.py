@@ -83,12 +83,13 @@ def plot_gate(record: RunRecord, path: Path) -> bool:
     gate = record.artifacts.get("gate.json")
     if gate is None:
         return False
-    ids = [i for i in gate["predicted"] if i in gate["measured"]]
+    # The points the rank check scored (older records: every one but the seed replicas)
+    ids = gate.get("fresh") or [i for i in gate["predicted"]
+                                if i in gate["measured"] and "@seed" not in i]
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.scatter([gate["predicted"][i] for i in ids], [gate["measured"][i] for i in ids])
-    for i in ids:
-        if i.startswith("chosen"):
-            ax.annotate("chosen", (gate["predicted"][i], gate["measured"][i]))
+    if "chosen" in ids:
+        ax.annotate("chosen", (gate["predicted"]["chosen"], gate["measured"]["chosen"]))
     ax.set_xlabel("predicted target loss")
     ax.set_ylabel("measured target loss")
     ax.set_title(f"Gate: Spearman {gate['spearman']:.3f} "

@@ -130,3 +130,26 @@ def test_fresh_gate_mixtures_skip_those_the_regression_was_fitted_on(prepared_da
     skipped = fresh(np.array(unseen[:2]))
     assert len(skipped) == 4 and skipped[:2] == unseen[2:]  # the same sequence, less the seen
     assert not any(np.allclose(w, seen) for w in skipped for seen in unseen[:2])
+
+
+def test_a_chosen_training_mixture_stays_out_of_the_rank_check(prepared_data):
+    # The search may return a training mixture itself (a tree model's flat surface): its loss
+    # was fitted, so the rank check scores gate.proxies others, all of them held out.
+    config = parse_config(tiny_config_dict("x.yaml", gate={"proxies": 5, "seeds": 1},
+                                           mixtures={"count": 8, "max_epochs": 50}))
+    chosen = {"code": 0.2, "changelogs": 0.5, "licenses": 0.3}
+    fitted = np.array([[0.6, 0.2, 0.2], [0.2, 0.5, 0.3]])  # the second is the chosen one
+    tasks = plan_gate_proxies(config, prepared_data.meta, chosen, chosen, {}, fitted)
+    ids = [m["id"] for t in tasks for m in t["mixtures"]]
+    assert ids == ["chosen", "g0001", "g0002", "g0003", "g0004", "g0005"]  # one more fresh
+    # The chosen one fits perfectly (in-sample) but for its rank: out of the rank check, the
+    # others order perfectly
+    fresh = [result("chosen", 2.0)] + [result(f"g000{i}", 3.0 + 0.1 * i) for i in range(1, 6)]
+    predicted = {r["id"]: r["val_loss"]["a"] for r in fresh} | {"chosen": 5.0}
+    scored = decide(fresh, predicted, TARGET, fit_report(), GateConfig(proxies=5, seeds=1),
+                    chosen_fitted=True)
+    assert scored["fresh"] == ["g0001", "g0002", "g0003", "g0004", "g0005"]
+    assert scored["spearman"] == pytest.approx(1.0) and scored["chosen_fitted"]
+    assert scored["chosen_measured"] == 2.0  # still judged against the best training proxy
+    unflagged = decide(fresh, predicted, TARGET, fit_report(), GateConfig(proxies=5, seeds=1))
+    assert "chosen" in unflagged["fresh"] and unflagged["spearman"] < 0.5

@@ -329,6 +329,29 @@ def test_only_the_main_process_logs_a_kept_outcome(prepared_data, tracking, monk
     assert main["val_loss"] == outcome["val_loss"] and not kept_result_path(mixture["hash"]).exists()
 
 
+def test_a_pack_trains_and_logs_one_content_hash_once(prepared_data, tracking, monkeypatch,
+                                                       tmp_path):
+    """The gate's replicas of the chosen mixture and of the best proxy share a hash when the
+    search chose the best proxy's own mixture: one training, one MLflow run."""
+    from components.proxy import train_proxies_packed
+
+    monkeypatch.setenv("REGMIX_CACHE", str(tmp_path))
+    same = {"code": 0.5, "changelogs": 0.5}
+    mixtures = [{"id": "chosen@seed1", "hash": "1111111111111111", "weights": same},
+                {"id": "best@seed1", "hash": "1111111111111111", "weights": same},
+                {"id": "g0001", "hash": "2222222222222222", "weights": {"code": 1.0}}]
+    recipe, shape = TrainRecipe(tokens=4096, batch_size=4), SHAPES["tiny-proxy"]
+    results = train_proxies_packed(prepared_data, mixtures, shape, recipe, [1, 1, 0], tracking,
+                                   {"code": 1.0})
+    assert [r["id"] for r in results] == ["chosen@seed1", "best@seed1", "g0001"]
+    assert [r["reused"] for r in results] == [False, True, False]
+    assert results[0]["val_loss"] == results[1]["val_loss"]
+    assert results[0]["run_id"] == results[1]["run_id"]
+    runs = mlflow.MlflowClient(tracking["uri"]).search_runs([tracking["experiment_id"]],
+                                                            "tags.`regmix.stage` = 'proxy'")
+    assert len(runs) == 2
+
+
 def test_packed_training_under_a_loss_scale_clips_as_training_alone(prepared_data, monkeypatch):
     """fp16 on a GPU scales the loss by 2^16; each packed proxy must be clipped unscaled, as
     accelerate clips a model trained alone. CPU has no fp16 autocast, so the scaler is added
