@@ -354,7 +354,7 @@ def add_commands(sub) -> None:
     fit.add_argument("--model", default="auto", choices=get_args(RegressionModel),
                      help="the regressor (default: auto, the best by cross-validation)")
     fit.add_argument("--folds", type=at_least(2), default=5,
-                     help="cross-validation folds (default 5)")
+                     help="cross-validation folds (default 5; at most one per row: leave-one-out)")
     fit.add_argument("--tune-trials", type=at_least(0), default=0,
                      help="Optuna trials for LightGBM's settings (default 0: its defaults)")
     fit.add_argument("--seed", type=at_least(0, MAX_SEED), default=0, help="for folds and fits (default 0)")
