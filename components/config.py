@@ -672,7 +672,10 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RegMixConfig
     # Relative paths (corpus spec, inline domains, tokenizer file) are relative to the config
     # file, so a config works from any cwd. (A spec's own paths are relative to the spec.)
     def beside_config(file: str | None) -> str | None:
-        return file if file is None or Path(file).expanduser().is_absolute() else str(path.parent / file)
+        if file is None:
+            return None
+        expanded = Path(file).expanduser()  # `~/corpus.yaml`, as a shell would
+        return str(expanded if expanded.is_absolute() else path.parent / file)
 
     corpus, tokenizer = config.corpus, config.tokenizer
     domains = corpus.domains and [d.model_copy(update={"path": beside_config(d.path)})

@@ -89,19 +89,37 @@ def domain_files(source: DomainSource, base: Path) -> list[str]:
     pattern = Path(source.path).expanduser()
     pattern = pattern if pattern.is_absolute() else base / pattern
     if pattern.is_dir():
-        candidates = [str(p) for p in pattern.rglob("*") if p.is_file()]
+        # Not inside hidden folders (.git, .ipynb_checkpoints: copies of the same documents)
+        candidates = [str(p) for p in pattern.rglob("*") if p.is_file()
+                      and not any(part.startswith(".") for part in p.relative_to(pattern).parts)]
     else:
         candidates = glob.glob(str(pattern), recursive=True)
-    files = sorted(f for f in candidates if Path(f).suffix in LOADERS)
+    files = sorted(f for f in candidates if Path(f).suffix.lower() in LOADERS)
+    skipped = sorted(set(candidates) - set(files))
+    if skipped:  # e.g. compressed shards: say so rather than train on part of the domain
+        log.warning("domain '%s': skipping %d file(s) that are not .jsonl/.json/.txt/.parquet, "
+                    "e.g. %s", source.name, len(skipped), skipped[0])
     if not files:
         raise CorpusError(
             f"domain '{source.name}': no .jsonl/.json/.txt/.parquet files at '{pattern}'; "
             "fix the path or glob"
         )
-    kinds = {LOADERS[Path(f).suffix] for f in files}
+    kinds = {LOADERS[Path(f).suffix.lower()] for f in files}
     if len(kinds) > 1:
         raise CorpusError(f"domain '{source.name}': mixes file kinds {sorted(kinds)}; use one")
     return files
+
+
+def check_disjoint(sources: list[DomainSource], base: Path) -> None:
+    """No file in two domains: its documents would sit in one's validation split and the
+    other's training data, and each domain's loss would measure the other."""
+    owner: dict[str, str] = {}
+    for source in (s for s in sources if s.path):
+        for name in domain_files(source, base):
+            other = owner.setdefault(os.path.realpath(name), source.name)
+            if other != source.name:
+                raise CorpusError(f"domains '{other}' and '{source.name}' both hold {name}; give "
+                                  "each file to one domain (narrow a folder or glob)")
 
 
 def load_documents(source: DomainSource, base: Path) -> "Documents":
@@ -114,10 +132,16 @@ def load_documents(source: DomainSource, base: Path) -> "Documents":
         args = dict(path=source.hf_path, name=source.hf_name, split=source.hf_split)
     else:
         files = domain_files(source, base)
-        kind = LOADERS[Path(files[0]).suffix]
+        kind = LOADERS[Path(files[0]).suffix.lower()]
         # A .txt file is one document (column "text"), not one document per line.
         column = "text" if kind == "text" else source.text_column
-        args = dict(path=kind, data_files=files, split="train")
+        # `datasets` keys its cache of local files on their paths and modification times: a
+        # file rewritten and copied back with its old time (cp -p, rsync -a, tar) would load
+        # the old documents. Their sizes key it too.
+        stats = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
+        signature = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+        args = dict(path=kind, data_files=files, split="train",
+                    cache_dir=str(Path(datasets.config.HF_DATASETS_CACHE) / "regmix" / signature))
         if kind == "text":
             args["sample_by"] = "document"
     try:
@@ -135,7 +159,11 @@ def load_documents(source: DomainSource, base: Path) -> "Documents":
         lambda texts: [isinstance(t, str) and bool(t.strip()) for t in texts],
         input_columns=column, batched=True))
     if not len(docs):
-        raise CorpusError(f"domain '{source.name}': no non-empty documents; add text or drop it")
+        raise CorpusError(f"domain '{source.name}': no non-empty documents in column '{column}' "
+                          f"(its type: {ds.features[column]}); add text or drop it")
+    if len(docs) < len(ds):
+        log.warning("domain '%s': %d of %d records have no text in '%s' (missing, empty or not "
+                    "a string) and are skipped", source.name, len(ds) - len(docs), len(ds), column)
     return docs
 
 
@@ -150,9 +178,10 @@ class Documents(Sequence[str]):
         return len(self.table)
 
     def __getitem__(self, i):
+        # A byte-order mark (spreadsheet and Windows editors write one) is not text
         if isinstance(i, slice):
-            return self.table[i][self.column]
-        return self.table[int(i)][self.column]
+            return [text.removeprefix("\ufeff") for text in self.table[i][self.column]]
+        return self.table[int(i)][self.column].removeprefix("\ufeff")
 
     def __iter__(self) -> Iterator[str]:
         for start in range(0, len(self), DOCUMENTS_PER_BATCH):
@@ -191,6 +220,7 @@ def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> list[str]:
                 f"{corpus.validation_tokens}-token validation split plus training data; add "
                 "text or lower corpus.validation_tokens"
             )
+    check_disjoint(sources, base)
     if tokenizer.kind != "bpe":
         eos_id(build_tokenizer(tokenizer, {}), tokenizer.eos_token)
     return [s.name for s in sources]
@@ -322,12 +352,22 @@ def hold_out(
         (tokens,) = encode([docs[order[len(held_out)]]])
         held_out.append(tokens)
         covered += len(tokens) + 1
+    if len(order) == 1:
+        raise CorpusError(f"domain '{name}': one document cannot be split into validation and "
+                          "training text (whole documents are held out); split it into several "
+                          "documents (files, or JSON lines)")
     if covered < validation_tokens or len(held_out) == len(order):
         raise CorpusError(
             f"domain '{name}': {covered} tokens in {len(order)} documents is too small for "
             f"a {validation_tokens}-token validation split plus training data; add text or "
             "lower corpus.validation_tokens"
         )
+    # The last held-out document is cut at `validation_tokens`; its tail trains nothing
+    unused = covered - validation_tokens
+    if unused > validation_tokens:
+        log.warning("domain '%s': the validation split's last document is %d tokens longer than "
+                    "the split needs, and they are used by neither split; split long documents "
+                    "to keep them for training", name, unused)
     return pack(held_out, eos, dtype)[:validation_tokens], order[: len(held_out)]
 
 
@@ -389,6 +429,7 @@ def prepare_data(
     so each proxy pod reads them in place instead of downloading them as a KFP artifact.
     """
     sources, base = resolve_domains(corpus)
+    check_disjoint(sources, base)
     documents = {s.name: load_documents(s, base) for s in sources}
     tokenizer = build_tokenizer(tokenizer_config, documents)
     eos, vocab = eos_id(tokenizer, tokenizer_config.eos_token), tokenizer.get_vocab_size()

@@ -138,6 +138,14 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
     loaded = load_config("cfg/c.yaml")
     assert [d.path for d in loaded.corpus.domains] == ["cfg/data/a.jsonl", "/abs/b/*.jsonl", None]
     assert loaded.tokenizer.path == "cfg/tok.json"
+    # `~` as a shell would expand it, in the spec's and the tokenizer's paths too
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config["corpus"] = {"spec": "~/corpus.yaml"}
+    config["tokenizer"]["path"] = "~/tok.json"
+    (tmp_path / "cfg" / "c.yaml").write_text(yaml.safe_dump(config))
+    loaded = load_config("cfg/c.yaml")
+    assert loaded.corpus.spec == str(tmp_path / "home" / "corpus.yaml")
+    assert loaded.tokenizer.path == str(tmp_path / "home" / "tok.json")
 
 
 def test_a_message_naming_its_field_is_not_prefixed_twice(tmp_path):

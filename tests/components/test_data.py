@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 import shutil
 
 import numpy as np
@@ -64,7 +65,17 @@ def test_training_tokens_stream_in_batches_up_to_the_cap(monkeypatch, tmp_path):
 
 def test_split_rejects_a_domain_smaller_than_its_validation_set():
     with pytest.raises(CorpusError, match="domain 'd'.*lower corpus.validation_tokens"):
-        hold_out("d", ["1 2"], encode_ids, 100, 0, 0, np.uint16)
+        hold_out("d", ["1 2", "3 4"], encode_ids, 100, 0, 0, np.uint16)
+    # Lowering validation_tokens cannot split one document: the message says what can
+    with pytest.raises(CorpusError, match="domain 'd': one document cannot be split.*split it"):
+        hold_out("d", [" ".join(["1"] * 1000)], encode_ids, 10, 0, 0, np.uint16)
+
+
+def test_a_long_held_out_documents_unused_tail_is_reported(caplog):
+    docs = [" ".join([str(i)] * n) for i, n in ((1, 500), (2, 10), (3, 10), (4, 10))]
+    with caplog.at_level("WARNING", logger="regmix.data"):
+        hold_out("d", docs, encode_ids, 20, seed=1, eos=0, dtype=np.uint16)
+    assert "domain 'd': the validation split's last document is" in caplog.text
 
 
 def test_prepare_data_component(tmp_path, corpus_spec):
@@ -142,6 +153,51 @@ def test_bad_corpora(tmp_path, files, source, message):
         (tmp_path / name).write_text(text)
     with pytest.raises(CorpusError, match=message):
         load_documents(DomainSource(**source), tmp_path)
+
+
+def test_what_users_hand_over_loads_as_they_meant_it(tmp_path, caplog):
+    """Hidden folders (notebook checkpoints: copies), upper-case suffixes, a byte-order mark,
+    records without text, files nothing reads: loaded, skipped or reported, never silently."""
+    from components.config import DomainSource
+    from components.data import load_documents
+
+    folder = tmp_path / "web"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    (folder / "a.JSONL").write_text('{"text": "alpha"}\n{"id": 2}\n{"text": 3}\n')
+    (folder / ".ipynb_checkpoints" / "a.jsonl").write_text('{"text": "alpha"}\n')
+    (folder / "b.jsonl.gz").write_bytes(b"\x1f\x8b")
+    with caplog.at_level("WARNING", logger="regmix.data"):
+        docs = load_documents(DomainSource(name="web", path="web"), tmp_path)
+    assert list(docs) == ["alpha"]
+    assert "domain 'web': skipping 1 file(s)" in caplog.text and "b.jsonl.gz" in caplog.text
+    assert "domain 'web': 2 of 3 records have no text in 'text'" in caplog.text
+    (tmp_path / "bom.txt").write_bytes("\ufeffhello".encode())
+    assert list(load_documents(DomainSource(name="t", path="bom.txt"), tmp_path)) == ["hello"]
+
+
+def test_a_file_rewritten_with_its_old_time_is_read_again(tmp_path):
+    """`datasets` caches local files by path and time: cp -p or rsync -a keep the time."""
+    from components.config import DomainSource
+    from components.data import load_documents
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(4)))
+    stamp = path.stat().st_mtime_ns
+    assert len(load_documents(DomainSource(name="d", path="d.jsonl"), tmp_path)) == 4
+    path.write_text('{"text": "only one"}\n')
+    os.utime(path, ns=(stamp, stamp))
+    assert list(load_documents(DomainSource(name="d", path="d.jsonl"), tmp_path)) == ["only one"]
+
+
+def test_a_file_in_two_domains_is_refused(tmp_path):
+    from components.config import CorpusConfig, TokenizerConfig
+    from components.data import preflight
+
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "a.jsonl").write_text('{"text": "some web text"}\n' * 2000)
+    domains = [{"name": "all", "path": str(tmp_path)}, {"name": "web", "path": str(tmp_path / "web")}]
+    with pytest.raises(CorpusError, match="domains 'all' and 'web' both hold .*a.jsonl"):
+        preflight(CorpusConfig(domains=domains, validation_tokens=16), TokenizerConfig())
 
 
 def test_bad_spec(tmp_path):
