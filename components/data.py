@@ -43,6 +43,7 @@ EOS = "<|endoftext|>"
 SHARED_TOKENS_ENV = "REGMIX_SHARED_TOKENS"
 # Documents tokenized (and read from disk) at a time: a few MB of text, on all cores.
 DOCUMENTS_PER_BATCH = 1024
+UNUSED_WARNING = 0.1  # warn when a domain's held-out tail, in neither split, is this much of it
 PREFLIGHT_BYTES = 1 << 20  # read from the start of each file by the checks before any work
 LOADERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 
@@ -342,8 +343,9 @@ def hold_out(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hold out whole documents (a fixed, seeded choice) until `validation_tokens` are covered.
 
-    Returns the validation tokens and the held-out documents' indices. `encode` maps a list of
-    texts to their token id lists.
+    Returns the validation tokens, the held-out documents' indices and how many tokens of the
+    last one, cut at `validation_tokens`, are in neither split. `encode` maps a list of texts to
+    their token id lists.
     """
     order = np.random.default_rng(seed).permutation(len(docs))
     held_out: list[list[int]] = []
@@ -362,13 +364,9 @@ def hold_out(
             f"a {validation_tokens}-token validation split plus training data; add text or "
             "lower corpus.validation_tokens"
         )
-    # The last held-out document is cut at `validation_tokens`; its tail trains nothing
-    unused = covered - validation_tokens
-    if unused > validation_tokens:
-        log.warning("domain '%s': the validation split's last document is %d tokens longer than "
-                    "the split needs, and they are used by neither split; split long documents "
-                    "to keep them for training", name, unused)
-    return pack(held_out, eos, dtype)[:validation_tokens], order[: len(held_out)]
+    # The last held-out document is cut at `validation_tokens`: its tail is in neither split
+    return (pack(held_out, eos, dtype)[:validation_tokens], order[: len(held_out)],
+            covered - validation_tokens)
 
 
 def train_chunks(
@@ -449,14 +447,19 @@ def prepare_data(
             return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
         for name, docs in documents.items():
-            validation, held_out = hold_out(name, docs, encode, corpus.validation_tokens, seed,
-                                            eos, dtype)
+            validation, held_out, unused = hold_out(name, docs, encode, corpus.validation_tokens,
+                                                    seed, eos, dtype)
             chunks = train_chunks(docs, held_out, encode, eos, dtype, corpus.max_train_tokens)
             train_size = save_chunks(arrays / "train" / f"{name}.npy", chunks, dtype, digest)
             np.save(arrays / "validation" / f"{name}.npy", validation)
             digest.update(validation.tobytes())
             tokens[name] = {"train": train_size, "validation": int(validation.size)}
             log.info("%s: %d documents, %d train tokens", name, len(docs), train_size)
+            if unused > UNUSED_WARNING * (train_size + validation.size + unused):
+                log.warning("domain '%s': %d tokens (%.0f%% of it), the tail of a long document "
+                            "the validation split cut, are in neither split; split long "
+                            "documents to train on them", name, unused,
+                            100 * unused / (train_size + validation.size + unused))
         meta = {
             "domains": list(documents),
             "tokens": tokens,

@@ -35,13 +35,15 @@ def encode_ids(texts: list[str]) -> list[list[int]]:
 
 def test_split_holds_out_whole_documents_exactly():
     docs = [" ".join([str(i)] * 10) for i in range(1, 21)]
-    validation, held_out = hold_out("d", docs, encode_ids, 25, seed=0, eos=0, dtype=np.uint16)
+    validation, held_out, unused = hold_out("d", docs, encode_ids, 25, seed=0, eos=0,
+                                            dtype=np.uint16)
     assert validation.size == 25 and len(held_out) == 3  # 11 tokens (EOS included) a document
+    assert unused == 3 * 11 - 25  # the third document's tail
     train = np.concatenate(list(train_chunks(docs, held_out, encode_ids, 0, np.uint16, None)))
     assert {int(t) for t in validation if t}.isdisjoint({int(t) for t in train if t})
     assert train.size == 17 * 11  # every other document, whole, in corpus order
     assert [int(t) for t in train[::11]] == [i for i in range(1, 21) if i - 1 not in held_out]
-    again, _ = hold_out("d", docs, encode_ids, 25, 0, 0, np.uint16)
+    again, _, _ = hold_out("d", docs, encode_ids, 25, 0, 0, np.uint16)
     assert again.tolist() == validation.tolist()
 
 
@@ -71,11 +73,21 @@ def test_split_rejects_a_domain_smaller_than_its_validation_set():
         hold_out("d", [" ".join(["1"] * 1000)], encode_ids, 10, 0, 0, np.uint16)
 
 
-def test_a_long_held_out_documents_unused_tail_is_reported(caplog):
-    docs = [" ".join([str(i)] * n) for i, n in ((1, 500), (2, 10), (3, 10), (4, 10))]
-    with caplog.at_level("WARNING", logger="regmix.data"):
-        hold_out("d", docs, encode_ids, 20, seed=1, eos=0, dtype=np.uint16)
-    assert "domain 'd': the validation split's last document is" in caplog.text
+def test_a_long_held_out_documents_unused_tail_is_reported(tmp_path, caplog):
+    from components.config import CorpusConfig, TokenizerConfig
+
+    (tmp_path / "big").mkdir()
+    (tmp_path / "big" / "a.txt").write_text("word " * 20_000)  # one long document...
+    (tmp_path / "big" / "b.txt").write_text("small text " * 200)
+    (tmp_path / "other.jsonl").write_text('{"text": "other words here"}\n' * 400)
+    corpus = CorpusConfig(domains=[{"name": "big", "path": str(tmp_path / "big")},
+                                   {"name": "other", "path": str(tmp_path / "other.jsonl")}],
+                          validation_tokens=64)
+    with caplog.at_level("WARNING", logger="regmix.data"):  # seed 1 holds out a.txt first
+        meta = prepare_data(corpus, TokenizerConfig(vocab_size=300), tmp_path / "out", seed=1)
+    assert meta["tokens"]["big"]["train"] < 1000  # ...so only b.txt trains: its tail is lost
+    assert "domain 'big':" in caplog.text and "are in neither split" in caplog.text
+    assert "domain 'other':" not in caplog.text
 
 
 def test_prepare_data_component(tmp_path, corpus_spec):
