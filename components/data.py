@@ -148,9 +148,11 @@ def load_documents(source: DomainSource, base: Path) -> "Documents":
     try:
         ds = datasets.load_dataset(**args)
     except Exception as e:  # datasets raises many types; the user needs the domain and cause
-        raise CorpusError(
-            f"domain '{source.name}': could not load {kind} data: {type(e).__name__}: {e}"
-        ) from None
+        # "An error occurred while generating the dataset" says nothing: the cause says what
+        cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
+        raise CorpusError(" ".join(
+            f"domain '{source.name}': could not load {kind} data: {type(e).__name__}: {e}{cause}"
+            .split())) from None
     if column not in ds.column_names:
         raise CorpusError(
             f"domain '{source.name}': no column '{column}' (columns: {ds.column_names}); "

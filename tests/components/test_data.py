@@ -155,6 +155,8 @@ def test_user_corpus_formats(tmp_path):
         ({"e.jsonl": '{"text": "  "}\n'}, {"name": "e", "path": "e.jsonl"}, "no non-empty documents"),
         ({"c.jsonl": '{"body": "x"}\n'}, {"name": "c", "path": "c.jsonl"}, "no column 'text'"),
         ({"b.jsonl": "{not json\n"}, {"name": "b", "path": "b.jsonl"}, "domain 'b': could not load"),
+        ({"m/a.jsonl": '{"text": "a"}\n', "m/b.jsonl": '{"text": "b", "meta": 1}\n'},
+         {"name": "m", "path": "m"}, "could not load json data: .*because column names don't match"),
     ],
 )
 def test_bad_corpora(tmp_path, files, source, message):
@@ -162,6 +164,7 @@ def test_bad_corpora(tmp_path, files, source, message):
     from components.data import load_documents
 
     for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text)
     with pytest.raises(CorpusError, match=message):
         load_documents(DomainSource(**source), tmp_path)
