@@ -207,11 +207,15 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
     models = load_models(model_dir)
     if target is None and len(models) > 1:
         raise DataError(f"--target: the model folder holds {list(models)}; name one")
-    try:  # named as `regmix fit --target` named it
-        name = (target if target in models else target_name(parse_target(target)) if target
-                else next(iter(models)))
-    except DataError as e:
-        raise DataError(f"--target {e}") from None
+    if target is None:
+        name = next(iter(models))
+    elif target in models:  # a column's own name, which may hold '=' or ','
+        name = target
+    else:
+        try:  # named as `regmix fit --target` named it
+            name = target_name(parse_target(target))
+        except DataError as e:
+            raise DataError(f"--target {e}") from None
     if name not in models:
         raise DataError(f"--target '{name}': not in the model folder; it has {list(models)}")
     regressor = models[name]
