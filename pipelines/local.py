@@ -1,14 +1,19 @@
 """Run the pipeline on this machine through `kfp.local`, then summarise it from MLflow."""
 
+import re
+import sys
 import time
 import uuid
 import warnings
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import mlflow
 from kfp import local
 
-from components.config import ClusterConfig, RegMixConfig
+from components.config import ClusterConfig, ConfigError, RegMixConfig
+from components.data import CorpusError
+from components.paper_data import DataError
 from components.tracking import (
     PROXY_STAGES,
     checked_tracking_uri,
@@ -25,6 +30,30 @@ class PipelineFailed(RuntimeError):
     """A stage failed; the stage's own log (printed above it) says why."""
 
 
+# A user error a stage raised, as its traceback's last line shows it in the streamed task log
+USER_ERRORS = {error.__name__: error for error in (ConfigError, CorpusError, DataError)}
+USER_ERROR_LINE = re.compile(rf"^(?:components\.\w+\.)?({'|'.join(USER_ERRORS)}): (.+)$")
+
+
+class TaskLog:
+    """Where kfp.local prints the tasks' logs (a line at a time, through this process's stdout):
+    passed on, and the last user error in them kept. An error only data preparation can see
+    (a domain with too few tokens for its validation split) then ends `regmix run` as the
+    checks before it do: one line naming the fix, not a stage's traceback."""
+
+    def __init__(self, out):
+        self.out, self.user_error = out, None
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if match := USER_ERROR_LINE.match(line.strip()):
+                self.user_error = USER_ERRORS[match[1]](match[2])
+        return self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
 def run_local(config: RegMixConfig, tracking_uri: str | None = None,
               pipeline_root: Path = Path("mlruns/pipeline-root")) -> dict:
     """Run every stage as a local subprocess; returns the run summary."""
@@ -36,14 +65,17 @@ def run_local(config: RegMixConfig, tracking_uri: str | None = None,
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str(pipeline_root.resolve()), raise_on_error=True)
     started = time.perf_counter()
+    task_log = TaskLog(sys.stdout)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), redirect_stdout(task_log):
             # kfp.local warns, task by task, that each runs here rather than in its image
             # (ghcr.io/regmix/regmix): here that is the point, the stages run from this checkout.
             warnings.filterwarnings("ignore", "You may be attemping to run a task that uses "
                                     "custom or non-Python base image", RuntimeWarning)
             build_pipeline(config)(tracking_uri=uri, run_label=label)
     except RuntimeError as e:
+        if task_log.user_error is not None:
+            raise task_log.user_error from None
         raise PipelineFailed(f"pipeline run {label} failed: {e}") from None
     return summarize(uri, config.name, label, time.perf_counter() - started)
 

@@ -1,5 +1,6 @@
 """Every user mistake stops with exit code 2 and one message naming the field or file and the
-fix; never a traceback, never a started pipeline. One table, through the real CLI."""
+fix; never a traceback, and no started pipeline unless only data preparation can tell. One
+table, through the real CLI."""
 
 import pytest
 import yaml
@@ -234,3 +235,17 @@ def test_a_tokenizer_without_a_known_end_of_text_token(tmp_path, capsys, corpus_
                       "tokenizer.eos_token: the tokenizer has no token '<eos>'")
     named = TokenizerConfig(kind="file", path=str(path), eos_token="[SEP]")
     assert eos_id(build_tokenizer(named, {}), named.eos_token) == 1
+
+
+def test_an_error_only_data_preparation_sees_still_ends_in_one_line(tmp_path, capsys,
+                                                                     monkeypatch):
+    # 2000 bytes pass the checks before the pipeline (a token is at least a byte), but the
+    # tokenizer makes far fewer than 512 tokens of them: only data preparation can tell.
+    config = tmp_path / "c.yaml"
+    documents = b'{"text": "%s"}\n' % (b"ab" * 100) * 10
+    config.write_text(corpus_case(tmp_path, {"a.jsonl": documents}, "a.jsonl"))
+    monkeypatch.chdir(tmp_path)  # the pipeline root, mlruns/
+    assert main(["run", "--config", str(config), "--tracking-uri",
+                 f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
+    err = capsys.readouterr().err
+    assert "regmix: error: domain 'a':" in err and "lower corpus.validation_tokens" in err, err
