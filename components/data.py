@@ -445,6 +445,10 @@ def prepare_data(
         digest = hashlib.sha256((folder / "tokenizer.json").read_bytes())
         tokens = {}
 
+        # A document that quotes the end-of-text token (code, docs about tokenizers) is text:
+        # only pack() puts the separator between documents.
+        tokenizer.encode_special_tokens = True
+
         def encode(texts: list[str]) -> list[list[int]]:
             return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
 

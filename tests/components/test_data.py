@@ -270,3 +270,21 @@ def test_on_a_cluster_the_arrays_live_once_on_the_shared_volume(tmp_path, corpus
     shutil.rmtree(volume)
     with pytest.raises(CorpusError, match="token arrays at .* are gone"):
         TokenData.open(tmp_path / "artifact")
+
+
+def test_a_document_quoting_the_end_of_text_token_stays_one_document(tmp_path):
+    from components.config import CorpusConfig, TokenizerConfig
+
+    quoted = 'print(tokenizer.decode(ids)) # ends with <|endoftext|> then more code'
+    (tmp_path / "code.jsonl").write_text("".join(
+        json.dumps({"text": f"{quoted} {i}"}) + "\n" for i in range(300)))
+    (tmp_path / "prose.jsonl").write_text('{"text": "plain words of prose"}\n' * 300)
+    corpus = CorpusConfig(domains=[{"name": "code", "path": str(tmp_path / "code.jsonl")},
+                                   {"name": "prose", "path": str(tmp_path / "prose.jsonl")}],
+                          validation_tokens=64)
+    meta = prepare_data(corpus, TokenizerConfig(vocab_size=300), tmp_path / "out")
+    data = TokenData.open(tmp_path / "out")
+    train = data.array("train", "code")
+    # One separator per training document (a few are held out), none inside one: read as the
+    # separator, the quoted token would double the count
+    assert 290 <= int((train == meta["eos_id"]).sum()) < 300
