@@ -85,6 +85,11 @@ def read_corpus_spec(path: Path) -> list[DomainSource]:
     return domains
 
 
+def suffix(name: str) -> str:
+    """A data file's suffix as LOADERS knows it: `.JSONL` is `.jsonl`."""
+    return Path(name).suffix.lower()
+
+
 def domain_files(source: DomainSource, base: Path) -> list[str]:
     """Expand a domain's `path` (file, folder or glob) into its supported data files."""
     pattern = Path(source.path).expanduser()
@@ -95,7 +100,7 @@ def domain_files(source: DomainSource, base: Path) -> list[str]:
                       and not any(part.startswith(".") for part in p.relative_to(pattern).parts)]
     else:
         candidates = glob.glob(str(pattern), recursive=True)
-    files = sorted(f for f in candidates if Path(f).suffix.lower() in LOADERS)
+    files = sorted(f for f in candidates if suffix(f) in LOADERS)
     skipped = sorted(set(candidates) - set(files))
     if skipped:  # e.g. compressed shards: say so rather than train on part of the domain
         log.warning("domain '%s': skipping %d file(s) that are not .jsonl/.json/.txt/.parquet, "
@@ -105,26 +110,30 @@ def domain_files(source: DomainSource, base: Path) -> list[str]:
             f"domain '{source.name}': no .jsonl/.json/.txt/.parquet files at '{pattern}'; "
             "fix the path or glob"
         )
-    kinds = {LOADERS[Path(f).suffix.lower()] for f in files}
+    kinds = {LOADERS[suffix(f)] for f in files}
     if len(kinds) > 1:
         raise CorpusError(f"domain '{source.name}': mixes file kinds {sorted(kinds)}; use one")
     return files
 
 
-def check_disjoint(sources: list[DomainSource], base: Path) -> None:
-    """No file in two domains: its documents would sit in one's validation split and the
-    other's training data, and each domain's loss would measure the other."""
+def files_by_domain(sources: list[DomainSource], base: Path) -> dict[str, list[str]]:
+    """Each file-backed domain's files (`domain_files`), none in two domains: its documents
+    would sit in one's validation split and the other's training data, and each domain's loss
+    would measure the other."""
+    files = {s.name: domain_files(s, base) for s in sources if s.path}
     owner: dict[str, str] = {}
-    for source in (s for s in sources if s.path):
-        for name in domain_files(source, base):
-            other = owner.setdefault(os.path.realpath(name), source.name)
-            if other != source.name:
-                raise CorpusError(f"domains '{other}' and '{source.name}' both hold {name}; give "
+    for domain, names in files.items():
+        for name in names:
+            other = owner.setdefault(os.path.realpath(name), domain)
+            if other != domain:
+                raise CorpusError(f"domains '{other}' and '{domain}' both hold {name}; give "
                                   "each file to one domain (narrow a folder or glob)")
+    return files
 
 
-def load_documents(source: DomainSource, base: Path) -> "Documents":
-    """A domain's documents, loaded through Hugging Face `datasets`."""
+def load_documents(source: DomainSource, base: Path, files: list[str] | None = None) -> "Documents":
+    """A domain's documents, loaded through Hugging Face `datasets` (from `files`, if its
+    `domain_files` were already resolved)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -132,14 +141,14 @@ def load_documents(source: DomainSource, base: Path) -> "Documents":
         kind, column = "hf", source.text_column
         args = dict(path=source.hf_path, name=source.hf_name, split=source.hf_split)
     else:
-        files = domain_files(source, base)
-        kind = LOADERS[Path(files[0]).suffix.lower()]
+        files = files or domain_files(source, base)
+        kind = LOADERS[suffix(files[0])]
         # A .txt file is one document (column "text"), not one document per line.
         column = "text" if kind == "text" else source.text_column
         # `datasets` keys its cache of local files on their paths and modification times: a
         # file rewritten and copied back with its old time (cp -p, rsync -a, tar) would load
         # the old documents. Their sizes key it too.
-        stats = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
+        stats = [(f, (st := os.stat(f)).st_size, st.st_mtime_ns) for f in files]
         signature = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
         args = dict(path=kind, data_files=files, split="train",
                     cache_dir=str(Path(datasets.config.HF_DATASETS_CACHE) / "regmix" / signature))
@@ -195,8 +204,9 @@ def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> list[str]:
     """Cheap checks before any work: files exist, are readable UTF-8 and big enough; the
     tokenizer can be loaded. Returns the domain names. Problems raise CorpusError."""
     sources, base = resolve_domains(corpus)
-    for source in (s for s in sources if s.path):
-        files = domain_files(source, base)
+    by_name = {s.name: s for s in sources}
+    for domain, files in files_by_domain(sources, base).items():
+        source = by_name[domain]
         size = 0
         for name in files:
             try:
@@ -206,7 +216,7 @@ def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> list[str]:
             except OSError as e:
                 raise CorpusError(
                     f"domain '{source.name}': cannot read {name}: {e.strerror}") from None
-            if Path(name).suffix != ".parquet":
+            if suffix(name) != ".parquet":
                 try:
                     head.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -223,7 +233,6 @@ def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> list[str]:
                 f"{corpus.validation_tokens}-token validation split plus training data; add "
                 "text or lower corpus.validation_tokens"
             )
-    check_disjoint(sources, base)
     if tokenizer.kind != "bpe":
         eos_id(build_tokenizer(tokenizer, {}), tokenizer.eos_token)
     return [s.name for s in sources]
@@ -232,15 +241,15 @@ def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> list[str]:
 def check_text_column(source: DomainSource, name: str, head: bytes) -> None:
     """The file's first record has the domain's text column (JSON lines and Parquet; a .json
     file holding one array is left to the loader)."""
-    suffix = Path(name).suffix
-    if suffix == ".parquet":
+    kind = suffix(name)
+    if kind == ".parquet":
         import pyarrow.parquet as pq
 
         try:
             columns = pq.read_schema(name).names
         except Exception as e:  # pyarrow's errors vary with the damage
             raise CorpusError(f"domain '{source.name}': {name} is not a Parquet file ({e})") from None
-    elif suffix in (".jsonl", ".json"):
+    elif kind in (".jsonl", ".json"):
         lines = head.split(b"\n")
         if len(head) == PREFLIGHT_BYTES:  # the last line may be cut at the read's end
             lines = lines[:-1]
@@ -250,7 +259,7 @@ def check_text_column(source: DomainSource, name: str, head: bytes) -> None:
         try:
             record = json.loads(line)
         except ValueError:
-            if suffix == ".json":
+            if kind == ".json":
                 return
             raise CorpusError(f"domain '{source.name}': {name}: the first record is not JSON; "
                               "give one JSON object per line") from None
@@ -349,6 +358,10 @@ def hold_out(
     last one, cut at `validation_tokens`, are in neither split. `encode` maps a list of texts to
     their token id lists.
     """
+    if len(docs) == 1:
+        raise CorpusError(f"domain '{name}': one document cannot be split into validation and "
+                          "training text (whole documents are held out); split it into several "
+                          "documents (files, or JSON lines)")
     order = np.random.default_rng(seed).permutation(len(docs))
     held_out: list[list[int]] = []
     covered = 0
@@ -356,10 +369,6 @@ def hold_out(
         (tokens,) = encode([docs[order[len(held_out)]]])
         held_out.append(tokens)
         covered += len(tokens) + 1
-    if len(order) == 1:
-        raise CorpusError(f"domain '{name}': one document cannot be split into validation and "
-                          "training text (whole documents are held out); split it into several "
-                          "documents (files, or JSON lines)")
     if covered < validation_tokens or len(held_out) == len(order):
         raise CorpusError(
             f"domain '{name}': {covered} tokens in {len(order)} documents is too small for "
@@ -429,8 +438,8 @@ def prepare_data(
     so each proxy pod reads them in place instead of downloading them as a KFP artifact.
     """
     sources, base = resolve_domains(corpus)
-    check_disjoint(sources, base)
-    documents = {s.name: load_documents(s, base) for s in sources}
+    files = files_by_domain(sources, base)
+    documents = {s.name: load_documents(s, base, files.get(s.name)) for s in sources}
     tokenizer = build_tokenizer(tokenizer_config, documents)
     eos, vocab = eos_id(tokenizer, tokenizer_config.eos_token), tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max else np.uint32
@@ -461,11 +470,10 @@ def prepare_data(
             digest.update(validation.tobytes())
             tokens[name] = {"train": train_size, "validation": int(validation.size)}
             log.info("%s: %d documents, %d train tokens", name, len(docs), train_size)
-            if unused > UNUSED_WARNING * (train_size + validation.size + unused):
+            if (share := unused / (train_size + validation.size + unused)) > UNUSED_WARNING:
                 log.warning("domain '%s': %d tokens (%.0f%% of it), the tail of a long document "
                             "the validation split cut, are in neither split; split long "
-                            "documents to train on them", name, unused,
-                            100 * unused / (train_size + validation.size + unused))
+                            "documents to train on them", name, unused, 100 * share)
         meta = {
             "domains": list(documents),
             "tokens": tokens,

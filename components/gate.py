@@ -247,7 +247,7 @@ def validate_prediction_op(
 
     from components.config import parse_config
     from components.gate import CHOSEN, chosen_was_fitted, decide
-    from components.regression import Regressor, saved_train_weights
+    from components.regression import Regressor
     from components.tracking import stage_run
 
     cfg = parse_config(config)
@@ -262,8 +262,7 @@ def validate_prediction_op(
         raise RuntimeError(f"the chosen mixture's gate proxy failed ({chosen_failed['error']}); "
                            "the gate cannot judge it. Rerun: finished proxies are reused")
     chosen = next(r["weights"] for r in results if r["id"] == CHOSEN)
-    fitted = chosen_was_fitted(chosen, model.domains, saved_train_weights(regressor.path,
-                                                                          model.domains))
+    fitted = chosen_was_fitted(chosen, model.domains, model.train_weights)
     decision = decide(results, predicted, fit_report["target"], fit_report, cfg.gate, fitted)
     with stage_run(tracking, "gate", "validate-prediction"):
         mlflow.log_metrics({

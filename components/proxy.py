@@ -602,14 +602,16 @@ def _train_proxies_packed(data: TokenData, mixtures: list[dict], shape: ModelSha
     packed = {m["id"] for m, _ in todo}
     recorded: dict[str, dict] = {}  # content hash -> the run logged for it here
     for m, seed in zip(mixtures, seeds, strict=True):
-        if m["id"] not in results and m["hash"] in recorded:  # logged once, reused after
+        if m["id"] in results:
+            continue
+        if m["hash"] in recorded:  # logged once, reused after
             results[m["id"]] = {**recorded[m["hash"]], "id": m["id"], "reused": True}
-        elif m["id"] not in results:
-            tags = {CORPUS_TAG: data.fingerprint}
-            if m["id"] in packed:
-                tags["regmix.packed"] = str(len(todo))
-            results[m["id"]] = recorded[m["hash"]] = record_proxy(
-                tracking, stage, m, shape, recipe, seed, outcomes[m["hash"]], target, tags)
+            continue
+        tags = {CORPUS_TAG: data.fingerprint}
+        if m["id"] in packed:
+            tags["regmix.packed"] = str(len(todo))
+        results[m["id"]] = recorded[m["hash"]] = record_proxy(
+            tracking, stage, m, shape, recipe, seed, outcomes[m["hash"]], target, tags)
     return [results[m["id"]] for m in mixtures]
 
 

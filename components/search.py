@@ -357,7 +357,7 @@ def search_mixture(
     predicted = regressor.predict(starts)
     best, best_loss = starts[predicted.argmin()], float(predicted.min())
     ask_tell = _cmaes_batches if method == "cmaes" else _tpe_batches
-    evaluated = len(starts)
+    evaluated = len(starts)  # the search's own budget stays `trials` (the start among them)
     for logits, tell in ask_tell(_mixture_to_logits(best, lower, upper), trials - 1, seed):
         mixtures = logits_to_mixtures(logits, lower, upper)
         losses = regressor.predict(mixtures)

@@ -13,14 +13,11 @@ import tempfile
 from pathlib import Path
 
 from components.config import ConfigError, RegMixConfig, load_config
-from components.data import CorpusError
 from components.files import write_text
-from components.paper_data import DataError
 from components.tracking import TrackingUnavailable
-from pipelines import byo
+from pipelines import USER_ERRORS, byo
 from pipelines.kfp_api import KfpUnavailable
 
-USER_ERRORS = (ConfigError, CorpusError, DataError)
 SERVICE_ERRORS = (KfpUnavailable, TrackingUnavailable)
 
 

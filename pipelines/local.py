@@ -11,9 +11,7 @@ from pathlib import Path
 import mlflow
 from kfp import local
 
-from components.config import ClusterConfig, ConfigError, RegMixConfig
-from components.data import CorpusError
-from components.paper_data import DataError
+from components.config import ClusterConfig, RegMixConfig
 from components.tracking import (
     PROXY_STAGES,
     checked_tracking_uri,
@@ -21,6 +19,7 @@ from components.tracking import (
     latest_run,
     runs_by_stage,
 )
+from pipelines import USER_ERRORS
 from pipelines.pipeline import build_pipeline
 
 TRAINING_STAGES = (*PROXY_STAGES, "large", "baseline", "rank")
@@ -31,8 +30,8 @@ class PipelineFailed(RuntimeError):
 
 
 # A user error a stage raised, as its traceback's last line shows it in the streamed task log
-USER_ERRORS = {error.__name__: error for error in (ConfigError, CorpusError, DataError)}
-USER_ERROR_LINE = re.compile(rf"^(?:components\.\w+\.)?({'|'.join(USER_ERRORS)}): (.+)$")
+USER_ERROR_CLASSES = {error.__name__: error for error in USER_ERRORS}
+USER_ERROR_LINE = re.compile(rf"^(?:components\.\w+\.)?({'|'.join(USER_ERROR_CLASSES)}): (.+)$")
 
 
 class TaskLog:
@@ -47,7 +46,7 @@ class TaskLog:
     def write(self, text: str) -> int:
         for line in text.splitlines():
             if match := USER_ERROR_LINE.match(line.strip()):
-                self.user_error = USER_ERRORS[match[1]](match[2])
+                self.user_error = USER_ERROR_CLASSES[match[1]](match[2])
         return self.out.write(text)
 
     def flush(self) -> None:
