@@ -18,14 +18,14 @@ from pathlib import Path
 
 import yaml
 
-from components.tinypile import build_tinypile
+from regmix.data.tinypile.builder import build_tinypile
 
 # Run in a child process, so that each size's peak memory is its own.
 MEASURE = """
 import json, resource, sys, time
 from pathlib import Path
-from components.config import CorpusConfig, TokenizerConfig
-from components.data import prepare_data
+from regmix.config.sections import CorpusConfig, TokenizerConfig
+from regmix.data.prepare import prepare_data
 spec, out = sys.argv[1:3]
 started = time.perf_counter()
 meta = prepare_data(CorpusConfig(spec=spec, validation_tokens=65536),

@@ -17,10 +17,10 @@ import os
 import platform
 from pathlib import Path
 
-from components.config import load_config
-from components.large import verdict
-from components.report import load_record
-from pipelines.local import run_local
+from regmix.config.loading import load_config
+from regmix.evidence import verdict
+from regmix.pipelines.local import run_local
+from regmix.report import load_record
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import mlflow
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 
-from components.tracking import HASH_TAG, STAGE_TAG, experiment_id, proxy_runs
+from regmix.tracking.runs import HASH_TAG, STAGE_TAG, experiment_id, proxy_runs
 
 
 def main() -> None:

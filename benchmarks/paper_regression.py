@@ -20,9 +20,9 @@ import lightgbm as lgb
 import numpy as np
 from scipy.stats import spearmanr
 
-from components.paper_data import ProxyTable, read_proxy_csvs
-from components.regression import MODELS, fit_regressor, fit_target
-from components.search import paper_search, search_mixture
+from regmix.paper_data import ProxyTable, read_proxy_csvs
+from regmix.regression.selection import MODELS, fit_regressor, fit_target
+from regmix.search import paper_search, search_mixture
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "regmix-paper-data"
 HEADLINE = "metric/the_pile_pile_cc_val_loss"

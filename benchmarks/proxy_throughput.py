@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from components.config import TrainRecipe
-from components.data import TokenData
-from components.model import LM
-from components.shapes import SHAPES
+from regmix.config.sections import TrainRecipe
+from regmix.config.shapes import SHAPES
+from regmix.data.prepare import TokenData
+from regmix.train.model import LM
 
 
 def synthetic_data(folder: Path, vocab: int, domains: int = 4, tokens: int = 1 << 20) -> Path:
@@ -83,7 +83,7 @@ def hf_train(data: TokenData, weights: dict, shape, recipe: TrainRecipe, device:
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from components.proxy import MixtureBatches, lr_at
+    from regmix.train.loop import MixtureBatches, lr_at
 
     torch.manual_seed(0)
     vocab = -(-data.vocab_size // 64) * 64  # the same padded output layer as ours
@@ -127,7 +127,8 @@ def trainer(impl: str, data_dir: str, shape_name: str, device: str, batch: int):
     and initialising the models on the host, G times over when packed, is no part of a step.
     """
     import components.model
-    from components.proxy import train_lm, train_packed
+
+    from regmix.train.loop import train_lm, train_packed
 
     if impl == "regmix-eager-softmax":
         components.model.compiled_loss_and_grad = lambda: components.model.softmax_loss_and_grad

@@ -1,9 +1,4 @@
-"""MLflow bookkeeping shared by every stage, and the pipeline's start/finish tracking steps.
-
-The names here are the contract users see in the MLflow UI: one experiment per pipeline name,
-one parent run per pipeline run, one child run per stage task tagged `regmix.stage`.
-"""
-
+"""KFP ops: open and close the pipeline's MLflow parent run."""
 
 import functools
 import logging
@@ -12,207 +7,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-
 from kfp import dsl
 
-from components import component
-
-STAGE_TAG, PIPELINE_TAG, HASH_TAG = "regmix.stage", "regmix.pipeline_run", "regmix.mixture_hash"
-CORPUS_TAG = "regmix.corpus_fingerprint"  # the prepared data (tokenizer + arrays) a proxy saw
-# Stages whose runs are proxies: the training draw, active-learning rounds and the gate.
-PROXY_STAGES = ("proxy", "active-proxy", "gate-proxy")
-# MLflow calls that fail transiently are retried with exponential backoff: BACKOFF_S, twice
-# that, ... over TRIES attempts (~30 s by default, on top of MLflow's own HTTP retries).
-TRIES = int(os.environ.get("REGMIX_MLFLOW_TRIES", "6"))
-BACKOFF_S = float(os.environ.get("REGMIX_MLFLOW_BACKOFF_S", "1"))
-# MLflow error codes that say "try again later" rather than "this request is wrong".
-TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "IO_ERROR", "DEADLINE_EXCEEDED",
-                   "REQUEST_LIMIT_EXCEEDED", "ABORTED"}
-
-log = logging.getLogger("regmix.tracking")
-
-
-class TrackingUnavailable(RuntimeError):
-    """MLflow did not answer after every retry."""
-
-
-def is_transient(error: Exception) -> bool:
-    from mlflow.exceptions import MlflowException
-    from sqlalchemy.exc import OperationalError  # e.g. "database is locked" on SQLite
-
-    if isinstance(error, MlflowException):
-        return error.error_code in TRANSIENT_CODES
-    return isinstance(error, OSError | OperationalError)
-
-
-def retried(call):
-    """Retry an MLflow call on transient errors; then raise TrackingUnavailable."""
-
-    @functools.wraps(call)
-    def with_retries(*args, **kwargs):
-        for attempt in range(TRIES):
-            try:
-                return call(*args, **kwargs)
-            except Exception as e:
-                if not is_transient(e):
-                    raise
-                if attempt == TRIES - 1:
-                    raise TrackingUnavailable(
-                        f"MLflow failed {call.__name__} {TRIES} times, the last time with "
-                        f"{type(e).__name__}: {str(e)[:300]}") from e
-                delay = BACKOFF_S * 2**attempt
-                log.warning("MLflow %s failed (%s); retrying in %.0f s", call.__name__, e, delay)
-                time.sleep(delay)
-
-    return with_retries
-
-
-def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else SQLite under ./mlruns (absolute, so subprocesses agree)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or (
-        f"sqlite:///{Path('mlruns').resolve() / 'mlflow.db'}"
-    )
-
-
-def checked_tracking_uri(uri: str, existing: bool = False) -> str:
-    """The MLflow tracking URI, if MLflow accepts it (a plain folder or an unknown scheme would
-    otherwise fail inside the first stage, or inside `report`). With `existing`, for commands
-    that read runs, a SQLite store must be there already (not made empty by a typo)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from components.config import ConfigError
-
-    database = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
-    if existing and database and not Path(database).is_file():
-        raise ConfigError(f"tracking URI '{uri}': no MLflow store there; give the URI the run "
-                          "logged to (--tracking-uri, or $MLFLOW_TRACKING_URI)")
-    try:
-        mlflow.MlflowClient(uri)
-    except (MlflowException, OSError) as e:
-        first = str(getattr(e, "message", e)).strip().split(". ")[0]
-        raise ConfigError(f"tracking URI '{uri}': {first}; give sqlite:///PATH/mlflow.db or an "
-                          "http(s):// MLflow server") from None
-    return uri
-
-
-def experiment_id(tracking_uri: str, name: str) -> str:
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifacts = None
-    if tracking_uri.startswith("sqlite:///"):
-        # Keep artifacts beside the local database rather than in the caller's cwd.
-        artifacts = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifacts)
-
-
-def start_pipeline_run(tracking_uri: str, experiment: str, pipeline_run: str, config: dict) -> dict:
-    """Open the parent run every stage nests under; returns the tracking context stages share."""
-    import mlflow
-
-    exp_id = experiment_id(tracking_uri, experiment)
-    client = mlflow.MlflowClient(tracking_uri)
-    tags = {STAGE_TAG: "pipeline", PIPELINE_TAG: pipeline_run}
-    run = client.create_run(exp_id, run_name=f"pipeline-{pipeline_run}", tags=tags)
-    client.log_dict(run.info.run_id, config, "config.json")
-    return {"uri": tracking_uri, "experiment_id": exp_id, "pipeline_run": pipeline_run,
-            "parent_run_id": run.info.run_id}
-
-
-@contextmanager
-def stage_run(tracking: dict, stage: str, name: str, tags: dict | None = None) -> Iterator:
-    """A child run of the pipeline run for one stage task; failures mark it FAILED.
-
-    Opening and closing it are retried; a block that raises keeps its own exception even when
-    MLflow cannot be told that the run failed.
-    """
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking["uri"])
-    all_tags = {STAGE_TAG: stage, PIPELINE_TAG: tracking["pipeline_run"], **(tags or {})}
-    run = retried(mlflow.start_run)(
-        experiment_id=tracking["experiment_id"], run_name=name, tags=all_tags,
-        parent_run_id=tracking["parent_run_id"], nested=True,
-    )
-    try:
-        yield run
-    except BaseException:
-        try:
-            mlflow.end_run("FAILED")
-        except Exception:
-            log.warning("could not mark MLflow run %s FAILED", run.info.run_id)
-        raise
-    # The fluent end_run forgets the run before it asks the server: mark it FINISHED first.
-    retried(mlflow.MlflowClient(tracking["uri"]).set_terminated)(run.info.run_id, "FINISHED")
-    with suppress(Exception):  # it is FINISHED already; this only clears the active run
-        mlflow.end_run()
-
-
-def runs_by_stage(client, experiment_id: str, label: str) -> dict[str, list]:
-    """Every run of one pipeline run, grouped by its stage tag."""
-    by_stage: dict[str, list] = {}
-    for run in client.search_runs([experiment_id], f"tags.`{PIPELINE_TAG}` = '{label}'",
-                                  max_results=10_000):
-        by_stage.setdefault(run.data.tags[STAGE_TAG], []).append(run)
-    return by_stage
-
-
-def latest_run(runs: list | None):
-    """The run that started last (active-learning rounds fit and search more than once)."""
-    return max(runs, key=lambda r: r.info.start_time) if runs else None
-
-
-def proxy_runs(tracking_uri: str, experiment: str, stage: str = "proxy",
-               page_size: int = 1000) -> list[dict]:
-    """Every finished run of a stage in an experiment as proxy results (weights, losses),
-    paged through MLflow's search API; what `regmix export` writes as CSVs."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise ValueError(f"no MLflow experiment '{experiment}' at {tracking_uri}")
-    results, token = [], None
-    while True:
-        page = client.search_runs(
-            [found.experiment_id],
-            f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'",
-            max_results=page_size, page_token=token,
-        )
-        for run in page:
-            params, metrics = run.data.params, run.data.metrics
-            results.append({
-                "id": params.get("mixture_id", run.info.run_name),
-                "hash": run.data.tags.get(HASH_TAG),
-                "run_id": run.info.run_id,
-                # What else a proxy's loss depends on: rows that differ here do not compare
-                "setting": {"corpus": run.data.tags.get(CORPUS_TAG),
-                            **{k: params.get(k) for k in ("shape", "recipe", "tokens_budget")}},
-                "weights": {k[7:]: float(v) for k, v in params.items() if k.startswith("weight.")},
-                "val_loss": {k[9:]: v for k, v in metrics.items() if k.startswith("val_loss.")},
-            })
-        token = page.token
-        if not token:
-            return results
-
-
-def finish_pipeline_run(tracking_uri: str, experiment: str, pipeline_run: str, status: str) -> None:
-    """Close the parent run; found by its label, since KFP's exit task sees no task outputs."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    runs = [] if found is None else client.search_runs(
-        [found.experiment_id],
-        f"tags.`{PIPELINE_TAG}` = '{pipeline_run}' and tags.`{STAGE_TAG}` = 'pipeline'",
-    )
-    state = "FINISHED" if status == "SUCCEEDED" else "FAILED"
-    for run in runs:
-        client.set_terminated(run.info.run_id, status=state, end_time=int(time.time() * 1000))
 
 
 @component
@@ -223,8 +19,9 @@ def start_tracking_op(config: dict, tracking_uri: str, run_label: str, job_id: s
     its COMPILED_SETTINGS as JSON)."""
     import json
 
-    from components.config import check_compiled_settings, parse_config
-    from components.tracking import default_tracking_uri, start_pipeline_run
+    from regmix.config.loading import parse_config
+    from regmix.config.schema import check_compiled_settings
+    from regmix.tracking.runs import default_tracking_uri, start_pipeline_run
 
     if compiled:
         check_compiled_settings(parse_config(config), json.loads(compiled))
@@ -243,8 +40,8 @@ def finish_tracking_op(config: dict, tracking_uri: str, run_label: str, job_id: 
     import tempfile
     from pathlib import Path
 
-    from components.report import build_report
-    from components.tracking import default_tracking_uri, finish_pipeline_run
+    from regmix.report import build_report
+    from regmix.tracking.runs import default_tracking_uri, finish_pipeline_run
 
     uri, label = tracking_uri or default_tracking_uri(), run_label or job_id
     try:

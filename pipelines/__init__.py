@@ -1,8 +1,6 @@
 """The pipeline's wiring, its local runner and the CLI."""
 
-from components.config import ConfigError
-from components.data import CorpusError
-from components.paper_data import DataError
+from regmix.errors import ConfigError, CorpusError, DataError
 
 # Mistakes in what the user handed over (config, corpus, CSVs): one line naming the fix and exit
 # code 2, whether the CLI's checks or a pipeline stage found them

@@ -12,18 +12,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from components.config import ConfigError, RegMixConfig, load_config
-from components.files import write_text
-from components.tracking import TrackingUnavailable
-from pipelines import USER_ERRORS, byo
-from pipelines.kfp_api import KfpUnavailable
+from regmix.config.loading import load_config
+from regmix.config.schema import RegMixConfig
+from regmix.errors import ConfigError, TrackingUnavailable
+from regmix.files import write_text
+from regmix.pipelines import USER_ERRORS, byo
+from regmix.pipelines.kfp_api import KfpUnavailable
 
 SERVICE_ERRORS = (KfpUnavailable, TrackingUnavailable)
 
 
 def checked_config(path: str) -> RegMixConfig:
     """Load a config and check it against its corpus's domains before any work starts."""
-    from components.data import preflight
+    from regmix.data.corpus import preflight
 
     config = load_config(path)
     config.check_domains(preflight(config.corpus, config.tokenizer))
@@ -33,7 +34,7 @@ def checked_config(path: str) -> RegMixConfig:
 def with_listed_domains_checked(config: RegMixConfig) -> RegMixConfig:
     """Check the config's domain names where the config alone tells the corpus's domains: listed
     inline, or tinypile's fixed set (a corpus spec is read only where the data is prepared)."""
-    from components.tinypile import DOMAINS as TINYPILE_DOMAINS
+    from regmix.data.tinypile.sources import DOMAINS as TINYPILE_DOMAINS
 
     corpus = config.corpus
     if corpus.domains is not None:
@@ -81,7 +82,7 @@ def retries_without_volume(config: RegMixConfig) -> str | None:
 
 
 def cmd_run(args) -> int:
-    from pipelines.local import PipelineFailed, run_local
+    from regmix.pipelines.local import PipelineFailed, run_local
 
     config = checked_config(args.config)
     try:
@@ -117,8 +118,8 @@ def format_summary(s: dict) -> str:
 
 
 def cmd_report(args) -> int:
-    from components.report import build_report
-    from components.tracking import checked_tracking_uri, default_tracking_uri
+    from regmix.report import build_report
+    from regmix.tracking.runs import checked_tracking_uri, default_tracking_uri
 
     uri = checked_tracking_uri(args.tracking_uri or default_tracking_uri(), existing=True)
     try:
@@ -130,7 +131,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from pipelines.kfp_api import compile_package
+    from regmix.pipelines.kfp_api import compile_package
 
     config = with_listed_domains_checked(load_config(args.config))
     compile_package(config, args.out)
@@ -143,7 +144,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from pipelines import kfp_api
+    from regmix.pipelines import kfp_api
 
     config = cluster_config(args.config, cache_data=not args.no_cache)
     with tempfile.TemporaryDirectory() as tmp, kfp_api.answering(args.host):
@@ -156,7 +157,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_schedule(args) -> int:
-    from pipelines import kfp_api
+    from regmix.pipelines import kfp_api
 
     kfp_api.check_cron(args.cron)  # before any work: a 5-field crontab line is a common slip
     config = cluster_config(args.config, cache_data=not args.no_cache)
@@ -171,7 +172,7 @@ def cmd_schedule(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from pipelines import kfp_api
+    from regmix.pipelines import kfp_api
 
     with kfp_api.answering(args.host):
         client = kfp_api.connect(args.host)
@@ -182,7 +183,7 @@ def cmd_runs(args) -> int:
 
 
 def cmd_corpus_build(args) -> int:
-    from components.tinypile import build_tinypile
+    from regmix.data.tinypile.builder import build_tinypile
 
     spec = build_tinypile(Path(args.out) if args.out else None, tiny=args.tiny, force=args.force)
     manifest = json.loads((spec.parent / "manifest.json").read_text())

@@ -12,8 +12,8 @@ from typing import Literal
 from kfp import dsl, kubernetes
 from kfp.dsl import pipeline_context
 
-from components.config import ClusterConfig
-from components.launcher import IMAGE_UID, MLFLOW_ENV, volume_env
+from regmix.config.cluster import ClusterConfig
+from regmix.train.launcher import IMAGE_UID, MLFLOW_ENV, volume_env
 
 Kind = Literal["data", "cpu", "proxy", "large"]
 

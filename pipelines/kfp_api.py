@@ -12,12 +12,13 @@ from pathlib import Path
 import kfp
 from kfp import compiler
 
-from components.config import ConfigError, RegMixConfig
+from regmix.config.schema import RegMixConfig
+from regmix.errors import ConfigError
 
 
 def compile_package(config: RegMixConfig, out: Path) -> Path:
     """The pipeline YAML for this config, cluster settings included."""
-    from pipelines.pipeline import build_pipeline  # every stage's module: only when compiling
+    from regmix.pipelines.pipeline import build_pipeline
 
     compiler.Compiler().compile(build_pipeline(config), str(out))
     return out

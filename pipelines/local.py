@@ -11,16 +11,17 @@ from pathlib import Path
 import mlflow
 from kfp import local
 
-from components.config import ClusterConfig, RegMixConfig
-from components.tracking import (
+from regmix.config.cluster import ClusterConfig
+from regmix.config.schema import RegMixConfig
+from regmix.pipelines import USER_ERRORS
+from regmix.pipelines.pipeline import build_pipeline
+from regmix.tracking.runs import (
     PROXY_STAGES,
     checked_tracking_uri,
     default_tracking_uri,
     latest_run,
     runs_by_stage,
 )
-from pipelines import USER_ERRORS
-from pipelines.pipeline import build_pipeline
 
 TRAINING_STAGES = (*PROXY_STAGES, "large", "baseline", "rank")
 

@@ -16,23 +16,23 @@ import json
 
 from kfp import dsl
 
-from components.active import propose_proxies_op
-from components.config import RegMixConfig, compiled_settings
-from components.data import data_settings_op, prepare_data_op
-from components.gate import plan_gate_op, validate_prediction_op
-from components.large import (
+from regmix.components.active import propose_proxies_op
+from regmix.components.data import data_settings_op, prepare_data_op
+from regmix.components.gate import plan_gate_op, validate_prediction_op
+from regmix.components.large import (
     compare_baselines_op,
     plan_large_op,
     plan_rank_check_op,
     rank_invariance_op,
     train_target_op,
 )
-from components.mixtures import sample_mixtures_op
-from components.proxy import train_proxy_op
-from components.regression import fit_regression_op, refit_regression_op
-from components.search import search_mixture_op
-from components.tracking import finish_tracking_op, start_tracking_op
-from pipelines.cluster import apply_cluster_settings
+from regmix.components.mixtures import sample_mixtures_op
+from regmix.components.proxy import train_proxy_op
+from regmix.components.regression import fit_regression_op, refit_regression_op
+from regmix.components.search import search_mixture_op
+from regmix.components.tracking import finish_tracking_op, start_tracking_op
+from regmix.config.schema import RegMixConfig, compiled_settings
+from regmix.pipelines.cluster import apply_cluster_settings
 
 
 def build_pipeline(config: RegMixConfig):

@@ -43,7 +43,7 @@ def pytest_collection_modifyitems(items):
 def regmix_cache(tmp_path_factory):
     """Checkpoints and kept results go to a fresh folder per session; the tinypile build (slow,
     from the network) stays shared through a link."""
-    from components.tinypile import DEFAULT_DIR
+    from regmix.data.tinypile.builder import DEFAULT_DIR
 
     cache = tmp_path_factory.mktemp("regmix-cache")
     DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def tiny_config_dict(spec: Path, **overrides) -> dict:
 
 def data_settings(spec: Path):
     """The corpus and tokenizer sections of `tiny_config_dict`, validated."""
-    from components.config import parse_config
+    from regmix.config.loading import parse_config
 
     config = parse_config(tiny_config_dict(spec))
     return config.corpus, config.tokenizer
@@ -89,7 +89,7 @@ def data_settings(spec: Path):
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory, corpus_spec):
     """The small corpus, tokenized and packed once for the whole session."""
-    from components.data import TokenData, prepare_data
+    from regmix.data.prepare import TokenData, prepare_data
 
     out = tmp_path_factory.mktemp("data")
     prepare_data(*data_settings(corpus_spec), out)
@@ -99,7 +99,7 @@ def prepared_data(tmp_path_factory, corpus_spec):
 @pytest.fixture
 def tracking(tmp_path) -> dict:
     """A real MLflow store (SQLite) in a temp folder, with a parent run to nest under."""
-    from components.tracking import start_pipeline_run
+    from regmix.tracking.runs import start_pipeline_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return start_pipeline_run(uri, "regmix-test", "test-run", {"test": True})

@@ -10,16 +10,16 @@ import os
 import subprocess
 import sys
 
+import components.model
 import pytest
 import torch
 
-import components.model
 from benchmarks.proxy_throughput import synthetic_data
-from components.config import TrainRecipe
-from components.data import TokenData
-from components.model import LM
-from components.proxy import evaluate, train_lm, train_packed
-from components.shapes import SHAPES
+from regmix.config.sections import TrainRecipe
+from regmix.config.shapes import SHAPES
+from regmix.data.prepare import TokenData
+from regmix.train.loop import evaluate, train_lm, train_packed
+from regmix.train.model import LM
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -65,10 +65,10 @@ def test_a_proxy_trains_on_the_gpu_as_on_the_cpu(data):
     on_cpu = subprocess.run(
         [sys.executable, "-c", f"""if True:
             import json
-            from components.config import TrainRecipe
-            from components.data import TokenData
-            from components.proxy import train_lm
-            from components.shapes import SHAPES
+            from regmix.config.sections import TrainRecipe
+            from regmix.data.prepare import TokenData
+            from regmix.train.loop import train_lm
+            from regmix.config.shapes import SHAPES
             curve = []
             train_lm(TokenData.open({str(data.root)!r}), {WEIGHTS!r}, SHAPES["local-proxy"],
                      TrainRecipe(**{recipe!r}), seed=0, on_log=lambda s, loss: curve.append(loss))

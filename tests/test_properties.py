@@ -8,8 +8,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from components.config import ConfigError, parse_config
-from components.paper_data import DataError, read_proxy_csvs
+from regmix.config.loading import parse_config
+from regmix.errors import ConfigError, DataError
+from regmix.paper_data import read_proxy_csvs
 from tests.conftest import tiny_config_dict
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,

@@ -8,14 +8,12 @@ import pandas as pd
 import pytest
 from kfp import dsl
 
-from components.active import propose_mixtures, propose_proxies_op
-from components.regression import (
-    Regressor,
-    fit_regression_op,
-    fit_regressor,
-    refit_regression_op,
-)
-from components.search import nearest_l1_distance
+from regmix.active import propose_mixtures
+from regmix.components.active import propose_proxies_op
+from regmix.components.regression import fit_regression_op, refit_regression_op
+from regmix.regression.saved import Regressor
+from regmix.regression.selection import fit_regressor
+from regmix.search import nearest_l1_distance
 from tests.components.test_regression import names, smooth_problem
 from tests.conftest import tiny_config_dict
 

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from components.config import ConfigError, load_config, parse_config
+from regmix.config.loading import load_config, parse_config
+from regmix.errors import ConfigError
 from tests.conftest import tiny_config_dict
 
 SHAPE = {"n_layer": 1, "n_embd": 32, "n_head": 2, "mlp_hidden": 64, "context": 64}

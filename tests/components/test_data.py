@@ -8,17 +8,9 @@ import pytest
 import yaml
 
 import components.data
-from components.data import (
-    CorpusError,
-    TokenData,
-    data_settings_op,
-    hold_out,
-    pack,
-    prepare_data,
-    prepare_data_op,
-    save_chunks,
-    train_chunks,
-)
+from regmix.components.data import data_settings_op, prepare_data_op
+from regmix.data.prepare import TokenData, hold_out, pack, prepare_data, save_chunks, train_chunks
+from regmix.errors import CorpusError
 from tests.conftest import data_settings, tiny_config_dict
 
 
@@ -74,7 +66,7 @@ def test_split_rejects_a_domain_smaller_than_its_validation_set():
 
 
 def test_a_long_held_out_documents_unused_tail_is_reported(tmp_path, caplog):
-    from components.config import CorpusConfig, TokenizerConfig
+    from regmix.config.sections import CorpusConfig, TokenizerConfig
 
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "a.txt").write_text("word " * 20_000)  # one long document...
@@ -135,8 +127,8 @@ def test_user_corpus_formats(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from components.config import DomainSource
-    from components.data import load_documents
+    from regmix.config.sections import DomainSource
+    from regmix.data.corpus import load_documents
 
     (tmp_path / "txt").mkdir()
     for i in range(3):
@@ -160,8 +152,8 @@ def test_user_corpus_formats(tmp_path):
     ],
 )
 def test_bad_corpora(tmp_path, files, source, message):
-    from components.config import DomainSource
-    from components.data import load_documents
+    from regmix.config.sections import DomainSource
+    from regmix.data.corpus import load_documents
 
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
@@ -173,8 +165,8 @@ def test_bad_corpora(tmp_path, files, source, message):
 def test_what_users_hand_over_loads_as_they_meant_it(tmp_path, caplog):
     """Hidden folders (notebook checkpoints: copies), upper-case suffixes, a byte-order mark,
     records without text, files nothing reads: loaded, skipped or reported, never silently."""
-    from components.config import DomainSource
-    from components.data import load_documents
+    from regmix.config.sections import DomainSource
+    from regmix.data.corpus import load_documents
 
     folder = tmp_path / "web"
     (folder / ".ipynb_checkpoints").mkdir(parents=True)
@@ -192,8 +184,8 @@ def test_what_users_hand_over_loads_as_they_meant_it(tmp_path, caplog):
 
 def test_a_file_rewritten_with_its_old_time_is_read_again(tmp_path):
     """`datasets` caches local files by path and time: cp -p or rsync -a keep the time."""
-    from components.config import DomainSource
-    from components.data import load_documents
+    from regmix.config.sections import DomainSource
+    from regmix.data.corpus import load_documents
 
     path = tmp_path / "d.jsonl"
     path.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(4)))
@@ -205,8 +197,8 @@ def test_a_file_rewritten_with_its_old_time_is_read_again(tmp_path):
 
 
 def test_a_file_in_two_domains_is_refused(tmp_path):
-    from components.config import CorpusConfig, TokenizerConfig
-    from components.data import preflight
+    from regmix.config.sections import CorpusConfig, TokenizerConfig
+    from regmix.data.corpus import preflight
 
     (tmp_path / "web").mkdir()
     (tmp_path / "web" / "a.jsonl").write_text('{"text": "some web text"}\n' * 2000)
@@ -216,7 +208,7 @@ def test_a_file_in_two_domains_is_refused(tmp_path):
 
 
 def test_bad_spec(tmp_path):
-    from components.data import read_corpus_spec
+    from regmix.data.corpus import read_corpus_spec
 
     spec = tmp_path / "c.yaml"
     spec.write_text("domains:\n  - {name: a, path: a.jsonl}\n  - {name: a, path: b.jsonl}\n")
@@ -227,7 +219,7 @@ def test_bad_spec(tmp_path):
 
 
 def test_corpus_spec_errors_name_the_entry_and_line(tmp_path):
-    from components.data import read_corpus_spec
+    from regmix.data.corpus import read_corpus_spec
 
     spec = tmp_path / "spec.yaml"
     spec.write_text("domains:\n  - {name: a, path: a.txt, bogus: 1}\n  - {name: b}\n")
@@ -273,7 +265,7 @@ def test_on_a_cluster_the_arrays_live_once_on_the_shared_volume(tmp_path, corpus
 
 
 def test_a_document_quoting_the_end_of_text_token_stays_one_document(tmp_path):
-    from components.config import CorpusConfig, TokenizerConfig
+    from regmix.config.sections import CorpusConfig, TokenizerConfig
 
     quoted = 'print(tokenizer.decode(ids)) # ends with <|endoftext|> then more code'
     (tmp_path / "code.jsonl").write_text("".join(

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from components.files import cache_root, replacing, write_text
+from regmix.files import cache_root, replacing, write_text
 
 
 def test_cache_root_respects_regmix_cache(monkeypatch: pytest.MonkeyPatch) -> None:

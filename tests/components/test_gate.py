@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from components.config import GateConfig, parse_config
-from components.gate import bootstrap_spearman, decide, plan_gate_proxies, proxies_needed
+from regmix.config.loading import parse_config
+from regmix.config.sections import GateConfig
+from regmix.gate import bootstrap_spearman, decide, plan_gate_proxies, proxies_needed
 from tests.conftest import tiny_config_dict
 
 TARGET = {"a": 0.5, "b": 0.5}

@@ -1,17 +1,17 @@
 import pytest
 import torch
 
-from components.config import parse_config
-from components.large import (
+from regmix.config.loading import parse_config
+from regmix.evidence import (
     compare,
     plan_large_runs,
     plan_rank_check,
     rank_invariance,
     target_key,
     target_run,
-    train_target,
     verdict,
 )
+from regmix.train.launcher import train_target
 from tests.conftest import tiny_config_dict
 
 TARGET = {"code": 1.0}

@@ -10,8 +10,8 @@ import pytest
 from kubernetes import client
 
 import components.large
-from components import launcher
-from components.config import load_config
+from ?components import launcher
+from regmix.config.loading import load_config
 from tests.fake_api import FakeApi
 
 JOBS = "/apis/kubeflow.org/v1/namespaces/regmix/pytorchjobs"

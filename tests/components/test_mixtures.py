@@ -1,15 +1,16 @@
 import numpy as np
 import pytest
 
-from components.config import ConfigError, parse_config
-from components.mixtures import (
+from regmix.components.mixtures import sample_mixtures_op
+from regmix.config.loading import parse_config
+from regmix.errors import ConfigError
+from regmix.mixtures import (
     capped,
     dirichlet_around,
     epoch_caps,
     mixture_hash,
     proxy_key,
     sample_mixtures,
-    sample_mixtures_op,
     token_prior,
 )
 from tests.conftest import tiny_config_dict

@@ -1,10 +1,10 @@
+import components.model
 import pytest
 import torch
 import torch.nn.functional as F
 
-import components.model
-from components.model import LM, head_loss
-from components.shapes import SHAPES, ModelShape
+from regmix.config.shapes import SHAPES, ModelShape
+from regmix.train.model import LM, head_loss
 
 
 def test_shapes_are_the_papers():

@@ -2,10 +2,12 @@ import mlflow
 import numpy as np
 import pytest
 
-from components.config import TrainRecipe, parse_config
-from components.mixtures import as_mixtures, proxy_key
-from components.proxy import evaluate, train_lm, train_packed, train_proxy_op
-from components.shapes import SHAPES
+from regmix.components.proxy import train_proxy_op
+from regmix.config.loading import parse_config
+from regmix.config.sections import TrainRecipe
+from regmix.config.shapes import SHAPES
+from regmix.mixtures import as_mixtures, proxy_key
+from regmix.train.loop import evaluate, train_lm, train_packed
 from tests.components.test_proxy import one_cpu_thread  # noqa: F401 (an autouse fixture)
 from tests.conftest import tiny_config_dict
 

@@ -3,7 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components.paper_data import DataError, read_proxy_csvs, resolve_target, write_predictions_csv
+from regmix.errors import DataError
+from regmix.paper_data import read_proxy_csvs, resolve_target, write_predictions_csv
 
 PAPER_DATA = Path(__file__).resolve().parents[3] / "shared" / "regmix-paper-data"
 MIXTURES = "index,a,b,c\n1,0.5,0.5,0\n2,0.2,0.3,0.5\n3,1,0,0\n4,0,0,1\n5,0.1,0.1,0.8\n"

@@ -10,22 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from components.config import TrainRecipe, parse_config
-from components.mixtures import as_mixtures, proxy_key
-from components.proxy import (
-    DIVERGED_TAG,
-    MixtureBatches,
-    evaluate,
-    find_finished,
-    keep_outcome,
-    kept_result_path,
-    lr_at,
-    train_lm,
-    train_packed,
-    train_proxy,
-    train_proxy_op,
-)
-from components.shapes import SHAPES
+from regmix.components.proxy import train_proxy_op
+from regmix.config.loading import parse_config
+from regmix.config.sections import TrainRecipe
+from regmix.config.shapes import SHAPES
+from regmix.mixtures import as_mixtures, proxy_key
+from regmix.train.loop import MixtureBatches, evaluate, lr_at, train_lm, train_packed
+from regmix.train.proxy import DIVERGED_TAG, find_finished, keep_outcome, kept_result_path, train_proxy
 from tests.conftest import tiny_config_dict
 
 
@@ -126,7 +117,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(prepared_da
 def test_a_rerun_task_resumes_its_proxy_from_the_cache(prepared_data, tracking, tmp_path,
                                                        monkeypatch):
     import components.proxy
-    from components.proxy import train_proxy
+    from regmix.train.proxy import train_proxy
 
     monkeypatch.setenv("REGMIX_CACHE", str(tmp_path))
     recipe = TrainRecipe(tokens=16_384, batch_size=8, lr=0.01, checkpoint_every=10)
@@ -156,7 +147,7 @@ def test_a_proxy_another_run_is_training_is_waited_for_and_reused(prepared_data,
     """Two pipeline runs at once (a manual run beside a scheduled one) train a shared proxy once."""
     import threading
 
-    from components.proxy import _train_proxy, train_proxy, training_lock
+    from regmix.train.proxy import _train_proxy, train_proxy, training_lock
 
     monkeypatch.setenv("REGMIX_CACHE", str(tmp_path))
     recipe, shape = TrainRecipe(tokens=4096, batch_size=4), SHAPES["tiny-proxy"]
@@ -198,10 +189,10 @@ def test_two_processes_train_the_model_one_process_does(prepared_data, tmp_path,
     script.write_text(textwrap.dedent(f"""
         import json, sys
         from accelerate import PartialState
-        from components.config import TrainRecipe
-        from components.data import TokenData
-        from components.proxy import train_lm
-        from components.shapes import SHAPES
+        from regmix.config.sections import TrainRecipe
+        from regmix.data.prepare import TokenData
+        from regmix.train.loop import train_lm
+        from regmix.config.shapes import SHAPES
         recipe = TrainRecipe.model_validate_json({recipe.model_dump_json()!r})
         _, loss, _, _ = train_lm(TokenData.open(sys.argv[1]), {weights!r}, SHAPES["tiny-proxy"],
                               recipe, 0)
@@ -333,7 +324,7 @@ def test_a_pack_trains_and_logs_one_content_hash_once(prepared_data, tracking, m
                                                        tmp_path):
     """The gate's replicas of the chosen mixture and of the best proxy share a hash when the
     search chose the best proxy's own mixture: one training, one MLflow run."""
-    from components.proxy import train_proxies_packed
+    from regmix.train.proxy import train_proxies_packed
 
     monkeypatch.setenv("REGMIX_CACHE", str(tmp_path))
     same = {"code": 0.5, "changelogs": 0.5}
@@ -390,7 +381,7 @@ def test_a_proxy_trained_while_mlflow_is_down_is_kept_and_logged_later(prepared_
 
     import components.proxy
     import components.tracking
-    from components.tracking import TrackingUnavailable
+    from regmix.errors import TrackingUnavailable
 
     monkeypatch.setattr(components.tracking, "BACKOFF_S", 0.0)
     config = tiny_config_dict("unused.yaml")

@@ -6,21 +6,15 @@ import pytest
 from scipy.stats import spearmanr
 from sklearn.model_selection import KFold
 
-from components import regression
-from components.paper_data import read_proxy_csvs
-from components.regression import (
-    MODELS,
-    PER_DOMAIN,
-    Regressor,
-    _blend_weights,
-    _fit_law,
-    _lightgbm_cv,
-    _lightgbm_defaults,
-    domain_interactions,
-    fit_regressor,
-    fit_target,
-    left_out_record,
-)
+from ?components import regression
+from regmix.paper_data import read_proxy_csvs
+from regmix.config.sections import PER_DOMAIN
+from regmix.regression.law import _fit_law
+from regmix.regression.linear import domain_interactions
+from regmix.regression.saved import Regressor
+from regmix.regression.selection import MODELS, _blend_weights, fit_regressor, fit_target
+from regmix.regression.stage import left_out_record
+from regmix.regression.tuning import _lightgbm_cv, _lightgbm_defaults
 
 PAPER_DATA = Path(__file__).resolve().parents[3] / "shared" / "regmix-paper-data"
 PILE_CC = "metric/the_pile_pile_cc_val_loss"

@@ -1,9 +1,9 @@
 import mlflow
 import pytest
 
-from components.plots import mixtures
-from components.report import RunRecord, build_report, outcome_lines
-from components.tracking import PIPELINE_TAG, STAGE_TAG, stage_run
+from regmix.report import RunRecord, build_report, outcome_lines
+from regmix.tracking.plots import mixtures
+from regmix.tracking.runs import PIPELINE_TAG, STAGE_TAG, stage_run
 
 
 def test_report_reads_the_run_back_from_mlflow(tmp_path, tracking):

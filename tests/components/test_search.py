@@ -7,15 +7,10 @@ import pytest
 import yaml
 from kfp import dsl
 
-from components.regression import fit_regressor
-from components.search import (
-    Constraints,
-    SearchResult,
-    paper_search,
-    project_onto_bounds,
-    search_mixture,
-    search_mixture_op,
-)
+from regmix.components.search import search_mixture_op
+from regmix.config.constraints import Constraints
+from regmix.regression.selection import fit_regressor
+from regmix.search import SearchResult, paper_search, project_onto_bounds, search_mixture
 from tests.conftest import tiny_config_dict
 
 DOMAINS = [f"d{i}" for i in range(8)]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import tinypile as tp
+from ?components import tinypile as tp
 
 # ------------------------------------------------------------------------------------ roff
 

@@ -4,8 +4,9 @@ import mlflow
 import pytest
 
 import components.tracking
-from components.proxy import find_finished
-from components.tracking import TRIES, TrackingUnavailable, retried, stage_run
+from regmix.errors import TrackingUnavailable
+from regmix.tracking.runs import TRIES, retried, stage_run
+from regmix.train.proxy import find_finished
 
 
 @pytest.fixture
@@ -44,8 +45,10 @@ def test_a_failing_stage_keeps_its_own_error_and_marks_the_run_failed(tracking):
 def test_a_run_cannot_change_what_its_pipeline_was_compiled_with(tmp_path):
     import json
 
-    from components.config import ConfigError, compiled_settings, parse_config
-    from components.tracking import start_tracking_op
+    from regmix.components.tracking import start_tracking_op
+    from regmix.config.loading import parse_config
+    from regmix.config.schema import compiled_settings
+    from regmix.errors import ConfigError
     from tests.conftest import tiny_config_dict
 
     compiled = json.dumps(compiled_settings(parse_config(tiny_config_dict("x.yaml"))))

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from scipy.stats import spearmanr
 
-from components.paper_data import read_proxy_csvs
-from components.regression import Regressor
-from components.tracking import CORPUS_TAG, HASH_TAG, proxy_runs, stage_run
-from pipelines.cli import main
+from regmix.paper_data import read_proxy_csvs
+from regmix.pipelines.cli import main
+from regmix.regression.saved import Regressor
+from regmix.tracking.runs import CORPUS_TAG, HASH_TAG, proxy_runs, stage_run
 
 PAPER = Path(__file__).parents[3] / "shared" / "regmix-paper-data"
 PILE_CC = "metric/the_pile_pile_cc_val_loss"
@@ -257,7 +257,7 @@ def test_export_writes_the_paper_format_from_mlflow(tmp_path, tracking, capsys):
     export = ["export", "--experiment", "regmix-test", "--tracking-uri", tracking["uri"],
               "--mixtures", str(mixtures), "--losses", str(losses)]
     assert main(export) == 0
-    from components.paper_data import read_proxy_csvs
+    from regmix.paper_data import read_proxy_csvs
 
     table = read_proxy_csvs(mixtures)  # the exported CSVs read back as valid input
     assert table.domains == ["a", "b", "c"] and len(table.index) == 5

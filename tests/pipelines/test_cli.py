@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.cli import main
+from regmix.pipelines.cli import main
 
 
 @pytest.mark.parametrize(

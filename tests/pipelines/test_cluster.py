@@ -8,11 +8,12 @@ import pytest
 import yaml
 from kfp import dsl, local
 
-from components import IMAGE, component
-from components.config import ConfigError, load_config, parse_config
-from components.launcher import IMAGE_UID
-from pipelines.cluster import apply_task_settings
-from pipelines.kfp_api import compile_package
+from regmix.components import IMAGE, component
+from regmix.config.loading import load_config, parse_config
+from regmix.errors import ConfigError
+from regmix.pipelines.cluster import apply_task_settings
+from regmix.pipelines.kfp_api import compile_package
+from regmix.train.launcher import IMAGE_UID
 
 
 def compiled(config_path: str, out) -> tuple[dict, dict]:

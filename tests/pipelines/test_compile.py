@@ -2,7 +2,7 @@
 
 import yaml
 
-from pipelines.cli import main
+from regmix.pipelines.cli import main
 
 
 def test_compile_writes_a_pipeline_with_loop_collect_and_gate(tmp_path, capsys):

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import yaml
 
-from pipelines.cli import main
+from regmix.pipelines.cli import main
 
 TINY = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import load_config
+from regmix.config.loading import load_config
 
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate (the dev extra) ships the schemas")

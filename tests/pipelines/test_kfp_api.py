@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from pipelines.cli import main
+from regmix.pipelines.cli import main
 from tests.fake_api import FakeApi
 
 API = "/apis/v2beta1"
@@ -153,7 +153,7 @@ def test_in_a_cluster_the_client_finds_kfp_in_its_own_namespace(monkeypatch):
     import kfp
     import kubernetes
 
-    from pipelines import kfp_api
+    from regmix.pipelines import kfp_api
 
     monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda: None)
     multi_user = type("Healthz", (), {"multi_user": True})

@@ -1,35 +1,23 @@
-"""The run configuration: YAML validated into typed objects.
-
-Every stage receives the whole validated config as a plain dict (a KFP parameter) and turns it
-back into `RegMixConfig`, so a pipeline compiled from one YAML carries everything it needs.
-Bad values stop with `ConfigError`: one message naming the field and the fix.
-"""
+"""The config's sections, one typed model per stage; `schema.RegMixConfig` holds them."""
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Annotated, Literal, get_args
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Discriminator,
     Field,
     Tag,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from components.shapes import SHAPES, ModelShape
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error; its message names the field and the fix."""
+from regmix.config.constraints import Constraints
+from regmix.config.shapes import SHAPES, ModelShape
+from regmix.errors import ConfigError
 
 
 class Strict(BaseModel):
@@ -279,12 +267,12 @@ class RegressionConfig(Strict):
 
 def target_loss(val_loss: dict[str, float], weights: dict[str, float]) -> float:
     return sum(w * val_loss[d] for d, w in weights.items())
+CMAES_POPULATION = 32  # larger than CMA-ES's default: tree models give a rugged surface
 
 
 # Objective evaluations: CMA-ES/TPE trials, or the paper recipe's samples (of which it averages
 # the best 128). Fewer than MIN_SEARCH_TRIALS is not one CMA-ES generation of 32 nor 128 samples.
 SEARCH_TRIALS, PAPER_SAMPLES, MIN_SEARCH_TRIALS = 3000, 100_000, 128
-CMAES_POPULATION = 32  # larger than CMA-ES's default: tree models give a rugged surface
 
 
 def default_trials(method: str) -> int:
@@ -310,7 +298,6 @@ class SearchConfig(Strict):
         named = sorted({*self.min_weight, *self.max_weight, *self.fixed})
         if not named:  # (also: the default, built while components.search may be importing)
             return self
-        from components.search import Constraints
 
         constraints = Constraints(dict(self.min_weight), dict(self.max_weight), dict(self.fixed))
         constraints.check([*named, "(every domain not named)"])
@@ -396,149 +383,6 @@ class TrackingConfig(Strict):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
 
 
-class Toleration(Strict):
-    """Lets a pod onto nodes with a matching taint (GPU node pools are usually tainted)."""
-
-    key: str
-    operator: Literal["Exists", "Equal"] = "Exists"
-    value: str | None = None  # for operator Equal
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None  # None: any
-
-
-class TaskPod(Strict):
-    """What one kind of task's pod asks for and where it may run; requests equal limits."""
-
-    gpus: int = Field(0, ge=0)
-    cpu: str | None = Field(None, pattern=CPU_QUANTITY)  # None: not requested
-    memory: str | None = Field(None, pattern=MEMORY_QUANTITY)
-    node_selector: dict[str, str] = {}  # e.g. {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}
-    tolerations: list[Toleration] = []
-
-
-class LargePod(TaskPod):
-    nodes: int = Field(1, ge=1)  # > 1: a PyTorchJob over this many nodes, `gpus` on each
-
-
-class DataVolume(Strict):
-    """A PersistentVolumeClaim (k8s/ makes `regmix-data`) for download caches and large-run jobs."""
-
-    claim: str
-    mount_path: str = "/data"
-
-
-class ClusterConfig(Strict):
-    """How the compiled pipeline runs on Kubernetes; the defaults ask for nothing.
-
-    kfp.local ignores all of it, so a config without this section runs locally as before.
-    """
-
-    # docker/Dockerfile's image, whose pods then must run as its uid 1000; None: $REGMIX_IMAGE
-    # when compiling, else components.IMAGE
-    image: str | None = None
-    # Secrets (kubernetes.io/dockerconfigjson) to pull `image` from a private registry with, on
-    # every task's pod and the PyTorchJob's (which run under no pipeline service account)
-    image_pull_secrets: list[str] = []
-    namespace: str = "regmix"  # where the pipeline's pods (and large-run PyTorchJobs) run
-    gpu_resource: str = "nvidia.com/gpu"  # the extended resource GPUs are requested as
-    data: TaskPod = TaskPod()  # data preparation
-    cpu: TaskPod = TaskPod()  # planning, regression, search, gate, tracking
-    proxy: TaskPod = TaskPod()  # every proxy task (training and gate proxies)
-    large: LargePod = LargePod()  # every larger-model run (large, baselines, rank check)
-    volume: DataVolume | None = None
-    shm_size: str = Field("16Gi", pattern=MEMORY_QUANTITY)  # /dev/shm of GPU pods (NCCL)
-    mlflow_secret: str | None = None  # a Secret with MLFLOW_TRACKING_URI/_USERNAME/_PASSWORD
-    service_account: str | None = None  # runs' service account; None: KFP's default
-    # KFP may hand a run the result of an earlier data preparation with the same inputs (the
-    # only task it may cache); false prepares again (`regmix submit/schedule --no-cache`), e.g.
-    # after the volume's token arrays were deleted.
-    cache_data: bool = True
-    retries: int = Field(0, ge=0)  # per task, for preempted nodes and flaky pulls
-    backoff: str = Field("60s", pattern=SECONDS)  # first wait; doubles each retry
-    backoff_max: str = Field("3600s", pattern=SECONDS)
-
-    @model_validator(mode="after")
-    def _multinode(self):
-        if self.large.nodes > 1 and (self.image is None or self.volume is None):
-            raise ValueError(
-                "cluster.large.nodes > 1 runs a PyTorchJob: set cluster.image (its pods' image) "
-                "and cluster.volume (a ReadWriteMany claim its nodes share)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _shm_fits(self):
-        # GPU pods get a memory-backed /dev/shm, which counts against the container's memory
-        # limit: as large as the limit, it leaves the trainer nothing (OOM-killed, not refused).
-        for kind in ("data", "cpu", "proxy", "large"):
-            pod = getattr(self, kind)
-            if pod.gpus and pod.memory and memory_bytes(self.shm_size) >= memory_bytes(pod.memory):
-                raise ValueError(
-                    f"cluster.shm_size ({self.shm_size}) must be below cluster.{kind}.memory "
-                    f"({pod.memory}): /dev/shm is memory-backed and counts against the pod's "
-                    f"memory limit; lower cluster.shm_size or raise cluster.{kind}.memory"
-                )
-        return self
-
-
-class RegMixConfig(Strict):
-    name: str = Field(pattern=PIPELINE_NAME)  # pipeline and MLflow experiment name
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    corpus: CorpusConfig
-    tokenizer: TokenizerConfig = TokenizerConfig()
-    mixtures: MixtureConfig = MixtureConfig()
-    proxy: ProxyConfig
-    regression: RegressionConfig = RegressionConfig()
-    search: SearchConfig = SearchConfig()
-    active_learning: ActiveLearningConfig = ActiveLearningConfig()
-    gate: GateConfig = GateConfig()
-    large: LargeConfig
-    rank_check: RankCheckConfig = RankCheckConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    cluster: ClusterConfig = ClusterConfig()
-
-    @model_validator(mode="after")
-    def _tokens_cover_a_window(self):
-        runs = {"proxy": self.proxy, "large": self.large}
-        if self.rank_check.mixtures:
-            runs["rank_check"] = self.rank_check
-        for field, run in runs.items():
-            context = run.model.resolve().context
-            # Validation loss is averaged over windows of `context` tokens (plus the next one).
-            if self.corpus.validation_tokens <= context:
-                raise ValueError(
-                    f"corpus.validation_tokens ({self.corpus.validation_tokens}) must exceed "
-                    f"{field}.model's context ({context}): raise it to at least {context + 1}")
-            # A step takes batch_size windows; a smaller budget would still train one step.
-            step = run.train.batch_size * context
-            if run.train.tokens < step:
-                raise ValueError(
-                    f"{field}.train.tokens ({run.train.tokens}) is less than one step's "
-                    f"batch_size x context = {step} tokens: raise it or lower batch_size")
-        return self
-
-    def check_domains(self, domains: list[str], meta: dict | None = None) -> None:
-        """Check every domain the config names exists in the corpus, mixtures sum to 1, and some
-        mixture meets the search's bounds; with the prepared corpus's `meta`, also under the
-        max-epochs cap over each domain's tokens. The pipeline checks with `meta` before any
-        proxy trains: a corpus spec's or tinypile's domains are known only once it is prepared."""
-        known = set(domains)
-        target = self.regression.target
-        if isinstance(target, dict):
-            check_mixture("regression.target", target, known)
-        elif target != "mean":
-            check_names("regression.target", [target], known)
-        for name, mixture in self.large.extra_baselines.items():
-            check_mixture(f"large.extra_baselines.{name}", mixture, known)
-        # The search's own check, so that bounds no mixture can meet fail now, not after the
-        # proxies have trained.
-        from components.search import search_constraints
-
-        try:
-            search_constraints(self, meta).check(domains)
-        except ValueError as e:
-            raise ConfigError(f"search: {e}") from None
-
-
 def check_names(field: str, names: list[str], known: set[str]) -> None:
     unknown = sorted(set(names) - known)
     if unknown:
@@ -561,164 +405,3 @@ def check_unique(names: list[str], field: str) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"{field}: duplicate domain name(s) {dupes}; names must be unique")
-
-
-# What the compiled pipeline is built from: the pods' resources and images, how many tasks run
-# at once, how many loops are unrolled and whether the rank check exists. A run's `config`
-# parameter (editable in the KFP UI) cannot change them, so a run that tries is refused.
-COMPILED_SETTINGS = ("cluster", "proxy.parallelism", "large.parallelism",
-                     "active_learning.rounds", "rank_check.mixtures")
-
-
-def compiled_settings(config: RegMixConfig) -> dict:
-    """The config's COMPILED_SETTINGS, flattened to dotted names of single values."""
-    dumped, settings = config.model_dump(mode="json"), {}
-
-    def flatten(prefix: str, value) -> None:
-        if isinstance(value, dict) and value:
-            for key, inner in value.items():
-                flatten(f"{prefix}.{key}", inner)
-        else:
-            settings[prefix] = value
-
-    for dotted in COMPILED_SETTINGS:
-        value = dumped
-        for key in dotted.split("."):
-            value = value[key]
-        flatten(dotted, value)
-    return settings
-
-
-def check_compiled_settings(config: RegMixConfig, compiled: dict) -> None:
-    """Refuse a run whose config changes what its pipeline was compiled with."""
-    settings = compiled_settings(config)
-    changed = [f"{dotted} to {json.dumps(settings.get(dotted))} (compiled: "
-               f"{json.dumps(compiled.get(dotted))})"
-               for dotted in sorted(settings.keys() | compiled.keys())
-               if settings.get(dotted) != compiled.get(dotted)]
-    if changed:
-        raise ConfigError(f"this run's config changes {', '.join(changed)}; the pipeline was "
-                          "compiled with those (pod resources, task counts, loops), so a run "
-                          "cannot change them: recompile with `regmix compile` (or submit the "
-                          "edited YAML with `regmix submit`) instead of editing them in the run")
-
-
-def parse_config(data: dict, source: str = "config") -> RegMixConfig:
-    try:
-        return RegMixConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
-
-
-def apply_overrides(data: dict, overrides: Iterable[str]) -> None:
-    """Set `section.key=value` assignments (YAML values) in a config mapping, in place."""
-    for assignment in overrides:
-        dotted, sep, value = assignment.partition("=")
-        if not sep or not dotted:
-            raise ConfigError(f"override '{assignment}': write it as section.key=value, "
-                              "e.g. regression.target=wikipedia")
-        *sections, key = dotted.split(".")
-        node = data
-        for section in sections:
-            node = node.setdefault(section, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{assignment}': '{section}' is not a config section")
-        node[key] = yaml.safe_load(value)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key repeated in one mapping (PyYAML keeps the last one
-    silently, so a second `search:` block would replace the first)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat its keys
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                repeated = (type(key), key) in seen  # 1 and true are different keys
-                seen.add((type(key), key))
-            except TypeError:  # a list or mapping as a key
-                raise yaml.constructor.ConstructorError(
-                    None, None, "a key must be a plain value", key_node.start_mark) from None
-            if repeated:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}'; keep one", key_node.start_mark)
-        return super().construct_mapping(node, deep)
-
-
-def read_yaml(path: Path, error: type[Exception]):
-    """A YAML file's content, or `error` naming the file, line and problem."""
-    try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise error(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
-
-
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RegMixConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}; pass an existing YAML (see configs/)")
-    data = read_yaml(path, ConfigError)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
-    apply_overrides(data, overrides)
-    config = parse_config(data, str(path))
-    # Relative paths (corpus spec, inline domains, tokenizer file) are relative to the config
-    # file, so a config works from any cwd. (A spec's own paths are relative to the spec.)
-    def beside_config(file: str | None) -> str | None:
-        if file is None:
-            return None
-        expanded = Path(file).expanduser()  # `~/corpus.yaml`, as a shell would
-        return str(expanded if expanded.is_absolute() else path.parent / file)
-
-    corpus, tokenizer = config.corpus, config.tokenizer
-    domains = corpus.domains and [d.model_copy(update={"path": beside_config(d.path)})
-                                  for d in corpus.domains]
-    return config.model_copy(update={
-        "corpus": corpus.model_copy(update={"spec": beside_config(corpus.spec), "domains": domains}),
-        "tokenizer": tokenizer.model_copy(update={"path": beside_config(tokenizer.path)}),
-    })
-
-
-def format_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: {error.error_count()} invalid value(s):"]
-    for e in error.errors():
-        # The tag pydantic puts after `shape` (a shape by name or inline) is no key of the config.
-        loc = [p for i, p in enumerate(e["loc"]) if not (i and e["loc"][i - 1] == "shape"
-                                                          and p in SHAPE_TAGS)]
-        field, problem = ".".join(str(p) for p in loc), _problem(e)
-        # A whole-config check has no location of its own, and some messages name their field.
-        named = not field or problem.startswith((f"{field}.", f"{field}:"))
-        lines.append(f"  {problem}" if named else f"  {field}: {problem}")
-    return "\n".join(lines)
-
-
-def _problem(e: dict) -> str:
-    """One validation error in words, with the fix where pydantic's words lack it."""
-    kind, value = e["type"], e.get("input")
-    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
-        return "unknown key; remove it or fix its spelling"
-    if kind == "missing":
-        return "required; add it"
-    if kind == "string_pattern_mismatch":
-        pattern = e["ctx"]["pattern"]
-        return f"{value!r}: use {PATTERN_WORDS.get(pattern, f'text matching {pattern}')}"
-    # YAML 1.1 traps: yes/no/on/off are booleans, and 2e5 (no dot) is text
-    if kind == "string_type" and isinstance(value, bool):
-        return f"YAML read this as the boolean {str(value).lower()}; quote it to keep it text"
-    if kind == "int_parsing" and isinstance(value, str) and _whole_number(value):
-        return f"YAML read {value!r} as text, not a number; write it in digits: {float(value):.0f}"
-    return e["msg"].removeprefix("Value error, ")
-
-
-def _whole_number(text: str) -> bool:
-    try:
-        return float(text).is_integer()
-    except ValueError:
-        return False

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from components.shapes import ModelShape
+from regmix.config.shapes import ModelShape
 
 # Output-layer logits computed at once: bounds the loss's memory (a (tokens x vocab) float32
 # block) at 256 MiB however large the batch or vocabulary; 4x that on a GPU (logits_per_chunk).

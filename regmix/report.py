@@ -16,15 +16,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import mlflow
 
-from components.files import write_text
-from components.large import verdict
-from components.plots import save  # also sets matplotlib's Agg backend
-from components.tracking import (
-    PIPELINE_TAG,
-    PROXY_STAGES,
-    latest_run,
-    runs_by_stage,
-)
+from regmix.evidence import verdict
+from regmix.files import write_text
+from regmix.tracking.plots import save
+from regmix.tracking.runs import PIPELINE_TAG, PROXY_STAGES, latest_run, runs_by_stage
 
 
 @dataclass

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from components.model import LM
+from regmix.train.model import LM
 
 
 class PackedLM(LM):

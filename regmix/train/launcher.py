@@ -1,15 +1,3 @@
-"""Where a larger-model run trains: in its task's pod, over that pod's GPUs, or over several nodes.
-
-`run_target` picks from the config and the pod it runs in:
-- at most one GPU here (kfp.local, CPU, one-GPU pods): `components.large.train_target` in process;
-- several GPUs here: `torchrun --standalone` over them;
-- `cluster.large.nodes > 1`: a Kubeflow Training Operator PyTorchJob of that many pods with
-  `cluster.large.gpus` GPUs each, which the task creates, follows, and fails with.
-The torchrun workers are this module's `main`: they read the run from `request.json` in a work
-folder and rank 0 writes `result.json` beside it; for a PyTorchJob that folder (and a copy of
-the data) lies on the shared data volume.
-"""
-
 import hashlib
 import json
 import logging
@@ -21,9 +9,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from components.config import RegMixConfig
-from components.data import SHARED_TOKENS_ENV
-from components.files import replacing, write_text
+from regmix.config.loading import parse_config
+from regmix.config.schema import RegMixConfig
+from regmix.data.prepare import SHARED_TOKENS_ENV, TokenData
+from regmix.files import replacing, write_text
+from regmix.train.loop import limit_cpu_threads
+from regmix.train.proxy import train_proxy
 
 log = logging.getLogger("regmix.launcher")
 
@@ -54,7 +45,6 @@ def run_target(data_dir: str, run: dict, config: RegMixConfig) -> dict:
 
     gpus = torch.cuda.device_count()
     if gpus <= 1:
-        from components.large import train_target
 
         return train_target(data_dir, run, config)
     with tempfile.TemporaryDirectory() as work:
@@ -92,8 +82,6 @@ def write_request(work: Path, data_dir: str, run: dict, config: RegMixConfig) ->
 
 def main(argv: list[str] | None = None) -> None:
     """A torchrun worker: train the run in WORK/request.json; rank 0 writes WORK/result.json."""
-    from components.config import parse_config
-    from components.large import train_target
 
     logging.basicConfig(level=logging.INFO)
     work = Path((argv if argv is not None else sys.argv[1:])[0])
@@ -272,5 +260,14 @@ def master_log_tail(api, namespace: str, name: str, lines: int = 40) -> str:
         return f"(no log: {e.status} {e.reason})"
 
 
-if __name__ == "__main__":
-    main()
+def train_target(data_dir: str, run: dict, config) -> dict:
+
+    limit_cpu_threads(config.large.cpu_threads)
+    spec = config.rank_check if run["role"] == "rank" else config.large
+    data = TokenData.open(data_dir)
+    target = config.regression.target_weights(data.domains)
+    result = train_proxy(data, run, spec.model.resolve(), spec.train, int(run["seed"]),
+                         run["tracking"], target, stage=run["role"])
+    if "error" in result:  # diverged: no loss to compare or rank; fail the task with the fix
+        raise RuntimeError(f"{run['role']} run {run['id']}: {result['error']}")
+    return {**result, "name": run["name"], "seed": run["seed"]}

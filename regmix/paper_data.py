@@ -14,17 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from components.files import replacing
+from regmix.errors import DataError
+from regmix.files import replacing
+from regmix.regression.saved import ROW_SUM_TOLERANCE
 
 INDEX_COLUMN = "index"
-# The paper's own CSVs round each of 17 weights to 3 decimals, so their rows sum to
-# 0.996..1.003; a looser tolerance would hide real mistakes (a missing column), a tighter
-# one would reject the paper's data. Accepted rows are renormalised to sum to exactly 1.
-ROW_SUM_TOLERANCE = 5e-3
-
-
-class DataError(ValueError):
-    """A CSV file that cannot be used; the message names the file, where, and the fix."""
 
 
 @dataclass

@@ -1,0 +1,118 @@
+import math
+
+import numpy as np
+from scipy.stats import spearmanr
+from scipy.stats import t as student_t
+
+from regmix.config.sections import target_loss
+from regmix.mixtures import mixture_hash, token_prior
+
+PAIRED_CONFIDENCE = 0.975  # one-sided
+
+
+def paired_difference(first: list[float], second: list[float]) -> tuple[float, float]:
+    """The mean of the per-seed differences first - second (two mixtures trained on the same
+    seeds, so a seed's own luck cancels), and the half-width of its one-sided t bound: a mean
+    beyond it is a real difference, not seed noise. Needs at least 2 seeds."""
+    differences = np.subtract(first, second)
+    quantile = float(student_t.ppf(PAIRED_CONFIDENCE, len(differences) - 1))
+    spread = quantile * float(np.std(differences, ddof=1)) / math.sqrt(len(differences))
+    return float(differences.mean()), spread
+
+
+def target_run(name: str, role: str, weights: dict[str, float], seed: int, key: dict,
+               tracking: dict) -> dict:
+    """One larger-model training run; `role` picks the shape: large, baseline or rank."""
+    return {"id": f"{name}@seed{seed}", "name": name, "role": role, "weights": weights,
+            "seed": seed, "hash": mixture_hash(weights, **{**key, "seed": seed}),
+            "tracking": tracking}
+
+
+def target_key(config, meta: dict, role: str) -> dict:
+    spec = config.rank_check if role == "rank" else config.large
+    return {"fingerprint": meta["fingerprint"], "shape": spec.model.resolve().to_dict(),
+            "recipe": spec.train.identity()}
+
+
+def baseline_mixtures(config, meta: dict, best_proxy: dict[str, float]) -> dict[str, dict]:
+    domains = meta["domains"]
+    tokens = np.array([meta["tokens"][d]["train"] for d in domains], dtype=np.float64)
+    known = {
+        "prior": dict(zip(domains, token_prior(tokens, 1.0).tolist(), strict=True)),
+        "uniform": {d: 1 / len(domains) for d in domains},
+        "best_proxy": best_proxy,
+    }
+    return {**{b: known[b] for b in config.large.baselines}, **config.large.extra_baselines}
+
+
+def plan_large_runs(config, meta: dict, chosen: dict[str, float], best_proxy: dict[str, float],
+                    tracking: dict) -> list[dict]:
+    """The chosen mixture and every baseline, each with `large.seeds` seeds."""
+    key = target_key(config, meta, "large")
+    mixtures = {"chosen": chosen, **baseline_mixtures(config, meta, best_proxy)}
+    return [target_run(name, "large" if name == "chosen" else "baseline", weights,
+                       config.seed + s, key, tracking)
+            for name, weights in mixtures.items() for s in range(config.large.seeds)]
+
+
+def plan_rank_check(config, meta: dict, proxy_results: list[dict], tracking: dict) -> list[dict]:
+    """Training mixtures spread evenly over the measured proxy losses, to retrain larger."""
+    target = config.regression.target_weights(meta["domains"])
+    ranked = sorted((r for r in proxy_results if "error" not in r),
+                    key=lambda r: target_loss(r["val_loss"], target))
+    picks = np.unique(np.linspace(0, len(ranked) - 1, config.rank_check.mixtures).round()).astype(int)
+    key = target_key(config, meta, "rank")
+    return [target_run(ranked[i]["id"], "rank", ranked[i]["weights"], config.seed, key, tracking)
+            for i in picks]
+
+
+def compare(results: list[dict], target: dict[str, float]) -> dict:
+    """Each mixture's mean and seed spread; against each baseline, the chosen mixture's margin
+    over the seeds both were trained on, and whether it wins beyond seed noise: the same paired
+    t bound as the gate's (a seed's luck is shared by every mixture trained on it, so comparing
+    means against each mixture's own spread hides a consistent gap behind seed noise)."""
+    losses: dict[str, dict[int, float]] = {}
+    for r in results:
+        losses.setdefault(r["name"], {})[int(r["seed"])] = target_loss(r["val_loss"], target)
+    stats = {name: {"mean": float(np.mean(list(v.values()))),
+                    "std": float(np.std(list(v.values()), ddof=1)) if len(v) > 1 else 0.0,
+                    "seeds": len(v)} for name, v in losses.items()}
+    chosen = losses["chosen"]
+    for name, by_seed in losses.items():
+        if name == "chosen":
+            continue
+        seeds = sorted(set(by_seed) & set(chosen))
+        s = stats[name] | {"paired_seeds": len(seeds)}
+        if len(seeds) >= 2:  # > 0: the chosen mixture is better
+            s["margin"], s["noise"] = paired_difference([by_seed[i] for i in seeds],
+                                                        [chosen[i] for i in seeds])
+            s["chosen_wins"] = s["margin"] > s["noise"]
+        else:  # no pairs to judge the margin by
+            s["margin"], s["chosen_wins"] = s["mean"] - stats["chosen"]["mean"], None
+        stats[name] = s
+    return stats
+
+
+def verdict(baseline: dict) -> str:
+    """How the chosen mixture fared against one baseline of `compare`, in words."""
+    margin, wins = baseline["margin"], baseline["chosen_wins"]
+    if wins is None:
+        return (f"chosen {'ahead' if margin > 0 else 'behind'} by {abs(margin):.4f} with "
+                f"{baseline.get('paired_seeds', 1)} shared seed(s) (set large.seeds >= 2 to "
+                "judge it against seed noise)")
+    beyond = (f"the seed noise ({PAIRED_CONFIDENCE:.1%} t bound {baseline['noise']:.4f} over "
+              f"{baseline['paired_seeds']} seeds)" if "noise" in baseline
+              else "the seed spread")  # a record from before the paired comparison
+    if wins:
+        return f"chosen wins by {margin:.4f}, beyond {beyond}"
+    return f"chosen does not win beyond {beyond}: margin {margin:.4f}"
+
+
+def rank_invariance(proxy_results: list[dict], rank_results: list[dict],
+                    target: dict[str, float]) -> dict:
+    proxy = {r["id"]: target_loss(r["val_loss"], target) for r in proxy_results if "error" not in r}
+    larger = {r["name"]: target_loss(r["val_loss"], target) for r in rank_results}
+    ids = sorted(larger)
+    rho = spearmanr([proxy[i] for i in ids], [larger[i] for i in ids]).statistic
+    return {"spearman": float(rho), "mixtures": len(ids),
+            "losses": {i: {"proxy": proxy[i], "larger": larger[i]} for i in ids}}
