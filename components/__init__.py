@@ -1,4 +1,10 @@
-"""RegMix pipeline stages: one module per stage, plain typed functions plus a thin KFP component."""
+"""The KFP layer: one thin op per stage around the core's `run_<stage>`.
+
+An op parses its KFP inputs, calls the stage's `run_<stage>` in `regmix/`, and writes its KFP
+outputs. KFP ships only an op's source to its pod, so each op imports what it calls inside its
+body (the image holds the project); that is the one place a project module is imported inside
+a function. The kfp.local workarounds live in `loop_items.py` and in `pipelines/local.py`.
+"""
 
 import os
 
@@ -14,7 +20,7 @@ def component(func):
 
     Nothing is pip-installed when a pod starts (KFP's default installs kfp there): pods start
     fast, need no route to PyPI, and run exactly the image's pinned versions.
-    Inside a KFP executor `kfp.dsl` is a runtime subset without the decorator; there the stage
+    Inside a KFP executor `kfp.dsl` is a runtime subset without the decorator; there the op
     modules are only imported for their plain functions, so the function is returned as is.
     """
     if not hasattr(dsl, "component"):

@@ -1,77 +1,58 @@
 """KFP ops: the larger runs (chosen mixture and baselines), their comparison, the rank check."""
 
-import numpy as np
 from kfp import dsl
-from kfp.dsl import Input
-from scipy.stats import spearmanr
 
+from regmix.components import component
 
 
 @component
 def plan_large_op(config: dict, data_meta: dict, chosen: dict, fit_report: dict,
                   tracking: dict) -> list:
     """The large runs: chosen mixture and baselines, over seeds."""
+    from regmix.components.loop_items import with_tracking
     from regmix.config.loading import parse_config
-    from regmix.evidence import plan_large_runs
+    from regmix.evidence import run_plan_large
 
-    return plan_large_runs(parse_config(config), data_meta, chosen["weights"],
-                           fit_report["best_train_weights"], tracking)
+    return with_tracking(run_plan_large(parse_config(config), data_meta, chosen, fit_report),
+                         tracking)
 
 
 @component
-def train_target_op(config: dict, run: dict, data: Input[dsl.Dataset]) -> dict:
+def train_target_op(config: dict, run: dict, data: dsl.Input[dsl.Dataset]) -> dict:
     """Train one larger model (large, baseline or rank-check run) and log its losses."""
+    from regmix.components.loop_items import split_tracking
     from regmix.config.loading import parse_config
-    from regmix.train.launcher import run_target
+    from regmix.train.launcher import run_train_target
 
-    # In process, torchrun over the pod's GPUs, or a PyTorchJob over several nodes.
-    return run_target(data.path, run, parse_config(config))
+    run, tracking = split_tracking(run)
+    return run_train_target(parse_config(config), run, data.path, tracking)
 
 
 @component
 def compare_baselines_op(config: dict, results: list, fit_report: dict, tracking: dict) -> dict:
     """Chosen mixture vs baselines at the large size, judged against seed noise."""
-    import mlflow
+    from regmix.evidence import run_compare_baselines
 
-    from regmix.evidence import compare
-    from regmix.tracking.runs import stage_run
-
-    stats = compare(results, fit_report["target"])
-    with stage_run(tracking, "evidence", "compare-baselines"):
-        for name, s in stats.items():
-            mlflow.log_metrics({f"large.{name}.{k}": s[k] for k in ("mean", "std", "margin", "noise")
-                                if k in s})
-            if s.get("chosen_wins") is not None:
-                mlflow.log_metric(f"large.{name}.chosen_wins", float(s["chosen_wins"]))
-        mlflow.log_dict(stats, "baselines.json")
-    return stats
+    return run_compare_baselines(results, fit_report, tracking)
 
 
 @component
 def plan_rank_check_op(config: dict, data_meta: dict, proxy_results: list, tracking: dict) -> list:
     """Training mixtures to retrain at the larger rank-check size."""
+    from regmix.components.loop_items import with_tracking
     from regmix.config.loading import parse_config
-    from regmix.evidence import plan_rank_check
+    from regmix.evidence import run_plan_rank_check
 
-    results = [r for task in proxy_results for r in task["results"]]
-    return plan_rank_check(parse_config(config), data_meta, results, tracking)
+    return with_tracking(run_plan_rank_check(parse_config(config), data_meta, proxy_results),
+                         tracking)
 
 
 @component
 def rank_invariance_op(config: dict, proxy_results: list, rank_results: list, data_meta: dict,
                        tracking: dict) -> dict:
     """Spearman between proxy-size and larger-size rankings of the same mixtures."""
-    import mlflow
-
     from regmix.config.loading import parse_config
-    from regmix.evidence import rank_invariance
-    from regmix.tracking.runs import stage_run
+    from regmix.evidence import run_rank_invariance
 
-    target = parse_config(config).regression.target_weights(data_meta["domains"])
-    results = [r for task in proxy_results for r in task["results"]]
-    check = rank_invariance(results, rank_results, target)
-    with stage_run(tracking, "evidence", "rank-invariance"):
-        mlflow.log_metrics({"rank_invariance.spearman": check["spearman"],
-                            "rank_invariance.mixtures": check["mixtures"]})
-        mlflow.log_dict(check, "rank_invariance.json")
-    return check
+    return run_rank_invariance(parse_config(config), proxy_results, rank_results, data_meta,
+                               tracking)

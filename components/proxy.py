@@ -1,29 +1,16 @@
 """KFP op: train a task's proxies."""
 
-import ctypes
-import fcntl
-import hashlib
-import json
-import logging
-import math
-import os
-import shutil
-import sys
-import time
-from collections.abc import Callable
-from contextlib import ExitStack, contextmanager, nullcontext
-from pathlib import Path
-import numpy as np
-import torch
 from kfp import dsl
-from kfp.dsl import Input
 
+from regmix.components import component
 
 
 @component
-def train_proxy_op(config: dict, task: dict, data: Input[dsl.Dataset], stage: str = "proxy") -> dict:
+def train_proxy_op(config: dict, task: dict, data: dsl.Input[dsl.Dataset], stage: str = "proxy") -> dict:
     """Train one proxy task's mixtures; returns `{task, results: [proxy result, ...]}`."""
+    from regmix.components.loop_items import split_tracking
     from regmix.config.loading import parse_config
-    from regmix.train.proxy import train_task
+    from regmix.train.proxy import run_train_proxies
 
-    return train_task(data.path, task, parse_config(config), stage)
+    task, tracking = split_tracking(task)
+    return run_train_proxies(parse_config(config), task, data.path, tracking, stage)

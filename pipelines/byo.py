@@ -22,6 +22,7 @@ from regmix.config.sections import (
     default_trials,
 )
 from regmix.errors import DataError
+from regmix.tracking.runs import checked_tracking_uri, default_tracking_uri
 
 
 def weights_arg(text: str) -> dict[str, float]:
@@ -217,7 +218,6 @@ def cmd_search(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from regmix.tracking.runs import checked_tracking_uri, default_tracking_uri
 
     uri = checked_tracking_uri(args.tracking_uri or default_tracking_uri(), existing=True)
     try:

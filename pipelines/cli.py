@@ -14,17 +14,20 @@ from pathlib import Path
 
 from regmix.config.loading import load_config
 from regmix.config.schema import RegMixConfig
-from regmix.errors import ConfigError, TrackingUnavailable
+from regmix.data.corpus import preflight
+from regmix.data.tinypile.builder import build_tinypile
+from regmix.data.tinypile.sources import DOMAINS as TINYPILE_DOMAINS
+from regmix.errors import ConfigError, ServiceError, UserError
 from regmix.files import write_text
-from regmix.pipelines import USER_ERRORS, byo
-from regmix.pipelines.kfp_api import KfpUnavailable
-
-SERVICE_ERRORS = (KfpUnavailable, TrackingUnavailable)
+from regmix.pipelines import byo, kfp_api
+from regmix.pipelines.kfp_api import compile_package
+from regmix.pipelines.local import PipelineFailed, run_local
+from regmix.report import build_report
+from regmix.tracking.runs import checked_tracking_uri, default_tracking_uri
 
 
 def checked_config(path: str) -> RegMixConfig:
     """Load a config and check it against its corpus's domains before any work starts."""
-    from regmix.data.corpus import preflight
 
     config = load_config(path)
     config.check_domains(preflight(config.corpus, config.tokenizer))
@@ -34,7 +37,6 @@ def checked_config(path: str) -> RegMixConfig:
 def with_listed_domains_checked(config: RegMixConfig) -> RegMixConfig:
     """Check the config's domain names where the config alone tells the corpus's domains: listed
     inline, or tinypile's fixed set (a corpus spec is read only where the data is prepared)."""
-    from regmix.data.tinypile.sources import DOMAINS as TINYPILE_DOMAINS
 
     corpus = config.corpus
     if corpus.domains is not None:
@@ -82,7 +84,6 @@ def retries_without_volume(config: RegMixConfig) -> str | None:
 
 
 def cmd_run(args) -> int:
-    from regmix.pipelines.local import PipelineFailed, run_local
 
     config = checked_config(args.config)
     try:
@@ -118,8 +119,6 @@ def format_summary(s: dict) -> str:
 
 
 def cmd_report(args) -> int:
-    from regmix.report import build_report
-    from regmix.tracking.runs import checked_tracking_uri, default_tracking_uri
 
     uri = checked_tracking_uri(args.tracking_uri or default_tracking_uri(), existing=True)
     try:
@@ -131,7 +130,6 @@ def cmd_report(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from regmix.pipelines.kfp_api import compile_package
 
     config = with_listed_domains_checked(load_config(args.config))
     compile_package(config, args.out)
@@ -144,7 +142,6 @@ def cmd_compile(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from regmix.pipelines import kfp_api
 
     config = cluster_config(args.config, cache_data=not args.no_cache)
     with tempfile.TemporaryDirectory() as tmp, kfp_api.answering(args.host):
@@ -157,7 +154,6 @@ def cmd_submit(args) -> int:
 
 
 def cmd_schedule(args) -> int:
-    from regmix.pipelines import kfp_api
 
     kfp_api.check_cron(args.cron)  # before any work: a 5-field crontab line is a common slip
     config = cluster_config(args.config, cache_data=not args.no_cache)
@@ -172,7 +168,6 @@ def cmd_schedule(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from regmix.pipelines import kfp_api
 
     with kfp_api.answering(args.host):
         client = kfp_api.connect(args.host)
@@ -183,7 +178,6 @@ def cmd_runs(args) -> int:
 
 
 def cmd_corpus_build(args) -> int:
-    from regmix.data.tinypile.builder import build_tinypile
 
     spec = build_tinypile(Path(args.out) if args.out else None, tiny=args.tiny, force=args.force)
     manifest = json.loads((spec.parent / "manifest.json").read_text())
@@ -279,10 +273,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"regmix: error: {e}", file=sys.stderr)
         return 2
-    except SERVICE_ERRORS as e:  # a service out of reach: not the user's input, still one line
+    except ServiceError as e:  # a service out of reach: not the user's input, still one line
         print(f"regmix: error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `regmix ... | head`: the reader left; say nothing more

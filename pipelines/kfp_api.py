@@ -13,18 +13,18 @@ import kfp
 from kfp import compiler
 
 from regmix.config.schema import RegMixConfig
-from regmix.errors import ConfigError
+from regmix.errors import ConfigError, ServiceError
+from regmix.pipelines.pipeline import build_pipeline
 
 
 def compile_package(config: RegMixConfig, out: Path) -> Path:
     """The pipeline YAML for this config, cluster settings included."""
-    from regmix.pipelines.pipeline import build_pipeline
 
     compiler.Compiler().compile(build_pipeline(config), str(out))
     return out
 
 
-class KfpUnavailable(RuntimeError):
+class KfpUnavailable(ServiceError):
     """The KFP API could not be reached, or refused the request."""
 
 

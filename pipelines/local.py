@@ -13,7 +13,7 @@ from kfp import local
 
 from regmix.config.cluster import ClusterConfig
 from regmix.config.schema import RegMixConfig
-from regmix.pipelines import USER_ERRORS
+from regmix.errors import UserError
 from regmix.pipelines.pipeline import build_pipeline
 from regmix.tracking.runs import (
     PROXY_STAGES,
@@ -30,9 +30,10 @@ class PipelineFailed(RuntimeError):
     """A stage failed; the stage's own log (printed above it) says why."""
 
 
-# A user error a stage raised, as its traceback's last line shows it in the streamed task log
-USER_ERROR_CLASSES = {error.__name__: error for error in USER_ERRORS}
-USER_ERROR_LINE = re.compile(rf"^(?:components\.\w+\.)?({'|'.join(USER_ERROR_CLASSES)}): (.+)$")
+# kfp.local workaround: a stage's exception does not reach this process, only its log. A user
+# error a stage raised is read back from its traceback's last line in the streamed task log.
+USER_ERROR_CLASSES = {error.__name__: error for error in UserError.__subclasses__()}
+USER_ERROR_LINE = re.compile(rf"^(?:regmix\.errors\.)?({'|'.join(USER_ERROR_CLASSES)}): (.+)$")
 
 
 class TaskLog:

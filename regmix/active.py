@@ -7,10 +7,15 @@ nearest trained or already proposed mixture, so one round's proxies spread out i
 piling onto the single most uncertain point.
 """
 
+from pathlib import Path
+
+import mlflow
 import numpy as np
 
 from regmix.mixtures import as_mixtures, capped, chunk, dirichlet_around, prior_and_caps, proxy_key
+from regmix.regression.saved import Regressor
 from regmix.search import nearest_l1_distance
+from regmix.tracking.runs import stage_run
 
 # Dirichlet concentrations around the chosen mixture: from a wide neighbourhood (10) to
 # close variations (300) of it.
@@ -52,8 +57,8 @@ def propose_mixtures(model, chosen: np.ndarray, caps: np.ndarray, count: int, ca
     return near[picks]
 
 
-def plan_active_proxies(config, meta: dict, model, chosen: dict[str, float], active_round: int,
-                        tracking: dict) -> list[dict]:
+def plan_active_proxies(config, meta: dict, model, chosen: dict[str, float],
+                        active_round: int) -> list[dict]:
     """This round's proposed proxies as proxy tasks (ids `r<round>a0000`, ...)."""
     domains = meta["domains"]
     settings = config.active_learning
@@ -63,4 +68,16 @@ def plan_active_proxies(config, meta: dict, model, chosen: dict[str, float], act
                                settings.proxies, settings.candidates, settings.near_fraction,
                                config.mixtures.min_weight, rng)
     mixtures = as_mixtures(weights, domains, f"r{active_round}a", proxy_key(config, meta))
-    return chunk(mixtures, config.proxy.per_task, tracking)
+    return chunk(mixtures, config.proxy.per_task)
+
+
+def run_propose_proxies(config, regressor: Path, chosen: dict, meta: dict, tracking: dict,
+                        active_round: int) -> list[dict]:
+    """One active-learning round's proxies as proxy tasks, like `run_sample_mixtures`'s."""
+    model = Regressor.load(regressor)
+    tasks = plan_active_proxies(config, meta, model, chosen["weights"], active_round)
+    mixtures = [m for t in tasks for m in t["mixtures"]]
+    with stage_run(tracking, "active-learning", f"propose-round-{active_round}"):
+        mlflow.log_params({"round": active_round, "proxies": len(mixtures)})
+        mlflow.log_dict({"mixtures": mixtures}, "mixtures.json")
+    return tasks

@@ -16,7 +16,7 @@ import yaml
 
 from regmix.config.constraints import Constraints
 from regmix.errors import DataError
-from regmix.files import write_text
+from regmix.files import replacing, write_text
 from regmix.paper_data import read_proxy_csvs, resolve_target, target_name, write_predictions_csv
 from regmix.regression.saved import REGRESSOR_FILE, TRAIN_WEIGHTS_FILE, Regressor
 from regmix.regression.selection import check_target, fit_target
@@ -106,7 +106,8 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
                 if np.isfinite(table.losses[:, j]).all()}
     # The folder itself is written into, not replaced: it may be the shell's working folder.
     for name, y, regressor, report in fitted:
-        regressor.save(out / index[name])
+        with replacing(out / index[name]) as folder:
+            regressor.save(folder)
         plot_fit(out / index[name], name, y, report)
     if complete:
         plot_domain_interactions(out, table.weights, table.domains, complete)

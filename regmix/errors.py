@@ -1,17 +1,31 @@
-from __future__ import annotations
+"""The errors a user acts on, in two families.
+
+`UserError`: a mistake in what the user handed over (config, corpus, CSVs). Its message names
+the field or file and the fix; the CLI prints it as one line and exits with code 2, whether its
+own checks or a pipeline stage found it. `ServiceError`: a service out of reach (MLflow here,
+KFP in `regmix.pipelines.kfp_api`): one line, exit code 1.
+"""
 
 
-class ConfigError(ValueError):
-    """A user-facing configuration error; its message names the field and the fix."""
+class UserError(ValueError):
+    """A mistake in the user's input; the message names where and the fix."""
 
 
-class CorpusError(ValueError):
-    """A user-facing corpus problem; the message names the domain or file and the fix."""
+class ConfigError(UserError):
+    """A configuration error; its message names the field and the fix."""
 
 
-class DataError(ValueError):
+class CorpusError(UserError):
+    """A corpus problem; the message names the domain or file and the fix."""
+
+
+class DataError(UserError):
     """A CSV file that cannot be used; the message names the file, where, and the fix."""
 
 
-class TrackingUnavailable(RuntimeError):
+class ServiceError(RuntimeError):
+    """A service the run needs did not answer, or refused."""
+
+
+class TrackingUnavailable(ServiceError):
     """MLflow did not answer after every retry."""

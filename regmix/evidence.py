@@ -1,11 +1,22 @@
+"""The larger runs and the evidence they give (Stage 6, run only when the gate passes).
+
+The chosen mixture and the comparison mixtures (baselines: the natural token distribution,
+uniform, the best proxy's mixture, the user's own) are trained the same way, on the same seeds,
+and compared seed by seed. The rank-invariance check (the paper's premise) retrains some
+training mixtures at a larger size and compares rankings. All use the proxies' trainer
+(`regmix/train/`) with another shape and recipe. The paired noise bound is also the gate's.
+"""
+
 import math
 
+import mlflow
 import numpy as np
 from scipy.stats import spearmanr
 from scipy.stats import t as student_t
 
 from regmix.config.sections import target_loss
 from regmix.mixtures import mixture_hash, token_prior
+from regmix.tracking.runs import stage_run
 
 PAIRED_CONFIDENCE = 0.975  # one-sided
 
@@ -20,12 +31,10 @@ def paired_difference(first: list[float], second: list[float]) -> tuple[float, f
     return float(differences.mean()), spread
 
 
-def target_run(name: str, role: str, weights: dict[str, float], seed: int, key: dict,
-               tracking: dict) -> dict:
+def target_run(name: str, role: str, weights: dict[str, float], seed: int, key: dict) -> dict:
     """One larger-model training run; `role` picks the shape: large, baseline or rank."""
     return {"id": f"{name}@seed{seed}", "name": name, "role": role, "weights": weights,
-            "seed": seed, "hash": mixture_hash(weights, **{**key, "seed": seed}),
-            "tracking": tracking}
+            "seed": seed, "hash": mixture_hash(weights, **{**key, "seed": seed})}
 
 
 def target_key(config, meta: dict, role: str) -> dict:
@@ -45,24 +54,24 @@ def baseline_mixtures(config, meta: dict, best_proxy: dict[str, float]) -> dict[
     return {**{b: known[b] for b in config.large.baselines}, **config.large.extra_baselines}
 
 
-def plan_large_runs(config, meta: dict, chosen: dict[str, float], best_proxy: dict[str, float],
-                    tracking: dict) -> list[dict]:
+def plan_large_runs(config, meta: dict, chosen: dict[str, float],
+                    best_proxy: dict[str, float]) -> list[dict]:
     """The chosen mixture and every baseline, each with `large.seeds` seeds."""
     key = target_key(config, meta, "large")
     mixtures = {"chosen": chosen, **baseline_mixtures(config, meta, best_proxy)}
     return [target_run(name, "large" if name == "chosen" else "baseline", weights,
-                       config.seed + s, key, tracking)
+                       config.seed + s, key)
             for name, weights in mixtures.items() for s in range(config.large.seeds)]
 
 
-def plan_rank_check(config, meta: dict, proxy_results: list[dict], tracking: dict) -> list[dict]:
+def plan_rank_check(config, meta: dict, proxy_results: list[dict]) -> list[dict]:
     """Training mixtures spread evenly over the measured proxy losses, to retrain larger."""
     target = config.regression.target_weights(meta["domains"])
     ranked = sorted((r for r in proxy_results if "error" not in r),
                     key=lambda r: target_loss(r["val_loss"], target))
     picks = np.unique(np.linspace(0, len(ranked) - 1, config.rank_check.mixtures).round()).astype(int)
     key = target_key(config, meta, "rank")
-    return [target_run(ranked[i]["id"], "rank", ranked[i]["weights"], config.seed, key, tracking)
+    return [target_run(ranked[i]["id"], "rank", ranked[i]["weights"], config.seed, key)
             for i in picks]
 
 
@@ -116,3 +125,39 @@ def rank_invariance(proxy_results: list[dict], rank_results: list[dict],
     rho = spearmanr([proxy[i] for i in ids], [larger[i] for i in ids]).statistic
     return {"spearman": float(rho), "mixtures": len(ids),
             "losses": {i: {"proxy": proxy[i], "larger": larger[i]} for i in ids}}
+
+
+def run_plan_large(config, meta: dict, chosen: dict, fit_report: dict) -> list[dict]:
+    """The large-runs stage's plan: the chosen mixture and baselines, over seeds."""
+    return plan_large_runs(config, meta, chosen["weights"], fit_report["best_train_weights"])
+
+
+def run_compare_baselines(results: list[dict], fit_report: dict, tracking: dict) -> dict:
+    """Chosen mixture vs baselines at the large size, judged against seed noise, and logged."""
+    stats = compare(results, fit_report["target"])
+    with stage_run(tracking, "evidence", "compare-baselines"):
+        for name, s in stats.items():
+            mlflow.log_metrics({f"large.{name}.{k}": s[k] for k in ("mean", "std", "margin", "noise")
+                                if k in s})
+            if s.get("chosen_wins") is not None:
+                mlflow.log_metric(f"large.{name}.chosen_wins", float(s["chosen_wins"]))
+        mlflow.log_dict(stats, "baselines.json")
+    return stats
+
+
+def run_plan_rank_check(config, meta: dict, proxy_tasks: list[dict]) -> list[dict]:
+    """Training mixtures to retrain at the larger rank-check size."""
+    return plan_rank_check(config, meta, [r for task in proxy_tasks for r in task["results"]])
+
+
+def run_rank_invariance(config, proxy_tasks: list[dict], rank_results: list[dict], meta: dict,
+                        tracking: dict) -> dict:
+    """Spearman between proxy-size and larger-size rankings of the same mixtures, logged."""
+    target = config.regression.target_weights(meta["domains"])
+    results = [r for task in proxy_tasks for r in task["results"]]
+    check = rank_invariance(results, rank_results, target)
+    with stage_run(tracking, "evidence", "rank-invariance"):
+        mlflow.log_metrics({"rank_invariance.spearman": check["spearman"],
+                            "rank_invariance.mixtures": check["mixtures"]})
+        mlflow.log_dict(check, "rank_invariance.json")
+    return check

@@ -12,13 +12,17 @@ many more proxies would be needed.
 """
 
 import math
+from pathlib import Path
 
+import mlflow
 import numpy as np
 from scipy.stats import spearmanr
 
 from regmix.config.sections import target_loss
 from regmix.evidence import PAIRED_CONFIDENCE, paired_difference
 from regmix.mixtures import as_mixtures, chunk, draw_mixtures, mixture_hash, proxy_key
+from regmix.regression.saved import Regressor, saved_train_weights
+from regmix.tracking.runs import stage_run
 
 CHOSEN, BEST = "chosen", "best"
 
@@ -62,8 +66,7 @@ def fresh_mixtures(config, meta: dict, count: int, fitted: np.ndarray) -> np.nda
 
 
 def plan_gate_proxies(
-    config, meta: dict, chosen: dict[str, float], best: dict[str, float], tracking: dict,
-    fitted: np.ndarray,
+    config, meta: dict, chosen: dict[str, float], best: dict[str, float], fitted: np.ndarray,
 ) -> list[dict]:
     """`gate.proxies` held-out mixtures, the chosen one first (unless the regression was fitted
     on it: then one more fresh one), none of the `fitted` training mixtures; plus seed replicas
@@ -82,7 +85,7 @@ def plan_gate_proxies(
     seeds = replica_seeds(config.seed, config.gate.seeds)
     mixtures += [seeded(CHOSEN, chosen, s, key) for s in seeds]
     mixtures += [seeded(BEST, best, s, key) for s in seeds]
-    return chunk(mixtures, config.proxy.per_task, tracking)
+    return chunk(mixtures, config.proxy.per_task)
 
 
 def bootstrap_spearman(
@@ -198,3 +201,48 @@ def decide(results: list[dict], predicted: dict[str, float], target: dict[str, f
         "tolerance_basis": basis, "measured": measured, "predicted": predicted,
         "fresh": fresh, "chosen_fitted": chosen_fitted,
     }
+
+
+def run_plan_gate(config, meta: dict, chosen: dict, fit_report: dict, regressor: Path) -> list[dict]:
+    """The gate's proxies as proxy tasks: fresh mixtures and seed replicas."""
+    fitted = saved_train_weights(regressor, meta["domains"])
+    return plan_gate_proxies(config, meta, chosen["weights"], fit_report["best_train_weights"],
+                             fitted)
+
+
+def run_validate_prediction(config, gate_tasks: list[dict], fit_report: dict, regressor: Path,
+                            tracking: dict) -> dict:
+    """Compare predicted and measured losses on the fresh proxies; log the decision.
+
+    A failed gate proxy of the chosen mixture fails the stage (nothing to judge); other failed
+    proxies are left out and recorded."""
+    results = [r for task in gate_tasks for r in task["results"] if "error" not in r]
+    failed = [r for task in gate_tasks for r in task["results"] if "error" in r]
+    chosen_failed = next((r for r in failed if r["id"] == CHOSEN), None)
+    if chosen_failed:
+        raise RuntimeError(f"the chosen mixture's gate proxy failed ({chosen_failed['error']}); "
+                           "the gate cannot judge it. Rerun: finished proxies are reused")
+    model = Regressor.load(regressor)
+    weights = np.array([[r["weights"][d] for d in model.domains] for r in results])
+    ids = [r["id"] for r in results]
+    predicted = dict(zip(ids, map(float, model.predict(weights)), strict=True))
+    chosen = next(r["weights"] for r in results if r["id"] == CHOSEN)
+    fitted = chosen_was_fitted(chosen, model.domains, model.train_weights)
+    decision = decide(results, predicted, fit_report["target"], fit_report, config.gate, fitted)
+    with stage_run(tracking, "gate", "validate-prediction"):
+        mlflow.log_metrics({
+            "gate.spearman": decision["spearman"], "gate.spearman_low": decision["spearman_low"],
+            "gate.spearman_high": decision["spearman_high"],
+            "gate.passed": float(decision["passed"]),
+            "gate.chosen_measured": decision["chosen_measured"],
+            "gate.chosen_predicted": decision["chosen_predicted"],
+            "gate.best_train_measured": decision["best_train_measured"],
+            "gate.tolerance": decision["tolerance"],
+            "gate.proxies_reused": sum(r["reused"] for r in results),
+            "gate.proxies_failed": len(failed),
+        })
+        mlflow.set_tag("gate.reason", decision["reason"])
+        if failed:
+            mlflow.log_dict({r["id"]: r["error"] for r in failed}, "failed_proxies.json")
+        mlflow.log_dict(decision, "gate.json")
+    return decision

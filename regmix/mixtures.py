@@ -8,11 +8,13 @@ The hash keys a proxy result by everything that determines it (mixture, corpus f
 import hashlib
 import json
 
+import mlflow
 import numpy as np
 
 from regmix.config.constraints import search_constraints
 from regmix.config.sections import STRENGTH_RANGE
 from regmix.errors import ConfigError
+from regmix.tracking.runs import stage_run
 
 SAMPLE_BLOCK = 256  # candidates per draw; fixed so the sequence is independent of count
 
@@ -114,14 +116,9 @@ def as_mixtures(weights: np.ndarray, domains: list[str], prefix: str, key: dict)
     return mixtures
 
 
-def chunk(mixtures: list[dict], per_task: int, tracking: dict) -> list[dict]:
-    """Group mixtures into proxy tasks (pods); each task trains its mixtures one after another.
-
-    Each task carries the tracking context itself: kfp.local 2.17 replaces every upstream
-    task-output parameter inside a ParallelFor body with the loop item, so a loop body may only
-    take the item, pipeline parameters, constants and artifacts.
-    """
-    return [{"task": i // per_task, "mixtures": mixtures[i : i + per_task], "tracking": tracking}
+def chunk(mixtures: list[dict], per_task: int) -> list[dict]:
+    """Group mixtures into proxy tasks (pods); each task trains its mixtures one after another."""
+    return [{"task": i // per_task, "mixtures": mixtures[i : i + per_task]}
             for i in range(0, len(mixtures), per_task)]
 
 
@@ -141,7 +138,7 @@ def draw_mixtures(config, meta: dict, count: int, rng: np.random.Generator) -> n
                            mix.min_weight)
 
 
-def plan_proxies(config, meta: dict, tracking: dict) -> list[dict]:
+def plan_proxies(config, meta: dict) -> list[dict]:
     """The training proxies for a run: the prior (optionally) plus sampled mixtures, chunked."""
     mix = config.mixtures
     rng = np.random.default_rng(config.seed)
@@ -149,7 +146,7 @@ def plan_proxies(config, meta: dict, tracking: dict) -> list[dict]:
     if mix.include_prior:  # the prior itself, within the caps (the sampler found mixtures that are)
         sampled = np.vstack([capped(*prior_and_caps(config, meta)), sampled])
     mixtures = as_mixtures(sampled, meta["domains"], "m", proxy_key(config, meta))
-    return chunk(mixtures, config.proxy.per_task, tracking)
+    return chunk(mixtures, config.proxy.per_task)
 
 
 def proxy_key(config, meta: dict) -> dict:
@@ -169,3 +166,17 @@ def check_trained_region(config, meta: dict, mixtures: list[dict]) -> None:
         search_constraints(config, meta).upper_bounds_in_trained_region(domains, planned)
     except ValueError as e:
         raise ConfigError(f"search: {e}") from None
+
+
+def run_sample_mixtures(config, meta: dict, tracking: dict) -> list[dict]:
+    """The sample-mixtures stage: the proxies' mixtures as proxy tasks `[{task, mixtures}]`,
+    checked against the corpus and the search's bounds before anything trains, and logged."""
+    # A misnamed domain fails here, not after every proxy trained
+    config.check_domains(meta["domains"], meta)
+    tasks = plan_proxies(config, meta)
+    mixtures = [m for t in tasks for m in t["mixtures"]]
+    check_trained_region(config, meta, mixtures)
+    with stage_run(tracking, "mixtures", "sample-mixtures"):
+        mlflow.log_params({"count": len(mixtures), "tasks": len(tasks), "seed": config.seed})
+        mlflow.log_dict({"mixtures": mixtures}, "mixtures.json")
+    return tasks

@@ -7,6 +7,7 @@ logged to the pipeline's parent run under `report/`, and shown in the KFP UI by 
 import base64
 import html
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -19,7 +20,14 @@ import mlflow
 from regmix.evidence import verdict
 from regmix.files import write_text
 from regmix.tracking.plots import save
-from regmix.tracking.runs import PIPELINE_TAG, PROXY_STAGES, latest_run, runs_by_stage
+from regmix.tracking.runs import (
+    PIPELINE_TAG,
+    PROXY_STAGES,
+    default_tracking_uri,
+    finish_pipeline_run,
+    latest_run,
+    runs_by_stage,
+)
 
 
 @dataclass
@@ -240,3 +248,18 @@ def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path,
     if parent is not None:
         mlflow.MlflowClient(tracking_uri).log_artifacts(parent.info.run_id, str(out_dir), "report")
     return out_dir / "report.html"
+
+
+def run_finish_tracking(experiment: str, tracking_uri: str, label: str, state: str,
+                        report: Path, summary: Path) -> None:
+    """The exit step: write the run report (HTML to `report`, Markdown to `summary`) and
+    close the parent run with the pipeline's final `state`."""
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            page = build_report(uri, experiment, label, Path(tmp), outcome=state)
+            shutil.copy(page, report)
+            shutil.copy(page.with_name("report.md"), summary)
+    except Exception:  # a report problem must not hide how the run itself ended
+        logging.getLogger("regmix.report").exception("could not write the run report")
+    finish_pipeline_run(uri, experiment, label, state)

@@ -6,21 +6,26 @@ and `logits_to_mixtures` maps them smoothly into the bounds with weights summing
 from elsewhere (the paper's samples, a prior) are projected onto the bounds exactly.
 """
 
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import optuna
+import yaml
 from cmaes import CMA
 from scipy.spatial.distance import cdist
 from scipy.special import expit, logit
 
-from regmix.config.constraints import Constraints
+from regmix.config.constraints import Constraints, search_constraints
 from regmix.config.sections import CMAES_POPULATION, PAPER_SAMPLES, STRENGTH_RANGE
-from regmix.mixtures import dirichlet_around
+from regmix.files import write_text
+from regmix.mixtures import dirichlet_around, token_prior
 from regmix.regression.saved import Regressor
 from regmix.tracking import plots
+from regmix.tracking.runs import stage_run
 
 METHODS = ("cmaes", "tpe")
 # Logits live in a box so that CMA-ES cannot drift without bound along the one direction that
@@ -390,3 +395,34 @@ def save_search_plots(chosen: SearchResult, recipe: SearchResult, prior: dict[st
         plots.simulated_losses(recipe.sampled_predictions, marks,
                                folder / f"{prefix}simulated_losses.png"),
     ]
+
+
+def run_search(config, regressor: Path, meta: dict, tracking: dict, out: Path) -> dict:
+    """The search stage: the lowest predicted mixture beside the paper's recipe, written to
+    `out` as YAML and logged with its plots. Returns the record written."""
+    model = Regressor.load(regressor)
+    tokens = np.array([meta["tokens"][d]["train"] for d in model.domains])
+    prior = token_prior(tokens, config.mixtures.temperature)
+    constraints = search_constraints(config, meta)
+    # The paper's recipe samples as the proxies were sampled: around the same prior, same strengths
+    chosen, recipe = search_with_baseline(
+        model, prior, config.search.method, config.search.trials, constraints, config.seed,
+        config.search.allow_extrapolation, config.mixtures.strength_range)
+    record = search_record(chosen, recipe, constraints, config.search.allow_extrapolation, model)
+    write_text(out, yaml.safe_dump(record, sort_keys=False))
+    with stage_run(tracking, "search", "search-mixture"):
+        mlflow.log_params({f"weight.{d}": round(w, 6) for d, w in chosen.weights.items()})
+        mlflow.log_params({"method": chosen.method, "trials": chosen.trials})
+        mlflow.log_metrics({"predicted_loss": chosen.predicted, "spread": chosen.spread,
+                            "search_seconds": chosen.seconds,
+                            "paper_recipe_predicted_loss": recipe.predicted,
+                            **({"predicted_gain": chosen.predicted_gain}
+                               if chosen.predicted_gain is not None else {})})
+        mlflow.log_artifact(str(out), "mixture")
+        # the mixture the proxies were sampled around (the plot's "prior"), as data
+        prior_weights = dict(zip(model.domains, prior.tolist(), strict=True))
+        mlflow.log_dict(prior_weights, "prior.json")
+        with tempfile.TemporaryDirectory() as folder:
+            save_search_plots(chosen, recipe, prior_weights, Path(folder))
+            mlflow.log_artifacts(folder, "plots")
+    return record

@@ -1,4 +1,5 @@
-"""A corpus's domains: where their documents come from (spec, folders, files, `datasets`) and the checks run before any work."""
+"""A corpus's domains: where their documents come from (a spec, folders, files, `datasets`),
+and the checks run on them before any work."""
 
 import glob
 import hashlib

@@ -227,3 +227,28 @@ class TokenData:
 
     def array(self, split: str, domain: str) -> np.ndarray:
         return np.load(self.arrays / split / f"{domain}.npy", mmap_mode="r")
+
+
+def data_settings(config) -> dict:
+    """The config's sections that decide the prepared data: corpus, tokenizer and seed, and on
+    a cluster the shared volume the token arrays are written to (`cluster.volume`).
+
+    Data preparation takes only these, so that KFP's cache of it (keyed on a task's inputs)
+    survives an edit to any other section, such as a gate threshold or a pod's memory. The
+    volume is among them because a cached result names the arrays by their path on it: another
+    claim or mount path, or a first run without one, would hand the proxies a path to nothing.
+    """
+    sections = {"corpus": True, "tokenizer": True, "seed": True, "cluster": {"volume"}}
+    return config.model_dump(mode="json", include=sections, exclude_none=True)
+
+
+def run_prepare_data(settings: dict, out: Path) -> dict:
+    """The prepare-data stage on `data_settings`: tokenize the corpus into per-domain packed
+    arrays under `out` (or the shared volume, on a cluster); returns the data meta."""
+    logging.basicConfig(level=logging.INFO)
+    corpus = CorpusConfig.model_validate(settings["corpus"])
+    tokenizer = TokenizerConfig.model_validate(settings["tokenizer"])
+    shared = os.environ.get(SHARED_TOKENS_ENV)  # set on a cluster with a shared volume
+    # KFP hands dict parameters over as JSON objects, in which every number is a float
+    return prepare_data(corpus, tokenizer, out, seed=int(settings["seed"]),
+                        shared_root=Path(shared) if shared else None)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import least_squares
 
-from regmix.regression.gp import _log_and_raw
+from .gp import _log_and_raw
 
 # The mixing law's exponents are shrunk toward 0 by a penalty chosen from these by CV error
 # (the law has 2 x domains + 2 parameters: with few proxies only a strong penalty keeps it

@@ -1,26 +1,30 @@
-"""Regression stage: predict a proxy's loss from its data mixture (RegMix, Liu et al. 2025).
+"""A fitted regressor as an MLflow pyfunc model (`mlflow.pyfunc.load_model`).
 
-Every setting is chosen from the training rows alone, by k-fold cross-validation (CV):
-LightGBM's number of rounds (and, with `tune_trials`, its hyperparameters through Optuna),
-the ridge penalty, the ensemble's blend weights, which model to use, and whether to leave out
-the rows CV predicted worst (see OUTLIER_MADS). Fitted models are
-saved in safe formats only (LightGBM's text model, JSON, .npy) so that loading one never
-executes code.
+`log_mlflow_model` logs a saved regressor with a copy of the modules that predict with it
+(PREDICTOR_MODULES: the members, the saved format and this loader, not the fitting code) as a
+package named after a hash of that code, `regmix_regressor_<digest>`. A process that imported
+another regmix version, or another package of a common name, loads each model with its own
+code under its own name, with nothing swapped in `sys.modules`. For that, these modules import
+each other relatively and need only PREDICTOR_PACKAGES (no kfp, no optuna).
 """
 
 import hashlib
 import shutil
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import pandas as pd
+from mlflow.models import infer_signature
 
-from regmix.regression.saved import Regressor
+from .saved import Regressor
 
-# The packages a logged regressor model needs where it is loaded (`components` itself travels
-# with it as code): what `components.regression` imports.
-MLFLOW_MODEL_PACKAGES = ("numpy", "scipy", "scikit-learn", "lightgbm", "optuna", "joblib", "kfp",
-                         "pydantic", "pyyaml")
+PREDICTOR_MODULES = ("__init__.py", "boosted.py", "gp.py", "law.py", "linear.py", "saved.py",
+                     "pyfunc.py")
+# The packages a logged regressor needs where it is loaded: what PREDICTOR_MODULES import
+PREDICTOR_PACKAGES = ("numpy", "scipy", "scikit-learn", "lightgbm", "joblib", "pandas")
 
 
 class _PyfuncRegressor:
@@ -35,39 +39,33 @@ class _PyfuncRegressor:
 
 
 def _load_pyfunc(data_path: str) -> _PyfuncRegressor:
-    """mlflow.pyfunc's loader hook for models logged before `pyfunc_loader` (their
-    `loader_module` is this module)."""
+    """mlflow.pyfunc's loader hook (the logged model's `loader_module` is this module)."""
     return _PyfuncRegressor(data_path)
 
 
 def code_digest(package: Path) -> str:
-    """A hash of a package's Python sources: names the loader of models logged with this code."""
+    """A hash of the predictor's sources: names the package a model logged with them loads as."""
     digest = hashlib.sha256()
-    for source in sorted(package.glob("*.py")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    for name in PREDICTOR_MODULES:
+        digest.update(name.encode() + b"\0" + (package / name).read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
 def log_mlflow_model(folder: Path, regressor: Regressor) -> None:
     """Log the saved regressor `folder` to the active run as an MLflow pyfunc model: loadable
     with `mlflow.pyfunc.load_model`, registrable and servable, with a signature naming the
-    domains. Its data is the folder as saved (LightGBM text, JSON, .npy): nothing is pickled.
-    Its code is this `components` package, loaded apart from any other (see pyfunc_loader)."""
-    from importlib.metadata import version
-
-    import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
-
+    domains. Its data is the folder as saved (LightGBM text, JSON, .npy): nothing is pickled."""
     package = Path(__file__).parent
     example = pd.DataFrame(regressor.train_weights[:3], columns=regressor.domains)
     with tempfile.TemporaryDirectory() as scratch:
-        loader = Path(scratch) / f"regmix_regressor_{code_digest(package)}.py"
-        shutil.copyfile(package / "pyfunc_loader.py", loader)
+        code = Path(scratch) / f"regmix_regressor_{code_digest(package)}"
+        code.mkdir()
+        for name in PREDICTOR_MODULES:
+            shutil.copyfile(package / name, code / name)
         mlflow.pyfunc.log_model(
-            name="regressor", loader_module=loader.stem, data_path=str(folder),
-            code_paths=[str(package), str(loader)],
-            pip_requirements=[f"{name}=={version(name)}" for name in MLFLOW_MODEL_PACKAGES],
+            name="regressor", loader_module=f"{code.name}.pyfunc", data_path=str(folder),
+            code_paths=[str(code)],
+            pip_requirements=[f"{name}=={version(name)}" for name in PREDICTOR_PACKAGES],
             signature=infer_signature(example, regressor.predict(example.to_numpy())),
             input_example=example,
         )

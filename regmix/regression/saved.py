@@ -1,3 +1,9 @@
+"""A fitted regressor: its members' weighted prediction, and its saved format.
+
+Saved in safe formats only (LightGBM's text model, JSON, .npy), one folder per member, so that
+loading a model never executes code.
+"""
+
 from __future__ import annotations
 
 import json
@@ -9,12 +15,11 @@ from typing import ClassVar, Protocol
 import numpy as np
 from joblib import cpu_count
 
-from regmix.config.sections import PER_DOMAIN
-from regmix.files import replacing
-from regmix.regression.boosted import _LightGBM
-from regmix.regression.gp import _GaussianProcess
-from regmix.regression.law import _MixingLaw
-from regmix.regression.linear import _Linear
+# Relative imports: a logged model carries these modules under a name of its own (pyfunc.py)
+from .boosted import _LightGBM
+from .gp import _GaussianProcess
+from .law import _MixingLaw
+from .linear import _Linear
 
 # The paper's own CSVs round each of 17 weights to 3 decimals, so their rows sum to
 # 0.996..1.003; a looser tolerance would hide real mistakes (a missing column), a tighter
@@ -25,6 +30,8 @@ ROW_SUM_TOLERANCE = 5e-3
 # for the paper recipe on a 13-part per-domain model of the paper's 512 proxies).
 PREDICT_BATCH_ROWS = 8192
 REGRESSOR_FILE, TRAIN_WEIGHTS_FILE = "regressor.json", "train_weights.npy"
+# config.sections.PER_DOMAIN, named here too: these modules import nothing outside the package
+PER_DOMAIN = "per-domain"
 
 
 class _Member(Protocol):
@@ -116,29 +123,29 @@ class Regressor:
         mean = share @ each
         return mean, np.sqrt(share @ (each - mean) ** 2)
 
-    def save(self, directory: Path) -> None:
-        """Write the model as one folder that appears whole or not at all."""
-        with replacing(directory) as folder:
-            folder.mkdir(parents=True)
-            names = []
-            for i, member in enumerate(self.members):
-                names.append(f"{i}_{member.kind}")
-                (folder / names[-1]).mkdir()
-                member.save(folder / names[-1])
-            if self.train_weights is not None:
-                np.save(folder / TRAIN_WEIGHTS_FILE, self.train_weights)
-            state = {
-                "model": self.model,
-                "domains": self.domains,
-                "members": names,
-                "linear_coefficients": self.linear_coefficients,
-                "member_weights": self.member_weights,
-                "fit_summary": self.fit_summary,
-            }
-            (folder / REGRESSOR_FILE).write_text(json.dumps(state, indent=1))
+    def save(self, folder: Path) -> None:
+        """Write the model's files into `folder` (callers write through `files.replacing`, so
+        that a saved model appears whole or not at all)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        names = []
+        for i, member in enumerate(self.members):
+            names.append(f"{i}_{member.kind}")
+            (folder / names[-1]).mkdir()
+            member.save(folder / names[-1])
+        if self.train_weights is not None:
+            np.save(folder / TRAIN_WEIGHTS_FILE, self.train_weights)
+        state = {
+            "model": self.model,
+            "domains": self.domains,
+            "members": names,
+            "linear_coefficients": self.linear_coefficients,
+            "member_weights": self.member_weights,
+            "fit_summary": self.fit_summary,
+        }
+        (folder / REGRESSOR_FILE).write_text(json.dumps(state, indent=1))
 
     @classmethod
-    def load(cls, directory: Path) -> "Regressor":
+    def load(cls, directory: Path) -> Regressor:
         directory = Path(directory)
         state = json.loads((directory / REGRESSOR_FILE).read_text())
         members = [
@@ -148,6 +155,8 @@ class Regressor:
         return cls(state["model"], state["domains"], members, state["linear_coefficients"],
                    np.load(weights) if weights.exists() else None, state.get("member_weights"),
                    state.get("fit_summary"))
+
+
 
 
 _MEMBER_LOADERS["regressor"] = Regressor.load

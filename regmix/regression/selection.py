@@ -1,11 +1,8 @@
-"""Regression stage: predict a proxy's loss from its data mixture (RegMix, Liu et al. 2025).
+"""Which regressor, chosen from the training rows alone by k-fold cross-validation (CV).
 
-Every setting is chosen from the training rows alone, by k-fold cross-validation (CV):
-LightGBM's number of rounds (and, with `tune_trials`, its hyperparameters through Optuna),
-the ridge penalty, the ensemble's blend weights, which model to use, and whether to leave out
-the rows CV predicted worst (see OUTLIER_MADS). Fitted models are
-saved in safe formats only (LightGBM's text model, JSON, .npy) so that loading one never
-executes code.
+LightGBM's number of rounds (and, with `tune_trials`, its hyperparameters through Optuna), the
+ridge penalty, the ensemble's blend weights, which model to use, and whether to leave out the
+rows CV predicted worst (see OUTLIER_MADS) are all chosen by CV.
 """
 
 import itertools

@@ -1,21 +1,17 @@
-"""Regression stage: predict a proxy's loss from its data mixture (RegMix, Liu et al. 2025).
-
-Every setting is chosen from the training rows alone, by k-fold cross-validation (CV):
-LightGBM's number of rounds (and, with `tune_trials`, its hyperparameters through Optuna),
-the ridge penalty, the ensemble's blend weights, which model to use, and whether to leave out
-the rows CV predicted worst (see OUTLIER_MADS). Fitted models are
-saved in safe formats only (LightGBM's text model, JSON, .npy) so that loading one never
-executes code.
+"""The fit-regression stage: every finished proxy's mixture and target loss, one fit chosen by
+cross-validation, saved beside the results it was fitted on, and logged to MLflow with its CV
+quality, learning curve, plots and the pyfunc model.
 """
 
 import json
 import tempfile
 from pathlib import Path
 
+import mlflow
 import numpy as np
 
 from regmix.config.sections import PER_DOMAIN
-from regmix.files import write_text
+from regmix.files import replacing, write_text
 from regmix.regression.linear import domain_interactions
 from regmix.regression.pyfunc import log_mlflow_model
 from regmix.regression.selection import FitReport, best_row, fit_target
@@ -99,9 +95,6 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
                 run_name: str) -> dict:
     """Fit mixture -> target loss on every finished proxy result; save the model (with the
     results it was fitted on) to `out`; log CV quality and the model. Returns the fit report."""
-    import mlflow
-
-
     domains = data_meta["domains"]
     target = cfg.regression.target_weights(domains)
     # KFP does not promise the order of a ParallelFor's collected outputs, and the folds, the
@@ -123,7 +116,8 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
         curve = learning_curve(weights, columns, shares, domains, report.model,
                                cfg.regression.folds, cfg.seed, report.cv_spearman)
         losses = columns @ shares
-        model.save(out)
+        with replacing(out) as folder:
+            model.save(folder)
         # A later active-learning round refits on these plus its own proxies.
         write_text(out / PROXY_RESULTS_FILE, json.dumps(every))
         best = best_row(losses, report.left_out)
@@ -160,3 +154,18 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
         "best_train_id": results[best]["id"], "best_train_target": float(losses[best]),
         "best_train_weights": results[best]["weights"],
     }
+
+
+def run_fit_regression(config, proxy_tasks: list[dict], meta: dict, tracking: dict,
+                       out: Path) -> dict:
+    """The fit-regression stage: mixture -> target loss on every finished proxy, saved to `out`."""
+    every = [r for task in proxy_tasks for r in task["results"]]
+    return fit_and_log(config, every, meta, tracking, out, "fit-regression")
+
+
+def run_refit_regression(config, previous: Path, proxy_tasks: list[dict], meta: dict,
+                         tracking: dict, active_round: int, out: Path) -> dict:
+    """An active-learning round's refit: the previous fit's proxies plus this round's."""
+    earlier = json.loads((previous / PROXY_RESULTS_FILE).read_text())
+    every = earlier + [r for task in proxy_tasks for r in task["results"]]
+    return fit_and_log(config, every, meta, tracking, out, f"fit-regression-round-{active_round}")

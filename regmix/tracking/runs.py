@@ -1,10 +1,11 @@
-"""MLflow bookkeeping shared by every stage, and the pipeline's start/finish tracking steps.
+"""MLflow bookkeeping shared by every stage, and the pipeline's start-tracking step.
 
 The names here are the contract users see in the MLflow UI: one experiment per pipeline name,
 one parent run per pipeline run, one child run per stage task tagged `regmix.stage`.
 """
 
 import functools
+import json
 import logging
 import os
 import time
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from regmix.config.loading import parse_config
+from regmix.config.schema import check_compiled_settings
 from regmix.errors import ConfigError, TrackingUnavailable
 
 STAGE_TAG, PIPELINE_TAG, HASH_TAG = "regmix.stage", "regmix.pipeline_run", "regmix.mixture_hash"
@@ -205,3 +208,11 @@ def finish_pipeline_run(tracking_uri: str, experiment: str, pipeline_run: str, s
     state = "FINISHED" if status == "SUCCEEDED" else "FAILED"
     for run in runs:
         client.set_terminated(run.info.run_id, status=state, end_time=int(time.time() * 1000))
+
+
+def run_start_tracking(config: dict, tracking_uri: str, label: str, compiled: str = "") -> dict:
+    """Create the MLflow parent run for this pipeline run, once the run's config is known to
+    keep what the pipeline was compiled with (`compiled`: its COMPILED_SETTINGS as JSON)."""
+    if compiled:
+        check_compiled_settings(parse_config(config), json.loads(compiled))
+    return start_pipeline_run(tracking_uri or default_tracking_uri(), config["name"], label, config)

@@ -1,3 +1,15 @@
+"""Where a larger-model run trains: in its task's pod, over that pod's GPUs, or over several nodes.
+
+`run_train_target` picks from the config and the pod it runs in:
+- at most one GPU here (kfp.local, CPU, one-GPU pods): `train_target` in process;
+- several GPUs here: `torchrun --standalone` over them;
+- `cluster.large.nodes > 1`: a Kubeflow Training Operator PyTorchJob of that many pods with
+  `cluster.large.gpus` GPUs each, which the task creates, follows, and fails with.
+The torchrun workers are this module's `main`: they read the run from `request.json` in a work
+folder and rank 0 writes `result.json` beside it; for a PyTorchJob that folder (and a copy of
+the data) lies on the shared data volume.
+"""
+
 import hashlib
 import json
 import logging
@@ -8,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from regmix.config.loading import parse_config
 from regmix.config.schema import RegMixConfig
@@ -37,45 +51,44 @@ class JobFailed(RuntimeError):
     """A large run's PyTorchJob failed; the message has its reason and its master's last lines."""
 
 
-def run_target(data_dir: str, run: dict, config: RegMixConfig) -> dict:
-    """Train one larger-model run where the config and this pod put it; returns its result."""
+def run_train_target(config: RegMixConfig, run: dict, data_dir: str, tracking: dict) -> dict:
+    """Train one larger-model run where the config and this pod put it: in this process,
+    torchrun over the pod's GPUs, or a PyTorchJob over several nodes; returns its result."""
     if config.cluster.large.nodes > 1:
-        return run_on_nodes(data_dir, run, config)
-    import torch
-
+        return run_on_nodes(data_dir, run, config, tracking)
     gpus = torch.cuda.device_count()
     if gpus <= 1:
-
-        return train_target(data_dir, run, config)
+        return train_target(data_dir, run, config, tracking)
     with tempfile.TemporaryDirectory() as work:
-        write_request(Path(work), data_dir, run, config)
+        write_request(Path(work), data_dir, run, config, tracking)
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        f"--nproc-per-node={gpus}", "-m", "components.launcher", work], check=True)
+                        f"--nproc-per-node={gpus}", "-m", "regmix.train.launcher", work], check=True)
         return json.loads((Path(work) / "result.json").read_text())
 
 
-def run_on_nodes(data_dir: str, run: dict, config: RegMixConfig) -> dict:
+def run_on_nodes(data_dir: str, run: dict, config: RegMixConfig, tracking: dict) -> dict:
     """Run it as a PyTorchJob; its nodes share the data and the work folder on the volume."""
-    name = job_name(run)
+    name = job_name(run, tracking)
     work = Path(config.cluster.volume.mount_path) / "jobs" / name
     shared_data = work / "data"
     if not shared_data.exists():  # a retried task finds the copy made
         with replacing(shared_data) as partial:
             shutil.copytree(data_dir, partial)
-    write_request(work, str(shared_data), run, config)
+    write_request(work, str(shared_data), run, config, tracking)
     run_pytorchjob(pytorchjob_manifest(name, config, str(work)), in_cluster_api())
     return json.loads((work / "result.json").read_text())
 
 
-def job_name(run: dict) -> str:
+def job_name(run: dict, tracking: dict) -> str:
     """One name per run of one pipeline run, so that a retried task finds its job again."""
-    digest = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
+    named = {**run, "tracking": tracking}
+    digest = hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()
     return f"regmix-large-{digest[:12]}"
 
 
-def write_request(work: Path, data_dir: str, run: dict, config: RegMixConfig) -> None:
+def write_request(work: Path, data_dir: str, run: dict, config: RegMixConfig, tracking: dict) -> None:
     work.mkdir(parents=True, exist_ok=True)
-    request = {"data_dir": data_dir, "run": run,
+    request = {"data_dir": data_dir, "run": run, "tracking": tracking,
                "config": config.model_dump(mode="json", exclude_none=True)}
     write_text(work / "request.json", json.dumps(request))
 
@@ -86,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     work = Path((argv if argv is not None else sys.argv[1:])[0])
     request = json.loads((work / "request.json").read_text())
-    result = train_target(request["data_dir"], request["run"], parse_config(request["config"]))
+    result = train_target(request["data_dir"], request["run"], parse_config(request["config"]),
+                          request["tracking"])
     if os.environ.get("RANK", "0") == "0":
         write_text(work / "result.json", json.dumps(result))  # whole or absent
 
@@ -109,7 +123,7 @@ def pytorchjob_manifest(name: str, config: RegMixConfig, work_dir: str) -> dict:
         "name": "pytorch",  # the Training Operator finds its container by this name
         "image": cluster.image,
         # The operator sets torchrun's PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, ... on each pod.
-        "command": ["python", "-m", "torch.distributed.run", "-m", "components.launcher",
+        "command": ["python", "-m", "torch.distributed.run", "-m", "regmix.train.launcher",
                     work_dir],
         "env": env,
         "resources": {"requests": resources, "limits": resources},
@@ -260,14 +274,14 @@ def master_log_tail(api, namespace: str, name: str, lines: int = 40) -> str:
         return f"(no log: {e.status} {e.reason})"
 
 
-def train_target(data_dir: str, run: dict, config) -> dict:
-
+def train_target(data_dir: str, run: dict, config, tracking: dict) -> dict:
+    """Train one larger model (large, baseline or rank-check run) in this process."""
     limit_cpu_threads(config.large.cpu_threads)
     spec = config.rank_check if run["role"] == "rank" else config.large
     data = TokenData.open(data_dir)
     target = config.regression.target_weights(data.domains)
     result = train_proxy(data, run, spec.model.resolve(), spec.train, int(run["seed"]),
-                         run["tracking"], target, stage=run["role"])
+                         tracking, target, stage=run["role"])
     if "error" in result:  # diverged: no loss to compare or rank; fail the task with the fix
         raise RuntimeError(f"{run['role']} run {run['id']}: {result['error']}")
     return {**result, "name": run["name"], "seed": run["seed"]}

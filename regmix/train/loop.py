@@ -1,4 +1,5 @@
-"""The training loop every LM here runs through (proxies, packs of proxies, larger runs), with `accelerate`."""
+"""The training loop every LM here runs through (proxies, packs of proxies, larger runs),
+with `accelerate`."""
 
 import ctypes
 import math

@@ -273,14 +273,14 @@ def _train_proxies_packed(data: TokenData, mixtures: list[dict], shape: ModelSha
     return [results[m["id"]] for m in mixtures]
 
 
-def train_task(data_dir: str, task: dict, config, stage: str = "proxy") -> dict:
+def run_train_proxies(config, task: dict, data_dir: str, tracking: dict, stage: str = "proxy") -> dict:
     """Train a task's mixtures in this process (one pod on a cluster): packed, or in turn.
 
     A mixture that fails comes back as `{"id", "hash", "weights", "error"}` and the others still
     train; the fan-in decides whether enough of them finished. MLflow out of reach fails the
     task instead (trained results stay kept on disk), so that a retry, not a lost proxy, follows.
     """
-    data, tracking = TokenData.open(data_dir), task["tracking"]
+    data = TokenData.open(data_dir)
     shape, recipe = config.proxy.model.resolve(), config.proxy.train
     target = config.regression.target_weights(data.domains)
     limit_cpu_threads(config.proxy.cpu_threads)
