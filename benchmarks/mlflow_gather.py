@@ -1,7 +1,7 @@
 """Gathering proxy results from MLflow: 1000 proxies x 17 domains (target: under 30 s).
 
 Logs N proxy runs (weights as params, per-domain losses as metrics, the pipeline's names) into
-a fresh SQLite store, then times `components.tracking.proxy_runs`, which the regression stage
+a fresh SQLite store, then times `regmix.tracking.runs.proxy_runs`, which the regression stage
 and `regmix export` use. Prints one line of numbers (and JSON with --json).
 
     python benchmarks/mlflow_gather.py [--proxies 1000] [--domains 17] [--json]

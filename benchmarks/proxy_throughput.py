@@ -1,7 +1,7 @@
 """Proxy-training throughput: our trainer vs Hugging Face transformers, MFU, memory, packing.
 
 Trains one shape on synthetic tokens (throughput does not depend on the text) with
-  regmix             `components.proxy.train_lm`, the pipeline's trainer, end to end;
+  regmix             `regmix.train.loop.train_lm`, the pipeline's trainer, end to end;
   hf                 transformers' `LlamaForCausalLM` of the same shape in a plain PyTorch loop
                      (AdamW, cross-entropy on the logits, clipping; bf16 autocast on GPU);
   regmix-packed-G    `train_packed`: G proxies at once as one batched model (tokens/s of all G);
@@ -37,9 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import regmix.train.model
 from regmix.config.sections import TrainRecipe
 from regmix.config.shapes import SHAPES
 from regmix.data.prepare import TokenData
+from regmix.train.loop import MixtureBatches, lr_at, train_lm, train_packed
 from regmix.train.model import LM
 
 
@@ -83,7 +85,6 @@ def hf_train(data: TokenData, weights: dict, shape, recipe: TrainRecipe, device:
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from regmix.train.loop import MixtureBatches, lr_at
 
     torch.manual_seed(0)
     vocab = -(-data.vocab_size // 64) * 64  # the same padded output layer as ours
@@ -126,14 +127,10 @@ def trainer(impl: str, data_dir: str, shape_name: str, device: str, batch: int):
     Only the training steps count (each trainer's own clock, which stops after a sync): building
     and initialising the models on the host, G times over when packed, is no part of a step.
     """
-    import components.model
-
-    from regmix.train.loop import train_lm, train_packed
-
     if impl == "regmix-eager-softmax":
-        components.model.compiled_loss_and_grad = lambda: components.model.softmax_loss_and_grad
+        regmix.train.model.compiled_loss_and_grad = lambda: regmix.train.model.softmax_loss_and_grad
     if impl == "regmix-compile-head":
-        components.model.head_loss = components.model.head_loss.__wrapped__  # un-disabled
+        regmix.train.model.head_loss = regmix.train.model.head_loss.__wrapped__  # un-disabled
     data, shape = TokenData.open(data_dir), SHAPES[shape_name]
     weights = {d: 1 / len(data.domains) for d in data.domains}
     packs = packs_of(impl)
@@ -224,7 +221,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    choices=["cpu", "cuda"])
-    p.add_argument("--shape", help="a name from components/shapes.py (default: local-proxy on "
+    p.add_argument("--shape", help="a name from regmix/config/shapes.py (default: local-proxy on "
                    "CPU, proxy-1m on GPU)")
     p.add_argument("--vocab", type=int, help="default: 2048 on CPU, 50432 (the paper's) on GPU")
     p.add_argument("--batch", type=int, default=16, help="sequences per step")

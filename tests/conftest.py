@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from regmix.config.loading import parse_config
+from regmix.data.prepare import TokenData, prepare_data
+from regmix.data.tinypile.builder import DEFAULT_DIR
+from regmix.tracking.runs import start_pipeline_run
+
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
@@ -43,7 +48,6 @@ def pytest_collection_modifyitems(items):
 def regmix_cache(tmp_path_factory):
     """Checkpoints and kept results go to a fresh folder per session; the tinypile build (slow,
     from the network) stays shared through a link."""
-    from regmix.data.tinypile.builder import DEFAULT_DIR
 
     cache = tmp_path_factory.mktemp("regmix-cache")
     DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
@@ -78,9 +82,8 @@ def tiny_config_dict(spec: Path, **overrides) -> dict:
     return config
 
 
-def data_settings(spec: Path):
+def corpus_and_tokenizer(spec: Path):
     """The corpus and tokenizer sections of `tiny_config_dict`, validated."""
-    from regmix.config.loading import parse_config
 
     config = parse_config(tiny_config_dict(spec))
     return config.corpus, config.tokenizer
@@ -89,17 +92,15 @@ def data_settings(spec: Path):
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory, corpus_spec):
     """The small corpus, tokenized and packed once for the whole session."""
-    from regmix.data.prepare import TokenData, prepare_data
 
     out = tmp_path_factory.mktemp("data")
-    prepare_data(*data_settings(corpus_spec), out)
+    prepare_data(*corpus_and_tokenizer(corpus_spec), out)
     return TokenData.open(out)
 
 
 @pytest.fixture
 def tracking(tmp_path) -> dict:
     """A real MLflow store (SQLite) in a temp folder, with a parent run to nest under."""
-    from regmix.tracking.runs import start_pipeline_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return start_pipeline_run(uri, "regmix-test", "test-run", {"test": True})

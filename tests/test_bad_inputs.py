@@ -5,6 +5,10 @@ table, through the real CLI."""
 import pytest
 import yaml
 
+from regmix.config.loading import read_yaml
+from regmix.config.sections import TokenizerConfig
+from regmix.data.tokenizer import build_tokenizer, eos_id
+from regmix.errors import ConfigError
 from regmix.pipelines.cli import main
 
 
@@ -116,8 +120,6 @@ def test_missing_and_malformed_config_files(tmp_path, capsys):
     assert_user_error(capsys, ["run", "--config", str(tmp_path / "twice.yaml")],
                       "twice.yaml, line 3, column 1: not valid YAML: duplicate key 'search'")
     (tmp_path / "merged.yaml").write_text("base: &b {lr: 0.1}\nother: {<<: *b, lr: 0.2}\n")
-    from regmix.config.loading import read_yaml
-    from regmix.errors import ConfigError
 
     assert read_yaml(tmp_path / "merged.yaml", ConfigError)["other"] == {"lr": 0.2}  # merge keys
     (tmp_path / "latin1.yaml").write_bytes("name: caf\u00e9\n".encode("latin-1"))
@@ -222,8 +224,6 @@ def assert_user_error(capsys, argv: list[str], message: str) -> None:
 def test_a_tokenizer_without_a_known_end_of_text_token(tmp_path, capsys, corpus_spec):
     from tokenizers import Tokenizer, models
 
-    from regmix.config.sections import TokenizerConfig
-    from regmix.data.tokenizer import build_tokenizer, eos_id
 
     path = tmp_path / "tokenizer.json"
     Tokenizer(models.WordLevel({"[UNK]": 0, "[SEP]": 1, "word": 2}, unk_token="[UNK]")).save(str(path))

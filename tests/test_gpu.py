@@ -10,10 +10,10 @@ import os
 import subprocess
 import sys
 
-import components.model
 import pytest
 import torch
 
+import regmix.train.model
 from benchmarks.proxy_throughput import synthetic_data
 from regmix.config.sections import TrainRecipe
 from regmix.config.shapes import SHAPES
@@ -47,9 +47,9 @@ def test_the_compiled_softmax_head_matches_the_eager_one(monkeypatch):
         return loss.item(), torch.autograd.grad(loss, list(model.parameters()))
 
     compiled_loss, compiled_grads = loss_and_grads()
-    assert components.model.compiled_loss_and_grad.cache_info().currsize == 1  # it ran compiled
-    monkeypatch.setattr(components.model, "compiled_loss_and_grad",
-                        lambda: components.model.softmax_loss_and_grad)
+    assert regmix.train.model.compiled_loss_and_grad.cache_info().currsize == 1  # it ran compiled
+    monkeypatch.setattr(regmix.train.model, "compiled_loss_and_grad",
+                        lambda: regmix.train.model.softmax_loss_and_grad)
     eager_loss, eager_grads = loss_and_grads()
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-4)
     for got, want in zip(compiled_grads, eager_grads, strict=True):
@@ -65,10 +65,6 @@ def test_a_proxy_trains_on_the_gpu_as_on_the_cpu(data):
     on_cpu = subprocess.run(
         [sys.executable, "-c", f"""if True:
             import json
-            from regmix.config.sections import TrainRecipe
-            from regmix.data.prepare import TokenData
-            from regmix.train.loop import train_lm
-            from regmix.config.shapes import SHAPES
             curve = []
             train_lm(TokenData.open({str(data.root)!r}), {WEIGHTS!r}, SHAPES["local-proxy"],
                      TrainRecipe(**{recipe!r}), seed=0, on_log=lambda s, loss: curve.append(loss))

@@ -1,1 +1,1 @@
-"""TODO"""
+"""The corpus, its tokenizer and the prepared token arrays; tinypile, the demo corpus."""

@@ -257,7 +257,6 @@ def test_export_writes_the_paper_format_from_mlflow(tmp_path, tracking, capsys):
     export = ["export", "--experiment", "regmix-test", "--tracking-uri", tracking["uri"],
               "--mixtures", str(mixtures), "--losses", str(losses)]
     assert main(export) == 0
-    from regmix.paper_data import read_proxy_csvs
 
     table = read_proxy_csvs(mixtures)  # the exported CSVs read back as valid input
     assert table.domains == ["a", "b", "c"] and len(table.index) == 5

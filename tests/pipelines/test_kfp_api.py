@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from regmix.pipelines.cli import main
+from regmix.pipelines.kfp_api import connect
 from tests.fake_api import FakeApi
 
 API = "/apis/v2beta1"
@@ -153,12 +154,11 @@ def test_in_a_cluster_the_client_finds_kfp_in_its_own_namespace(monkeypatch):
     import kfp
     import kubernetes
 
-    from regmix.pipelines import kfp_api
 
     monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda: None)
     multi_user = type("Healthz", (), {"multi_user": True})
     monkeypatch.setattr(kfp.Client, "get_kfp_healthz", lambda self: multi_user)
-    host = kfp_api.connect(None)._run_api.api_client.configuration.host
+    host = connect(None)._run_api.api_client.configuration.host
     assert host == "ml-pipeline.kubeflow.svc.cluster.local:8888"
 
 

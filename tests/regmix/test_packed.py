@@ -2,14 +2,14 @@ import mlflow
 import numpy as np
 import pytest
 
-from regmix.components.proxy import train_proxy_op
 from regmix.config.loading import parse_config
 from regmix.config.sections import TrainRecipe
 from regmix.config.shapes import SHAPES
 from regmix.mixtures import as_mixtures, proxy_key
 from regmix.train.loop import evaluate, train_lm, train_packed
-from tests.components.test_proxy import one_cpu_thread  # noqa: F401 (an autouse fixture)
+from regmix.train.proxy import run_train_proxies
 from tests.conftest import tiny_config_dict
+from tests.regmix.test_proxy import one_cpu_thread  # noqa: F401 (an autouse fixture)
 
 
 def test_packed_proxies_match_the_same_proxies_trained_alone(prepared_data):
@@ -32,15 +32,13 @@ def test_packed_proxies_match_the_same_proxies_trained_alone(prepared_data):
 
 
 def test_a_packed_task_logs_one_run_per_proxy_as_an_unpacked_one_does(prepared_data, tracking):
-    from kfp import dsl
-
     config = tiny_config_dict("unused.yaml", proxy={"packed": True})
     weights = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
     mixtures = as_mixtures(weights, prepared_data.domains, "m",
                            proxy_key(parse_config(config), prepared_data.meta))
-    task = {"task": 0.0, "mixtures": mixtures, "tracking": tracking}
-    data = dsl.Dataset(name="data", uri=str(prepared_data.root))
-    out = train_proxy_op.python_func(config=config, task=task, data=data)
+    task = {"task": 0.0, "mixtures": mixtures}
+    data = str(prepared_data.root)
+    out = run_train_proxies(parse_config(config), task, data, tracking)
     assert [r["reused"] for r in out["results"]] == [False, False]
     runs = mlflow.MlflowClient(tracking["uri"]).search_runs(
         [tracking["experiment_id"]], "tags.`regmix.stage` = 'proxy'")
@@ -54,19 +52,17 @@ def test_a_packed_task_logs_one_run_per_proxy_as_an_unpacked_one_does(prepared_d
                                                                         "train_loss")
         assert len(curve) >= 2
 
-    again = train_proxy_op.python_func(config=config, task=task, data=data)
+    again = run_train_proxies(parse_config(config), task, data, tracking)
     assert [r["reused"] for r in again["results"]] == [True, True]
 
 
 def test_a_bad_mixture_does_not_sink_its_pack(prepared_data, tracking):
-    from kfp import dsl
-
     config = tiny_config_dict("unused.yaml", proxy={"packed": True})
     good = as_mixtures(np.array([[0.4, 0.3, 0.3]]), prepared_data.domains, "m",
                        proxy_key(parse_config(config), prepared_data.meta))[0]
     broken = {"id": "m0009", "hash": "0" * 16, "weights": {d: 0.0 for d in prepared_data.domains}}
-    task = {"task": 1.0, "mixtures": [broken, good], "tracking": tracking}
-    data = dsl.Dataset(name="data", uri=str(prepared_data.root))
-    failed, finished = train_proxy_op.python_func(config=config, task=task, data=data)["results"]
+    task = {"task": 1.0, "mixtures": [broken, good]}
+    data = str(prepared_data.root)
+    failed, finished = run_train_proxies(parse_config(config), task, data, tracking)["results"]
     assert "error" in failed and "val_loss" not in failed
     assert set(finished["val_loss"]) == set(prepared_data.domains)

@@ -9,14 +9,22 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-import components.large
-from ?components import launcher
 from regmix.config.loading import load_config
+from regmix.train import launcher
+from regmix.train.launcher import (
+    JobFailed,
+    job_state,
+    main,
+    pytorchjob_manifest,
+    run_pytorchjob,
+    run_train_target,
+)
 from tests.fake_api import FakeApi
 
 JOBS = "/apis/kubeflow.org/v1/namespaces/regmix/pytorchjobs"
 RUN = {"id": "chosen@seed0", "name": "chosen", "role": "large", "weights": {"arxiv": 1.0},
-       "seed": 0, "hash": "abc", "tracking": {"pipeline_run": "run-1"}}
+       "seed": 0, "hash": "abc"}
+TRACKING = {"pipeline_run": "run-1"}
 
 
 def multinode_config(nodes: int = 4, mount_path: str = "/data"):
@@ -81,7 +89,7 @@ def api_client(url: str) -> client.ApiClient:
 
 
 def test_manifest_is_a_pytorchjob_of_nonroot_gpu_pods_valid_for_kubernetes():
-    manifest = launcher.pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
+    manifest = pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
     assert (manifest["apiVersion"], manifest["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
     spec = manifest["spec"]
     assert spec["nprocPerNode"] == "8"
@@ -91,7 +99,7 @@ def test_manifest_is_a_pytorchjob_of_nonroot_gpu_pods_valid_for_kubernetes():
     pod = replicas["Worker"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["name"] == "pytorch" and container["image"] == "ghcr.io/regmix/regmix:0.1.0"
-    assert container["command"][-3:] == ["-m", "components.launcher", "/data/jobs/x"]
+    assert container["command"][-3:] == ["-m", "regmix.train.launcher", "/data/jobs/x"]
     assert container["resources"]["limits"] == {"cpu": "96", "memory": "960Gi",
                                                 "nvidia.com/gpu": "8"}
     assert container["resources"]["requests"] == container["resources"]["limits"]
@@ -119,19 +127,19 @@ def test_the_jobs_pods_pull_the_image_with_the_configured_secrets():
     config = multinode_config()
     private = config.model_copy(update={"cluster": config.cluster.model_copy(
         update={"image_pull_secrets": ["registry-creds"]})})
-    manifest = launcher.pytorchjob_manifest("regmix-large-x", private, "/data/jobs/x")
+    manifest = pytorchjob_manifest("regmix-large-x", private, "/data/jobs/x")
     for replica in manifest["spec"]["pytorchReplicaSpecs"].values():
         assert replica["template"]["spec"]["imagePullSecrets"] == [{"name": "registry-creds"}]
 
 
 def test_the_job_is_followed_until_it_succeeds_logging_each_change(caplog):
-    manifest = launcher.pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
+    manifest = pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
     states = [{}, {"conditions": [condition("Created")]},
               {"conditions": [condition("Created"), condition("Running")],
                "replicaStatuses": {"Master": {"active": 1}, "Worker": {"active": 3}}},
               {"conditions": [condition("Created"), condition("Succeeded", "JobSucceeded")]}]
     with fake_kubernetes(states) as api, caplog.at_level(logging.INFO, "regmix.launcher"):
-        job = launcher.run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
+        job = run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
         ((_, created),) = api.calls("POST", JOBS)
     assert created == manifest
     assert job["metadata"]["name"] == "regmix-large-x"
@@ -141,60 +149,60 @@ def test_the_job_is_followed_until_it_succeeds_logging_each_change(caplog):
 
 
 def test_a_failed_job_fails_the_task_with_its_reason_and_the_master_log():
-    manifest = launcher.pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
+    manifest = pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
     states = [{"conditions": [condition("Failed", "BackoffLimitExceeded", "pods failed 3 times")]}]
-    with fake_kubernetes(states) as api, pytest.raises(launcher.JobFailed) as failed:
-        launcher.run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
+    with fake_kubernetes(states) as api, pytest.raises(JobFailed) as failed:
+        run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
     message = str(failed.value)
     assert "regmix/regmix-large-x failed: BackoffLimitExceeded: pods failed 3 times" in message
     assert "regmix-large-x-master-0: CUDA out of memory" in message
 
 
 def test_a_retried_task_follows_the_job_its_first_attempt_made():
-    manifest = launcher.pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
+    manifest = pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
     succeeded = {"conditions": [condition("Running"), condition("Succeeded")]}
     with fake_kubernetes([], earlier=succeeded) as api:
-        job = launcher.run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
+        job = run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
         assert len(api.calls("POST", JOBS)) == 1 and api.calls("DELETE", JOBS + "/.*") == []
-    assert launcher.job_state(job)[0] == "Succeeded"
+    assert job_state(job)[0] == "Succeeded"
 
 
 def test_a_retried_task_replaces_the_job_its_first_attempt_saw_fail(caplog):
-    manifest = launcher.pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
+    manifest = pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
     failed = {"conditions": [condition("Failed", "BackoffLimitExceeded")]}
     with fake_kubernetes([{"conditions": [condition("Succeeded")]}], earlier=failed) as api, \
             caplog.at_level(logging.INFO, "regmix.launcher"):
-        job = launcher.run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
+        job = run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
         ((query, _),) = api.calls("DELETE", JOBS + "/regmix-large-x")
         posts = api.calls("POST", JOBS)
     assert query == {"propagationPolicy": "Foreground"}  # its pods go before the name is free
     assert len(posts) == 2 and posts[-1][1] == manifest  # refused (exists), then created anew
-    assert launcher.job_state(job)[0] == "Succeeded"
+    assert job_state(job)[0] == "Succeeded"
     assert "failed in an earlier attempt" in caplog.text
 
 
 def test_a_failed_job_deleted_by_someone_else_meanwhile_is_still_replaced():
-    manifest = launcher.pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
+    manifest = pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
     failed = {"conditions": [condition("Failed", "BackoffLimitExceeded")]}
     with fake_kubernetes([{"conditions": [condition("Succeeded")]}], earlier=failed,
                          deletion="gone") as api:
-        job = launcher.run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
+        job = run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
         posts = api.calls("POST", JOBS)
-    assert len(posts) == 2 and launcher.job_state(job)[0] == "Succeeded"
+    assert len(posts) == 2 and job_state(job)[0] == "Succeeded"
 
 
 def test_a_failed_job_stuck_in_deletion_fails_the_task_with_the_fix(monkeypatch):
     monkeypatch.setattr(launcher, "JOB_DELETE_SECONDS", 0.2)
-    manifest = launcher.pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
+    manifest = pytorchjob_manifest("regmix-large-x", multinode_config(), "/data/jobs/x")
     failed = {"conditions": [condition("Failed", "BackoffLimitExceeded")]}
     with fake_kubernetes([failed], earlier=failed, deletion="stuck") as api, \
-            pytest.raises(launcher.JobFailed, match="still being deleted after 0.2 s .* delete it "
+            pytest.raises(JobFailed, match="still being deleted after 0.2 s .* delete it "
                                                     "by hand, then retry the run"):
-        launcher.run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
+        run_pytorchjob(manifest, api_client(api.url), poll_seconds=0.01)
     assert len(api.calls("POST", JOBS)) == 1  # never created over the stuck one
 
 
-def fake_train_target(data_dir, run, config):
+def fake_train_target(data_dir, run, config, tracking):
     return {"id": run["id"], "val_loss": {"arxiv": 2.5},
             "tokens": sum(1 for _ in (Path(data_dir) / "train").iterdir())}
 
@@ -204,23 +212,25 @@ def test_a_multinode_run_shares_data_and_result_through_the_volume(tmp_path, mon
     (data / "train").mkdir(parents=True)
     (data / "train" / "arxiv.npy").write_bytes(b"tokens")
     volume = tmp_path / "volume"
-    monkeypatch.setattr(components.large, "train_target", fake_train_target)
+    monkeypatch.setattr(launcher, "train_target", fake_train_target)
 
-    def run_the_pods(job):  # what the job's master pod does: torchrun -m components.launcher WORK
-        launcher.main([job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    def run_the_pods(job):  # what the job's master pod does: torchrun -m regmix.train.launcher WORK
+        main([job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
                        ["containers"][0]["command"][-1]])
 
     with fake_kubernetes([{"conditions": [condition("Succeeded")]}], on_create=run_the_pods) as api:
         monkeypatch.setattr(launcher, "in_cluster_api", lambda: api_client(api.url))
-        result = launcher.run_target(str(data), RUN, multinode_config(2, str(volume)))
+        result = run_train_target(multinode_config(2, str(volume)), RUN, str(data), TRACKING)
     assert result == {"id": "chosen@seed0", "val_loss": {"arxiv": 2.5}, "tokens": 1}
     (work,) = (volume / "jobs").iterdir()
     assert re.fullmatch(r"regmix-large-[0-9a-f]{12}", work.name)
     assert (work / "data" / "train" / "arxiv.npy").read_bytes() == b"tokens"
     request = json.loads((work / "request.json").read_text())
     assert request["run"] == RUN and request["data_dir"] == str(work / "data")
+    assert request["tracking"] == TRACKING
 
 
 def test_one_node_without_several_gpus_trains_in_process(monkeypatch):
-    monkeypatch.setattr(components.large, "train_target", lambda data_dir, run, config: {"ran": data_dir})
-    assert launcher.run_target("/data/x", RUN, load_config("configs/tiny.yaml")) == {"ran": "/data/x"}
+    monkeypatch.setattr(launcher, "train_target",
+                        lambda data_dir, run, config, tracking: {"ran": data_dir})
+    assert run_train_target(load_config("configs/tiny.yaml"), RUN, "/data/x", TRACKING) == {"ran": "/data/x"}

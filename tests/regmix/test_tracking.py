@@ -3,15 +3,18 @@ import logging
 import mlflow
 import pytest
 
-import components.tracking
-from regmix.errors import TrackingUnavailable
-from regmix.tracking.runs import TRIES, retried, stage_run
+import regmix.tracking.runs
+from regmix.config.loading import parse_config
+from regmix.config.schema import compiled_settings
+from regmix.errors import ConfigError, TrackingUnavailable
+from regmix.tracking.runs import TRIES, retried, run_start_tracking, stage_run
 from regmix.train.proxy import find_finished
+from tests.conftest import tiny_config_dict
 
 
 @pytest.fixture
 def quick_retries(monkeypatch):
-    monkeypatch.setattr(components.tracking, "BACKOFF_S", 0.0)
+    monkeypatch.setattr(regmix.tracking.runs, "BACKOFF_S", 0.0)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # only ours, counted below
 
 
@@ -45,11 +48,6 @@ def test_a_failing_stage_keeps_its_own_error_and_marks_the_run_failed(tracking):
 def test_a_run_cannot_change_what_its_pipeline_was_compiled_with(tmp_path):
     import json
 
-    from regmix.components.tracking import start_tracking_op
-    from regmix.config.loading import parse_config
-    from regmix.config.schema import compiled_settings
-    from regmix.errors import ConfigError
-    from tests.conftest import tiny_config_dict
 
     compiled = json.dumps(compiled_settings(parse_config(tiny_config_dict("x.yaml"))))
     edited = tiny_config_dict("x.yaml", proxy={"parallelism": 3.0},  # as KFP hands numbers over
@@ -58,10 +56,8 @@ def test_a_run_cannot_change_what_its_pipeline_was_compiled_with(tmp_path):
     with pytest.raises(ConfigError, match=r"changes cluster.retries to 3 \(compiled: 0\), "
                                           r"proxy.parallelism to 3 \(compiled: 8\); .* "
                                           r"recompile with `regmix compile`"):
-        start_tracking_op.python_func(config=edited, tracking_uri=uri, run_label="r1",
-                                      job_id="j", compiled=compiled)
+        run_start_tracking(edited, uri, "r1", compiled)
     # Numbers that KFP hands over as floats are the same settings
     same = tiny_config_dict("x.yaml", proxy={"per_task": 4.0}, cluster={})
-    tracking = start_tracking_op.python_func(config=same, tracking_uri=uri, run_label="r1",
-                                             job_id="j", compiled=compiled)
+    tracking = run_start_tracking(same, uri, "r1", compiled)
     assert mlflow.MlflowClient(uri).get_run(tracking["parent_run_id"]).data.tags

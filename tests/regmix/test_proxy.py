@@ -10,13 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from regmix.components.proxy import train_proxy_op
+import regmix.train.loop
 from regmix.config.loading import parse_config
 from regmix.config.sections import TrainRecipe
 from regmix.config.shapes import SHAPES
+from regmix.errors import TrackingUnavailable
 from regmix.mixtures import as_mixtures, proxy_key
 from regmix.train.loop import MixtureBatches, evaluate, lr_at, train_lm, train_packed
-from regmix.train.proxy import DIVERGED_TAG, find_finished, keep_outcome, kept_result_path, train_proxy
+from regmix.train.proxy import (
+    DIVERGED_TAG,
+    _train_proxy,
+    find_finished,
+    keep_outcome,
+    kept_result_path,
+    run_train_proxies,
+    train_proxies_packed,
+    train_proxy,
+    training_lock,
+)
 from tests.conftest import tiny_config_dict
 
 
@@ -116,8 +127,6 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(prepared_da
 
 def test_a_rerun_task_resumes_its_proxy_from_the_cache(prepared_data, tracking, tmp_path,
                                                        monkeypatch):
-    import components.proxy
-    from regmix.train.proxy import train_proxy
 
     monkeypatch.setenv("REGMIX_CACHE", str(tmp_path))
     recipe = TrainRecipe(tokens=16_384, batch_size=8, lr=0.01, checkpoint_every=10)
@@ -130,7 +139,7 @@ def test_a_rerun_task_resumes_its_proxy_from_the_cache(prepared_data, tracking, 
         raise RuntimeError("pod evicted")
 
     with monkeypatch.context() as m:
-        m.setattr(components.proxy, "evaluate", killed)  # killed after its last checkpoint
+        m.setattr(regmix.train.proxy, "evaluate", killed)  # killed after its last checkpoint
         with pytest.raises(RuntimeError):
             train_proxy(prepared_data, mixture, shape, recipe, 0, tracking, target)
     folder = tmp_path / "checkpoints" / mixture["hash"]
@@ -147,7 +156,6 @@ def test_a_proxy_another_run_is_training_is_waited_for_and_reused(prepared_data,
     """Two pipeline runs at once (a manual run beside a scheduled one) train a shared proxy once."""
     import threading
 
-    from regmix.train.proxy import _train_proxy, train_proxy, training_lock
 
     monkeypatch.setenv("REGMIX_CACHE", str(tmp_path))
     recipe, shape = TrainRecipe(tokens=4096, batch_size=4), SHAPES["tiny-proxy"]
@@ -189,10 +197,6 @@ def test_two_processes_train_the_model_one_process_does(prepared_data, tmp_path,
     script.write_text(textwrap.dedent(f"""
         import json, sys
         from accelerate import PartialState
-        from regmix.config.sections import TrainRecipe
-        from regmix.data.prepare import TokenData
-        from regmix.train.loop import train_lm
-        from regmix.config.shapes import SHAPES
         recipe = TrainRecipe.model_validate_json({recipe.model_dump_json()!r})
         _, loss, _, _ = train_lm(TokenData.open(sys.argv[1]), {weights!r}, SHAPES["tiny-proxy"],
                               recipe, 0)
@@ -222,15 +226,13 @@ def test_mixture_moves_the_domain_losses(prepared_data):
 
 
 def test_component_logs_one_run_per_proxy_and_reuses_finished_ones(prepared_data, tracking):
-    from kfp import dsl
-
     config = tiny_config_dict("unused.yaml")
     weights = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
     mixtures = as_mixtures(weights, prepared_data.domains, "m",
                            proxy_key(parse_config(config), prepared_data.meta))
-    task = {"task": 0.0, "mixtures": mixtures, "tracking": tracking}  # KFP gives ints as floats
-    data = dsl.Dataset(name="data", uri=str(prepared_data.root))
-    out = train_proxy_op.python_func(config=config, task=task, data=data)
+    task = {"task": 0.0, "mixtures": mixtures}  # KFP gives ints as floats
+    data = str(prepared_data.root)
+    out = run_train_proxies(parse_config(config), task, data, tracking)
     assert out["task"] == 0 and [r["reused"] for r in out["results"]] == [False, False]
     runs = mlflow.MlflowClient(tracking["uri"]).search_runs(
         [tracking["experiment_id"]], "tags.`regmix.stage` = 'proxy'")
@@ -247,21 +249,19 @@ def test_component_logs_one_run_per_proxy_and_reuses_finished_ones(prepared_data
                                                                       "train_loss")
     assert len(history) >= 2  # the training curve, stepped
 
-    again = train_proxy_op.python_func(config=config, task=task, data=data)
+    again = run_train_proxies(parse_config(config), task, data, tracking)
     assert [r["reused"] for r in again["results"]] == [True, True]
     assert again["results"][1]["val_loss"] == out["results"][1]["val_loss"]
 
 
 def test_a_failed_proxy_is_reported_and_its_task_mates_kept(prepared_data, tracking):
-    from kfp import dsl
-
     config = tiny_config_dict("unused.yaml")
     good = as_mixtures(np.array([[0.4, 0.3, 0.3]]), prepared_data.domains, "m",
                        proxy_key(parse_config(config), prepared_data.meta))[0]
     broken = {"id": "m0009", "hash": "0" * 16, "weights": {d: 0.0 for d in prepared_data.domains}}
-    task = {"task": 1.0, "mixtures": [broken, good], "tracking": tracking}
-    data = dsl.Dataset(name="data", uri=str(prepared_data.root))
-    out = train_proxy_op.python_func(config=config, task=task, data=data)
+    task = {"task": 1.0, "mixtures": [broken, good]}
+    data = str(prepared_data.root)
+    out = run_train_proxies(parse_config(config), task, data, tracking)
     failed, finished = out["results"]
     assert failed["id"] == "m0009" and "error" in failed and "val_loss" not in failed
     assert finished["id"] == good["id"] and set(finished["val_loss"]) == set(prepared_data.domains)
@@ -269,18 +269,14 @@ def test_a_failed_proxy_is_reported_and_its_task_mates_kept(prepared_data, track
 
 def test_a_diverged_proxy_fails_its_run_and_is_not_trained_again(prepared_data, tracking,
                                                                   monkeypatch):
-    from kfp import dsl
-
-    import components.proxy
-
     config = tiny_config_dict("unused.yaml")
     mixture = as_mixtures(np.array([[0.4, 0.3, 0.3]]), prepared_data.domains, "m",
                           proxy_key(parse_config(config), prepared_data.meta))[0]
-    task = {"task": 0.0, "mixtures": [mixture], "tracking": tracking}
-    data = dsl.Dataset(name="data", uri=str(prepared_data.root))
+    task = {"task": 0.0, "mixtures": [mixture]}
+    data = str(prepared_data.root)
     losses = dict(zip(prepared_data.domains, [float("nan"), float("inf"), 3.0], strict=True))
-    monkeypatch.setattr(components.proxy, "evaluate", lambda model, data, precision: losses)
-    failed = train_proxy_op.python_func(config=config, task=task, data=data)["results"][0]
+    monkeypatch.setattr(regmix.train.proxy, "evaluate", lambda model, data, precision: losses)
+    failed = run_train_proxies(parse_config(config), task, data, tracking)["results"][0]
     diverged = sorted(prepared_data.domains[:2])
     assert "val_loss" not in failed
     assert failed["error"].startswith(f"diverged: validation loss not finite on {diverged}")
@@ -292,8 +288,8 @@ def test_a_diverged_proxy_fails_its_run_and_is_not_trained_again(prepared_data, 
     def no_training(*args, **kwargs):
         raise AssertionError("a diverged proxy must not be trained again")
 
-    monkeypatch.setattr(components.proxy, "train_lm", no_training)
-    again = train_proxy_op.python_func(config=config, task=task, data=data)["results"][0]
+    monkeypatch.setattr(regmix.train.proxy, "train_lm", no_training)
+    again = run_train_proxies(parse_config(config), task, data, tracking)["results"][0]
     assert again["error"] == failed["error"]  # MLflow kept the infinite loss as the largest float
 
 
@@ -324,7 +320,6 @@ def test_a_pack_trains_and_logs_one_content_hash_once(prepared_data, tracking, m
                                                        tmp_path):
     """The gate's replicas of the chosen mixture and of the best proxy share a hash when the
     search chose the best proxy's own mixture: one training, one MLflow run."""
-    from regmix.train.proxy import train_proxies_packed
 
     monkeypatch.setenv("REGMIX_CACHE", str(tmp_path))
     same = {"code": 0.5, "changelogs": 0.5}
@@ -347,9 +342,8 @@ def test_packed_training_under_a_loss_scale_clips_as_training_alone(prepared_dat
     """fp16 on a GPU scales the loss by 2^16; each packed proxy must be clipped unscaled, as
     accelerate clips a model trained alone. CPU has no fp16 autocast, so the scaler is added
     by hand to the accelerator the training builds."""
-    import components.proxy
 
-    build = components.proxy.make_accelerator
+    build = regmix.train.loop.make_accelerator
 
     def with_loss_scale(recipe):
         accelerator = build(recipe)
@@ -366,7 +360,7 @@ def test_packed_training_under_a_loss_scale_clips_as_training_alone(prepared_dat
 
     recipe = TrainRecipe(tokens=8192, batch_size=8, lr=0.01, mixed_precision="fp16")
     weights = {"code": 0.5, "changelogs": 0.3, "licenses": 0.2}
-    monkeypatch.setattr(components.proxy, "make_accelerator", with_loss_scale)
+    monkeypatch.setattr(regmix.train.loop, "make_accelerator", with_loss_scale)
     _, alone, _, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, 0)
     _, packed, _, _ = train_packed(prepared_data, [weights, weights], SHAPES["tiny-proxy"],
                                    recipe, [0, 1])
@@ -375,20 +369,16 @@ def test_packed_training_under_a_loss_scale_clips_as_training_alone(prepared_dat
 
 def test_a_proxy_trained_while_mlflow_is_down_is_kept_and_logged_later(prepared_data, tracking,
                                                                        monkeypatch):
-    from kfp import dsl
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
-    import components.proxy
-    import components.tracking
-    from regmix.errors import TrackingUnavailable
 
-    monkeypatch.setattr(components.tracking, "BACKOFF_S", 0.0)
+    monkeypatch.setattr(regmix.tracking.runs, "BACKOFF_S", 0.0)
     config = tiny_config_dict("unused.yaml")
     mixture = as_mixtures(np.array([[0.3, 0.3, 0.4]]), prepared_data.domains, "m",
                           proxy_key(parse_config(config), prepared_data.meta))[0]
-    task = {"task": 0.0, "mixtures": [mixture], "tracking": tracking}
-    data = dsl.Dataset(name="data", uri=str(prepared_data.root))
+    task = {"task": 0.0, "mixtures": [mixture]}
+    data = str(prepared_data.root)
 
     def outage(*args, **kwargs):  # what the client raises once the server stops answering
         raise MlflowException("Connection refused", error_code=TEMPORARILY_UNAVAILABLE)
@@ -397,15 +387,15 @@ def test_a_proxy_trained_while_mlflow_is_down_is_kept_and_logged_later(prepared_
     # The task fails (so that the orchestrator retries it), saying where the proxy is kept
     with monkeypatch.context() as down, pytest.raises(TrackingUnavailable, match=str(kept)):
         down.setattr(mlflow.MlflowClient, "log_batch", outage)
-        train_proxy_op.python_func(config=config, task=task, data=data)
+        run_train_proxies(parse_config(config), task, data, tracking)
     trained = json.loads(kept.read_text())
     assert find_finished(tracking, mixture["hash"]) is None
 
     def no_training(*args, **kwargs):
         raise AssertionError("a kept proxy must not be trained again")
 
-    monkeypatch.setattr(components.proxy, "train_lm", no_training)
-    logged = train_proxy_op.python_func(config=config, task=task, data=data)["results"][0]
+    monkeypatch.setattr(regmix.train.proxy, "train_lm", no_training)
+    logged = run_train_proxies(parse_config(config), task, data, tracking)["results"][0]
     assert "error" not in logged and logged["val_loss"] == trained["val_loss"]
     assert not kept.exists()
     run = find_finished(tracking, mixture["hash"])

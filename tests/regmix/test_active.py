@@ -6,16 +6,15 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pytest
-from kfp import dsl
 
-from regmix.active import propose_mixtures
-from regmix.components.active import propose_proxies_op
-from regmix.components.regression import fit_regression_op, refit_regression_op
+from regmix.active import propose_mixtures, run_propose_proxies
+from regmix.config.loading import parse_config
 from regmix.regression.saved import Regressor
 from regmix.regression.selection import fit_regressor
+from regmix.regression.stage import run_fit_regression, run_refit_regression
 from regmix.search import nearest_l1_distance
-from tests.components.test_regression import names, smooth_problem
 from tests.conftest import tiny_config_dict
+from tests.regmix.test_regression import names, smooth_problem
 
 NO_CAPS = np.ones(5)
 
@@ -90,23 +89,20 @@ def test_a_round_proposes_trains_and_refits_on_every_proxy(prepared_data, tracki
     meta = prepared_data.meta
     config = tiny_config_dict("unused.yaml",
                               active_learning={"rounds": 1, "proxies": 3, "candidates": 256})
-    first = dsl.Model(name="regressor", uri=str(tmp_path / "fit"))
+    first = tmp_path / "fit"
     weights = np.random.default_rng(0).dirichlet(np.ones(3), size=16)
-    report = fit_regression_op.python_func(config=config, proxy_results=proxy_results(
-        meta, weights, "m"), data_meta=meta, tracking=tracking, regressor=first)
+    report = run_fit_regression(parse_config(config), proxy_results(meta, weights, "m"), meta,
+                                tracking, first)
     chosen = {"weights": dict(zip(meta["domains"], weights[0], strict=True))}
-    tasks = propose_proxies_op.python_func(config=config, regressor=first, chosen=chosen,
-                                           data_meta=meta, tracking=tracking, active_round=1)
+    tasks = run_propose_proxies(parse_config(config), first, chosen, meta, tracking, 1)
     proposed = [m for t in tasks for m in t["mixtures"]]
     assert [m["id"] for m in proposed] == ["r1a0000", "r1a0001", "r1a0002"]
-    assert all(len(m["hash"]) == 16 and t["tracking"] == tracking for t in tasks
-               for m in t["mixtures"])
+    assert all(len(m["hash"]) == 16 for t in tasks for m in t["mixtures"])
 
     new = np.array([[m["weights"][d] for d in meta["domains"]] for m in proposed])
-    second = dsl.Model(name="regressor", uri=str(tmp_path / "refit"))
-    refit = refit_regression_op.python_func(
-        config=config, previous=first, proxy_results=proxy_results(meta, new, "r1a"),
-        data_meta=meta, tracking=tracking, active_round=1, regressor=second)
+    second = tmp_path / "refit"
+    refit = run_refit_regression(parse_config(config), first, proxy_results(meta, new, "r1a"),
+                                 meta, tracking, 1, second)
     assert report["proxies"] == 16 and refit["proxies"] == 19
     client = mlflow.MlflowClient(tracking["uri"])
     runs = {r.info.run_name: r for r in client.search_runs([tracking["experiment_id"]])}
@@ -140,10 +136,9 @@ def test_the_fit_does_not_depend_on_the_order_proxy_results_arrive_in(prepared_d
     tasks = [{"task": i, "results": results[i * 4 : i * 4 + 4]} for i in range(4)]
     fits = []
     for order, tasks_in_order in enumerate((tasks, tasks[::-1])):
-        model = dsl.Model(name="regressor", uri=str(tmp_path / f"fit{order}"))
-        report = fit_regression_op.python_func(config=config, proxy_results=tasks_in_order,
-                                               data_meta=meta, tracking=tracking, regressor=model)
-        fits.append((report["cv_spearman"], Regressor.load(Path(model.path)).predict(weights)))
+        model = tmp_path / f"fit{order}"
+        report = run_fit_regression(parse_config(config), tasks_in_order, meta, tracking, model)
+        fits.append((report["cv_spearman"], Regressor.load(model).predict(weights)))
     assert fits[0][0] == fits[1][0]
     np.testing.assert_array_equal(fits[0][1], fits[1][1])
 
@@ -156,9 +151,7 @@ def test_the_fit_logs_the_proxies_it_left_out(prepared_data, tracking, tmp_path)
     for i, result in enumerate(tasks[0]["results"]):  # run-to-run noise, and one run gone wrong
         shift = rng.normal(0, 0.005) + 0.5 * (i == 7)
         result["val_loss"] = {d: v + shift for d, v in result["val_loss"].items()}
-    regressor = dsl.Model(name="regressor", uri=str(tmp_path / "fit"))
-    fit_regression_op.python_func(config=config, proxy_results=tasks, data_meta=meta,
-                                  tracking=tracking, regressor=regressor)
+    run_fit_regression(parse_config(config), tasks, meta, tracking, tmp_path / "fit")
     client = mlflow.MlflowClient(tracking["uri"])
     run = next(r for r in client.search_runs([tracking["experiment_id"]])
                if r.info.run_name == "fit-regression")

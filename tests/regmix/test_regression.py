@@ -1,17 +1,24 @@
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 from sklearn.model_selection import KFold
 
-from ?components import regression
-from regmix.paper_data import read_proxy_csvs
 from regmix.config.sections import PER_DOMAIN
+from regmix.paper_data import read_proxy_csvs
+from regmix.regression import saved, selection, tuning
+from regmix.regression.gp import _log_and_raw
 from regmix.regression.law import _fit_law
 from regmix.regression.linear import domain_interactions
-from regmix.regression.saved import Regressor
+from regmix.regression.pyfunc import PREDICTOR_MODULES, log_mlflow_model
+from regmix.regression.saved import Regressor, saved_train_weights
 from regmix.regression.selection import MODELS, _blend_weights, fit_regressor, fit_target
 from regmix.regression.stage import left_out_record
 from regmix.regression.tuning import _lightgbm_cv, _lightgbm_defaults
@@ -41,7 +48,7 @@ def test_lightgbm_stops_adding_rounds_that_barely_lower_the_cv_error(monkeypatch
     y = np.log(weights[:, 0] + 1e-3) + 0.1 * rng.normal(size=15)
     splits = list(KFold(4, shuffle=True, random_state=0).split(weights))
     rounds, out_of_fold = _lightgbm_cv(weights, y, _lightgbm_defaults(15, 0), splits)
-    monkeypatch.setattr(regression, "LIGHTGBM_MIN_GAIN", 0.0)
+    monkeypatch.setattr(tuning, "LIGHTGBM_MIN_GAIN", 0.0)
     unbounded_rounds, unbounded = _lightgbm_cv(weights, y, _lightgbm_defaults(15, 0), splits)
     assert rounds < unbounded_rounds / 3
     assert np.mean((out_of_fold - y) ** 2) < 1.002 * np.mean((unbounded - y) ** 2)
@@ -77,7 +84,7 @@ def test_save_load_round_trip_is_exact(tmp_path, model):
     assert loaded.fit_summary == {"cv_spearman": report.cv_spearman, "cv_rmse": report.cv_rmse,
                                   "best_train_target": y.min(), "best_train_row": int(np.argmin(y))}
     # The training mixtures alone, in any domain order, without loading the members
-    reordered = regression.saved_train_weights(tmp_path / "model", names(5)[::-1])
+    reordered = saved_train_weights(tmp_path / "model", names(5)[::-1])
     np.testing.assert_array_equal(reordered, weights[:, ::-1])
 
 
@@ -191,7 +198,7 @@ def test_predictions_in_batches_equal_one_batch(monkeypatch):
     ensemble, _ = fit_regressor(weights, y, names(5), model="ensemble", folds=3)
     probe, _ = smooth_problem(50, 5, seed=4)
     whole = ensemble.predict_with_spread(probe)
-    monkeypatch.setattr(regression, "PREDICT_BATCH_ROWS", 7)  # 50 rows: 8 batches
+    monkeypatch.setattr(saved, "PREDICT_BATCH_ROWS", 7)  # 50 rows: 8 batches
     for before, after in zip(whole, ensemble.predict_with_spread(probe), strict=True):
         np.testing.assert_allclose(before, after, rtol=0, atol=1e-12)
 
@@ -202,7 +209,7 @@ def test_the_gps_fused_posterior_mean_is_sklearns():
     probe, _ = smooth_problem(40, 6, seed=5)
     probe[:5] = weights[:5]  # distance zero, where the fused distances round
     member = gp.members[0]
-    features = regression._log_and_raw(probe)
+    features = _log_and_raw(probe)
     sklearn_mean = np.mean([posterior.predict(features) for posterior in member._gps], axis=0)
     np.testing.assert_allclose(member.predict(probe), sklearn_mean, rtol=0, atol=1e-9)
 
@@ -273,7 +280,7 @@ def test_rows_far_off_their_prediction_are_left_out_and_the_fit_recovers(monkeyp
     fresh_weights, fresh_y = smooth_problem(200, 6, seed=1)
     regressor, report = fit_regressor(weights, y, names(6))
     assert report.left_out == planted.tolist() == report.settings["outlier_rows"]
-    monkeypatch.setattr(regression, "OUTLIER_ROUNDS", 0)
+    monkeypatch.setattr(selection, "OUTLIER_ROUNDS", 0)
     bent, kept_all = fit_regressor(weights, y, names(6))
     assert kept_all.left_out == []
     assert report.cv_spearman > kept_all.cv_spearman  # scored on every row, the planted too
@@ -336,55 +343,59 @@ def test_predictions_are_only_for_mixtures():
 
 MODEL_CODE_CHECK = """
 import sys
-from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-import components  # another project's package of that name, imported first
+import regmix  # another project's package of that name, imported first
 logged = mlflow.pyfunc.load_model(sys.argv[1])
 table = pd.DataFrame(np.load(sys.argv[2]), columns=sys.argv[3].split(","))
 np.save(sys.argv[4], logged.predict(table))
-assert not hasattr(components, "IMAGE") and "components.regression" not in sys.modules
+assert not hasattr(regmix, "components") and "regmix.regression" not in sys.modules
 """
 
 
-def test_a_logged_model_runs_its_own_code_whatever_components_is_imported(tmp_path, tracking):
-    """MLflow keeps modules already imported: the model's `components` is loaded aside, so
-    neither another project's `components` nor another regmix version's stands in for it."""
-    import subprocess
-    import sys
-
-    import mlflow
-    import pandas as pd
-
+def test_a_logged_model_runs_its_own_code_whatever_regmix_is_imported(tmp_path, tracking):
+    """A logged model carries its predictor as a package named after that code's hash: neither
+    another project's `regmix` nor another regmix version's code stands in for it, and it
+    needs no kfp where it is served."""
     weights, y = smooth_problem(30, 3)
     regressor, _ = fit_regressor(weights, y, names(3), model="linear", folds=3)
     regressor.save(tmp_path / "model")
     mlflow.set_tracking_uri(tracking["uri"])
     with mlflow.start_run(experiment_id=tracking["experiment_id"]) as run:
-        regression.log_mlflow_model(tmp_path / "model", regressor)
+        log_mlflow_model(tmp_path / "model", regressor)
     uri = f"runs:/{run.info.run_id}/regressor"
-    # In this process, where the checkout's `components` is imported, a copy of the model whose
-    # code differs (as another regmix version's would) runs its own code, beside the original
-    changed = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "changed")))
-    code = changed / "code" / "components" / "regression.py"
-    code.write_text(code.read_text().replace("return self.regressor.predict(",
-                                             "return 100 + self.regressor.predict("))
+    logged_dir = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "logged")))
+    (package,) = (logged_dir / "code").iterdir()
+    assert package.name.startswith("regmix_regressor_")
+    assert sorted(p.name for p in package.glob("*.py")) == sorted(PREDICTOR_MODULES)
+    requirements = (logged_dir / "requirements.txt").read_text()
+    assert "kfp" not in requirements and "optuna" not in requirements
+    # Another version's model (other code, so another package name) loads beside this one in
+    # this process, each running its own code, and the checkout's modules stay as they were
+    other = Path(shutil.copytree(logged_dir, tmp_path / "other_version"))
+    code = other / "code" / "regmix_regressor_other"
+    (other / "code" / package.name).rename(code)
+    (code / "pyfunc.py").write_text((code / "pyfunc.py").read_text().replace(
+        "return self.regressor.predict(", "return 100 + self.regressor.predict("))
+    mlmodel = other / "MLmodel"
+    mlmodel.write_text(mlmodel.read_text().replace(package.name, code.name))
     table = pd.DataFrame(weights, columns=names(3))[names(3)[::-1]]
-    other_version = mlflow.pyfunc.load_model(str(changed))
+    checkout_modules = {n: m for n, m in sys.modules.items() if n.startswith("regmix")}
+    other_version = mlflow.pyfunc.load_model(str(other))
     logged = mlflow.pyfunc.load_model(uri)
     np.testing.assert_allclose(other_version.predict(table), 100 + regressor.predict(weights))
     np.testing.assert_allclose(logged.predict(table), regressor.predict(weights))
-    assert sys.modules["components.regression"] is regression  # the process keeps its own
+    assert all(sys.modules[n] is m for n, m in checkout_modules.items())
     with pytest.raises(Exception, match=r"mixture row\(s\) \[0\] of 1 have negative weights"):
         logged.predict(pd.DataFrame([[-0.5, 1.0, 0.5]], columns=names(3)))
-    # In a process that imported another project's `components` first
-    (tmp_path / "other" / "components").mkdir(parents=True)
-    (tmp_path / "other" / "components" / "__init__.py").write_text("")
+    # In a process that imported another project's `regmix` first
+    (tmp_path / "elsewhere" / "regmix").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "regmix" / "__init__.py").write_text("")
     (tmp_path / "check.py").write_text(MODEL_CODE_CHECK)
     np.save(tmp_path / "weights.npy", weights)
     subprocess.run([sys.executable, str(tmp_path / "check.py"), uri, str(tmp_path / "weights.npy"),
                     ",".join(names(3)), str(tmp_path / "predicted.npy")], check=True,
-                   cwd=tmp_path / "other", env={**os.environ, "MLFLOW_TRACKING_URI": tracking["uri"],
-                                                "PYTHONPATH": str(tmp_path / "other")})
+                   cwd=tmp_path / "elsewhere", env={**os.environ, "MLFLOW_TRACKING_URI": tracking["uri"],
+                                                    "PYTHONPATH": str(tmp_path / "elsewhere")})
     np.testing.assert_allclose(np.load(tmp_path / "predicted.npy"), regressor.predict(weights))

@@ -1,8 +1,8 @@
-import components.model
 import pytest
 import torch
 import torch.nn.functional as F
 
+import regmix.train.model
 from regmix.config.shapes import SHAPES, ModelShape
 from regmix.train.model import LM, head_loss
 
@@ -52,7 +52,7 @@ def test_untrained_loss_is_near_uniform():
 
 @pytest.mark.parametrize("logits_per_chunk", [1 << 26, 7 * 30])  # one chunk; 7 rows at a time
 def test_fused_head_loss_matches_cross_entropy(monkeypatch, logits_per_chunk):
-    monkeypatch.setattr(components.model, "LOGITS_PER_CHUNK", logits_per_chunk)
+    monkeypatch.setattr(regmix.train.model, "LOGITS_PER_CHUNK", logits_per_chunk)
     torch.manual_seed(0)
     # Two models' outputs (packed), each with its own weight and targets
     x, weight = torch.randn(2, 50, 16, requires_grad=True), torch.randn(2, 30, 16, requires_grad=True)
@@ -72,8 +72,8 @@ def test_fused_head_loss_matches_cross_entropy(monkeypatch, logits_per_chunk):
 def test_compiled_softmax_matches_the_eager_one():
     torch.manual_seed(0)
     logits, targets = torch.randn(37, 300, dtype=torch.bfloat16), torch.randint(0, 300, (37, 1))
-    compiled = components.model.compiled_loss_and_grad()(logits, targets, torch.bfloat16)
-    eager = components.model.softmax_loss_and_grad(logits, targets, torch.bfloat16)
+    compiled = regmix.train.model.compiled_loss_and_grad()(logits, targets, torch.bfloat16)
+    eager = regmix.train.model.softmax_loss_and_grad(logits, targets, torch.bfloat16)
     assert compiled[0].item() == pytest.approx(eager[0].item(), rel=1e-5)
     assert torch.allclose(compiled[1].float(), eager[1].float(), atol=1e-2)
 
@@ -84,12 +84,12 @@ def test_a_machine_without_a_compiler_is_told_apart(monkeypatch, tmp_path):
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.delenv("CXX", raising=False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert components.model.missing_compiler(cpu) == "g++"
-    assert components.model.missing_compiler(cuda) == "gcc or clang"
+    assert regmix.train.model.missing_compiler(cpu) == "g++"
+    assert regmix.train.model.missing_compiler(cuda) == "gcc or clang"
     (tmp_path / "gcc").write_text("#!/bin/sh\n")
     (tmp_path / "gcc").chmod(0o755)
-    assert components.model.missing_compiler(cuda) is None
+    assert regmix.train.model.missing_compiler(cuda) is None
     monkeypatch.setenv("CC", "icx")  # as Triton does, $CC alone counts when it is set
-    assert components.model.missing_compiler(cuda) == "icx"
+    assert regmix.train.model.missing_compiler(cuda) == "icx"
     monkeypatch.setenv("CXX", "gcc")
-    assert components.model.missing_compiler(cpu) is None
+    assert regmix.train.model.missing_compiler(cpu) is None

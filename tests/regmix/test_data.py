@@ -7,11 +7,22 @@ import numpy as np
 import pytest
 import yaml
 
-import components.data
-from regmix.components.data import data_settings_op, prepare_data_op
-from regmix.data.prepare import TokenData, hold_out, pack, prepare_data, save_chunks, train_chunks
+import regmix.data.prepare
+from regmix.config.loading import parse_config
+from regmix.config.sections import CorpusConfig, DomainSource, TokenizerConfig
+from regmix.data.corpus import load_documents, preflight, read_corpus_spec
+from regmix.data.prepare import (
+    TokenData,
+    data_settings,
+    hold_out,
+    pack,
+    prepare_data,
+    run_prepare_data,
+    save_chunks,
+    train_chunks,
+)
 from regmix.errors import CorpusError
-from tests.conftest import data_settings, tiny_config_dict
+from tests.conftest import corpus_and_tokenizer, tiny_config_dict
 
 
 def test_pack_puts_eos_between_documents():
@@ -40,7 +51,7 @@ def test_split_holds_out_whole_documents_exactly():
 
 
 def test_training_tokens_stream_in_batches_up_to_the_cap(monkeypatch, tmp_path):
-    monkeypatch.setattr(components.data, "DOCUMENTS_PER_BATCH", 3)
+    monkeypatch.setattr(regmix.data.prepare, "DOCUMENTS_PER_BATCH", 3)
     docs = [" ".join([str(i)] * 4) for i in range(1, 11)]
     chunks = list(train_chunks(docs, np.array([1, 5]), encode_ids, 0, np.uint16, None))
     assert [c.size for c in chunks] == [10, 10, 15, 5]  # 5 tokens a document, 2 held out
@@ -66,7 +77,6 @@ def test_split_rejects_a_domain_smaller_than_its_validation_set():
 
 
 def test_a_long_held_out_documents_unused_tail_is_reported(tmp_path, caplog):
-    from regmix.config.sections import CorpusConfig, TokenizerConfig
 
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "a.txt").write_text("word " * 20_000)  # one long document...
@@ -82,14 +92,12 @@ def test_a_long_held_out_documents_unused_tail_is_reported(tmp_path, caplog):
     assert "domain 'other':" not in caplog.text
 
 
-def test_prepare_data_component(tmp_path, corpus_spec):
-    from kfp import dsl
-
-    out = dsl.Dataset(name="data", uri=str(tmp_path / "data"))
-    settings = data_settings_op.python_func(config=tiny_config_dict(corpus_spec))
-    meta = prepare_data_op.python_func(settings=settings, data=out)
+def test_prepare_data_stage(tmp_path, corpus_spec):
+    out = tmp_path / "data"
+    settings = data_settings(parse_config(tiny_config_dict(corpus_spec)))
+    meta = run_prepare_data(settings, out)
     assert meta["domains"] == ["code", "changelogs", "licenses"]
-    data = TokenData.open(out.path)
+    data = TokenData.open(out)
     assert data.vocab_size == 512 and len(meta["fingerprint"]) == 16
     for domain in data.domains:
         assert data.array("validation", domain).size == 1024
@@ -101,24 +109,24 @@ def test_prepare_data_component(tmp_path, corpus_spec):
 def test_data_preparation_sees_only_the_sections_that_decide_the_data(corpus_spec):
     """KFP caches data preparation by its inputs: other sections must not reach them."""
     config = tiny_config_dict(corpus_spec)
-    settings = data_settings_op.python_func(config=config)
+    settings = data_settings(parse_config(config))
     assert set(settings) == {"corpus", "tokenizer", "seed", "cluster"}
     edited = {**config, "gate": {**config.get("gate", {}), "spearman_threshold": 0.1},
               "cluster": {"proxy": {"memory": "8Gi"}}}
-    assert data_settings_op.python_func(config=edited) == settings
+    assert data_settings(parse_config(edited)) == settings
     reseeded = {**config, "seed": config.get("seed", 0) + 1}
-    assert data_settings_op.python_func(config=reseeded) != settings
+    assert data_settings(parse_config(reseeded)) != settings
     # The cached result names its arrays by their path on the shared volume.
     on_volume = {**config, "cluster": {"volume": {"claim": "regmix-data"}}}
     other_claim = {**config, "cluster": {"volume": {"claim": "regmix-data-prod"}}}
     other_mount = {**config, "cluster": {"volume": {"claim": "regmix-data", "mount_path": "/mnt"}}}
-    keys = {json.dumps(data_settings_op.python_func(config=c), sort_keys=True)
+    keys = {json.dumps(data_settings(parse_config(c)), sort_keys=True)
             for c in (config, on_volume, other_claim, other_mount)}
     assert len(keys) == 4
 
 
 def test_same_corpus_same_fingerprint(tmp_path, corpus_spec, prepared_data):
-    meta = prepare_data(*data_settings(corpus_spec), tmp_path)
+    meta = prepare_data(*corpus_and_tokenizer(corpus_spec), tmp_path)
     assert meta["fingerprint"] == prepared_data.fingerprint
 
 
@@ -127,8 +135,6 @@ def test_user_corpus_formats(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from regmix.config.sections import DomainSource
-    from regmix.data.corpus import load_documents
 
     (tmp_path / "txt").mkdir()
     for i in range(3):
@@ -152,8 +158,6 @@ def test_user_corpus_formats(tmp_path):
     ],
 )
 def test_bad_corpora(tmp_path, files, source, message):
-    from regmix.config.sections import DomainSource
-    from regmix.data.corpus import load_documents
 
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
@@ -165,8 +169,6 @@ def test_bad_corpora(tmp_path, files, source, message):
 def test_what_users_hand_over_loads_as_they_meant_it(tmp_path, caplog):
     """Hidden folders (notebook checkpoints: copies), upper-case suffixes, a byte-order mark,
     records without text, files nothing reads: loaded, skipped or reported, never silently."""
-    from regmix.config.sections import DomainSource
-    from regmix.data.corpus import load_documents
 
     folder = tmp_path / "web"
     (folder / ".ipynb_checkpoints").mkdir(parents=True)
@@ -184,8 +186,6 @@ def test_what_users_hand_over_loads_as_they_meant_it(tmp_path, caplog):
 
 def test_a_file_rewritten_with_its_old_time_is_read_again(tmp_path):
     """`datasets` caches local files by path and time: cp -p or rsync -a keep the time."""
-    from regmix.config.sections import DomainSource
-    from regmix.data.corpus import load_documents
 
     path = tmp_path / "d.jsonl"
     path.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(4)))
@@ -197,8 +197,6 @@ def test_a_file_rewritten_with_its_old_time_is_read_again(tmp_path):
 
 
 def test_a_file_in_two_domains_is_refused(tmp_path):
-    from regmix.config.sections import CorpusConfig, TokenizerConfig
-    from regmix.data.corpus import preflight
 
     (tmp_path / "web").mkdir()
     (tmp_path / "web" / "a.jsonl").write_text('{"text": "some web text"}\n' * 2000)
@@ -208,7 +206,6 @@ def test_a_file_in_two_domains_is_refused(tmp_path):
 
 
 def test_bad_spec(tmp_path):
-    from regmix.data.corpus import read_corpus_spec
 
     spec = tmp_path / "c.yaml"
     spec.write_text("domains:\n  - {name: a, path: a.jsonl}\n  - {name: a, path: b.jsonl}\n")
@@ -219,7 +216,6 @@ def test_bad_spec(tmp_path):
 
 
 def test_corpus_spec_errors_name_the_entry_and_line(tmp_path):
-    from regmix.data.corpus import read_corpus_spec
 
     spec = tmp_path / "spec.yaml"
     spec.write_text("domains:\n  - {name: a, path: a.txt, bogus: 1}\n  - {name: b}\n")
@@ -234,7 +230,7 @@ def test_corpus_spec_errors_name_the_entry_and_line(tmp_path):
 
 def test_on_a_cluster_the_arrays_live_once_on_the_shared_volume(tmp_path, corpus_spec,
                                                                  prepared_data):
-    corpus, tokenizer = data_settings(corpus_spec)
+    corpus, tokenizer = corpus_and_tokenizer(corpus_spec)
     volume = tmp_path / "volume" / "tokens"
     meta = prepare_data(corpus, tokenizer, tmp_path / "artifact", shared_root=volume)
     # The artifact every proxy pod would download is the meta and tokenizer only
@@ -265,7 +261,6 @@ def test_on_a_cluster_the_arrays_live_once_on_the_shared_volume(tmp_path, corpus
 
 
 def test_a_document_quoting_the_end_of_text_token_stays_one_document(tmp_path):
-    from regmix.config.sections import CorpusConfig, TokenizerConfig
 
     quoted = 'print(tokenizer.decode(ids)) # ends with <|endoftext|> then more code'
     (tmp_path / "code.jsonl").write_text("".join(

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-from regmix.components.mixtures import sample_mixtures_op
 from regmix.config.loading import parse_config
 from regmix.errors import ConfigError
 from regmix.mixtures import (
@@ -10,6 +9,7 @@ from regmix.mixtures import (
     epoch_caps,
     mixture_hash,
     proxy_key,
+    run_sample_mixtures,
     sample_mixtures,
     token_prior,
 )
@@ -102,10 +102,9 @@ def test_settings_that_change_how_not_what_a_proxy_trains_keep_its_hash():
         assert key(**change) != key()
 
 
-def test_component_plans_chunked_tasks(prepared_data, tracking):
+def test_the_stage_plans_chunked_tasks(prepared_data, tracking):
     config = tiny_config_dict("unused.yaml", mixtures={"count": 10, "max_epochs": 50})
-    tasks = sample_mixtures_op.python_func(config=config, data_meta=prepared_data.meta,
-                                           tracking=tracking)
+    tasks = run_sample_mixtures(parse_config(config), prepared_data.meta, tracking)
     assert [len(t["mixtures"]) for t in tasks] == [4, 4, 2]
     mixtures = [m for t in tasks for m in t["mixtures"]]
     assert mixtures[0]["id"] == "m0000"  # the prior comes first
@@ -125,9 +124,8 @@ def test_component_plans_chunked_tasks(prepared_data, tracking):
     ({"search": {"min_weight": {"licenses": 0.97}, "allow_extrapolation": False}},
      "search: domain 'licenses': the constraints ask for at least 0.97, but no proxy was trained above"),
 ])
-def test_component_checks_the_config_against_the_prepared_corpus(prepared_data, tracking,
+def test_the_stage_checks_the_config_against_the_prepared_corpus(prepared_data, tracking,
                                                                  overrides, message):
     config = tiny_config_dict("unused.yaml", **overrides)
     with pytest.raises(ConfigError, match=message):
-        sample_mixtures_op.python_func(config=config, data_meta=prepared_data.meta,
-                                       tracking=tracking)
+        run_sample_mixtures(parse_config(config), prepared_data.meta, tracking)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import regmix.train.proxy
 from regmix.config.loading import parse_config
 from regmix.evidence import (
     compare,
@@ -95,13 +96,12 @@ def test_a_larger_run_trains_on_the_configured_cpu_threads(prepared_data, tracki
 
 
 def test_a_diverged_large_run_fails_its_task_naming_the_fix(prepared_data, tracking, monkeypatch):
-    import components.proxy
 
     config = parse_config(tiny_config_dict(
         "x.yaml", large={"model": {"shape": "tiny-proxy"}, "train": {"tokens": 1024}}))
     run = target_run("uniform", "baseline", {"code": 0.5, "changelogs": 0.5, "licenses": 0.0}, 0,
                      target_key(config, prepared_data.meta, "large"), tracking)
-    monkeypatch.setattr(components.proxy, "evaluate",
+    monkeypatch.setattr(regmix.train.proxy, "evaluate",
                         lambda model, data, precision: {d: float("nan") for d in data.domains})
     with pytest.raises(RuntimeError, match=r"baseline run uniform@seed0: diverged: .* lower "
                                            r"large\.train\.lr or large\.train\.grad_clip"):

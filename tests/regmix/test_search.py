@@ -1,16 +1,14 @@
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import yaml
-from kfp import dsl
 
-from regmix.components.search import search_mixture_op
 from regmix.config.constraints import Constraints
+from regmix.config.loading import parse_config
 from regmix.regression.selection import fit_regressor
-from regmix.search import SearchResult, paper_search, project_onto_bounds, search_mixture
+from regmix.search import SearchResult, paper_search, project_onto_bounds, run_search, search_mixture
 from tests.conftest import tiny_config_dict
 
 DOMAINS = [f"d{i}" for i in range(8)]
@@ -215,12 +213,10 @@ def test_the_stage_records_its_choice_beside_the_papers_recipe(
     regressor.save(tmp_path / "model")
     config = tiny_config_dict("unused.yaml", search={"method": method, "trials": 2000,
                                                      "max_epochs": None})
-    mixture = dsl.Artifact(name="mixture", uri=str(tmp_path / "mixture.yaml"))
-    record = search_mixture_op.python_func(
-        config=config, regressor=dsl.Model(name="regressor", uri=str(tmp_path / "model")),
-        data_meta=meta, tracking=tracking, mixture=mixture)
+    mixture = tmp_path / "mixture.yaml"
+    record = run_search(parse_config(config), tmp_path / "model", meta, tracking, mixture)
 
-    assert yaml.safe_load(Path(mixture.path).read_text()) == record
+    assert yaml.safe_load(mixture.read_text()) == record
     assert record["method"] == method and sum(record["weights"].values()) == pytest.approx(1)
     recipe = record["paper_recipe"]
     if method == "paper":  # the chosen mixture is the recipe's: not searched twice
