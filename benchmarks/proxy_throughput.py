@@ -85,7 +85,6 @@ def hf_train(data: TokenData, weights: dict, shape, recipe: TrainRecipe, device:
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-
     torch.manual_seed(0)
     vocab = -(-data.vocab_size // 64) * 64  # the same padded output layer as ours
     config = LlamaConfig(

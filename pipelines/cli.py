@@ -28,7 +28,6 @@ from regmix.tracking.runs import checked_tracking_uri, default_tracking_uri
 
 def checked_config(path: str) -> RegMixConfig:
     """Load a config and check it against its corpus's domains before any work starts."""
-
     config = load_config(path)
     config.check_domains(preflight(config.corpus, config.tokenizer))
     return config
@@ -37,7 +36,6 @@ def checked_config(path: str) -> RegMixConfig:
 def with_listed_domains_checked(config: RegMixConfig) -> RegMixConfig:
     """Check the config's domain names where the config alone tells the corpus's domains: listed
     inline, or tinypile's fixed set (a corpus spec is read only where the data is prepared)."""
-
     corpus = config.corpus
     if corpus.domains is not None:
         config.check_domains([d.name for d in corpus.domains])

@@ -19,7 +19,6 @@ from regmix.pipelines.pipeline import build_pipeline
 
 def compile_package(config: RegMixConfig, out: Path) -> Path:
     """The pipeline YAML for this config, cluster settings included."""
-
     compiler.Compiler().compile(build_pipeline(config), str(out))
     return out
 

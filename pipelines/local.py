@@ -100,6 +100,7 @@ def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: floa
     by_stage = runs_by_stage(client, exp.experiment_id, label)
     fit, search, gate = (latest_run(by_stage.get(s)) for s in ("regression", "search", "gate"))
     # Runs this pipeline run trained, per stage; reused results log no run of their own.
+
     def count(stage: str, finished: bool) -> int:
         return sum((r.info.status == "FINISHED") == finished for r in by_stage.get(stage, []))
 

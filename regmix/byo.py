@@ -65,7 +65,6 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
     Every target is checked, then every target fitted, before anything is written: a bad
     target or a failed fit leaves the folder as it was, never half one fit and half another.
     Each target's folder is replaced whole, and `targets.json`, which names them, last."""
-
     if mixtures.resolve() == losses.resolve():
         raise DataError(f"--mixtures and --losses are both {mixtures}; give the mixtures file "
                         "and the losses file")
@@ -122,7 +121,6 @@ def fit_csv(mixtures: Path, losses: Path, targets: list[str], out: Path, model: 
 def load_models(model_dir: Path) -> dict:
     from lightgbm.basic import LightGBMError
 
-
     index_file = Path(model_dir) / TARGETS_FILE
     if not index_file.is_file():
         raise DataError(f"--model {model_dir}: no {TARGETS_FILE}; give a folder `regmix fit` "
@@ -142,7 +140,6 @@ def load_models(model_dir: Path) -> dict:
 def check_output(out: Path, model_dir: Path, inputs: dict[str, Path]) -> None:
     """Refuse an output path that would overwrite an input or what `regmix fit` wrote (the
     model folder may be the working folder: other files in it are fine)."""
-
     for flag, path in inputs.items():
         if out.resolve() == path.resolve():
             raise DataError(f"--out {out} is the {flag} file; give another path")
@@ -175,7 +172,6 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
                  seed: int, constraints_args: dict, allow_extrapolation: bool) -> dict:
     """The chosen mixture and the paper's recipe beside it (as the pipeline's search stage
     does), written as YAML with the search's plots beside it (`<out stem>-*.png`)."""
-
     check_output(out, model_dir, {})
     models = load_models(model_dir)
     if target is None and len(models) > 1:
@@ -215,7 +211,6 @@ def export_csv(tracking_uri: str, experiment: str, stages: list[str], mixtures: 
                losses: Path) -> int:
     """Write an experiment's finished proxies of these stages as the paper's two CSVs (paired
     by index)."""
-
     if mixtures.resolve() == losses.resolve():
         raise DataError(f"--mixtures and --losses are both {mixtures}; give two files")
     results = sorted((r for stage in stages for r in proxy_runs(tracking_uri, experiment, stage)),

@@ -157,7 +157,6 @@ def proxy_key(config, meta: dict) -> dict:
 def check_trained_region(config, meta: dict, mixtures: list[dict]) -> None:
     """Raise ConfigError if the search's bounds leave the region these proxies will cover (the
     search stays inside it unless told otherwise): before they train, not after."""
-
     if config.search.allow_extrapolation:
         return
     domains = meta["domains"]

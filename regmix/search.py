@@ -382,7 +382,6 @@ def save_search_plots(chosen: SearchResult, recipe: SearchResult, prior: dict[st
     """The chosen mixture beside the prior (and the recipe's, when it differs), and the
     predicted loss over the recipe's simulated mixtures, marking the chosen one and the best
     training proxy."""
-
     series = {"chosen": chosen.weights, "prior": prior}
     if recipe is not chosen:
         series["paper recipe"] = recipe.weights

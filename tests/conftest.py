@@ -48,7 +48,6 @@ def pytest_collection_modifyitems(items):
 def regmix_cache(tmp_path_factory):
     """Checkpoints and kept results go to a fresh folder per session; the tinypile build (slow,
     from the network) stays shared through a link."""
-
     cache = tmp_path_factory.mktemp("regmix-cache")
     DEFAULT_DIR.mkdir(parents=True, exist_ok=True)
     (cache / "tinypile").symlink_to(DEFAULT_DIR)
@@ -84,7 +83,6 @@ def tiny_config_dict(spec: Path, **overrides) -> dict:
 
 def corpus_and_tokenizer(spec: Path):
     """The corpus and tokenizer sections of `tiny_config_dict`, validated."""
-
     config = parse_config(tiny_config_dict(spec))
     return config.corpus, config.tokenizer
 
@@ -92,7 +90,6 @@ def corpus_and_tokenizer(spec: Path):
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory, corpus_spec):
     """The small corpus, tokenized and packed once for the whole session."""
-
     out = tmp_path_factory.mktemp("data")
     prepare_data(*corpus_and_tokenizer(corpus_spec), out)
     return TokenData.open(out)
@@ -101,7 +98,6 @@ def prepared_data(tmp_path_factory, corpus_spec):
 @pytest.fixture
 def tracking(tmp_path) -> dict:
     """A real MLflow store (SQLite) in a temp folder, with a parent run to nest under."""
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return start_pipeline_run(uri, "regmix-test", "test-run", {"test": True})
 

@@ -224,7 +224,6 @@ def assert_user_error(capsys, argv: list[str], message: str) -> None:
 def test_a_tokenizer_without_a_known_end_of_text_token(tmp_path, capsys, corpus_spec):
     from tokenizers import Tokenizer, models
 
-
     path = tmp_path / "tokenizer.json"
     Tokenizer(models.WordLevel({"[UNK]": 0, "[SEP]": 1, "word": 2}, unk_token="[UNK]")).save(str(path))
     config = tmp_path / "c.yaml"

@@ -49,7 +49,7 @@ class ClusterConfig(Strict):
     """
 
     # docker/Dockerfile's image, whose pods then must run as its uid 1000; None: $REGMIX_IMAGE
-    # when compiling, else components.IMAGE
+    # when compiling, else regmix.components.IMAGE
     image: str | None = None
     # Secrets (kubernetes.io/dockerconfigjson) to pull `image` from a private registry with, on
     # every task's pod and the PyTorchJob's (which run under no pipeline service account)

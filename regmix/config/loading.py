@@ -83,6 +83,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> RegMixConfig
     config = parse_config(data, str(path))
     # Relative paths (corpus spec, inline domains, tokenizer file) are relative to the config
     # file, so a config works from any cwd. (A spec's own paths are relative to the spec.)
+
     def beside_config(file: str | None) -> str | None:
         if file is None:
             return None

@@ -165,7 +165,7 @@ SHAPE_TAGS = ("name", "inline")  # a model shape is one of SHAPES by name, or it
 
 
 class ModelConfig(Strict):
-    # A name from components.shapes.SHAPES, or the fields inline (errors then name the field)
+    # A name from config.shapes.SHAPES, or the fields inline (errors then name the field)
     shape: Annotated[
         Annotated[str, Tag(SHAPE_TAGS[0])] | Annotated[ModelShape, Tag(SHAPE_TAGS[1])],
         Discriminator(lambda v: SHAPE_TAGS[0] if isinstance(v, str) else SHAPE_TAGS[1]),
@@ -218,12 +218,12 @@ class ProxyConfig(Strict):
     model: ModelConfig
     train: TrainRecipe
     per_task: int = Field(1, ge=1)  # proxies trained in one task (pod)
-    packed: bool = False  # train a task's proxies at once as one batched model (components/packed.py)
+    packed: bool = False  # train a task's proxies at once as one batched model (train/packed.py)
     cpu_threads: CpuThreads = None
     parallelism: int = Field(8, ge=1)  # concurrent proxy tasks on a cluster
 
 
-# The regression stage's models (components/regression.py), named here so that configs and the
+# The regression stage's models (regmix/regression/), named here so that configs and the
 # command line validate them without importing the stage's heavy libraries.
 OneColumnModel = Literal["lightgbm", "linear", "gp", "law", "ensemble"]
 REGRESSION_MODELS: tuple[str, ...] = get_args(OneColumnModel)
@@ -267,6 +267,8 @@ class RegressionConfig(Strict):
 
 def target_loss(val_loss: dict[str, float], weights: dict[str, float]) -> float:
     return sum(w * val_loss[d] for d, w in weights.items())
+
+
 CMAES_POPULATION = 32  # larger than CMA-ES's default: tree models give a rugged surface
 
 
@@ -296,7 +298,7 @@ class SearchConfig(Strict):
         # named here plus one standing for all the others (free in [0, 1]). The run checks
         # again with the corpus's domains and the max-epochs cap.
         named = sorted({*self.min_weight, *self.max_weight, *self.fixed})
-        if not named:  # (also: the default, built while components.search may be importing)
+        if not named:
             return self
 
         constraints = Constraints(dict(self.min_weight), dict(self.max_weight), dict(self.fixed))

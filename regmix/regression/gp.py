@@ -25,6 +25,8 @@ LOG_EPS = 1e-3
 def _log_and_raw(weights: np.ndarray) -> np.ndarray:
     """The GP's and the law's features: log-weights, then the raw weights."""
     return np.hstack([np.log(weights + LOG_EPS), weights])
+
+
 # The GP's kernel hyperparameters are fitted by marginal likelihood twice, once on each half
 # of the rows (at most this many rows each: the gradient costs O(rows^2 x domains) memory,
 # and a few hundred rows pin down the length scales). Each half's rows are then scored in CV

@@ -157,8 +157,6 @@ class Regressor:
                    state.get("fit_summary"))
 
 
-
-
 _MEMBER_LOADERS["regressor"] = Regressor.load
 
 

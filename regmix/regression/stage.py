@@ -24,7 +24,6 @@ PROXY_RESULTS_FILE = "proxy_results.json"  # beside the model: what it was fitte
 
 def plot_fit(folder: Path, target: str, y: np.ndarray, report: FitReport) -> Path:
     """The fit's out-of-fold predictions against the measured target."""
-
     title = f"{target}\n{report.model}, CV Spearman {report.cv_spearman:.4f}"
     return plots.predicted_vs_measured(y, report.out_of_fold, title,
                                        folder / "predicted_vs_measured.png")
@@ -33,7 +32,6 @@ def plot_fit(folder: Path, target: str, y: np.ndarray, report: FitReport) -> Pat
 def plot_domain_interactions(folder: Path, weights: np.ndarray, domains: list[str],
                              losses: dict[str, np.ndarray]) -> Path:
     """The domain interactions of every validation loss in `losses` (name -> value per row)."""
-
     coefficients = domain_interactions(weights, np.column_stack(list(losses.values())))
     return plots.domain_interaction(coefficients, list(losses), domains,
                                     folder / DOMAIN_INTERACTION_PLOT)

@@ -77,7 +77,6 @@ def checked_tracking_uri(uri: str, existing: bool = False) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-
     database = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
     if existing and database and not Path(database).is_file():
         raise ConfigError(f"tracking URI '{uri}': no MLflow store there; give the URI the run "

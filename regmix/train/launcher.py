@@ -95,7 +95,6 @@ def write_request(work: Path, data_dir: str, run: dict, config: RegMixConfig, tr
 
 def main(argv: list[str] | None = None) -> None:
     """A torchrun worker: train the run in WORK/request.json; rank 0 writes WORK/result.json."""
-
     logging.basicConfig(level=logging.INFO)
     work = Path((argv if argv is not None else sys.argv[1:])[0])
     request = json.loads((work / "request.json").read_text())

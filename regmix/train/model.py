@@ -2,7 +2,7 @@
 
 One short file in the spirit of nanoGPT. The architecture and initialisation are those of the
 paper's models (TinyLlama in lit-gpt, as the RegMix code trains them); shapes are data in
-`components/shapes.py`.
+`regmix/config/shapes.py`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:T].to(x.dtype) + x.roll(x.size(-1) // 2, dims=-1) * sin[:T].to(x.dtype)
 
 
-# Packing (components/packed.py): a model built with `packs=G` is G models of one shape in one,
+# Packing (train/packed.py): a model built with `packs=G` is G models of one shape in one,
 # each weight stacked along a new leading dimension, its activations (G, B, T, C). The layers
 # below take either; a packed one does each product as one batched matmul over the G models.
 

@@ -123,7 +123,6 @@ def log_proxy_run(run, mixture: dict, shape: ModelShape, recipe: TrainRecipe, se
     import mlflow
     from mlflow.entities import Metric, Param
 
-
     now = int(time.time() * 1000)
     inputs = {f"weight.{d}": round(w, 6) for d, w in mixture["weights"].items()}
     inputs |= {"shape": str(shape.to_dict()), "tokens_budget": recipe.tokens, "seed": seed,
@@ -149,7 +148,6 @@ def log_proxy_run(run, mixture: dict, shape: ModelShape, recipe: TrainRecipe, se
 def record_proxy(tracking: dict, stage: str, mixture: dict, shape: ModelShape, recipe: TrainRecipe,
                  seed: int, outcome: dict, target: dict[str, float], tags: dict | None = None) -> dict:
     """One MLflow run for one trained proxy; then its kept copy goes. Returns the proxy result."""
-
     diverged = bool(diverged_domains(outcome["val_loss"])) or not math.isfinite(
         outcome["train_loss"])
     tags = {HASH_TAG: mixture["hash"], **(tags or {}), **({DIVERGED_TAG: "true"} if diverged else {})}

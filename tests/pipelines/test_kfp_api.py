@@ -154,7 +154,6 @@ def test_in_a_cluster_the_client_finds_kfp_in_its_own_namespace(monkeypatch):
     import kfp
     import kubernetes
 
-
     monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda: None)
     multi_user = type("Healthz", (), {"multi_user": True})
     monkeypatch.setattr(kfp.Client, "get_kfp_healthz", lambda self: multi_user)

@@ -135,7 +135,6 @@ def test_user_corpus_formats(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-
     (tmp_path / "txt").mkdir()
     for i in range(3):
         (tmp_path / "txt" / f"{i}.txt").write_text(f"line one {i}\nline two\n")
@@ -169,7 +168,6 @@ def test_bad_corpora(tmp_path, files, source, message):
 def test_what_users_hand_over_loads_as_they_meant_it(tmp_path, caplog):
     """Hidden folders (notebook checkpoints: copies), upper-case suffixes, a byte-order mark,
     records without text, files nothing reads: loaded, skipped or reported, never silently."""
-
     folder = tmp_path / "web"
     (folder / ".ipynb_checkpoints").mkdir(parents=True)
     (folder / "a.JSONL").write_text('{"text": "alpha"}\n{"id": 2}\n{"text": 3}\n')
@@ -186,7 +184,6 @@ def test_what_users_hand_over_loads_as_they_meant_it(tmp_path, caplog):
 
 def test_a_file_rewritten_with_its_old_time_is_read_again(tmp_path):
     """`datasets` caches local files by path and time: cp -p or rsync -a keep the time."""
-
     path = tmp_path / "d.jsonl"
     path.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(4)))
     stamp = path.stat().st_mtime_ns

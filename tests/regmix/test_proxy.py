@@ -156,7 +156,6 @@ def test_a_proxy_another_run_is_training_is_waited_for_and_reused(prepared_data,
     """Two pipeline runs at once (a manual run beside a scheduled one) train a shared proxy once."""
     import threading
 
-
     monkeypatch.setenv("REGMIX_CACHE", str(tmp_path))
     recipe, shape = TrainRecipe(tokens=4096, batch_size=4), SHAPES["tiny-proxy"]
     mixture = {"id": "m0001", "hash": "0123456789abcdef", "weights": {"code": 1.0}}
@@ -342,7 +341,6 @@ def test_packed_training_under_a_loss_scale_clips_as_training_alone(prepared_dat
     """fp16 on a GPU scales the loss by 2^16; each packed proxy must be clipped unscaled, as
     accelerate clips a model trained alone. CPU has no fp16 autocast, so the scaler is added
     by hand to the accelerator the training builds."""
-
     build = regmix.train.loop.make_accelerator
 
     def with_loss_scale(recipe):
@@ -371,7 +369,6 @@ def test_a_proxy_trained_while_mlflow_is_down_is_kept_and_logged_later(prepared_
                                                                        monkeypatch):
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
-
 
     monkeypatch.setattr(regmix.tracking.runs, "BACKOFF_S", 0.0)
     config = tiny_config_dict("unused.yaml")

@@ -445,8 +445,6 @@ def test_domain_table_and_corpus_yaml() -> None:
     assert yaml.safe_load(text)["domains"][1] == {"name": "code_go", "path": "code_go.jsonl"}
 
 
-
-
 def _failing_run(stderr: str):
     def run(cmd, cwd=None):
         return subprocess.CompletedProcess(cmd, 100, "", stderr)

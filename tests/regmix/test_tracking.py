@@ -48,7 +48,6 @@ def test_a_failing_stage_keeps_its_own_error_and_marks_the_run_failed(tracking):
 def test_a_run_cannot_change_what_its_pipeline_was_compiled_with(tmp_path):
     import json
 
-
     compiled = json.dumps(compiled_settings(parse_config(tiny_config_dict("x.yaml"))))
     edited = tiny_config_dict("x.yaml", proxy={"parallelism": 3.0},  # as KFP hands numbers over
                               cluster={"retries": 3.0})

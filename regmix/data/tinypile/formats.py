@@ -10,6 +10,7 @@ import zlib
 # Binary formats: Unix compress (LZW), the KJV "brs" data file, R serialization, dictd
 # --------------------------------------------------------------------------------------------
 
+
 def unlzw(data: bytes, max_bits: int = 16) -> bytes:
     """Decode the body of a Unix ``compress`` (.Z, block mode) stream."""
     table = [bytes([i]) for i in range(256)] + [b""]  # code 256 = CLEAR
