@@ -12,8 +12,7 @@ from typing import Literal
 from kfp import dsl, kubernetes
 from kfp.dsl import pipeline_context
 
-from regmix.config.cluster import ClusterConfig
-from regmix.train.launcher import IMAGE_UID, MLFLOW_ENV, volume_env
+from regmix.config.cluster import IMAGE_UID, MLFLOW_ENV, ClusterConfig, volume_env
 
 Kind = Literal["data", "cpu", "proxy", "large"]
 
@@ -43,7 +42,7 @@ def apply_task_settings(task: dsl.PipelineTask, cluster: ClusterConfig,
         task.set_container_image(cluster.image)
     if cluster.image_pull_secrets:
         kubernetes.set_image_pull_secrets(task, cluster.image_pull_secrets)
-    # Every task runs the project's image (cluster.image, else $REGMIX_IMAGE or components.IMAGE
+    # Every task runs the project's image (cluster.image, else $REGMIX_IMAGE or regmix.components.IMAGE
     # as compiled), built to run as this uid.
     kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID,
                                     run_as_non_root=True)

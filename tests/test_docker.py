@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from regmix.train.launcher import IMAGE_UID
+from regmix.config.cluster import IMAGE_UID
 
 RECIPES = [Path("docker/Dockerfile"), Path("docker/mlflow.Dockerfile")]
 VALUE_OPTIONS = {"-c", "-r", "--index-url", "--extra-index-url"}

@@ -65,6 +65,10 @@ def test_a_proxy_trains_on_the_gpu_as_on_the_cpu(data):
     on_cpu = subprocess.run(
         [sys.executable, "-c", f"""if True:
             import json
+            from regmix.config.sections import TrainRecipe
+            from regmix.config.shapes import SHAPES
+            from regmix.data.prepare import TokenData
+            from regmix.train.loop import train_lm
             curve = []
             train_lm(TokenData.open({str(data.root)!r}), {WEIGHTS!r}, SHAPES["local-proxy"],
                      TrainRecipe(**{recipe!r}), seed=0, on_log=lambda s, loss: curve.append(loss))

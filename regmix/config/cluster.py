@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import (
-    Field,
-    model_validator,
-)
+from pydantic import Field, model_validator
 
 from regmix.config.sections import CPU_QUANTITY, MEMORY_QUANTITY, SECONDS, Strict, memory_bytes
+
+# Where a cluster's data preparation puts the token arrays: a folder on the volume every pod
+# mounts (pipelines/cluster.py sets it), so no pod downloads them as a KFP artifact
+SHARED_TOKENS_ENV = "REGMIX_SHARED_TOKENS"
+# Keys of the MLflow client Secret (k8s/secrets/mlflow-client.yaml), exposed under the same
+# names: the MLflow client reads them from the environment. Every pipeline task gets them too.
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+IMAGE_UID = 1000  # the image's non-root user (docker/Dockerfile)
+
+
+def volume_env(mount_path: str) -> dict[str, str]:
+    """Caches, prepared token arrays and kept checkpoints/results on the shared volume: they
+    outlive a pod, and every pod reads the same arrays in place."""
+    return {"HF_HOME": f"{mount_path}/cache/huggingface", "REGMIX_CACHE": f"{mount_path}/cache/regmix",
+            SHARED_TOKENS_ENV: f"{mount_path}/tokens"}
 
 
 class Toleration(Strict):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from regmix.config.cluster import SHARED_TOKENS_ENV
 from regmix.config.sections import CorpusConfig, TokenizerConfig
 from regmix.data.corpus import DOCUMENTS_PER_BATCH, files_by_domain, load_documents, resolve_domains
 from regmix.data.tokenizer import build_tokenizer, eos_id
@@ -19,9 +20,6 @@ from regmix.errors import CorpusError
 from regmix.files import removing, replacing
 
 log = logging.getLogger("regmix.data")
-# Where a cluster's data preparation puts the token arrays: a folder on the volume every pod
-# mounts (pipelines/cluster.py sets it), so no pod downloads them as a KFP artifact
-SHARED_TOKENS_ENV = "REGMIX_SHARED_TOKENS"
 UNUSED_WARNING = 0.1  # warn when a domain's held-out tail, in neither split, is this much of it
 
 

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
+from regmix.config.cluster import IMAGE_UID, MLFLOW_ENV, volume_env
 from regmix.config.loading import parse_config
 from regmix.config.schema import RegMixConfig
-from regmix.data.prepare import SHARED_TOKENS_ENV, TokenData
+from regmix.data.prepare import TokenData
 from regmix.files import replacing, write_text
 from regmix.train.loop import limit_cpu_threads
 from regmix.train.proxy import train_proxy
@@ -33,18 +34,7 @@ from regmix.train.proxy import train_proxy
 log = logging.getLogger("regmix.launcher")
 
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
-# Keys of the MLflow client Secret (k8s/secrets/mlflow-client.yaml), exposed under the same
-# names: the MLflow client reads them from the environment. Every pipeline task gets them too.
-MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-IMAGE_UID = 1000  # the image's non-root user (docker/Dockerfile)
 JOB_DELETE_SECONDS = 600  # how long a retry waits for a failed job's pods to go
-
-
-def volume_env(mount_path: str) -> dict[str, str]:
-    """Caches, prepared token arrays and kept checkpoints/results on the shared volume: they
-    outlive a pod, and every pod reads the same arrays in place."""
-    return {"HF_HOME": f"{mount_path}/cache/huggingface", "REGMIX_CACHE": f"{mount_path}/cache/regmix",
-            SHARED_TOKENS_ENV: f"{mount_path}/tokens"}
 
 
 class JobFailed(RuntimeError):
@@ -284,3 +274,7 @@ def train_target(data_dir: str, run: dict, config, tracking: dict) -> dict:
     if "error" in result:  # diverged: no loss to compare or rank; fail the task with the fix
         raise RuntimeError(f"{run['role']} run {run['id']}: {result['error']}")
     return {**result, "name": run["name"], "seed": run["seed"]}
+
+
+if __name__ == "__main__":
+    main()

@@ -9,11 +9,11 @@ import yaml
 from kfp import dsl, local
 
 from regmix.components import IMAGE, component
+from regmix.config.cluster import IMAGE_UID
 from regmix.config.loading import load_config, parse_config
 from regmix.errors import ConfigError
 from regmix.pipelines.cluster import apply_task_settings
 from regmix.pipelines.kfp_api import compile_package
-from regmix.train.launcher import IMAGE_UID
 
 
 def compiled(config_path: str, out) -> tuple[dict, dict]:

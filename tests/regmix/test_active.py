@@ -120,7 +120,7 @@ def test_a_round_proposes_trains_and_refits_on_every_proxy(prepared_data, tracki
     # mixtures (columns in any order) as the saved folder does
     logged = mlflow.pyfunc.load_model(f"runs:/{fit.info.run_id}/regressor")
     table = pd.DataFrame(weights, columns=meta["domains"])[meta["domains"][::-1]]
-    np.testing.assert_allclose(logged.predict(table), Regressor.load(Path(first.path)).predict(weights))
+    np.testing.assert_allclose(logged.predict(table), Regressor.load(first).predict(weights))
     assert logged.metadata.get_input_schema().input_names() == meta["domains"]
     sizes = [size for size, _ in report["learning_curve"]]
     assert sizes == sorted(set(sizes)) and report["learning_curve"][-1] == [16, report["cv_spearman"]]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
+import regmix.data.corpus
 import regmix.data.prepare
 from regmix.config.loading import parse_config
 from regmix.config.sections import CorpusConfig, DomainSource, TokenizerConfig
@@ -51,7 +52,8 @@ def test_split_holds_out_whole_documents_exactly():
 
 
 def test_training_tokens_stream_in_batches_up_to_the_cap(monkeypatch, tmp_path):
-    monkeypatch.setattr(regmix.data.prepare, "DOCUMENTS_PER_BATCH", 3)
+    for module in (regmix.data.corpus, regmix.data.prepare):
+        monkeypatch.setattr(module, "DOCUMENTS_PER_BATCH", 3)
     docs = [" ".join([str(i)] * 4) for i in range(1, 11)]
     chunks = list(train_chunks(docs, np.array([1, 5]), encode_ids, 0, np.uint16, None))
     assert [c.size for c in chunks] == [10, 10, 15, 5]  # 5 tokens a document, 2 held out

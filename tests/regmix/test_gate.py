@@ -97,14 +97,14 @@ def test_plan_has_fresh_mixtures_chosen_first_and_seed_replicas(prepared_data):
                                            mixtures={"count": 8, "max_epochs": 50}))
     chosen = {"code": 0.2, "changelogs": 0.5, "licenses": 0.3}
     best = {"code": 0.6, "changelogs": 0.2, "licenses": 0.2}
-    tasks = plan_gate_proxies(config, prepared_data.meta, chosen, best, {"t": 1}, np.empty((0, 3)))
+    tasks = plan_gate_proxies(config, prepared_data.meta, chosen, best, np.empty((0, 3)))
     mixtures = [m for t in tasks for m in t["mixtures"]]
     # Replicas on seeds the training run did not use, the same for both mixtures
     assert [m["id"] for m in mixtures] == ["chosen", "g0001", "g0002", "g0003", "g0004",
                                            "chosen@seed1", "chosen@seed2", "best@seed1",
                                            "best@seed2"]
     assert len({m["hash"] for m in mixtures}) == len(mixtures)
-    assert all(t["tracking"] == {"t": 1} for t in tasks)
+    assert all(set(t) == {"task", "mixtures"} for t in tasks)  # plain items: no tracking
 
 
 def test_gate_fails_when_too_few_fresh_proxies_finished():
@@ -124,7 +124,7 @@ def test_fresh_gate_mixtures_skip_those_the_regression_was_fitted_on(prepared_da
     domains = prepared_data.meta["domains"]
 
     def fresh(fitted):
-        tasks = plan_gate_proxies(config, prepared_data.meta, chosen, chosen, {}, fitted)
+        tasks = plan_gate_proxies(config, prepared_data.meta, chosen, chosen, fitted)
         return [[m["weights"][d] for d in domains] for t in tasks for m in t["mixtures"]][1:]
 
     unseen = fresh(np.empty((0, 3)))
@@ -140,7 +140,7 @@ def test_a_chosen_training_mixture_stays_out_of_the_rank_check(prepared_data):
                                            mixtures={"count": 8, "max_epochs": 50}))
     chosen = {"code": 0.2, "changelogs": 0.5, "licenses": 0.3}
     fitted = np.array([[0.6, 0.2, 0.2], [0.2, 0.5, 0.3]])  # the second is the chosen one
-    tasks = plan_gate_proxies(config, prepared_data.meta, chosen, chosen, {}, fitted)
+    tasks = plan_gate_proxies(config, prepared_data.meta, chosen, chosen, fitted)
     ids = [m["id"] for t in tasks for m in t["mixtures"]]
     assert ids == ["chosen", "g0001", "g0002", "g0003", "g0004", "g0005"]  # one more fresh
     # The chosen one fits perfectly (in-sample) but for its rank: out of the rank check, the

@@ -28,7 +28,7 @@ def test_plan_trains_chosen_and_baselines_over_seeds(prepared_data):
                          "seeds": 2, "baselines": ["prior", "uniform"],
                          "extra_baselines": {"mine": {"code": 1.0}}}))
     chosen = {"code": 0.2, "changelogs": 0.5, "licenses": 0.3}
-    runs = plan_large_runs(config, prepared_data.meta, chosen, chosen, {"t": 1})
+    runs = plan_large_runs(config, prepared_data.meta, chosen, chosen)
     assert [r["id"] for r in runs] == [f"{n}@seed{s}" for n in ("chosen", "prior", "uniform",
                                                                  "mine") for s in (0, 1)]
     assert [r["role"] for r in runs][:3] == ["large", "large", "baseline"]
@@ -70,7 +70,7 @@ def test_rank_check_spans_the_losses_and_measures_agreement(prepared_data):
         "x.yaml", regression={"target": "code"},
         rank_check={"mixtures": 3, "model": {"shape": "tiny-large"}, "train": {"tokens": 1024}}))
     proxies = [loss(f"m{i}", 3 + i, weights={"code": 1.0}) for i in range(7)]
-    runs = plan_rank_check(config, prepared_data.meta, proxies, {"t": 1})
+    runs = plan_rank_check(config, prepared_data.meta, proxies)
     assert [r["name"] for r in runs] == ["m0", "m3", "m6"]
     larger = [loss("m0", 2.0), loss("m3", 2.5), loss("m6", 2.4)]
     check = rank_invariance(proxies, larger, TARGET)
@@ -84,11 +84,11 @@ def test_a_larger_run_trains_on_the_configured_cpu_threads(prepared_data, tracki
                          "cpu_threads": 1}))
     weights = {"code": 0.5, "changelogs": 0.5, "licenses": 0.0}
     run = target_run("chosen", "large", weights, 0,
-                     target_key(config, prepared_data.meta, "large"), tracking)
+                     target_key(config, prepared_data.meta, "large"))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        result = train_target(str(prepared_data.root), run, config)
+        result = train_target(str(prepared_data.root), run, config, tracking)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
@@ -100,9 +100,9 @@ def test_a_diverged_large_run_fails_its_task_naming_the_fix(prepared_data, track
     config = parse_config(tiny_config_dict(
         "x.yaml", large={"model": {"shape": "tiny-proxy"}, "train": {"tokens": 1024}}))
     run = target_run("uniform", "baseline", {"code": 0.5, "changelogs": 0.5, "licenses": 0.0}, 0,
-                     target_key(config, prepared_data.meta, "large"), tracking)
+                     target_key(config, prepared_data.meta, "large"))
     monkeypatch.setattr(regmix.train.proxy, "evaluate",
                         lambda model, data, precision: {d: float("nan") for d in data.domains})
     with pytest.raises(RuntimeError, match=r"baseline run uniform@seed0: diverged: .* lower "
                                            r"large\.train\.lr or large\.train\.grad_clip"):
-        train_target(str(prepared_data.root), run, config)
+        train_target(str(prepared_data.root), run, config, tracking)

@@ -4,6 +4,8 @@
 import json
 import logging
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -234,3 +236,10 @@ def test_one_node_without_several_gpus_trains_in_process(monkeypatch):
     monkeypatch.setattr(launcher, "train_target",
                         lambda data_dir, run, config, tracking: {"ran": data_dir})
     assert run_train_target(load_config("configs/tiny.yaml"), RUN, "/data/x", TRACKING) == {"ran": "/data/x"}
+
+
+def test_the_torchrun_workers_entry_point_runs_main(tmp_path):
+    """`torchrun -m regmix.train.launcher WORK` (and the PyTorchJob's command) runs `main`."""
+    out = subprocess.run([sys.executable, "-m", "regmix.train.launcher", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "request.json" in out.stderr  # it read the work folder

@@ -196,6 +196,10 @@ def test_two_processes_train_the_model_one_process_does(prepared_data, tmp_path,
     script.write_text(textwrap.dedent(f"""
         import json, sys
         from accelerate import PartialState
+        from regmix.config.sections import TrainRecipe
+        from regmix.config.shapes import SHAPES
+        from regmix.data.prepare import TokenData
+        from regmix.train.loop import train_lm
         recipe = TrainRecipe.model_validate_json({recipe.model_dump_json()!r})
         _, loss, _, _ = train_lm(TokenData.open(sys.argv[1]), {weights!r}, SHAPES["tiny-proxy"],
                               recipe, 0)

@@ -218,3 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(build_tinypile(args.out, tiny=args.tiny, force=args.force))
+
+
+if __name__ == "__main__":
+    main()
