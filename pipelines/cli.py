@@ -14,7 +14,7 @@ from pathlib import Path
 
 from regmix.config.loading import load_config
 from regmix.config.schema import RegMixConfig
-from regmix.data.corpus import preflight
+from regmix.data.corpus import domain_roles, preflight
 from regmix.data.tinypile.builder import build_tinypile
 from regmix.data.tinypile.sources import DOMAINS as TINYPILE_DOMAINS
 from regmix.errors import ConfigError, ServiceError, UserError
@@ -29,7 +29,7 @@ from regmix.tracking.runs import checked_tracking_uri, default_tracking_uri
 def checked_config(path: str) -> RegMixConfig:
     """Load a config and check it against its corpus's domains before any work starts."""
     config = load_config(path)
-    config.check_domains(preflight(config.corpus, config.tokenizer))
+    config.check_domains(*preflight(config.corpus, config.tokenizer))
     return config
 
 
@@ -38,9 +38,9 @@ def with_listed_domains_checked(config: RegMixConfig) -> RegMixConfig:
     inline, or tinypile's fixed set (a corpus spec is read only where the data is prepared)."""
     corpus = config.corpus
     if corpus.domains is not None:
-        config.check_domains([d.name for d in corpus.domains])
+        config.check_domains(*domain_roles(corpus, corpus.domains))
     elif corpus.tinypile is not None:
-        config.check_domains([d.name for d in TINYPILE_DOMAINS])
+        config.check_domains(*corpus.roles([d.name for d in TINYPILE_DOMAINS]))
     return config
 
 

@@ -171,7 +171,7 @@ def run_sample_mixtures(config, meta: dict, tracking: dict) -> list[dict]:
     """The sample-mixtures stage: the proxies' mixtures as proxy tasks `[{task, mixtures}]`,
     checked against the corpus and the search's bounds before anything trains, and logged."""
     # A misnamed domain fails here, not after every proxy trained
-    config.check_domains(meta["domains"], meta)
+    config.check_domains(meta["domains"], meta.get("targets", []), meta)
     tasks = plan_proxies(config, meta)
     mixtures = [m for t in tasks for m in t["mixtures"]]
     check_trained_region(config, meta, mixtures)

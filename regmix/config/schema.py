@@ -28,6 +28,7 @@ from regmix.config.sections import (
     TrackingConfig,
     check_mixture,
     check_names,
+    check_trainable,
 )
 from regmix.errors import ConfigError
 
@@ -68,17 +69,27 @@ class RegMixConfig(Strict):
                     f"batch_size x context = {step} tokens: raise it or lower batch_size")
         return self
 
-    def check_domains(self, domains: list[str], meta: dict | None = None) -> None:
+    def check_domains(self, domains: list[str], targets: list[str] = (),
+                      meta: dict | None = None) -> None:
         """Check every domain the config names exists in the corpus, mixtures sum to 1, and some
         mixture meets the search's bounds; with the prepared corpus's `meta`, also under the
         max-epochs cap over each domain's tokens. The pipeline checks with `meta` before any
-        proxy trains: a corpus spec's or tinypile's domains are known only once it is prepared."""
+        proxy trains: a corpus spec's or tinypile's domains are known only once it is prepared.
+        `domains` are the training domains; the target may also name the target-only sets
+        `targets`, which no mixture or bound may name."""
         known = set(domains)
         target = self.regression.target
         if isinstance(target, dict):
-            check_mixture("regression.target", target, known)
+            check_mixture("regression.target", target, known | set(targets))
         elif target != "mean":
-            check_names("regression.target", [target], known)
+            check_names("regression.target", [target], known | set(targets))
+        search = self.search
+        for field, named in (("search.min_weight", search.min_weight),
+                             ("search.max_weight", search.max_weight),
+                             ("search.fixed", search.fixed),
+                             *((f"large.extra_baselines.{n}", m)
+                               for n, m in self.large.extra_baselines.items())):
+            check_trainable(field, named, targets)
         for name, mixture in self.large.extra_baselines.items():
             check_mixture(f"large.extra_baselines.{name}", mixture, known)
         # The search's own check, so that bounds no mixture can meet fail now, not after the

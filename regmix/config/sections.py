@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Annotated, Literal, get_args
 
 from pydantic import (
@@ -63,6 +64,9 @@ class DomainSource(Strict):
     hf_name: str | None = None
     hf_split: str = "train"
     text_column: str = "text"
+    # target: a validation set only (a benchmark's text, a held-out quality set): measured on
+    # every proxy and larger run, a possible regression target, never sampled into a mixture
+    role: Literal["train", "target"] = "train"
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -80,6 +84,9 @@ class CorpusConfig(Strict):
     # a cap saves time on a huge corpus; but the sampling prior (token shares) and the max-epochs
     # limits then see the capped counts.
     max_train_tokens: int | None = Field(None, gt=0)
+    # Domains made target-only sets (as `role: target` does) by name: for a corpus whose domain
+    # list is not yours to edit, such as tinypile or a shared spec
+    target_only: list[Annotated[str, Field(pattern=NAME)]] = []
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -94,7 +101,24 @@ class CorpusConfig(Strict):
                 raise ValueError(f"corpus.domains: a mixture needs at least 2 domains, "
                                  f"found {len(self.domains)}")
             check_unique([d.name for d in self.domains], "corpus.domains")
+        check_unique(self.target_only, "corpus.target_only")
         return self
+
+    def roles(self, names: list[str], declared: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+        """The corpus's training domains and its target-only sets, in corpus order, from its
+        domain `names` and those `declared` with `role: target`."""
+        unknown = sorted(set(self.target_only) - set(names))
+        if unknown:
+            raise ConfigError(f"corpus.target_only: unknown domain(s) {unknown}; the corpus has "
+                              f"{sorted(names)}")
+        targets = [n for n in names if n in set(declared) | set(self.target_only)]
+        train = [n for n in names if n not in targets]
+        if len(train) < 2:
+            raise ConfigError(
+                f"corpus: a mixture needs at least 2 training domains, found {len(train)} "
+                f"({len(targets)} of the {len(names)} are target-only sets, role: target); "
+                "make more of them `role: train`")
+        return train, targets
 
 
 class TokenizerConfig(Strict):
@@ -401,6 +425,14 @@ def check_mixture(field: str, weights: dict[str, float], known: set[str]) -> Non
         raise ConfigError(
             f"{field}: weights must be >= 0 and sum to 1 (they sum to {total:.6g}); rescale them"
         )
+
+
+def check_trainable(field: str, weights: dict[str, float], targets: Iterable[str]) -> None:
+    """A mixture or bound gives weight to training domains only."""
+    named = sorted(set(weights) & set(targets))
+    if named:
+        raise ConfigError(f"{field}: {named} are target-only sets (role: target): they are "
+                          "measured, never trained on, so no mixture weighs them; remove them")
 
 
 def check_unique(names: list[str], field: str) -> None:

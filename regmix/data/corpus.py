@@ -171,10 +171,17 @@ class Documents(Sequence[str]):
             yield from self[start : start + DOCUMENTS_PER_BATCH]
 
 
-def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> list[str]:
+def domain_roles(corpus: CorpusConfig, sources: list[DomainSource]) -> tuple[list[str], list[str]]:
+    """The training domains and the target-only sets among the corpus's `sources`."""
+    return corpus.roles([s.name for s in sources], [s.name for s in sources if s.role == "target"])
+
+
+def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> tuple[list[str], list[str]]:
     """Cheap checks before any work: files exist, are readable UTF-8 and big enough; the
-    tokenizer can be loaded. Returns the domain names. Problems raise CorpusError."""
+    tokenizer can be loaded. Returns the training domains and the target-only sets. Problems
+    raise CorpusError (ConfigError for roles the config gets wrong)."""
     sources, base = resolve_domains(corpus)
+    roles = domain_roles(corpus, sources)
     by_name = {s.name: s for s in sources}
     for domain, files in files_by_domain(sources, base).items():
         source = by_name[domain]
@@ -206,7 +213,7 @@ def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> list[str]:
             )
     if tokenizer.kind != "bpe":
         eos_id(build_tokenizer(tokenizer, {}), tokenizer.eos_token)
-    return [s.name for s in sources]
+    return roles
 
 
 def check_text_column(source: DomainSource, name: str, head: bytes) -> None:

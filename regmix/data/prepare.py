@@ -14,7 +14,13 @@ import numpy as np
 
 from regmix.config.cluster import SHARED_TOKENS_ENV
 from regmix.config.sections import CorpusConfig, TokenizerConfig
-from regmix.data.corpus import DOCUMENTS_PER_BATCH, files_by_domain, load_documents, resolve_domains
+from regmix.data.corpus import (
+    DOCUMENTS_PER_BATCH,
+    domain_roles,
+    files_by_domain,
+    load_documents,
+    resolve_domains,
+)
 from regmix.data.tokenizer import build_tokenizer, eos_id
 from regmix.errors import CorpusError
 from regmix.files import removing, replacing
@@ -34,13 +40,14 @@ def pack(token_lists: list[list[int]], eos: int, dtype) -> np.ndarray:
 
 
 def hold_out(
-    name: str, docs: Sequence[str], encode, validation_tokens: int, seed: int, eos: int, dtype
+    name: str, docs: Sequence[str], encode, validation_tokens: int, seed: int, eos: int, dtype,
+    training: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hold out whole documents (a fixed, seeded choice) until `validation_tokens` are covered.
 
     Returns the validation tokens, the held-out documents' indices and how many tokens of the
     last one, cut at `validation_tokens`, are in neither split. `encode` maps a list of texts to
-    their token id lists.
+    their token id lists. A target-only set (`training` false) may give all its documents.
     """
     if len(docs) == 1:
         raise CorpusError(f"domain '{name}': one document cannot be split into validation and "
@@ -53,10 +60,11 @@ def hold_out(
         (tokens,) = encode([docs[order[len(held_out)]]])
         held_out.append(tokens)
         covered += len(tokens) + 1
-    if covered < validation_tokens or len(held_out) == len(order):
+    if covered < validation_tokens or (training and len(held_out) == len(order)):
+        needs = "plus training data" if training else "(a target-only set)"
         raise CorpusError(
             f"domain '{name}': {covered} tokens in {len(order)} documents is too small for "
-            f"a {validation_tokens}-token validation split plus training data; add text or "
+            f"a {validation_tokens}-token validation split {needs}; add text or "
             "lower corpus.validation_tokens"
         )
     # The last held-out document is cut at `validation_tokens`: its tail is in neither split
@@ -122,6 +130,7 @@ def prepare_data(
     so each proxy pod reads them in place instead of downloading them as a KFP artifact.
     """
     sources, base = resolve_domains(corpus)
+    train_domains, targets = domain_roles(corpus, sources)
     files = files_by_domain(sources, base)
     documents = {s.name: load_documents(s, base, files.get(s.name)) for s in sources}
     tokenizer = build_tokenizer(tokenizer_config, documents)
@@ -147,7 +156,13 @@ def prepare_data(
 
         for name, docs in documents.items():
             validation, held_out, unused = hold_out(name, docs, encode, corpus.validation_tokens,
-                                                    seed, eos, dtype)
+                                                    seed, eos, dtype, training=name in train_domains)
+            if name in targets:  # measured, never trained on: no training array
+                np.save(arrays / "validation" / f"{name}.npy", validation)
+                digest.update(validation.tobytes())
+                tokens[name] = {"validation": int(validation.size)}
+                log.info("%s: a target-only set of %d validation tokens", name, validation.size)
+                continue
             chunks = train_chunks(docs, held_out, encode, eos, dtype, corpus.max_train_tokens)
             train_size = save_chunks(arrays / "train" / f"{name}.npy", chunks, dtype, digest)
             np.save(arrays / "validation" / f"{name}.npy", validation)
@@ -159,7 +174,8 @@ def prepare_data(
                             "the validation split cut, are in neither split; split long "
                             "documents to train on them", name, unused, 100 * share)
         meta = {
-            "domains": list(documents),
+            "domains": train_domains,
+            **({"targets": targets} if targets else {}),
             "tokens": tokens,
             "vocab_size": vocab,
             "eos_id": eos,
@@ -167,7 +183,8 @@ def prepare_data(
             "fingerprint": digest.hexdigest()[:16],
         }
         if staging:  # named by content and by the domain names the files carry
-            names = hashlib.sha256(json.dumps(meta["domains"]).encode()).hexdigest()[:8]
+            named = meta["domains"] + targets
+            names = hashlib.sha256(json.dumps(named).encode()).hexdigest()[:8]
             meta["arrays"] = publish(staging, staging.parent / f"{meta['fingerprint']}-{names}")
         (folder / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
@@ -210,7 +227,18 @@ class TokenData:
 
     @property
     def domains(self) -> list[str]:
+        """The training domains: what mixtures weigh."""
         return self.meta["domains"]
+
+    @property
+    def targets(self) -> list[str]:
+        """The target-only sets: validation tokens only."""
+        return self.meta.get("targets", [])
+
+    @property
+    def validation_domains(self) -> list[str]:
+        """Every validation set a model is measured on: the training domains, then the targets."""
+        return self.domains + self.targets
 
     @property
     def vocab_size(self) -> int:

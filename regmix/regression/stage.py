@@ -140,7 +140,8 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
             mlflow.log_dict(model.linear_coefficients, "linear_coefficients.json")
         log_mlflow_model(out, model)
         # Every domain's validation loss, for the domain interactions: what the proxies measured
-        measured = [d for d in domains if all(d in r["val_loss"] for r in results)]
+        measured = [d for d in domains + data_meta.get("targets", [])
+                    if all(d in r["val_loss"] for r in results)]
         with tempfile.TemporaryDirectory() as folder:
             plot_fit(Path(folder), str(cfg.regression.target), losses, report)
             plot_domain_interactions(Path(folder), weights, domains, {

@@ -327,7 +327,7 @@ def evaluate(model: LM, data: TokenData, precision: str = "no",
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     context = model.shape.context
     losses = {}
-    for domain in data.domains:
+    for domain in data.validation_domains:
         tokens = torch.from_numpy(data.array("validation", domain).astype(np.int64)).to(device)
         rows = (tokens.numel() - 1) // context
         x = tokens[: rows * context].view(rows, context)

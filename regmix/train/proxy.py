@@ -191,7 +191,7 @@ def _train_proxy(data: TokenData, mixture: dict, shape: ModelShape, recipe: Trai
                  main: bool) -> dict:
     previous = find_finished(tracking, mixture["hash"])
     if previous is not None:
-        return reused_result(previous, mixture, data.domains, stage)
+        return reused_result(previous, mixture, data.validation_domains, stage)
     outcome = kept_outcome(mixture["hash"])
     if outcome is None:
         checkpoints = checkpoint_folder(mixture["hash"])
@@ -232,7 +232,7 @@ def _train_proxies_packed(data: TokenData, mixtures: list[dict], shape: ModelSha
                           recipe: TrainRecipe, seeds: list[int], tracking: dict,
                           target: dict[str, float], stage: str) -> list[dict]:
     previous = [find_finished(tracking, m["hash"]) for m in mixtures]
-    results = {m["id"]: reused_result(p, m, data.domains, stage)
+    results = {m["id"]: reused_result(p, m, data.validation_domains, stage)
                for m, p in zip(mixtures, previous, strict=True) if p is not None}
     outcomes = {m["hash"]: kept_outcome(m["hash"]) for m, p in zip(mixtures, previous, strict=True)
                 if p is None}
