@@ -101,19 +101,37 @@ def format_summary(s: dict) -> str:
     gate = "PASSED" if s["gate_passed"] else "FAILED"
     large = ("" if s["large_target_loss"] is None
              else f"\n  large model target loss: {s['large_target_loss']:.4f}")
+    against = "".join(
+        f"\n    {name:<12} {b['mean']:.4f}  {comparison(b)}" for name, b in s["gate_baselines"].items())
+    if against:
+        against = "\n  gate: chosen vs baselines at proxy size (target loss, paired seeds):" + against
+    evidence = "".join(
+        f"\n    {name:<12} {b['mean']:.4f}  {comparison(b)}" for name, b in s["evidence"].items())
+    if evidence:
+        evidence = (f"\n  larger size: chosen {s['large_target_loss']:.4f} vs baselines (target "
+                    f"loss, paired seeds):{evidence}")
     mlflow = s["mlflow"]
     return (
         f"RegMix run {s['pipeline_run']} finished in {s['wall_seconds']:.0f} s\n"
         f"  chosen mixture (predicted target loss {s['predicted_loss']:.4f}):\n{mixture}\n"
         f"  regression CV Spearman: {s['cv_spearman']:.3f}\n"
         f"  gate Spearman on fresh proxies: {s['gate_spearman']:.3f} -> {gate} "
-        f"({s['gate_reason']}){large}\n"
+        f"({s['gate_reason']}){against}{large}{evidence}\n"
         f"  proxies trained: {s['proxies_trained']}, reused: {s['proxies_reused']} "
         f"(trained per stage: {', '.join(f'{k} {v}' for k, v in s['trained'].items())})\n"
         f"  MLflow: {mlflow['tracking_uri']} experiment '{mlflow['experiment']}' "
         f"(id {mlflow['experiment_id']}), parent run {mlflow['parent_run_id']}\n"
         f"  see it: mlflow ui --backend-store-uri {mlflow['tracking_uri']}"
     )
+
+
+def comparison(baseline: dict) -> str:
+    """One baseline of the summary against the chosen mixture, in words."""
+    if baseline["noise"] is None:
+        return f"margin {baseline['margin']:+.4f} (no noise bound: fewer than 2 paired seeds)"
+    verdict = "chosen wins" if baseline["chosen_wins"] else "no win"
+    return (f"{verdict}: margin {baseline['margin']:+.4f} vs noise {baseline['noise']:.4f} "
+            f"over {baseline['seeds']} seeds")
 
 
 def cmd_report(args) -> int:

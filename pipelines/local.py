@@ -93,6 +93,22 @@ def evidence_names(by_stage: dict) -> list[str]:
                    if key.startswith("large.") and key.endswith(".mean")})
 
 
+def comparisons(run, prefix: str) -> dict:
+    """Each baseline's record in a run's metrics `<prefix>.<name>.<key>`, as the summary gives
+    it: mean, std, seeds, margin (baseline - chosen), noise (the one-sided paired bound; None
+    without one) and chosen_wins (margin > noise; False without a bound)."""
+    metrics = run.data.metrics if run else {}
+    names = sorted({key[len(prefix) + 1:].rsplit(".", 1)[0] for key in metrics
+                    if key.startswith(f"{prefix}.") and key.endswith(".margin")})
+    return {name: {"mean": metrics[f"{prefix}.{name}.mean"],
+                   "std": metrics.get(f"{prefix}.{name}.std"),
+                   "seeds": int(metrics.get(f"{prefix}.{name}.seeds", 1)),
+                   "margin": metrics[f"{prefix}.{name}.margin"],
+                   "noise": metrics.get(f"{prefix}.{name}.noise"),
+                   "chosen_wins": bool(metrics.get(f"{prefix}.{name}.chosen_wins", 0.0))}
+            for name in names}
+
+
 def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: float) -> dict:
     """The run's outcome, read back from MLflow (the record of truth, not in-process state)."""
     client = mlflow.MlflowClient(tracking_uri)
@@ -120,6 +136,11 @@ def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: floa
         "large_target_loss": evidence_metric(by_stage, "large.chosen.mean"),
         "baselines": {name: evidence_metric(by_stage, f"large.{name}.mean")
                       for name in evidence_names(by_stage) if name != "chosen"},
+        # The chosen mixture against each baseline, seed by seed: at proxy size in the gate,
+        # at the larger size after it
+        "gate_baselines": comparisons(gate, "gate"),
+        "evidence": comparisons(next((r for r in by_stage.get("evidence", [])
+                                      if "large.chosen.mean" in r.data.metrics), None), "large"),
         "rank_invariance_spearman": evidence_metric(by_stage, "rank_invariance.spearman"),
         "trained": trained,
         "failed": failed,  # stages with failed training runs only

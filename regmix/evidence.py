@@ -43,22 +43,27 @@ def target_key(config, meta: dict, role: str) -> dict:
             "recipe": spec.train.identity()}
 
 
-def baseline_mixtures(config, meta: dict, best_proxy: dict[str, float]) -> dict[str, dict]:
+def baseline_mixtures(config, meta: dict, best_proxy: dict[str, float],
+                      names: list[str]) -> dict[str, dict]:
+    """The mixtures `names` stand for: the built-in baselines ("prior": the token shares, the
+    natural choice; "uniform"; "best_proxy") or the user's, from large.extra_baselines."""
     domains = meta["domains"]
     tokens = np.array([meta["tokens"][d]["train"] for d in domains], dtype=np.float64)
     known = {
         "prior": dict(zip(domains, token_prior(tokens, 1.0).tolist(), strict=True)),
         "uniform": {d: 1 / len(domains) for d in domains},
         "best_proxy": best_proxy,
+        **config.large.extra_baselines,
     }
-    return {**{b: known[b] for b in config.large.baselines}, **config.large.extra_baselines}
+    return {name: known[name] for name in names}
 
 
 def plan_large_runs(config, meta: dict, chosen: dict[str, float],
                     best_proxy: dict[str, float]) -> list[dict]:
     """The chosen mixture and every baseline, each with `large.seeds` seeds."""
     key = target_key(config, meta, "large")
-    mixtures = {"chosen": chosen, **baseline_mixtures(config, meta, best_proxy)}
+    names = [*config.large.baselines, *config.large.extra_baselines]
+    mixtures = {"chosen": chosen, **baseline_mixtures(config, meta, best_proxy, names)}
     return [target_run(name, "large" if name == "chosen" else "baseline", weights,
                        config.seed + s, key)
             for name, weights in mixtures.items() for s in range(config.large.seeds)]
@@ -83,22 +88,33 @@ def compare(results: list[dict], target: dict[str, float]) -> dict:
     losses: dict[str, dict[int, float]] = {}
     for r in results:
         losses.setdefault(r["name"], {})[int(r["seed"])] = target_loss(r["val_loss"], target)
-    stats = {name: {"mean": float(np.mean(list(v.values()))),
-                    "std": float(np.std(list(v.values()), ddof=1)) if len(v) > 1 else 0.0,
-                    "seeds": len(v)} for name, v in losses.items()}
     chosen = losses["chosen"]
-    for name, by_seed in losses.items():
-        if name == "chosen":
-            continue
-        seeds = sorted(set(by_seed) & set(chosen))
-        s = stats[name] | {"paired_seeds": len(seeds)}
-        if len(seeds) >= 2:  # > 0: the chosen mixture is better
-            s["margin"], s["noise"] = paired_difference([by_seed[i] for i in seeds],
-                                                        [chosen[i] for i in seeds])
-            s["chosen_wins"] = s["margin"] > s["noise"]
-        else:  # no pairs to judge the margin by
-            s["margin"], s["chosen_wins"] = s["mean"] - stats["chosen"]["mean"], None
-        stats[name] = s
+    return {name: seed_stats(by_seed) if name == "chosen" else against(chosen, by_seed)
+            for name, by_seed in losses.items()}
+
+
+def seed_stats(by_seed: dict) -> dict:
+    """A mixture's mean target loss over its seeds and their spread."""
+    values = list(by_seed.values())
+    return {"mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "seeds": len(values)}
+
+
+def against(chosen: dict, baseline: dict) -> dict:
+    """A baseline's `seed_stats` and the chosen mixture's margin over it (baseline - chosen,
+    > 0: chosen is better) on the seeds both trained on, with the paired one-sided noise bound
+    and whether the margin clears it; with fewer than 2 shared seeds, no bound
+    (`chosen_wins` None)."""
+    seeds = sorted(set(baseline) & set(chosen))
+    stats = seed_stats(baseline) | {"paired_seeds": len(seeds)}
+    if len(seeds) >= 2:
+        stats["margin"], stats["noise"] = paired_difference([baseline[i] for i in seeds],
+                                                            [chosen[i] for i in seeds])
+        stats["chosen_wins"] = stats["margin"] > stats["noise"]
+    else:  # no pairs to judge the margin by
+        stats["margin"] = stats["mean"] - seed_stats(chosen)["mean"]
+        stats["chosen_wins"] = None
     return stats
 
 
@@ -137,8 +153,8 @@ def run_compare_baselines(results: list[dict], fit_report: dict, tracking: dict)
     stats = compare(results, fit_report["target"])
     with stage_run(tracking, "evidence", "compare-baselines"):
         for name, s in stats.items():
-            mlflow.log_metrics({f"large.{name}.{k}": s[k] for k in ("mean", "std", "margin", "noise")
-                                if k in s})
+            mlflow.log_metrics({f"large.{name}.{k}": s[k]
+                                for k in ("mean", "std", "seeds", "margin", "noise") if k in s})
             if s.get("chosen_wins") is not None:
                 mlflow.log_metric(f"large.{name}.chosen_wins", float(s["chosen_wins"]))
         mlflow.log_dict(stats, "baselines.json")

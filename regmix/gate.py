@@ -6,7 +6,10 @@ mixture. The gate passes when
   bound of a bootstrap interval on Spearman reaches the threshold, and
 - the chosen mixture is not measurably worse than the best training proxy: both are retrained
   on the same fresh seeds and their per-seed differences weighed against their own noise, not
-  taken raw.
+  taken raw, and
+- the chosen mixture beats every `gate.baselines` mixture (by default the prior: the token
+  shares, what a user would train on anyway) by more than the paired noise bound, retrained
+  on the same seeds: a large run that cannot beat what you would do anyway is not spent.
 When it fails, the decision says why and estimates from the regression's learning curve how
 many more proxies would be needed.
 """
@@ -19,7 +22,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from regmix.config.sections import target_loss
-from regmix.evidence import PAIRED_CONFIDENCE, paired_difference
+from regmix.evidence import PAIRED_CONFIDENCE, against, baseline_mixtures, paired_difference
 from regmix.mixtures import as_mixtures, chunk, draw_mixtures, mixture_hash, proxy_key
 from regmix.regression.saved import Regressor, saved_train_weights
 from regmix.tracking.runs import stage_run
@@ -70,7 +73,7 @@ def plan_gate_proxies(
 ) -> list[dict]:
     """`gate.proxies` held-out mixtures, the chosen one first (unless the regression was fitted
     on it: then one more fresh one), none of the `fitted` training mixtures; plus seed replicas
-    for the noise.
+    for the noise; and the same seeds of every `gate.baselines` mixture, to compare with.
 
     The replicas of the chosen mixture and of the best training proxy share seeds, none of them
     the run's own: the best proxy's loss at that seed is the lowest of many noisy losses, so it
@@ -85,6 +88,9 @@ def plan_gate_proxies(
     seeds = replica_seeds(config.seed, config.gate.seeds)
     mixtures += [seeded(CHOSEN, chosen, s, key) for s in seeds]
     mixtures += [seeded(BEST, best, s, key) for s in seeds]
+    others = [b for b in config.gate.baselines if b != "best_proxy"]  # best_proxy: BEST's
+    for name, weights in baseline_mixtures(config, meta, best, others).items():
+        mixtures += [seeded(name, weights, s, key) for s in seeds]
     return chunk(mixtures, config.proxy.per_task)
 
 
@@ -162,6 +168,7 @@ def decide(results: list[dict], predicted: dict[str, float], target: dict[str, f
         tolerance = fit_report["cv_rmse"]
         basis = "CV RMSE (fewer than 2 paired seeds: no noise estimate)"
     gap = float(np.mean(chosen) - np.mean(best))
+    baselines = compare_baselines(measured, seeds, gate.baselines)
     enough = len(fresh) >= MIN_FRESH_PROXIES
     ranks_ok, chosen_ok = enough and low >= gate.spearman_threshold, gap <= tolerance
     reasons = []
@@ -191,16 +198,45 @@ def decide(results: list[dict], predicted: dict[str, float], target: dict[str, f
         reasons.append(f"chosen mixture measured {np.mean(chosen):.4f}, worse than the best "
                        f"training proxy {np.mean(best):.4f} by {gap:.4f} > {basis} "
                        f"{tolerance:.4f}")
+    unbeaten = [name for name, b in baselines.items() if not b["chosen_wins"]]
+    for name in unbeaten:
+        reasons.append(unbeaten_reason(name, baselines[name]))
+    if unbeaten:
+        reasons.append("what would help: more training proxies (mixtures.count) for a better "
+                       "regression, more gate seeds (gate.seeds) for a tighter bound, or a "
+                       "target the mixture can move (regression.target; a target-only set "
+                       "of what you care about)")
     return {
-        "passed": bool(ranks_ok and chosen_ok),
+        "passed": bool(ranks_ok and chosen_ok and not unbeaten),
         "reason": "; ".join(reasons) or "prediction validated",
         "spearman": spearman, "spearman_low": low, "spearman_high": high,
         "threshold": gate.spearman_threshold, "fresh_proxies": len(fresh),
         "chosen_measured": float(np.mean(chosen)), "chosen_predicted": predicted[CHOSEN],
         "best_train_measured": float(np.mean(best)), "gap": gap, "tolerance": tolerance,
         "tolerance_basis": basis, "measured": measured, "predicted": predicted,
-        "fresh": fresh, "chosen_fitted": chosen_fitted,
+        "fresh": fresh, "chosen_fitted": chosen_fitted, "baselines": baselines,
     }
+
+
+def compare_baselines(measured: dict[str, float], seeds: list[str], names: list[str]) -> dict:
+    """The chosen mixture against each baseline's replicas on the gate's seeds (`against`)."""
+    chosen = {s: measured[f"{CHOSEN}@{s}"] for s in seeds}
+    replicas = {name: BEST if name == "best_proxy" else name for name in names}
+    return {name: against(chosen, {s: measured[f"{replica}@{s}"] for s in seeds
+                                   if f"{replica}@{s}" in measured})
+            for name, replica in replicas.items()}
+
+
+def unbeaten_reason(name: str, baseline: dict) -> str:
+    if baseline["chosen_wins"] is None:
+        return (f"cannot judge the chosen mixture against {name}: {baseline['paired_seeds']} "
+                "paired seed(s) finished (a failed gate proxy?); rerun, finished proxies are reused")
+    bound = f"the paired noise bound {baseline['noise']:.4f} over {baseline['paired_seeds']} seeds"
+    if baseline["margin"] > 0:
+        return (f"chosen mixture does not beat {name} at proxy size: ahead of it by "
+                f"{baseline['margin']:.4f}, within {bound}")
+    return (f"chosen mixture does not beat {name} at proxy size: behind it by "
+            f"{-baseline['margin']:.4f} ({bound})")
 
 
 def run_plan_gate(config, meta: dict, chosen: dict, fit_report: dict, regressor: Path) -> list[dict]:
@@ -241,6 +277,10 @@ def run_validate_prediction(config, gate_tasks: list[dict], fit_report: dict, re
             "gate.proxies_reused": sum(r["reused"] for r in results),
             "gate.proxies_failed": len(failed),
         })
+        for name, b in decision["baselines"].items():
+            mlflow.log_metrics({f"gate.{name}.{k}": float(b[k])
+                                for k in ("mean", "std", "seeds", "margin", "noise", "chosen_wins")
+                                if b.get(k) is not None})
         mlflow.set_tag("gate.reason", decision["reason"])
         if failed:
             mlflow.log_dict({r["id"]: r["error"] for r in failed}, "failed_proxies.json")

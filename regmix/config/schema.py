@@ -12,6 +12,7 @@ from pydantic import (
 from regmix.config.cluster import ClusterConfig
 from regmix.config.constraints import search_constraints
 from regmix.config.sections import (
+    BUILT_IN_BASELINES,
     MAX_SEED,
     PIPELINE_NAME,
     ActiveLearningConfig,
@@ -48,6 +49,15 @@ class RegMixConfig(Strict):
     rank_check: RankCheckConfig = RankCheckConfig()
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _gate_baselines_are_known(self):
+        unknown = [b for b in self.gate.baselines
+                   if b not in BUILT_IN_BASELINES and b not in self.large.extra_baselines]
+        if unknown:
+            raise ValueError(f"gate.baselines: {unknown} are neither {list(BUILT_IN_BASELINES)} "
+                             "nor named in large.extra_baselines; define them there")
+        return self
 
     @model_validator(mode="after")
     def _tokens_cover_a_window(self):

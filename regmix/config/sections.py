@@ -349,6 +349,10 @@ class ActiveLearningConfig(Strict):
     near_fraction: float = Field(0.1, gt=0, le=1)
 
 
+MIN_BASELINE_SEEDS = 3
+BUILT_IN_BASELINES = ("prior", "uniform", "best_proxy")
+
+
 class GateConfig(Strict):
     """Validate the prediction on fresh proxies before spending the large run."""
 
@@ -362,6 +366,21 @@ class GateConfig(Strict):
     # Chosen and best-proxy mixtures retrained per seed: the noise. 2 seeds leave their paired t
     # bound 1 degree of freedom (12.7 standard errors, a check that almost never fails): use 3+.
     seeds: int = Field(3, ge=1)
+    # What the chosen mixture must beat, seed by seed at proxy size, before a large run is
+    # spent: "prior" (the token shares: what you would train on anyway), "uniform",
+    # "best_proxy" (the best training proxy's mixture), or a name from large.extra_baselines.
+    baselines: list[Annotated[str, Field(pattern=NAME)]] = ["prior"]
+
+    @model_validator(mode="after")
+    def _a_bound_with_teeth(self):
+        if self.baselines and self.seeds < MIN_BASELINE_SEEDS:
+            raise ValueError(
+                f"gate.seeds: comparing with gate.baselines {self.baselines} needs at least "
+                f"{MIN_BASELINE_SEEDS} seeds (with 2, the paired noise bound is 12.7 standard "
+                "errors wide and no baseline is ever beaten); raise gate.seeds or set "
+                "gate.baselines: []")
+        check_unique(self.baselines, "gate.baselines")
+        return self
 
 
 class LargeConfig(Strict):
@@ -383,7 +402,7 @@ class LargeConfig(Strict):
 
     @model_validator(mode="after")
     def _own_names(self):
-        taken = sorted(set(self.extra_baselines) & {"chosen", "prior", "uniform", "best_proxy"})
+        taken = sorted(set(self.extra_baselines) & {"chosen", "best", *BUILT_IN_BASELINES})
         if taken:
             raise ValueError(f"large.extra_baselines: {taken} name built-in mixtures; rename yours")
         return self
