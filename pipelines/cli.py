@@ -276,7 +276,7 @@ def parser() -> argparse.ArgumentParser:
     corpus = byo.add_command(sub, "corpus", "corpus tools").add_subparsers(dest="action",
                                                                            required=True)
     build = byo.add_command(corpus, "build", "build the tinypile demo corpus (cached)")
-    build.add_argument("--tiny", action="store_true", help="about 1 MB per domain")
+    build.add_argument("--tiny", action="store_true", help="17 MB in all, 0.2-3 MB a domain")
     build.add_argument("--out", help="output folder (default: ~/.cache/regmix/tinypile)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.set_defaults(func=cmd_corpus_build)

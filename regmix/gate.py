@@ -232,11 +232,12 @@ def unbeaten_reason(name: str, baseline: dict) -> str:
         return (f"cannot judge the chosen mixture against {name}: {baseline['paired_seeds']} "
                 "paired seed(s) finished (a failed gate proxy?); rerun, finished proxies are reused")
     bound = f"the paired noise bound {baseline['noise']:.4f} over {baseline['paired_seeds']} seeds"
-    if baseline["margin"] > 0:
+    margin = baseline["margin"]
+    if margin > 0:
         return (f"chosen mixture does not beat {name} at proxy size: ahead of it by "
-                f"{baseline['margin']:.4f}, within {bound}")
-    return (f"chosen mixture does not beat {name} at proxy size: behind it by "
-            f"{-baseline['margin']:.4f} ({bound})")
+                f"{margin:.4f}, within {bound}")
+    where = f"behind it by {-margin:.4f}" if margin < 0 else "level with it"
+    return f"chosen mixture does not beat {name} at proxy size: {where} ({bound})"
 
 
 def run_plan_gate(config, meta: dict, chosen: dict, fit_report: dict, regressor: Path) -> list[dict]:

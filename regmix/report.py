@@ -119,18 +119,30 @@ def plot_learning_curve(record: RunRecord, path: Path, tracking_uri: str) -> boo
 
 
 def plot_baselines(record: RunRecord, path: Path) -> bool:
-    stats = record.artifacts.get("baselines.json")
-    if not stats:
+    """The chosen mixture's margin over each baseline (baseline - chosen target loss, > 0: the
+    chosen mixture is better) with its paired noise bound, at proxy size (the gate) and at the
+    larger size: differences from zero, so no axis offset hides how small they are."""
+    panels = {size: {n: s for n, s in stats.items() if n != "chosen"}
+              for size, stats in (("proxy size (gate)", (record.artifacts.get("gate.json") or {})
+                                   .get("baselines", {})),
+                                  ("larger size", record.artifacts.get("baselines.json") or {}))}
+    panels = {size: stats for size, stats in panels.items() if stats}
+    if not panels:
         return False
-    names = sorted(stats, key=lambda n: stats[n]["mean"])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar(names, [stats[n]["mean"] for n in names], yerr=[stats[n]["std"] for n in names],
-           color=["tab:green" if n == "chosen" else "tab:gray" for n in names], capsize=4)
-    low = min(stats[n]["mean"] - stats[n]["std"] for n in names)
-    high = max(stats[n]["mean"] + stats[n]["std"] for n in names)
-    ax.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.1 * (high - low + 1e-3))
-    ax.set_ylabel("large-model target loss")
-    ax.set_title("Chosen mixture vs baselines (mean, seed spread)")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), squeeze=False)
+    for ax, (size, stats) in zip(axes[0], panels.items(), strict=True):
+        names = sorted(stats)
+        margins = [stats[n]["margin"] for n in names]
+        noise = [stats[n].get("noise") or 0.0 for n in names]
+        colors = ["tab:green" if stats[n].get("chosen_wins") else "tab:gray" for n in names]
+        ax.barh(names, margins, xerr=noise, color=colors, capsize=4)
+        ax.axvline(0, color="black", linewidth=0.8)
+        for y, (n, m) in enumerate(zip(names, margins, strict=True)):
+            ax.annotate(f"{stats[n]['mean']:.4f} vs chosen", (m, y), textcoords="offset points",
+                        xytext=(4, 6), fontsize=7)
+        ax.set_xlabel("baseline - chosen target loss (> 0: chosen better)")
+        ax.set_title(f"{size}: margin, paired noise bound")
+    fig.tight_layout()
     save(fig, path)
     return True
 
@@ -181,6 +193,9 @@ def summary_lines(record: RunRecord, outcome: str | None = None) -> list[str]:
     if gate:
         decision = "PASSED" if gate.data.metrics["gate.passed"] else "FAILED"
         lines.append(f"- gate: **{decision}**: {gate.data.tags.get('gate.reason', '')}")
+    for name, s in sorted(((record.artifacts.get("gate.json") or {}).get("baselines") or {}).items()):
+        lines.append(f"- gate proxies on `{name}`: {s['mean']:.4f} over {s['seeds']} seed(s), "
+                     f"{verdict(s)}")
     for name, s in sorted((record.artifacts.get("baselines.json") or {}).items()):
         against = "" if name == "chosen" else f", {verdict(s)}"
         lines.append(f"- large model on `{name}`: {s['mean']:.4f} +- {s['std']:.4f} over "

@@ -52,6 +52,12 @@ def test_tiny_pipeline_end_to_end(store, first):
                                   "baseline": 1, "rank": 3}
     assert summary["failed"] == {}
     assert set(summary["baselines"]) == {"uniform"} and summary["large_target_loss"] > 0
+    # One seed at the larger size: a margin, no noise bound, so no win claimed
+    uniform = summary["evidence"]["uniform"]
+    assert set(uniform) == {"mean", "std", "seeds", "margin", "noise", "chosen_wins"}
+    assert uniform["seeds"] == 1 and uniform["noise"] is None and uniform["chosen_wins"] is False
+    assert uniform["margin"] == pytest.approx(uniform["mean"] - summary["large_target_loss"])
+    assert summary["gate_baselines"] == {}  # configs/tiny.yaml checks the plumbing only
     assert -1 <= summary["cv_spearman"] <= 1 and summary["gate_spearman"] is not None
 
     client = mlflow.MlflowClient(store[1])
@@ -109,3 +115,28 @@ def test_eight_more_proxies_train_exactly_eight(store, first, tmp_path):
     fits = [client.get_run(run_id) for run_id in summary["mlflow"]["run_ids"]["regression"]]
     fit = next(f for f in fits if f.info.run_name == "fit-regression")
     assert fit.data.metrics["proxies_reused"] == 12 and fit.data.metrics["proxies_trained"] == 8
+
+
+@pytest.mark.network
+def test_the_gate_refuses_a_large_run_that_cannot_beat_its_baseline(store, first, tmp_path):
+    """The chosen mixture is pinned to all code, and the baseline is the same mixture: on every
+    seed the two train alike, so the margin is 0 and nothing larger may train."""
+    config = yaml.safe_load(TINY.read_text())
+    config["search"].update(fixed={"code_python": 1.0}, allow_extrapolation=True)
+    config["gate"].update(seeds=3, baselines=["same"])
+    config["large"]["extra_baselines"] = {"same": {"code_python": 1.0}}
+    config["active_learning"]["rounds"] = config["rank_check"]["mixtures"] = 0
+    pinned = tmp_path / "pinned.yaml"
+    pinned.write_text(yaml.safe_dump(config))
+    summary = run_pipeline(store, pinned, "pinned")
+    assert summary["chosen_mixture"]["code_python"] == 1.0
+    assert not summary["gate_passed"]
+    assert "chosen mixture does not beat same at proxy size: level with it" \
+        in summary["gate_reason"]
+    assert "what would help" in summary["gate_reason"]
+    assert summary["gate_baselines"] == {"same": {
+        "mean": pytest.approx(summary["gate_baselines"]["same"]["mean"]), "std": pytest.approx(
+            summary["gate_baselines"]["same"]["std"]), "seeds": 3, "margin": 0.0, "noise": 0.0,
+        "chosen_wins": False}}
+    assert summary["trained"]["large"] == summary["trained"]["baseline"] == 0
+    assert summary["evidence"] == {} and summary["large_target_loss"] is None

@@ -30,8 +30,11 @@ from regmix.data.tinypile.text import MAX_DOC_BYTES, MIN_DOC_BYTES, _nbytes, pac
 from regmix.files import cache_root, write_bytes
 
 LOG = logging.getLogger("regmix.tinypile")
-FULL_CAP_BYTES = 4_000_000  # per domain, measured as jsonl bytes
-TINY_CAP_BYTES = 1_000_000
+# Each domain keeps this share of the text its sources hold (measured as jsonl bytes), so the
+# domains have their natural, unequal sizes, as a crawl's do (a few big sources dominate):
+# 0.2-3.0 MB a domain for the tiny build, 17 MB in all; the full build holds four times that.
+TINY_SHARE, FULL_SHARE = 0.075, 0.3
+MIN_DOMAIN_BYTES = 200_000  # enough for a validation split and training text
 BUILD_WORKERS = 2  # domains are extracted in parallel processes
 
 
@@ -84,8 +87,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_domain(domain: Domain, paths: dict[str, Path], cap_bytes: int, out_dir: Path) -> dict:
-    """Extract, normalise, select and write one domain; return its manifest entry."""
+def build_domain(domain: Domain, paths: dict[str, Path], share: float, out_dir: Path) -> dict:
+    """Extract, normalise, select `share` of what the domain's sources hold (at least
+    MIN_DOMAIN_BYTES) and write one domain; return its manifest entry."""
     start = time.monotonic()
     per_source: list[list[str]] = []
     sources = []
@@ -106,6 +110,8 @@ def build_domain(domain: Domain, paths: dict[str, Path], cap_bytes: int, out_dir
             "package_license": package_license or None,
             "documents_available": len(docs), "bytes_available": sum(map(_nbytes, docs)),
         })
+    available = sum(info["bytes_available"] for info in sources)
+    cap_bytes = min(available, max(MIN_DOMAIN_BYTES, round(share * available)))
     chosen = select_documents(per_source, cap_bytes, seed=f"tinypile:{domain.name}")
     for info in sources:
         info.update(documents=0, bytes=0)
@@ -126,7 +132,8 @@ def build_domain(domain: Domain, paths: dict[str, Path], cap_bytes: int, out_dir
 
 def _params(tiny: bool) -> dict:
     return {"name": "tinypile-tiny" if tiny else "tinypile", "tiny": tiny,
-            "cap_bytes_per_domain": TINY_CAP_BYTES if tiny else FULL_CAP_BYTES,
+            "share_of_available": TINY_SHARE if tiny else FULL_SHARE,
+            "min_domain_bytes": MIN_DOMAIN_BYTES,
             "min_doc_bytes": MIN_DOC_BYTES, "max_doc_bytes": MAX_DOC_BYTES,
             "math_seed": MATH_SEED, "builder_version": BUILDER_VERSION,
             "domains": [d.name for d in DOMAINS]}
@@ -160,7 +167,7 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _build_domains(paths: dict[str, Path], cap: int, build_dir: Path) -> Iterator[dict]:
+def _build_domains(paths: dict[str, Path], share: float, build_dir: Path) -> Iterator[dict]:
     """Manifest entries of all domains, in table order, built by BUILD_WORKERS processes.
 
     Uses fork: spawn/forkserver would re-import the caller's __main__, which deadlocks on
@@ -168,10 +175,10 @@ def _build_domains(paths: dict[str, Path], cap: int, build_dir: Path) -> Iterato
     workers = min(BUILD_WORKERS, os.cpu_count() or 1)
     if workers < 2 or multiprocessing.current_process().daemon:
         for domain in DOMAINS:
-            yield build_domain(domain, paths, cap, build_dir)
+            yield build_domain(domain, paths, share, build_dir)
         return
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        jobs = [pool.submit(build_domain, d, paths, cap, build_dir) for d in DOMAINS]
+        jobs = [pool.submit(build_domain, d, paths, share, build_dir) for d in DOMAINS]
         for job in jobs:
             yield job.result()
 
@@ -190,9 +197,8 @@ def build_tinypile(out_dir: Path | None = None, tiny: bool = False, force: bool 
         build_dir.mkdir(parents=True, exist_ok=True)
         (build_dir / "manifest.json").unlink(missing_ok=True)  # unfinished until rewritten
         paths = fetch_packages((s for d in DOMAINS for s in d.sources), root / "downloads")
-        cap = params["cap_bytes_per_domain"]
         entries = []
-        for entry in _build_domains(paths, cap, build_dir):
+        for entry in _build_domains(paths, params["share_of_available"], build_dir):
             entries.append(entry)
             LOG.info("tinypile %-15s %6.2f MB %6d docs %5.1f s", entry["name"],
                      entry["bytes"] / 1e6, entry["documents"], entry["seconds"])
@@ -213,7 +219,7 @@ def build_tinypile(out_dir: Path | None = None, tiny: bool = False, force: bool 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help=f"default: {DEFAULT_DIR}")
-    parser.add_argument("--tiny", action="store_true", help="~1 MB per domain instead of ~4 MB")
+    parser.add_argument("--tiny", action="store_true", help="17 MB in all, 0.2-3 MB a domain")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -17,7 +17,7 @@ from regmix.data.tinypile.markup import pod_to_text, roff_to_text, wikitext_to_t
 from regmix.data.tinypile.mathgen import math_documents
 from regmix.data.tinypile.text import decode, pack, split_at
 
-BUILDER_VERSION = 3  # bump when extraction changes, so cached builds are rebuilt
+BUILDER_VERSION = 4  # bump when extraction changes, so cached builds are rebuilt
 
 
 # --------------------------------------------------------------------------------------------
