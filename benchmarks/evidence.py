@@ -1,11 +1,12 @@
-"""Issue 6's evidence in one command: run configs/evidence.yaml and print the numbers.
+"""The evidence in one command: run configs/evidence.yaml and print the numbers.
 
-Gate Spearman on fresh proxies (with its bootstrap interval), the large model's target loss on
-the chosen mixture vs the natural (token prior), uniform and best-proxy mixtures over seeds,
-and the rank-invariance Spearman proxy -> ~12x larger model. Long: run it on a quiet machine.
+Gate Spearman on fresh proxies (with its bootstrap interval), the chosen mixture against the
+natural (token prior), uniform and best-proxy mixtures at proxy size in the gate and at the
+larger size, over paired seeds, and the rank-invariance Spearman proxy -> ~12x larger model.
+Long (about half an hour on 2 cores): run it on a quiet machine.
 
     python benchmarks/evidence.py [--config configs/evidence.yaml] [--json]
-    python benchmarks/evidence.py --set regression.target=wikipedia --set rank_check.mixtures=0
+    python benchmarks/evidence.py --set regression.target=mean --set rank_check.mixtures=0
 
 `--set section.key=value` (a YAML value) changes one setting; the experiment stays the same,
 so proxies and larger-model runs already in it are reused by content hash.
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(Path(__file__).parents[1] / "configs" /
                                                  "evidence.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one setting, e.g. regression.target=wikipedia")
+                        help="override one setting, e.g. regression.target=mean")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     config = load_config(args.config, args.set)
@@ -43,6 +44,7 @@ def main() -> None:
         "gate_spearman": gate.get("spearman"),
         "gate_interval": [gate.get("spearman_low"), gate.get("spearman_high")],
         "gate_passed": summary["gate_passed"], "gate_reason": summary["gate_reason"],
+        "gate_baselines": summary["gate_baselines"], "evidence": summary["evidence"],
         "large": record.artifacts.get("baselines.json"),
         "rank_invariance": (record.artifacts.get("rank_invariance.json") or {}).get("spearman"),
         "pipeline_run": summary["pipeline_run"],
@@ -57,6 +59,8 @@ def main() -> None:
     print(f"  gate Spearman {evidence['gate_spearman']:.3f} interval "
           f"{evidence['gate_interval']} -> {'passed' if evidence['gate_passed'] else 'failed'}: "
           f"{evidence['gate_reason']}")
+    for name, s in sorted(gate.get("baselines", {}).items()):
+        print(f"  gate proxies on {name:<11} {s['mean']:.4f} ({s['seeds']} seeds)  {verdict(s)}")
     for name, s in sorted((evidence["large"] or {}).items(), key=lambda kv: kv[1]["mean"]):
         against = "" if name == "chosen" else f"  {verdict(s)}"
         print(f"  large on {name:<11} {s['mean']:.4f} +- {s['std']:.4f} ({s['seeds']} seeds)"

@@ -260,7 +260,8 @@ def run_validate_prediction(config, gate_tasks: list[dict], fit_report: dict, re
         raise RuntimeError(f"the chosen mixture's gate proxy failed ({chosen_failed['error']}); "
                            "the gate cannot judge it. Rerun: finished proxies are reused")
     model = Regressor.load(regressor)
-    weights = np.array([[r["weights"][d] for d in model.domains] for r in results])
+    # (a user's baseline mixture may leave out the domains it gives no weight)
+    weights = np.array([[r["weights"].get(d, 0.0) for d in model.domains] for r in results])
     ids = [r["id"] for r in results]
     predicted = dict(zip(ids, map(float, model.predict(weights)), strict=True))
     chosen = next(r["weights"] for r in results if r["id"] == CHOSEN)
