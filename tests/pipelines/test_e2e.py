@@ -12,6 +12,7 @@ import mlflow
 import pytest
 import yaml
 
+from regmix.data.tinypile.sources import DOMAINS
 from regmix.pipelines.cli import main
 
 TINY = Path(__file__).parents[2] / "configs" / "tiny.yaml"
@@ -122,7 +123,8 @@ def test_the_gate_refuses_a_large_run_that_cannot_beat_its_baseline(store, first
     """The chosen mixture is pinned to all code, and the baseline is the same mixture: on every
     seed the two train alike, so the margin is 0 and nothing larger may train."""
     config = yaml.safe_load(TINY.read_text())
-    config["search"].update(fixed={"code_python": 1.0}, allow_extrapolation=True)
+    pinned_weights = {d.name: 0.0 for d in DOMAINS} | {"code_python": 1.0}  # exactly
+    config["search"].update(fixed=pinned_weights, allow_extrapolation=True)
     config["gate"].update(seeds=3, baselines=["same"])
     config["large"]["extra_baselines"] = {"same": {"code_python": 1.0}}
     config["active_learning"]["rounds"] = config["rank_check"]["mixtures"] = 0
