@@ -2,7 +2,8 @@
 # The MLflow tracking server (k8s/base/mlflow.yaml): the project's pinned MLflow plus the
 # PostgreSQL driver (backend store) and boto3 (S3-compatible artifact store). Non-root.
 #   docker build -f docker/mlflow.Dockerfile -t REGISTRY/regmix-mlflow:3.17.2 .
-FROM python:3.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -12,7 +13,7 @@ ENV PYTHONUNBUFFERED=1 \
     HOME=/tmp
 
 COPY constraints.txt /opt/constraints.txt
-RUN python -m venv /opt/venv \
+RUN python3 -m venv /opt/venv \
  && pip install -c /opt/constraints.txt mlflow psycopg2-binary==2.9.13 boto3==1.44.5 \
  && useradd --uid 1000 --user-group --no-create-home --shell /usr/sbin/nologin mlflow
 

@@ -19,7 +19,8 @@ from regmix.data.tinypile.builder import build_tinypile
 from regmix.data.tinypile.sources import DOMAINS as TINYPILE_DOMAINS
 from regmix.errors import ConfigError, ServiceError, UserError
 from regmix.files import write_text
-from regmix.pipelines import byo, kfp_api
+from regmix.pipelines import byo, kfp_api, mlflow_server
+from regmix.pipelines.image import build_image, local_image
 from regmix.pipelines.kfp_api import compile_package
 from regmix.pipelines.local import PipelineFailed, run_local
 from regmix.report import build_report
@@ -84,8 +85,10 @@ def retries_without_volume(config: RegMixConfig) -> str | None:
 def cmd_run(args) -> int:
 
     config = checked_config(args.config)
+    if args.runner:
+        config = config.model_copy(update={"runner": args.runner})
     try:
-        summary = run_local(config, args.tracking_uri)
+        summary = run_local(config, args.tracking_uri, image=args.image)
     except PipelineFailed as e:
         print(f"regmix: {e}", file=sys.stderr)
         return 1
@@ -203,6 +206,25 @@ def cmd_corpus_build(args) -> int:
     return 0
 
 
+def cmd_image_build(args) -> int:
+    print(build_image(gpu=args.gpu, tag=args.tag, base=args.base, torch_wheels=args.torch_wheels))
+    return 0
+
+
+def cmd_mlflow_up(args) -> int:
+    uri = mlflow_server.up(args.folder, args.port, args.postgres_port)
+    print(f"MLflow on PostgreSQL, logs and artifacts in {args.folder}; stop it with "
+          "`regmix mlflow down`")
+    print(uri)
+    return 0
+
+
+def cmd_mlflow_down(args) -> int:
+    stopped = mlflow_server.down(args.folder)
+    print(f"stopped: {', '.join(stopped)}" if stopped else f"nothing running from {args.folder}")
+    return 0
+
+
 def pipeline_file(text: str) -> Path:
     """An argparse type: where `compile` writes; KFP names the format by the suffix."""
     path = byo.output_file(text)
@@ -223,6 +245,11 @@ def parser() -> argparse.ArgumentParser:
                      help="also write the run summary to this JSON file")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's "
                      "tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
+    run.add_argument("--runner", choices=["subprocess", "docker"],
+                     help="run the stages as subprocesses here, or in the project's image "
+                     "against an MLflow server (default: the config's runner, else subprocess)")
+    run.add_argument("--image", help=f"the image for --runner docker (default: {local_image()}, "
+                     "as `regmix image build` tags it)")
     run.set_defaults(func=cmd_run)
 
     report = byo.add_command(sub, "report", "write a run's report (HTML, Markdown, plots)")
@@ -280,6 +307,33 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--out", help="output folder (default: ~/.cache/regmix/tinypile)")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.set_defaults(func=cmd_corpus_build)
+
+    image = byo.add_command(sub, "image", "the project's container image").add_subparsers(
+        dest="action", required=True)
+    build_image_cmd = byo.add_command(image, "build", "build docker/Dockerfile's image (a "
+                                      "Debian-built base where no registry is reachable)")
+    build_image_cmd.add_argument("--gpu", action="store_true",
+                                 help="the CUDA image (torch from PyPI) instead of the CPU one")
+    build_image_cmd.add_argument("--tag", help="the image reference (default: "
+                                 f"{local_image()}, or {local_image(gpu=True)} with --gpu)")
+    build_image_cmd.add_argument("--base", help="a Python 3.11 base image (default: "
+                                 "python:3.11-slim-bookworm, else one made from Debian)")
+    build_image_cmd.add_argument("--torch-wheels", type=Path,
+                                 help="a folder holding the pinned torch wheel, for machines "
+                                 "that cannot reach the torch index")
+    build_image_cmd.set_defaults(func=cmd_image_build)
+
+    server = byo.add_command(sub, "mlflow", "an MLflow tracking server on PostgreSQL here")
+    server_actions = server.add_subparsers(dest="action", required=True)
+    server_up = byo.add_command(server_actions, "up", "start it (prints its tracking URI last)")
+    server_up.add_argument("--port", type=byo.at_least(1), default=5000)
+    server_up.add_argument("--postgres-port", type=byo.at_least(1), default=5433)
+    server_down = byo.add_command(server_actions, "down", "stop it")
+    for cmd in (server_up, server_down):
+        cmd.add_argument("--folder", type=Path, default=mlflow_server.DEFAULT_FOLDER,
+                         help="the database, artifacts and logs (default: %(default)s)")
+    server_up.set_defaults(func=cmd_mlflow_up)
+    server_down.set_defaults(func=cmd_mlflow_down)
     return p
 
 

@@ -5,7 +5,7 @@ import sys
 import time
 import uuid
 import warnings
-from contextlib import redirect_stdout
+from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 
 import mlflow
@@ -14,6 +14,7 @@ from kfp import local
 from regmix.config.cluster import ClusterConfig
 from regmix.config.schema import RegMixConfig
 from regmix.errors import UserError
+from regmix.pipelines.containers import checked_server_uri, docker_runner, writable_by_the_image
 from regmix.pipelines.pipeline import build_pipeline
 from regmix.tracking.runs import (
     PROXY_STAGES,
@@ -56,19 +57,24 @@ class TaskLog:
 
 
 def run_local(config: RegMixConfig, tracking_uri: str | None = None,
-              pipeline_root: Path = Path("mlruns/pipeline-root")) -> dict:
-    """Run every stage as a local subprocess; returns the run summary."""
-    # The `cluster` section is for Kubernetes (pods, volumes, PyTorchJobs): here every stage is
-    # a subprocess on this machine, whatever the section says.
-    config = config.model_copy(update={"cluster": ClusterConfig()})
+              pipeline_root: Path = Path("mlruns/pipeline-root"), image: str | None = None) -> dict:
+    """Run every stage on this machine, as a subprocess or (config.runner docker) in the
+    project's image; returns the run summary."""
     uri = checked_tracking_uri(tracking_uri or config.tracking.uri or default_tracking_uri())
+    if config.runner == "docker":
+        runner, config = docker_runner(config, pipeline_root, image)
+        uri, folders = checked_server_uri(uri), writable_by_the_image(pipeline_root)
+    else:
+        # The `cluster` section is for Kubernetes (pods, volumes, PyTorchJobs): here every stage
+        # is a subprocess on this machine, whatever the section says.
+        runner, folders = local.SubprocessRunner(use_venv=False), nullcontext()
+        config = config.model_copy(update={"cluster": ClusterConfig()})
     label = uuid.uuid4().hex[:12]
-    local.init(runner=local.SubprocessRunner(use_venv=False),
-               pipeline_root=str(pipeline_root.resolve()), raise_on_error=True)
+    local.init(runner=runner, pipeline_root=str(pipeline_root.resolve()), raise_on_error=True)
     started = time.perf_counter()
     task_log = TaskLog(sys.stdout)
     try:
-        with warnings.catch_warnings(), redirect_stdout(task_log):
+        with warnings.catch_warnings(), redirect_stdout(task_log), folders:
             # kfp.local warns, task by task, that each runs here rather than in its image
             # (ghcr.io/regmix/regmix): here that is the point, the stages run from this checkout.
             warnings.filterwarnings("ignore", "You may be attemping to run a task that uses "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 from pydantic import (
     Field,
@@ -49,6 +50,9 @@ class RegMixConfig(Strict):
     rank_check: RankCheckConfig = RankCheckConfig()
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
+    # How `regmix run` runs the stages on this machine: subprocesses of this environment, or
+    # containers of the project's image against an MLflow server (a rehearsal of the cluster)
+    runner: Literal["subprocess", "docker"] = "subprocess"
 
     @model_validator(mode="after")
     def _gate_baselines_are_known(self):

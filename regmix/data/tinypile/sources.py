@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import getpass
 import io
 import logging
 import os
@@ -156,31 +157,43 @@ def _cached_deb(dest: Path, name: str) -> Path | None:
     return found[-1] if found else None
 
 
+def _private_apt_options(dest: Path) -> list[str]:
+    """apt options for package lists of this user's own, beside the downloads: a non-root user
+    (the image's uid 1000 in a pod) cannot update the system's lists, which images remove."""
+    state = dest / ".apt-state"
+    for folder in (state / "lists" / "partial", state / "cache" / "archives" / "partial"):
+        folder.mkdir(parents=True, exist_ok=True)
+    return ["-o", f"Dir::State::Lists={state / 'lists'}", "-o", f"Dir::Cache={state / 'cache'}",
+            "-o", "Debug::NoLocking=1", "-o", f"APT::Sandbox::User={getpass.getuser()}"]
+
+
 def _apt_download(names: list[str], dest: Path) -> None:
     """apt-get download names into dest (via a temp dir, moved in when complete)."""
+    options = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
     updated = False
     while names:
         with tempfile.TemporaryDirectory(dir=dest, prefix=".apt-") as tmp:
-            root_opts = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
-            cmd = ["apt-get", "download", "-q", *root_opts, *names]
+            cmd = ["apt-get", "download", "-q", *options, *names]
             result = _run(cmd, Path(tmp))
             if result.returncode == 0:
                 for deb in Path(tmp).glob("*.deb"):
                     os.replace(deb, dest / deb.name)
                 return
-        if not updated and os.geteuid() == 0:
+        if not updated:
             LOG.warning("apt-get download failed (%s); running apt-get update and retrying",
                         _tail(result.stderr))
-            _run(["apt-get", "update", "-q"])
+            if os.geteuid() != 0:
+                options = _private_apt_options(dest)
+            _run(["apt-get", "update", "-q", *options])
             updated = True
             continue
-        failed = [n for n in names if _run(["apt-get", "download", "--print-uris", n],
+        failed = [n for n in names if _run(["apt-get", "download", "--print-uris", *options, n],
                                            dest).returncode != 0] or names
         raise RuntimeError(
             f"could not download Debian package(s) {', '.join(failed)}: `{' '.join(cmd)}` "
-            f"failed: {_tail(result.stderr)}. Run `apt-get update` (as root) and check that the "
-            "Debian mirror is reachable; a package that is no longer in the archive needs a "
-            "replacement source in regmix/data/tinypile/sources.py.")
+            f"failed: {_tail(result.stderr)}. Check that the Debian mirror is reachable; a "
+            "package that is no longer in the archive needs a replacement source in "
+            "regmix/data/tinypile/sources.py.")
 
 
 def _pip_download(spec: str, pip_args: tuple[str, ...], dest: Path) -> Path:
