@@ -9,11 +9,17 @@ user does: its output to a pipe (plain lines), then to a terminal (the live view
 import json
 import os
 import pty
+import re
+import socket
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 
@@ -186,3 +192,89 @@ def test_the_gate_refuses_a_large_run_that_cannot_beat_its_baseline(store, first
         "chosen_wins": False}}
     assert summary["trained"]["large"] == summary["trained"]["baseline"] == 0
     assert summary["evidence"] == {} and summary["large_target_loss"] is None
+
+
+@pytest.fixture(scope="module")
+def mlflow_api(store, first):
+    """`mlflow server` on the store the runs logged to, as a user opens it: its REST API's base."""
+    folder, uri = store
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def get(base: str, path: str, **query) -> bytes:
+    return urllib.request.urlopen(f"{base}/{path}?{urllib.parse.urlencode(query)}",
+                                  timeout=30).read()
+
+
+def api(base: str, path: str, **query) -> dict:
+    return json.loads(get(base, f"api/2.0/mlflow/{path}", **query))
+
+
+@pytest.mark.network
+def test_the_mlflow_ui_tells_the_runs_story(first, mlflow_api):
+    parent_id = first["mlflow"]["parent_run_id"]
+    experiment = api(mlflow_api, "experiments/get", experiment_id=first["mlflow"]["experiment_id"])
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} \
+        in experiment["experiment"]["tags"]  # opens on the runs table
+    parent = api(mlflow_api, "runs/get", run_id=parent_id)["run"]["data"]
+    params = {p["key"]: p["value"] for p in parent["params"]}
+    metrics = {m["key"]: m["value"] for m in parent["metrics"]}
+    tags = {t["key"]: t["value"] for t in parent["tags"]}
+    assert {k.removeprefix("chosen.") for k in params} == set(first["chosen_mixture"])
+    assert metrics["predicted_loss"] == pytest.approx(first["predicted_loss"])
+    assert metrics["cv_spearman"] == pytest.approx(first["cv_spearman"])
+    assert metrics["proxies_trained"] == 24 and metrics["wall_seconds"] > 0
+    assert metrics["large.uniform.margin"] == pytest.approx(first["evidence"]["uniform"]["margin"])
+    assert tags["gate.decision"] == "PASSED" and "no noise bound" in tags["large.uniform.verdict"]
+    assert tags["mlflow.note.content"].startswith(f"# RegMix run `{first['pipeline_run']}`")
+    config = json.loads(get(mlflow_api, "get-artifact", path="config.json", run_uuid=parent_id))
+    assert config["seed"] == 0 and isinstance(config["seed"], int)
+
+    def artifacts(run_id: str, path: str = "") -> set[str]:
+        listed = api(mlflow_api, "artifacts/list", run_id=run_id, path=path)
+        return {f["path"] for f in listed.get("files", [])}
+
+    assert {"report/report.md", "report/report.html"} <= artifacts(parent_id, "report")
+    report = get(mlflow_api, "get-artifact", path="report/report.md", run_uuid=parent_id).decode()
+    image = re.search(r"!\[mixture.png\]\((get-artifact\?[^)]+)\)", report)[1]
+    assert get(mlflow_api, image.split("?")[0], **dict(urllib.parse.parse_qsl(
+        image.split("?")[1]))).startswith(b"\x89PNG")  # renders in MLflow's Markdown viewer
+    (search_id, *_) = first["mlflow"]["run_ids"]["search"]
+    assert "mixture.yaml" in artifacts(search_id)
+
+    # (runs/search is a POST: the tracking client against the same server)
+    runs = mlflow.MlflowClient(mlflow_api).search_runs(
+        [first["mlflow"]["experiment_id"]], f"tags.`regmix.pipeline_run` = "
+        f"'{first['pipeline_run']}' and tags.`regmix.stage` = 'gate-proxy'")
+    for run in runs:  # dated from the start of training: a duration at least its training's
+        assert run.info.end_time - run.info.start_time >= run.data.metrics["seconds"] * 1000
+        assert run.data.tags["scale"] == "proxy"
+    best = [r.info.run_name for r in runs if r.info.run_name.startswith("best@")]
+    assert best and all(re.match(r"best@seed\d=m\d{4} · gate-proxy$", name) for name in best)
+
+    name = "regmix-regmix-tiny-regressor"
+    versions = api(mlflow_api, "registered-models/get", name=name)["registered_model"]
+    version = versions["latest_versions"][-1]
+    assert int(version["version"]) == 2  # the fit, then the active-learning round's refit
+    assert "CV Spearman" in version["description"] and "target mean" in version["description"]
+    mlflow.set_tracking_uri(mlflow_api)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version['version']}")
+    weights = pd.DataFrame([first["chosen_mixture"]])
+    assert model.predict(weights)[0] == pytest.approx(first["predicted_loss"], abs=1e-3)
