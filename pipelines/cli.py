@@ -24,6 +24,7 @@ from regmix.pipelines.image import build_image, local_image
 from regmix.pipelines.kfp_api import compile_package
 from regmix.pipelines.local import PipelineFailed, run_local
 from regmix.report import build_report
+from regmix.tracking.outcome import comparison
 from regmix.tracking.runs import checked_tracking_uri, default_tracking_uri
 
 
@@ -88,7 +89,7 @@ def cmd_run(args) -> int:
     if args.runner:
         config = config.model_copy(update={"runner": args.runner})
     try:
-        summary = run_local(config, args.tracking_uri, image=args.image)
+        summary = run_local(config, args.tracking_uri, image=args.image, verbose=args.verbose)
     except PipelineFailed as e:
         print(f"regmix: {e}", file=sys.stderr)
         return 1
@@ -126,15 +127,6 @@ def format_summary(s: dict) -> str:
         f"(id {mlflow['experiment_id']}), parent run {mlflow['parent_run_id']}\n"
         f"  see it: mlflow ui --backend-store-uri {mlflow['tracking_uri']}"
     )
-
-
-def comparison(baseline: dict) -> str:
-    """One baseline of the summary against the chosen mixture, in words."""
-    if baseline["noise"] is None:
-        return f"margin {baseline['margin']:+.4f} (no noise bound: fewer than 2 paired seeds)"
-    verdict = "chosen wins" if baseline["chosen_wins"] else "no win"
-    return (f"{verdict}: margin {baseline['margin']:+.4f} vs noise {baseline['noise']:.4f} "
-            f"over {baseline['seeds']} seeds")
 
 
 def cmd_report(args) -> int:
@@ -250,6 +242,9 @@ def parser() -> argparse.ArgumentParser:
                      "against an MLflow server (default: the config's runner, else subprocess)")
     run.add_argument("--image", help=f"the image for --runner docker (default: {local_image()}, "
                      "as `regmix image build` tags it)")
+    # SUPPRESS: left out, it keeps the global `regmix -v run` rather than resetting it
+    run.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                     help="stream the stages' full log instead of the progress view")
     run.set_defaults(func=cmd_run)
 
     report = byo.add_command(sub, "report", "write a run's report (HTML, Markdown, plots)")

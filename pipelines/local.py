@@ -1,21 +1,26 @@
 """Run the pipeline on this machine through `kfp.local`, then summarise it from MLflow."""
 
+import os
 import re
+import shutil
 import sys
 import time
 import uuid
 import warnings
-from contextlib import nullcontext, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
 import mlflow
 from kfp import local
+from rich.console import Console
 
 from regmix.config.cluster import ClusterConfig
 from regmix.config.schema import RegMixConfig
 from regmix.errors import UserError
 from regmix.pipelines.containers import checked_server_uri, docker_runner, writable_by_the_image
 from regmix.pipelines.pipeline import build_pipeline
+from regmix.pipelines.progress import Display, RunView, fan_outs
+from regmix.tracking.outcome import run_outcome
 from regmix.tracking.runs import (
     PROXY_STAGES,
     checked_tracking_uri,
@@ -23,8 +28,6 @@ from regmix.tracking.runs import (
     latest_run,
     runs_by_stage,
 )
-
-TRAINING_STAGES = (*PROXY_STAGES, "large", "baseline", "rank")
 
 
 class PipelineFailed(RuntimeError):
@@ -43,23 +46,50 @@ class TaskLog:
     (a domain with too few tokens for its validation split) then ends `regmix run` as the
     checks before it do: one line naming the fix, not a stage's traceback."""
 
-    def __init__(self, out):
-        self.out, self.user_error = out, None
+    def __init__(self, out, view: RunView | None = None):
+        self.out, self.view, self.user_error = out, view, None
 
     def write(self, text: str) -> int:
         for line in text.splitlines():
             if match := USER_ERROR_LINE.match(line.strip()):
                 self.user_error = USER_ERROR_CLASSES[match[1]](match[2])
+            if self.view is not None:
+                self.view.on_line(line)
         return self.out.write(text)
 
     def flush(self) -> None:
         self.out.flush()
 
 
+@contextmanager
+def output_to(log_path: Path):
+    """For the block, everything this process and its tasks print goes to `log_path`, at the
+    file-descriptor level (loggers hold the old stderr, libraries write to fd 2 directly);
+    yields a file on the stdout the block started with."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as log, open(os.dup(saved[0]), "w", encoding="utf-8",
+                                         errors="replace") as terminal:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield terminal
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, original in zip((1, 2), saved, strict=True):
+                os.dup2(original, fd)
+                os.close(original)
+
+
 def run_local(config: RegMixConfig, tracking_uri: str | None = None,
-              pipeline_root: Path = Path("mlruns/pipeline-root"), image: str | None = None) -> dict:
+              pipeline_root: Path = Path("mlruns/pipeline-root"), image: str | None = None,
+              verbose: bool = False) -> dict:
     """Run every stage on this machine, as a subprocess or (config.runner docker) in the
-    project's image; returns the run summary."""
+    project's image; returns the run summary. The stages' log goes to a file under the pipeline
+    root, a live view to stdout; `verbose` streams the log instead."""
     uri = checked_tracking_uri(tracking_uri or config.tracking.uri or default_tracking_uri())
     if config.runner == "docker":
         runner, config = docker_runner(config, pipeline_root, image)
@@ -70,89 +100,60 @@ def run_local(config: RegMixConfig, tracking_uri: str | None = None,
         runner, folders = local.SubprocessRunner(use_venv=False), nullcontext()
         config = config.model_copy(update={"cluster": ClusterConfig()})
     label = uuid.uuid4().hex[:12]
-    local.init(runner=runner, pipeline_root=str(pipeline_root.resolve()), raise_on_error=True)
+    root = pipeline_root.resolve()
+    local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
+    pipeline = build_pipeline(config)
+    log_path = root / "logs" / f"{label}.log"
     started = time.perf_counter()
-    task_log = TaskLog(sys.stdout)
+    with folders:
+        run_with_output(pipeline, config, uri, label, root, log_path, verbose)
+    return summarize(uri, config.name, label, time.perf_counter() - started)
+
+
+def run_with_output(pipeline, config: RegMixConfig, uri: str, label: str, root: Path,
+                    log_path: Path, verbose: bool) -> None:
+    """The run with its log streamed (`verbose`), or in a file beside a live view."""
+    if verbose:
+        task_log = TaskLog(sys.stdout)
+        run_pipeline(pipeline, uri, label, task_log)
+    else:
+        view = RunView(root, fan_outs(pipeline.pipeline_spec), config.regression.target)
+        # Measured before fd 1 points at the log: rich would ask the log file
+        width = shutil.get_terminal_size().columns
+        with output_to(log_path) as terminal, log_path.open("a", buffering=1) as log:
+            console = Console(file=terminal, width=width, soft_wrap=True, markup=False,
+                              highlight=False)
+            task_log = TaskLog(log, view)
+            with Display(view, console, f"regmix run {label}: full log in {log_path}"):
+                run_pipeline(pipeline, uri, label, task_log, log_path)
+
+
+def run_pipeline(pipeline, uri: str, label: str, task_log: TaskLog,
+                 log_path: Path | None = None) -> None:
+    """The pipeline through kfp.local, its log to `task_log`; a failure as one error."""
     try:
-        with warnings.catch_warnings(), redirect_stdout(task_log), folders:
+        with warnings.catch_warnings(), redirect_stdout(task_log):
             # kfp.local warns, task by task, that each runs here rather than in its image
             # (ghcr.io/regmix/regmix): here that is the point, the stages run from this checkout.
             warnings.filterwarnings("ignore", "You may be attemping to run a task that uses "
                                     "custom or non-Python base image", RuntimeWarning)
-            build_pipeline(config)(tracking_uri=uri, run_label=label)
+            pipeline(tracking_uri=uri, run_label=label)
     except RuntimeError as e:
         if task_log.user_error is not None:
             raise task_log.user_error from None
-        raise PipelineFailed(f"pipeline run {label} failed: {e}") from None
-    return summarize(uri, config.name, label, time.perf_counter() - started)
-
-
-def evidence_metric(by_stage: dict, name: str) -> float | None:
-    return next((r.data.metrics[name] for r in by_stage.get("evidence", [])
-                 if name in r.data.metrics), None)
-
-
-def evidence_names(by_stage: dict) -> list[str]:
-    """The mixtures the compare stage compared (its metrics are `large.<name>.mean`)."""
-    return sorted({key.removeprefix("large.").removesuffix(".mean")
-                   for r in by_stage.get("evidence", []) for key in r.data.metrics
-                   if key.startswith("large.") and key.endswith(".mean")})
-
-
-def comparisons(run, prefix: str) -> dict:
-    """Each baseline's record in a run's metrics `<prefix>.<name>.<key>`, as the summary gives
-    it: mean, std, seeds, margin (baseline - chosen), noise (the one-sided paired bound; None
-    without one) and chosen_wins (margin > noise; False without a bound)."""
-    metrics = run.data.metrics if run else {}
-    names = sorted({key[len(prefix) + 1:].rsplit(".", 1)[0] for key in metrics
-                    if key.startswith(f"{prefix}.") and key.endswith(".margin")})
-    return {name: {"mean": metrics[f"{prefix}.{name}.mean"],
-                   "std": metrics.get(f"{prefix}.{name}.std"),
-                   "seeds": int(metrics.get(f"{prefix}.{name}.seeds", 1)),
-                   "margin": metrics[f"{prefix}.{name}.margin"],
-                   "noise": metrics.get(f"{prefix}.{name}.noise"),
-                   "chosen_wins": bool(metrics.get(f"{prefix}.{name}.chosen_wins", 0.0))}
-            for name in names}
+        where = f"; its log: {log_path}" if log_path else ""
+        raise PipelineFailed(f"pipeline run {label} failed: {e}{where}") from None
 
 
 def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: float) -> dict:
-    """The run's outcome, read back from MLflow (the record of truth, not in-process state)."""
+    """The run's outcome, read back from MLflow, with where to find it."""
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     by_stage = runs_by_stage(client, exp.experiment_id, label)
-    fit, search, gate = (latest_run(by_stage.get(s)) for s in ("regression", "search", "gate"))
-    # Runs this pipeline run trained, per stage; reused results log no run of their own.
-
-    def count(stage: str, finished: bool) -> int:
-        return sum((r.info.status == "FINISHED") == finished for r in by_stage.get(stage, []))
-
-    trained = {stage: count(stage, finished=True) for stage in TRAINING_STAGES}
-    failed = {stage: n for stage in TRAINING_STAGES if (n := count(stage, finished=False))}
-    summary = {
+    return {
         "pipeline_run": label,
         "wall_seconds": round(wall_seconds, 1),
-        "chosen_mixture": {k.removeprefix("weight."): float(v)
-                           for k, v in search.data.params.items() if k.startswith("weight.")},
-        "predicted_loss": search.data.metrics["predicted_loss"],
-        "cv_spearman": fit.data.metrics["cv_spearman"],
-        "gate_spearman": gate.data.metrics["gate.spearman"] if gate else None,
-        "gate_passed": bool(gate.data.metrics["gate.passed"]) if gate else False,
-        "gate_reason": gate.data.tags.get("gate.reason") if gate else "gate did not run",
-        # From the compare stage, which sees reused large runs too (those log no new run).
-        "large_target_loss": evidence_metric(by_stage, "large.chosen.mean"),
-        "baselines": {name: evidence_metric(by_stage, f"large.{name}.mean")
-                      for name in evidence_names(by_stage) if name != "chosen"},
-        # The chosen mixture against each baseline, seed by seed: at proxy size in the gate,
-        # at the larger size after it
-        "gate_baselines": comparisons(gate, "gate"),
-        "evidence": comparisons(next((r for r in by_stage.get("evidence", [])
-                                      if "large.chosen.mean" in r.data.metrics), None), "large"),
-        "rank_invariance_spearman": evidence_metric(by_stage, "rank_invariance.spearman"),
-        "trained": trained,
-        "failed": failed,  # stages with failed training runs only
-        "proxies_trained": sum(trained[stage] for stage in PROXY_STAGES),
-        "proxies_reused": int(fit.data.metrics["proxies_reused"])
-        + int(gate.data.metrics.get("gate.proxies_reused", 0) if gate else 0),
+        **run_outcome(by_stage),
         "mlflow": {
             "tracking_uri": tracking_uri,
             "experiment": experiment,
@@ -162,4 +163,3 @@ def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: floa
                         if stage not in PROXY_STAGES},
         },
     }
-    return summary

@@ -243,8 +243,14 @@ def unbeaten_reason(name: str, baseline: dict) -> str:
 def run_plan_gate(config, meta: dict, chosen: dict, fit_report: dict, regressor: Path) -> list[dict]:
     """The gate's proxies as proxy tasks: fresh mixtures and seed replicas."""
     fitted = saved_train_weights(regressor, meta["domains"])
-    return plan_gate_proxies(config, meta, chosen["weights"], fit_report["best_train_weights"],
-                             fitted)
+    tasks = plan_gate_proxies(config, meta, chosen["weights"], fit_report["best_train_weights"],
+                              fitted)
+    for m in (m for task in tasks for m in task["mixtures"] if "@seed" in m["id"]):
+        # Which mixture a seed replica repeats (its runs are grouped and named by it): the
+        # chosen one, a baseline, or the best proxy by its own id
+        name = m["id"].split("@")[0]
+        m["replica_of"] = fit_report["best_train_id"] if name == BEST else name
+    return tasks
 
 
 def run_validate_prediction(config, gate_tasks: list[dict], fit_report: dict, regressor: Path,

@@ -11,6 +11,7 @@ import logging
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import mlflow
 
 from regmix.evidence import verdict
 from regmix.files import write_text
+from regmix.tracking.outcome import run_outcome, tell_parent
 from regmix.tracking.plots import save
 from regmix.tracking.runs import (
     PIPELINE_TAG,
@@ -234,6 +236,10 @@ def markdown_to_html(lines: list[str]) -> str:
     return re.sub(r"((?:<tr>.*</tr>\n?)+)", r"<table>\1</table>", body)
 
 
+def markdown(lines: list[str], images: list[str], link: Callable[[str], str]) -> str:
+    return "\n".join(lines + [""] + [f"![{name}]({link(name)})" for name in images]) + "\n"
+
+
 def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path,
                  outcome: str | None = None) -> Path:
     """Write report.md, report.html and PNGs to `out_dir`; returns the HTML path. `outcome` is
@@ -250,8 +256,7 @@ def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path,
     }
     drawn = [name for name, made in plots.items() if made]
     lines = summary_lines(record, outcome)
-    markdown = "\n".join(lines + [""] + [f"![{n}]({n})" for n in drawn]) + "\n"
-    write_text(out_dir / "report.md", markdown)
+    write_text(out_dir / "report.md", markdown(lines, drawn, lambda name: name))
     images = "".join(
         f'<img src="data:image/png;base64,{base64.b64encode((out_dir / n).read_bytes()).decode()}"'
         f' alt="{n}">' for n in drawn)
@@ -261,7 +266,13 @@ def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path,
     write_text(out_dir / "report.html", page)
     parent = record.latest("pipeline")
     if parent is not None:
-        mlflow.MlflowClient(tracking_uri).log_artifacts(parent.info.run_id, str(out_dir), "report")
+        client, run_id = mlflow.MlflowClient(tracking_uri), parent.info.run_id
+        client.log_artifacts(run_id, str(out_dir), "report")
+        # MLflow's Markdown viewer resolves an image against the UI's address, not the file's
+        # folder: the logged copy links each through the server's get-artifact route
+        client.log_text(run_id, markdown(lines, drawn, lambda name: (
+            f"get-artifact?path=report%2F{name}&run_uuid={run_id}")), "report/report.md")
+        tell_parent(client, parent, run_outcome(record.runs), "\n".join(lines))
     return out_dir / "report.html"
 
 

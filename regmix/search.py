@@ -417,7 +417,7 @@ def run_search(config, regressor: Path, meta: dict, tracking: dict, out: Path) -
                             "paper_recipe_predicted_loss": recipe.predicted,
                             **({"predicted_gain": chosen.predicted_gain}
                                if chosen.predicted_gain is not None else {})})
-        mlflow.log_artifact(str(out), "mixture")
+        mlflow.log_text(out.read_text(), "mixture.yaml")  # KFP's output file has no suffix
         # the mixture the proxies were sampled around (the plot's "prior"), as data
         prior_weights = dict(zip(model.domains, prior.tolist(), strict=True))
         mlflow.log_dict(prior_weights, "prior.json")

@@ -51,10 +51,11 @@ def code_digest(package: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def log_mlflow_model(folder: Path, regressor: Regressor) -> None:
+def log_mlflow_model(folder: Path, regressor: Regressor):
     """Log the saved regressor `folder` to the active run as an MLflow pyfunc model: loadable
     with `mlflow.pyfunc.load_model`, registrable and servable, with a signature naming the
-    domains. Its data is the folder as saved (LightGBM text, JSON, .npy): nothing is pickled."""
+    domains. Its data is the folder as saved (LightGBM text, JSON, .npy): nothing is pickled.
+    Returns MLflow's ModelInfo."""
     package = Path(__file__).parent
     example = pd.DataFrame(regressor.train_weights[:3], columns=regressor.domains)
     with tempfile.TemporaryDirectory() as scratch:
@@ -62,7 +63,7 @@ def log_mlflow_model(folder: Path, regressor: Regressor) -> None:
         code.mkdir()
         for name in PREDICTOR_MODULES:
             shutil.copyfile(package / name, code / name)
-        mlflow.pyfunc.log_model(
+        return mlflow.pyfunc.log_model(
             name="regressor", loader_module=f"{code.name}.pyfunc", data_path=str(folder),
             code_paths=[str(code)],
             pip_requirements=[f"{name}=={version(name)}" for name in PREDICTOR_PACKAGES],

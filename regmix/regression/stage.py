@@ -16,7 +16,7 @@ from regmix.regression.linear import domain_interactions
 from regmix.regression.pyfunc import log_mlflow_model
 from regmix.regression.selection import FitReport, best_row, fit_target
 from regmix.tracking import plots
-from regmix.tracking.runs import stage_run
+from regmix.tracking.runs import PIPELINE_TAG, stage_run
 
 DOMAIN_INTERACTION_PLOT = "domain_interaction.png"
 PROXY_RESULTS_FILE = "proxy_results.json"  # beside the model: what it was fitted on
@@ -26,15 +26,32 @@ def plot_fit(folder: Path, target: str, y: np.ndarray, report: FitReport) -> Pat
     """The fit's out-of-fold predictions against the measured target."""
     title = f"{target}\n{report.model}, CV Spearman {report.cv_spearman:.4f}"
     return plots.predicted_vs_measured(y, report.out_of_fold, title,
-                                       folder / "predicted_vs_measured.png")
+                                       folder / "predicted_vs_measured.png", report.left_out)
 
 
 def plot_domain_interactions(folder: Path, weights: np.ndarray, domains: list[str],
-                             losses: dict[str, np.ndarray]) -> Path:
+                             losses: dict[str, np.ndarray], linear_cv: float | None = None) -> Path:
     """The domain interactions of every validation loss in `losses` (name -> value per row)."""
     coefficients = domain_interactions(weights, np.column_stack(list(losses.values())))
     return plots.domain_interaction(coefficients, list(losses), domains,
-                                    folder / DOMAIN_INTERACTION_PLOT)
+                                    folder / DOMAIN_INTERACTION_PLOT, linear_cv)
+
+
+def registered_name(experiment: str) -> str:
+    return f"regmix-{experiment}-regressor"
+
+
+def register(model_info, experiment: str, tracking: dict, report: FitReport, target: str,
+             proxies: int) -> None:
+    """The fitted regressor as a new version of the experiment's registered model, loadable as
+    `models:/regmix-<experiment>-regressor/<version>`; what it predicts and how well it ranks in
+    the version's description."""
+    name = registered_name(experiment)
+    version = mlflow.register_model(model_info.model_uri, name,
+                                    tags={PIPELINE_TAG: tracking["pipeline_run"]})
+    mlflow.MlflowClient(tracking["uri"]).update_model_version(
+        name, version.version, description=f"target {target}: {report.model}, CV Spearman "
+        f"{report.cv_spearman:.3f} (CV RMSE {report.cv_rmse:.4f}) on {proxies} proxies")
 
 
 # ---------------------------------------------------------------- the pipeline stage
@@ -138,14 +155,16 @@ def fit_and_log(cfg, every: list[dict], data_meta: dict, tracking: dict, out: Pa
                              for i in report.left_out}, "left_out_proxies.json")
         if model.linear_coefficients:
             mlflow.log_dict(model.linear_coefficients, "linear_coefficients.json")
-        log_mlflow_model(out, model)
+        register(log_mlflow_model(out, model), cfg.name, tracking, report,
+                 str(cfg.regression.target), len(results))
         # Every domain's validation loss, for the domain interactions: what the proxies measured
         measured = [d for d in domains + data_meta.get("targets", [])
                     if all(d in r["val_loss"] for r in results)]
         with tempfile.TemporaryDirectory() as folder:
             plot_fit(Path(folder), str(cfg.regression.target), losses, report)
             plot_domain_interactions(Path(folder), weights, domains, {
-                d: np.array([r["val_loss"][d] for r in results]) for d in measured})
+                d: np.array([r["val_loss"][d] for r in results]) for d in measured},
+                report.cv_by_model.get("linear"))
             mlflow.log_artifacts(folder, "plots")
     return {
         "model": report.model, "cv_spearman": report.cv_spearman, "cv_rmse": report.cv_rmse,

@@ -19,10 +19,16 @@ def save(fig, path: Path) -> Path:
 
 
 def predicted_vs_measured(measured: np.ndarray, predicted: np.ndarray, title: str,
-                          path: Path) -> Path:
-    """Out-of-fold predictions against the measured losses, with the diagonal."""
+                          path: Path, outliers: list[int] = ()) -> Path:
+    """Out-of-fold predictions against the measured losses, with the diagonal; the rows left
+    out of the fit as outliers marked (red crosses), not hidden."""
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    ax.scatter(predicted, measured, s=10, alpha=0.7)
+    kept = np.setdiff1d(np.arange(len(measured)), outliers)
+    ax.scatter(predicted[kept], measured[kept], s=10, alpha=0.7, label="fitted")
+    if len(outliers):
+        ax.scatter(predicted[list(outliers)], measured[list(outliers)], s=30, marker="x",
+                   color="tab:red", label="left out (outlier)")
+        ax.legend(fontsize=7)
     low, high = min(measured.min(), predicted.min()), max(measured.max(), predicted.max())
     ax.plot([low, high], [low, high], color="gray", linewidth=1)
     ax.set_xlabel("predicted (cross-validated)")
@@ -32,11 +38,12 @@ def predicted_vs_measured(measured: np.ndarray, predicted: np.ndarray, title: st
 
 
 def domain_interaction(coefficients: np.ndarray, losses: list[str], domains: list[str],
-                       path: Path) -> Path:
+                       path: Path, linear_cv: float | None = None) -> Path:
     """The paper's domain-interaction figure: how each training domain's weight moves each
     validation loss (a linear model's coefficients, a row per loss). Each row is scaled to its
     largest |coefficient|, so that rows of very different loss ranges share one colour scale;
-    negative (blue): more of that domain lowers that loss."""
+    negative (blue): more of that domain lowers that loss. `linear_cv`: how well a linear model
+    ranks the target (its CV Spearman), shown in the title: a low one says to read it loosely."""
     scaled = coefficients / np.maximum(np.abs(coefficients).max(axis=1, keepdims=True), 1e-12)
     fig, ax = plt.subplots(figsize=(1.0 + 0.45 * len(domains), 1.2 + 0.4 * len(losses)))
     image = ax.imshow(scaled, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
@@ -45,7 +52,8 @@ def domain_interaction(coefficients: np.ndarray, losses: list[str], domains: lis
     ax.set_xlabel("training domain weight")
     ax.set_ylabel("validation loss")
     fig.colorbar(image, ax=ax, label="coefficient / row's largest |coefficient|")
-    ax.set_title("Domain interactions (linear model)", fontsize=9)
+    ranks = "" if linear_cv is None else f"; its CV Spearman on the target {linear_cv:.2f}"
+    ax.set_title(f"Domain interactions (linear model{ranks})", fontsize=9)
     return save(fig, path)
 
 

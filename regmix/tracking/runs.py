@@ -21,6 +21,8 @@ STAGE_TAG, PIPELINE_TAG, HASH_TAG = "regmix.stage", "regmix.pipeline_run", "regm
 CORPUS_TAG = "regmix.corpus_fingerprint"  # the prepared data (tokenizer + arrays) a proxy saw
 # Stages whose runs are proxies: the training draw, active-learning rounds and the gate.
 PROXY_STAGES = ("proxy", "active-proxy", "gate-proxy")
+# MLflow 3 opens an experiment of this kind on its runs table, not on the GenAI overview
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # MLflow calls that fail transiently are retried with exponential backoff: BACKOFF_S, twice
 # that, ... over TRIES attempts (~30 s by default, on top of MLflow's own HTTP retries).
 TRIES = int(os.environ.get("REGMIX_MLFLOW_TRIES", "6"))
@@ -96,12 +98,15 @@ def experiment_id(tracking_uri: str, name: str) -> str:
     mlflow.set_tracking_uri(tracking_uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        for key, value in EXPERIMENT_KIND.items():  # experiments made before it was set
+            mlflow.MlflowClient(tracking_uri).set_experiment_tag(experiment.experiment_id, key,
+                                                                 value)
         return experiment.experiment_id
     artifacts = None
     if tracking_uri.startswith("sqlite:///"):
         # Keep artifacts beside the local database rather than in the caller's cwd.
         artifacts = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifacts)
+    return mlflow.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
 
 
 def start_pipeline_run(tracking_uri: str, experiment: str, pipeline_run: str, config: dict) -> dict:
@@ -118,20 +123,24 @@ def start_pipeline_run(tracking_uri: str, experiment: str, pipeline_run: str, co
 
 
 @contextmanager
-def stage_run(tracking: dict, stage: str, name: str, tags: dict | None = None) -> Iterator:
-    """A child run of the pipeline run for one stage task; failures mark it FAILED.
+def stage_run(tracking: dict, stage: str, name: str, tags: dict | None = None,
+              start_time: int | None = None) -> Iterator:
+    """A child run of the pipeline run for one stage task; failures mark it FAILED. A run
+    logged after its work (a trained proxy) gives `start_time` (ms), so its duration is real.
 
     Opening and closing it are retried; a block that raises keeps its own exception even when
     MLflow cannot be told that the run failed.
     """
     import mlflow
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     mlflow.set_tracking_uri(tracking["uri"])
-    all_tags = {STAGE_TAG: stage, PIPELINE_TAG: tracking["pipeline_run"], **(tags or {})}
-    run = retried(mlflow.start_run)(
-        experiment_id=tracking["experiment_id"], run_name=name, tags=all_tags,
-        parent_run_id=tracking["parent_run_id"], nested=True,
-    )
+    all_tags = {STAGE_TAG: stage, PIPELINE_TAG: tracking["pipeline_run"],
+                MLFLOW_PARENT_RUN_ID: tracking["parent_run_id"], **(tags or {})}
+    # Created through the client, which takes a start time, then made the active run
+    created = retried(mlflow.MlflowClient(tracking["uri"]).create_run)(
+        tracking["experiment_id"], start_time=start_time, tags=all_tags, run_name=name)
+    run = retried(mlflow.start_run)(run_id=created.info.run_id, nested=True)
     try:
         yield run
     except BaseException:
@@ -212,6 +221,9 @@ def finish_pipeline_run(tracking_uri: str, experiment: str, pipeline_run: str, s
 def run_start_tracking(config: dict, tracking_uri: str, label: str, compiled: str = "") -> dict:
     """Create the MLflow parent run for this pipeline run, once the run's config is known to
     keep what the pipeline was compiled with (`compiled`: its COMPILED_SETTINGS as JSON)."""
+    parsed = parse_config(config)
     if compiled:
-        check_compiled_settings(parse_config(config), json.loads(compiled))
-    return start_pipeline_run(tracking_uri or default_tracking_uri(), config["name"], label, config)
+        check_compiled_settings(parsed, json.loads(compiled))
+    # KFP hands every number over as a float: the parsed config has its integers back
+    return start_pipeline_run(tracking_uri or default_tracking_uri(), config["name"], label,
+                              parsed.model_dump(mode="json", exclude_none=True))

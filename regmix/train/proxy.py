@@ -19,8 +19,15 @@ from regmix.tracking.runs import CORPUS_TAG, HASH_TAG, retried, stage_run
 from regmix.train.loop import evaluate, limit_cpu_threads, resolved_precision, train_lm, train_packed
 
 DIVERGED_TAG = "regmix.diverged"
+# What sorts and groups training runs: the model's size, and the mixture seed replicas repeat
+SCALE_TAG, MIXTURE_TAG = "scale", "regmix.mixture"
+LARGER_STAGES = ("large", "baseline", "rank")
 
 log = logging.getLogger("regmix.proxy")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def checkpoint_folder(key: str) -> Path:
@@ -145,15 +152,28 @@ def log_proxy_run(run, mixture: dict, shape: ModelShape, recipe: TrainRecipe, se
         client.log_batch(run_id, metrics=every[i:i + 1000])
 
 
+def run_name(stage: str, mixture: dict) -> str:
+    """What tells runs apart first, so that a truncated name still does: `best@seed1=m0007 ·
+    gate-proxy` (a replica names the proxy it repeats), `m0003 · proxy`, `prior@seed2 · baseline`."""
+    of = mixture.get("replica_of")
+    shown = mixture["id"] if of is None or mixture["id"].startswith(f"{of}@") else \
+        f"{mixture['id']}={of}"
+    return f"{shown} · {stage}"
+
+
 def record_proxy(tracking: dict, stage: str, mixture: dict, shape: ModelShape, recipe: TrainRecipe,
                  seed: int, outcome: dict, target: dict[str, float], tags: dict | None = None) -> dict:
-    """One MLflow run for one trained proxy; then its kept copy goes. Returns the proxy result."""
+    """One MLflow run for one trained proxy, dated from when its training started (the kept
+    outcome's `started`); then its kept copy goes. Returns the proxy result."""
     diverged = bool(diverged_domains(outcome["val_loss"])) or not math.isfinite(
         outcome["train_loss"])
-    tags = {HASH_TAG: mixture["hash"], **(tags or {}), **({DIVERGED_TAG: "true"} if diverged else {})}
+    tags = {HASH_TAG: mixture["hash"], SCALE_TAG: "larger" if stage in LARGER_STAGES else "proxy",
+            MIXTURE_TAG: mixture.get("replica_of") or mixture.get("name") or mixture["id"],
+            **(tags or {}), **({DIVERGED_TAG: "true"} if diverged else {})}
     kept = kept_result_path(mixture["hash"])
     try:
-        with stage_run(tracking, stage, f"{stage}-{mixture['id']}", tags) as run:
+        with stage_run(tracking, stage, run_name(stage, mixture), tags,
+                       start_time=outcome.get("started")) as run:
             log_proxy_run(run, mixture, shape, recipe, seed, outcome, target)
             if diverged:  # ends the run FAILED, with what it measured logged
                 raise Diverged(diverged_message(outcome["val_loss"], stage, run.info.run_id))
@@ -195,14 +215,15 @@ def _train_proxy(data: TokenData, mixture: dict, shape: ModelShape, recipe: Trai
     outcome = kept_outcome(mixture["hash"])
     if outcome is None:
         checkpoints = checkpoint_folder(mixture["hash"])
-        curve = []
+        curve, started = [], now_ms()
         model, train_loss, tokens, seconds = train_lm(
             data, mixture["weights"], shape, recipe, seed,
             on_log=lambda step, loss: curve.append((step, loss)), checkpoint_dir=checkpoints)
         if main:
             outcome = keep_outcome(mixture["hash"], {
                 "val_loss": evaluate(model, data, resolved_precision(recipe)),
-                "train_loss": train_loss, "tokens": tokens, "seconds": seconds, "curve": curve})
+                "train_loss": train_loss, "tokens": tokens, "seconds": seconds, "curve": curve,
+                "started": started})
             shutil.rmtree(checkpoints, ignore_errors=True)  # the kept outcome is the record now
     if not main:
         # Another rank of a multi-GPU run (that trained its share, or found the outcome kept
@@ -244,6 +265,7 @@ def _train_proxies_packed(data: TokenData, mixtures: list[dict], shape: ModelSha
         key = hashlib.sha256("".join(m["hash"] for m, _ in todo).encode()).hexdigest()[:16]
         checkpoints = checkpoint_folder(f"packed-{key}")
         curves: list[tuple[int, list[float]]] = []
+        started = now_ms()
         models, train_losses, tokens, seconds = train_packed(
             data, [m["weights"] for m, _ in todo], shape, recipe, [seed for _, seed in todo],
             on_log=lambda step, losses: curves.append((step, losses)), checkpoint_dir=checkpoints)
@@ -252,7 +274,7 @@ def _train_proxies_packed(data: TokenData, mixtures: list[dict], shape: ModelSha
             outcomes[m["hash"]] = keep_outcome(m["hash"], {
                 "val_loss": evaluate(models[i], data, resolved_precision(recipe)),
                 "train_loss": train_losses[i],
-                "tokens": tokens, "seconds": seconds,
+                "tokens": tokens, "seconds": seconds, "started": started,
                 "curve": [(step, losses[i]) for step, losses in curves]})
         shutil.rmtree(checkpoints, ignore_errors=True)
     packed = {m["id"] for m, _ in todo}

@@ -5,7 +5,7 @@ import pytest
 
 from regmix.evidence import run_compare_baselines
 from regmix.pipelines.cli import format_summary
-from regmix.pipelines.local import comparisons
+from regmix.tracking.outcome import comparisons
 from regmix.tracking.runs import stage_run
 
 KEYS = {"mean", "std", "seeds", "margin", "noise", "chosen_wins"}

@@ -23,6 +23,7 @@ from regmix.train.proxy import (
     find_finished,
     keep_outcome,
     kept_result_path,
+    run_name,
     run_train_proxies,
     train_proxies_packed,
     train_proxy,
@@ -412,3 +413,11 @@ def test_shipped_accelerate_configs_load_in_accelerate(name):
     config = ClusterConfig.from_yaml_file(f"configs/accelerate/{name}.yaml")
     assert config.mixed_precision == "bf16"
     assert config.distributed_type == {"single_gpu": "NO", "ddp": "MULTI_GPU", "fsdp": "FSDP"}[name]
+
+
+def test_a_run_name_leads_with_what_tells_runs_apart_and_names_the_mixture_a_replica_repeats():
+    assert run_name("proxy", {"id": "m0003"}) == "m0003 · proxy"
+    assert run_name("gate-proxy", {"id": "best@seed1", "replica_of": "m0007"}) \
+        == "best@seed1=m0007 · gate-proxy"
+    assert run_name("gate-proxy", {"id": "chosen@seed2", "replica_of": "chosen"}) \
+        == "chosen@seed2 · gate-proxy"
