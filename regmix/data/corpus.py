@@ -102,6 +102,15 @@ def files_by_domain(sources: list[DomainSource], base: Path) -> dict[str, list[s
     return files
 
 
+def content_hash(path: str) -> str:
+    """sha256 of a file's bytes, read a MB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_documents(source: DomainSource, base: Path, files: list[str] | None = None) -> "Documents":
     """A domain's documents, loaded through Hugging Face `datasets` (from `files`, if its
     `domain_files` were already resolved)."""
@@ -117,10 +126,10 @@ def load_documents(source: DomainSource, base: Path, files: list[str] | None = N
         # A .txt file is one document (column "text"), not one document per line.
         column = "text" if kind == "text" else source.text_column
         # `datasets` keys its cache of local files on their paths and modification times: a
-        # file rewritten and copied back with its old time (cp -p, rsync -a, tar) would load
-        # the old documents. Their sizes key it too.
-        stats = [(f, (st := os.stat(f)).st_size, st.st_mtime_ns) for f in files]
-        signature = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+        # file rewritten with its old size and time (cp -p, rsync -a, tar) would load the old
+        # documents. Their content keys it here.
+        signature = hashlib.sha256(json.dumps(
+            [(f, content_hash(f)) for f in files]).encode()).hexdigest()[:16]
         args = dict(path=kind, data_files=files, split="train",
                     cache_dir=str(Path(datasets.config.HF_DATASETS_CACHE) / "regmix" / signature))
         if kind == "text":

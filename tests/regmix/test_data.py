@@ -23,7 +23,7 @@ from regmix.data.prepare import (
     train_chunks,
 )
 from regmix.errors import CorpusError
-from tests.conftest import corpus_and_tokenizer, tiny_config_dict
+from tests.conftest import corpus_and_tokenizer, small_corpus, tiny_config_dict
 
 
 def test_pack_puts_eos_between_documents():
@@ -193,6 +193,22 @@ def test_a_file_rewritten_with_its_old_time_is_read_again(tmp_path):
     path.write_text('{"text": "only one"}\n')
     os.utime(path, ns=(stamp, stamp))
     assert list(load_documents(DomainSource(name="d", path="d.jsonl"), tmp_path)) == ["only one"]
+
+
+def test_an_edit_of_the_same_size_and_time_changes_the_fingerprint(tmp_path):
+    """Fault drill: a domain's text replaced by other text of identical size, its mtime restored
+    (touch -r, cp -p): the data is prepared again from the new text, under a new fingerprint."""
+    spec = small_corpus(tmp_path / "corpus", docs_per_domain=12)
+    first = prepare_data(*corpus_and_tokenizer(spec), tmp_path / "a")
+    path = tmp_path / "corpus" / "licenses.jsonl"
+    stat, text = path.stat(), path.read_text()
+    vowels = str.maketrans("aeiou", "eioua")  # same size, other text
+    path.write_text("".join(json.dumps({"text": json.loads(line)["text"].translate(vowels)}) + "\n"
+                            for line in text.splitlines()))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    second = prepare_data(*corpus_and_tokenizer(spec), tmp_path / "b")
+    assert second["fingerprint"] != first["fingerprint"]
 
 
 def test_a_file_in_two_domains_is_refused(tmp_path):
