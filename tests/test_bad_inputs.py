@@ -237,15 +237,24 @@ def test_a_tokenizer_without_a_known_end_of_text_token(tmp_path, capsys, corpus_
     assert eos_id(build_tokenizer(named, {}), named.eos_token) == 1
 
 
+# Only data preparation can tell: 2000 bytes pass the checks before the pipeline (a token is
+# at least a byte), but the tokenizer makes far fewer than 512 tokens of them; a byte that is
+# not UTF-8 after the first MB, which those checks read.
+STAGE_CASES = [
+    (b'{"text": "%s"}\n' % (b"ab" * 100) * 10, "lower corpus.validation_tokens"),
+    (b'{"text": "%s"}\n' % (b"word " * 200) * 1200 + b'{"text": "\xff"}\n',
+     "a.jsonl is not UTF-8 text (byte 1215610)"),
+]
+
+
+@pytest.mark.parametrize(("documents", "message"), STAGE_CASES)
 def test_an_error_only_data_preparation_sees_still_ends_in_one_line(tmp_path, capsys,
-                                                                     monkeypatch):
-    # 2000 bytes pass the checks before the pipeline (a token is at least a byte), but the
-    # tokenizer makes far fewer than 512 tokens of them: only data preparation can tell.
+                                                                     monkeypatch, documents,
+                                                                     message):
     config = tmp_path / "c.yaml"
-    documents = b'{"text": "%s"}\n' % (b"ab" * 100) * 10
     config.write_text(corpus_case(tmp_path, {"a.jsonl": documents}, "a.jsonl"))
     monkeypatch.chdir(tmp_path)  # the pipeline root, mlruns/
     assert main(["run", "--config", str(config), "--tracking-uri",
                  f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
     err = capsys.readouterr().err
-    assert "regmix: error: domain 'a':" in err and "lower corpus.validation_tokens" in err, err
+    assert "regmix: error: domain 'a':" in err and message in err, err

@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from regmix.data.corpus import (
 )
 from regmix.data.tokenizer import build_tokenizer, eos_id
 from regmix.errors import CorpusError
-from regmix.files import removing, replacing
+from regmix.files import damage, removing, replacing, write_checksums
 
 log = logging.getLogger("regmix.data")
 UNUSED_WARNING = 0.1  # warn when a domain's held-out tail, in neither split, is this much of it
@@ -182,6 +183,7 @@ def prepare_data(
             "dtype": np.dtype(dtype).name,
             "fingerprint": digest.hexdigest()[:16],
         }
+        write_checksums(arrays)  # read back before they are trusted (TokenData.open)
         if staging:  # named by content and by the domain names the files carry
             named = meta["domains"] + targets
             names = hashlib.sha256(json.dumps(named).encode()).hexdigest()[:8]
@@ -192,7 +194,11 @@ def prepare_data(
 
 def publish(staging: Path, final: Path) -> str:
     """Move finished arrays to their content-named folder; the same arrays may be there
-    already (an earlier, or concurrent, preparation of the same data): then keep those."""
+    already (an earlier, or concurrent, preparation of the same data): then keep those, if
+    whole. Damaged ones (a full volume, a bad copy) are replaced by these."""
+    if (final / "validation").is_dir() and (problem := damage(final)) is not None:
+        log.warning("the prepared token arrays at %s are damaged (%s); replaced", final, problem)
+        shutil.rmtree(final, ignore_errors=True)
     try:
         os.replace(staging, final)
     except OSError:
@@ -218,6 +224,11 @@ class TokenData:
                 f"the prepared token arrays at {data.arrays} are gone (a cleaned volume?); "
                 "prepare the data again: start the run with `regmix submit --no-cache` (or "
                 "`regmix schedule --no-cache`)")
+        if (problem := damage(data.arrays, contents=False)) is not None:  # sizes: cheap
+            raise CorpusError(
+                f"the prepared token arrays at {data.arrays} are damaged ({problem}); prepare "
+                "the data again: rerun (`regmix run`), or start the run with `regmix submit "
+                "--no-cache` (or `regmix schedule --no-cache`)")
         return data
 
     @property

@@ -211,6 +211,36 @@ def test_an_edit_of_the_same_size_and_time_changes_the_fingerprint(tmp_path):
     assert second["fingerprint"] != first["fingerprint"]
 
 
+def test_a_truncated_datasets_cache_is_removed_and_read_again(tmp_path, monkeypatch, caplog):
+    """Fault drill: an Arrow file of the `datasets` cache cut short (a full disk, a killed copy)
+    is reported, removed, and the domain's files read again."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(50)))
+    source = DomainSource(name="d", path="d.jsonl")
+    first = list(load_documents(source, tmp_path))
+    arrows = sorted((tmp_path / "hf").rglob("*.arrow"))
+    assert arrows
+    for arrow in arrows:
+        os.truncate(arrow, arrow.stat().st_size // 2)
+    assert list(load_documents(source, tmp_path)) == first
+    assert "domain 'd': the datasets cache" in caplog.text and "removed" in caplog.text
+
+
+def test_bytes_that_are_not_utf8_past_the_checked_head_name_the_domain_and_file(tmp_path):
+    """Fault drill: the checks before the pipeline read a file's first MB; a bad byte after it
+    is a one-line corpus error naming the domain, file and byte, not a UnicodeDecodeError."""
+    path = tmp_path / "d.jsonl"
+    good = "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(5000))
+    path.write_bytes(good.encode() + b'{"text": "bad \xff byte"}\n')
+    assert len(good) > regmix.data.corpus.PREFLIGHT_BYTES
+    with pytest.raises(CorpusError, match=f"domain 'd': {path} is not UTF-8 text "
+                                          f"\\(byte {len(good) + 14}\\)"):
+        load_documents(DomainSource(name="d", path=str(path)), tmp_path)
+
+
 def test_a_file_in_two_domains_is_refused(tmp_path):
 
     (tmp_path / "web").mkdir()
@@ -273,6 +303,23 @@ def test_on_a_cluster_the_arrays_live_once_on_the_shared_volume(tmp_path, corpus
     shutil.rmtree(volume)
     with pytest.raises(CorpusError, match="token arrays at .* are gone"):
         TokenData.open(tmp_path / "artifact")
+
+
+def test_damaged_arrays_on_the_shared_volume_are_refused_then_prepared_again(
+        tmp_path, corpus_spec, caplog):
+    """Fault drill: a token array on the shared volume cut short is not read as data: opening
+    it names the file, and the next preparation replaces it instead of keeping it."""
+    corpus, tokenizer = corpus_and_tokenizer(corpus_spec)
+    volume = tmp_path / "volume"
+    meta = prepare_data(corpus, tokenizer, tmp_path / "artifact", shared_root=volume)
+    array = TokenData.open(tmp_path / "artifact").arrays / "train" / "code.npy"
+    whole = array.read_bytes()
+    os.truncate(array, len(whole) // 2)
+    with pytest.raises(CorpusError, match=f"arrays at .* are damaged \\({array} has"):
+        TokenData.open(tmp_path / "artifact")
+    assert prepare_data(corpus, tokenizer, tmp_path / "again", shared_root=volume) == meta
+    assert f"the prepared token arrays at {array.parent.parent} are damaged" in caplog.text
+    assert TokenData.open(tmp_path / "artifact").array("train", "code").tobytes() in whole
 
 
 def test_a_document_quoting_the_end_of_text_token_stays_one_document(tmp_path):
