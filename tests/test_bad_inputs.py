@@ -139,6 +139,11 @@ CSV_CASES = [
     (mixtures_csv(GOOD_ROWS[:-1] + ["8,nan,0.9,0.1"]), GOOD_LOSSES, "'nan' is not finite"),
     (mixtures_csv(GOOD_ROWS[:-1] + ["8,inf,0.9,0.1"]), GOOD_LOSSES, "'inf' is not finite"),
     (mixtures_csv(GOOD_ROWS[:-1] + ["8,-0.1,1.0,0.1"]), GOOD_LOSSES, "negative weight -0.1"),
+    # An overflowed loss or weight is finite but fits nothing (CV RMSE nan): the row is named
+    (mixtures_csv(GOOD_ROWS), GOOD_LOSSES.replace("\n8,3.8", "\n8,1e308"),
+     "l.csv, line 9, column 'loss': '1e308' is beyond ±1e+06, not a loss or weight"),
+    (mixtures_csv(GOOD_ROWS[:-1] + ["8,1e308,0.9,0.1"]), GOOD_LOSSES,
+     "m.csv, line 9, column 'a': '1e308' is beyond ±1e+06"),
     (mixtures_csv(GOOD_ROWS[:-1] + ["8,0.5,0.9,0.1"]), GOOD_LOSSES, "weights sum to 1.5, not 1 ("),
     (GOOD_LOSSES, GOOD_LOSSES, "(is this the losses file? check --mixtures and --losses)"),
     (mixtures_csv(GOOD_ROWS), mixtures_csv([f"{i},3.5" for i in range(1, 9)], "index,loss"),
