@@ -4,6 +4,7 @@ The names here are the contract users see in the MLflow UI: one experiment per p
 one parent run per pipeline run, one child run per stage task tagged `regmix.stage`.
 """
 
+import fcntl
 import functools
 import json
 import logging
@@ -70,11 +71,25 @@ def default_tracking_uri() -> str:
     )
 
 
+def tracking_client(uri: str):
+    """An MlflowClient for `uri`. Its first use creates a SQLite store's tables, which two
+    processes starting at once (a scheduled run beside a manual one) would both do, and one
+    fail ("table ... already exists"): a lock file beside the database lets one at a time."""
+    import mlflow
+
+    if not uri.startswith("sqlite:///"):
+        return mlflow.MlflowClient(uri)
+    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:  # never deleted: another process may hold it open
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        return mlflow.MlflowClient(uri)
+
+
 def checked_tracking_uri(uri: str, existing: bool = False) -> str:
     """The MLflow tracking URI, if MLflow accepts it (a plain folder or an unknown scheme would
     otherwise fail inside the first stage, or inside `report`). With `existing`, for commands
     that read runs, a SQLite store must be there already (not made empty by a typo)."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     database = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
@@ -82,7 +97,7 @@ def checked_tracking_uri(uri: str, existing: bool = False) -> str:
         raise ConfigError(f"tracking URI '{uri}': no MLflow store there; give the URI the run "
                           "logged to (--tracking-uri, or $MLFLOW_TRACKING_URI)")
     try:
-        mlflow.MlflowClient(uri)
+        tracking_client(uri)
     except (MlflowException, OSError) as e:
         first = str(getattr(e, "message", e)).strip().split(". ")[0]
         raise ConfigError(f"tracking URI '{uri}': {first}; give sqlite:///PATH/mlflow.db or an "
@@ -91,25 +106,29 @@ def checked_tracking_uri(uri: str, existing: bool = False) -> str:
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:
-    import mlflow
+    from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri)
-    experiment = mlflow.get_experiment_by_name(name)
+    client = tracking_client(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     artifacts = None
     if tracking_uri.startswith("sqlite:///"):
         # Keep artifacts beside the local database rather than in the caller's cwd.
         artifacts = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifacts)
+    try:
+        return client.create_experiment(name, artifact_location=artifacts)
+    except MlflowException as e:  # another run created it since we looked: use theirs
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def start_pipeline_run(tracking_uri: str, experiment: str, pipeline_run: str, config: dict) -> dict:
     """Open the parent run every stage nests under; returns the tracking context stages share."""
-    import mlflow
 
     exp_id = experiment_id(tracking_uri, experiment)
-    client = mlflow.MlflowClient(tracking_uri)
+    client = tracking_client(tracking_uri)
     tags = {STAGE_TAG: "pipeline", PIPELINE_TAG: pipeline_run}
     run = client.create_run(exp_id, run_name=f"pipeline-{pipeline_run}", tags=tags)
     client.log_dict(run.info.run_id, config, "config.json")

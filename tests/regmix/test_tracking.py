@@ -1,4 +1,7 @@
 import logging
+import subprocess
+import sys
+import time
 
 import mlflow
 import pytest
@@ -60,3 +63,34 @@ def test_a_run_cannot_change_what_its_pipeline_was_compiled_with(tmp_path):
     same = tiny_config_dict("x.yaml", proxy={"per_task": 4.0}, cluster={})
     tracking = run_start_tracking(same, uri, "r1", compiled)
     assert mlflow.MlflowClient(uri).get_run(tracking["parent_run_id"]).data.tags
+
+
+# Imports first, then waits for the go file: the processes open the store within milliseconds
+RACER = """
+import os, sys, time
+from pathlib import Path
+from regmix.tracking.runs import start_pipeline_run
+uri, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+ready.touch()
+while not go.exists():
+    time.sleep(0.002)
+start_pipeline_run(uri, "regmix-race", f"run-{os.getpid()}", {})
+"""
+
+
+def test_runs_starting_together_on_a_new_store_all_start(tmp_path):
+    """Fault drill: three real processes open one fresh SQLite store at once (a scheduled run
+    beside manual ones): each makes its parent run, none fails creating the tables."""
+    uri, go = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "go"
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, uri, str(tmp_path / f"ready{i}"),
+                                str(go)], stderr=subprocess.PIPE, text=True) for i in range(3)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(3)):
+        assert time.monotonic() < deadline and all(r.poll() is None for r in racers)
+        time.sleep(0.05)
+    go.touch()
+    errors = [r.communicate(timeout=120)[1] for r in racers]
+    assert [r.returncode for r in racers] == [0, 0, 0], errors[0][-2000:] + errors[1][-2000:]
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("regmix-race")
+    assert len(client.search_runs([experiment.experiment_id])) == 3
