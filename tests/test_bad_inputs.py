@@ -2,6 +2,8 @@
 fix; never a traceback, and no started pipeline unless only data preparation can tell. One
 table, through the real CLI."""
 
+import time
+
 import pytest
 import yaml
 
@@ -204,7 +206,7 @@ def test_bad_cli_values(tmp_path, capsys):
                       "--target 'loss': model 'per-domain' needs a target over several loss")
 
 
-def test_services_out_of_reach_are_one_line(tmp_path, capsys):
+def test_services_out_of_reach_are_one_line(tmp_path, capsys, corpus_spec):
     assert_user_error(capsys, ["report", "x", "--experiment", "e", "--tracking-uri", str(tmp_path)],
                       f"tracking URI '{tmp_path}': The filesystem tracking backend")
     assert_user_error(capsys, ["export", "--experiment", "x", "--tracking-uri", "bogus://x",
@@ -213,6 +215,14 @@ def test_services_out_of_reach_are_one_line(tmp_path, capsys):
     assert_user_error(capsys, ["report", "x", "--experiment", "e", "--tracking-uri", f"sqlite:///{tmp_path}/typo.db"],
                       "typo.db': no MLflow store there")
     assert not (tmp_path / "typo.db").exists()  # not made, empty, by the check
+    # Fault drill: a tracking server that does not answer is named before the pipeline starts
+    (tmp_path / "c.yaml").write_text(config_text(corpus_spec))
+    started = time.monotonic()
+    assert main(["run", "--config", str(tmp_path / "c.yaml"), "--tracking-uri",
+                 "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("regmix: error: the MLflow server at http://127.0.0.1:9 does not answer")
+    assert err.count("\n") == 1 and time.monotonic() - started < 30, err
     assert main(["runs", "--host", "http://127.0.0.1:9"]) == 1  # nothing listens on port 9
     err = capsys.readouterr().err
     assert "regmix: error: cannot reach the KFP API at http://127.0.0.1:9" in err, err

@@ -6,6 +6,7 @@ one parent run per pipeline run, one child run per stage task tagged `regmix.sta
 
 import fcntl
 import functools
+import itertools
 import json
 import logging
 import os
@@ -22,10 +23,13 @@ STAGE_TAG, PIPELINE_TAG, HASH_TAG = "regmix.stage", "regmix.pipeline_run", "regm
 CORPUS_TAG = "regmix.corpus_fingerprint"  # the prepared data (tokenizer + arrays) a proxy saw
 # Stages whose runs are proxies: the training draw, active-learning rounds and the gate.
 PROXY_STAGES = ("proxy", "active-proxy", "gate-proxy")
-# MLflow calls that fail transiently are retried with exponential backoff: BACKOFF_S, twice
-# that, ... over TRIES attempts (~30 s by default, on top of MLflow's own HTTP retries).
-TRIES = int(os.environ.get("REGMIX_MLFLOW_TRIES", "6"))
+# MLflow calls that fail transiently are retried with exponential backoff (BACKOFF_S, twice
+# that, ..., at most MAX_WAIT_S a wait) for RETRY_S seconds: long enough for a server pod to be
+# rescheduled and its database to come back, on top of MLflow's own HTTP retries.
+RETRY_S = float(os.environ.get("REGMIX_MLFLOW_RETRY_S", "600"))
 BACKOFF_S = float(os.environ.get("REGMIX_MLFLOW_BACKOFF_S", "1"))
+MAX_WAIT_S = 60.0
+CHECK_TIMEOUT_S = 10.0  # the check before a run: a server that does not answer in this long
 # MLflow error codes that say "try again later" rather than "this request is wrong".
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "IO_ERROR", "DEADLINE_EXCEEDED",
                    "REQUEST_LIMIT_EXCEEDED", "ABORTED"}
@@ -47,18 +51,23 @@ def retried(call):
 
     @functools.wraps(call)
     def with_retries(*args, **kwargs):
-        for attempt in range(TRIES):
+        first_failure = None
+        for attempt in itertools.count():
             try:
                 return call(*args, **kwargs)
             except Exception as e:
                 if not is_transient(e):
                     raise
-                if attempt == TRIES - 1:
+                first_failure = first_failure or time.monotonic()
+                spent = time.monotonic() - first_failure
+                delay = min(BACKOFF_S * 2**attempt, MAX_WAIT_S)
+                if spent + delay > RETRY_S:
                     raise TrackingUnavailable(
-                        f"MLflow failed {call.__name__} {TRIES} times, the last time with "
+                        f"MLflow failed {call.__name__} {attempt + 1} times over {spent:.0f} s "
+                        f"(REGMIX_MLFLOW_RETRY_S={RETRY_S:g}), the last time with "
                         f"{type(e).__name__}: {str(e)[:300]}") from e
-                delay = BACKOFF_S * 2**attempt
-                log.warning("MLflow %s failed (%s); retrying in %.0f s", call.__name__, e, delay)
+                log.warning("MLflow %s failed (%s); retrying in %.0f s (%.0f of %.0f s spent)",
+                            call.__name__, str(e)[:200], delay, spent, RETRY_S)
                 time.sleep(delay)
 
     return with_retries
@@ -102,7 +111,26 @@ def checked_tracking_uri(uri: str, existing: bool = False) -> str:
         first = str(getattr(e, "message", e)).strip().split(". ")[0]
         raise ConfigError(f"tracking URI '{uri}': {first}; give sqlite:///PATH/mlflow.db or an "
                           "http(s):// MLflow server") from None
+    if uri.startswith(("http://", "https://")):
+        check_answers(uri)
     return uri
+
+
+def check_answers(uri: str) -> None:
+    """Raise TrackingUnavailable unless an MLflow server at `uri` answers: before a run starts,
+    rather than after every stage's retries. Any HTTP answer counts (a proxy may ask for a
+    login); no connection, or none within CHECK_TIMEOUT_S, does not."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=CHECK_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingUnavailable(f"the MLflow server at {uri} does not answer ({reason}); start "
+                                  "it, or give another --tracking-uri") from None
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:

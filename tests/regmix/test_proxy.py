@@ -407,6 +407,7 @@ def test_a_proxy_trained_while_mlflow_is_down_is_kept_and_logged_later(prepared_
     from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
     monkeypatch.setattr(regmix.tracking.runs, "BACKOFF_S", 0.0)
+    monkeypatch.setattr(regmix.tracking.runs, "RETRY_S", 0.1)
     config = tiny_config_dict("unused.yaml")
     mixture = as_mixtures(np.array([[0.3, 0.3, 0.4]]), prepared_data.domains, "m",
                           proxy_key(parse_config(config), prepared_data.meta))[0]

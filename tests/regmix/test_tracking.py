@@ -10,24 +10,29 @@ import regmix.tracking.runs
 from regmix.config.loading import parse_config
 from regmix.config.schema import compiled_settings
 from regmix.errors import ConfigError, TrackingUnavailable
-from regmix.tracking.runs import TRIES, retried, run_start_tracking, stage_run
+from regmix.tracking.runs import retried, run_start_tracking, stage_run
 from regmix.train.proxy import find_finished
 from tests.conftest import tiny_config_dict
 
 
 @pytest.fixture
 def quick_retries(monkeypatch):
-    monkeypatch.setattr(regmix.tracking.runs, "BACKOFF_S", 0.0)
+    """Waits of 0.05, 0.1, 0.2 s, ..., for a second in all."""
+    monkeypatch.setattr(regmix.tracking.runs, "BACKOFF_S", 0.05)
+    monkeypatch.setattr(regmix.tracking.runs, "RETRY_S", 1.0)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # only ours, counted below
 
 
-def test_an_unreachable_mlflow_is_retried_then_named(quick_retries, caplog):
+def test_an_unreachable_mlflow_is_retried_for_the_budget_then_named(quick_retries, caplog):
     caplog.set_level(logging.WARNING, "regmix.tracking")
     nobody = {"uri": "http://127.0.0.1:9", "experiment_id": "0"}  # a closed port: refused
-    with pytest.raises(TrackingUnavailable,
-                       match=rf"failed find_finished {TRIES} times.*http://127.0.0.1:9"):
+    started = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=r"failed find_finished (\d+) times over \d+ s "
+                       r"\(REGMIX_MLFLOW_RETRY_S=1\).*http://127.0.0.1:9") as error:
         find_finished(nobody, "0" * 16)
-    assert caplog.text.count("retrying") == TRIES - 1
+    assert 0.3 < time.monotonic() - started < 5  # the budget is spent waiting, not more
+    tries = int(error.value.args[0].split(" times")[0].rsplit(" ", 1)[1])
+    assert tries >= 4 and caplog.text.count("retrying in") == tries - 1  # a line per wait
 
 
 def test_a_wrong_request_is_not_retried(quick_retries, tracking, caplog):
