@@ -1,5 +1,6 @@
 """Run the pipeline on this machine through `kfp.local`, then summarise it from MLflow."""
 
+import os
 import re
 import sys
 import time
@@ -16,6 +17,7 @@ from regmix.config.schema import RegMixConfig
 from regmix.errors import UserError
 from regmix.pipelines.pipeline import build_pipeline
 from regmix.tracking.runs import (
+    OWNER_PID_ENV,
     PROXY_STAGES,
     checked_tracking_uri,
     default_tracking_uri,
@@ -63,6 +65,9 @@ def run_local(config: RegMixConfig, tracking_uri: str | None = None,
     config = config.model_copy(update={"cluster": ClusterConfig()})
     uri = checked_tracking_uri(tracking_uri or config.tracking.uri or default_tracking_uri())
     label = uuid.uuid4().hex[:12]
+    # The run's tasks tag its MLflow run with this process, so that a rerun can tell when the
+    # run is dead and close it (regmix.tracking.runs.close_dead_runs)
+    os.environ[OWNER_PID_ENV] = str(os.getpid())
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str(pipeline_root.resolve()), raise_on_error=True)
     started = time.perf_counter()

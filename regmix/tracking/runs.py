@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -21,6 +22,8 @@ from regmix.errors import ConfigError, TrackingUnavailable
 
 STAGE_TAG, PIPELINE_TAG, HASH_TAG = "regmix.stage", "regmix.pipeline_run", "regmix.mixture_hash"
 CORPUS_TAG = "regmix.corpus_fingerprint"  # the prepared data (tokenizer + arrays) a proxy saw
+OWNER_TAG = "regmix.owner"  # host:pid of the process a pipeline run lives in
+OWNER_PID_ENV = "REGMIX_RUN_PID"  # set by `regmix run` for the stages it starts
 # Stages whose runs are proxies: the training draw, active-learning rounds and the gate.
 PROXY_STAGES = ("proxy", "active-proxy", "gate-proxy")
 # MLflow calls that fail transiently are retried with exponential backoff (BACKOFF_S, twice
@@ -152,12 +155,52 @@ def experiment_id(tracking_uri: str, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
-def start_pipeline_run(tracking_uri: str, experiment: str, pipeline_run: str, config: dict) -> dict:
-    """Open the parent run every stage nests under; returns the tracking context stages share."""
+def run_owner() -> str:
+    """host:pid of the process a pipeline run lives in: the `regmix run` that started it
+    (OWNER_PID_ENV, which its task processes inherit), else this process."""
+    return f"{socket.gethostname()}:{os.environ.get(OWNER_PID_ENV, os.getpid())}"
 
+
+def owner_is_dead(owner: str | None) -> bool:
+    """Whether the process `run_owner` named is provably gone: on this host, and no such pid.
+    A run owned elsewhere (another machine, a pod) may be alive: never taken as dead."""
+    host, _, pid = (owner or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        return False
+    return False
+
+
+def close_dead_runs(client, exp_id: str) -> None:
+    """Mark KILLED the pipeline runs of this experiment left RUNNING by a process that died
+    (kill -9, a crash, MLflow down when the exit handler ran), and their RUNNING stage runs."""
+    for parent in client.search_runs(
+            [exp_id], f"tags.`{STAGE_TAG}` = 'pipeline' and attributes.status = 'RUNNING'"):
+        if not owner_is_dead(parent.data.tags.get(OWNER_TAG)):
+            continue
+        label = parent.data.tags[PIPELINE_TAG]
+        children = client.search_runs(
+            [exp_id], f"tags.`{PIPELINE_TAG}` = '{label}' and attributes.status = 'RUNNING'",
+            max_results=10_000)
+        for run in children:  # the parent among them
+            client.set_terminated(run.info.run_id, "KILLED")
+        log.warning("pipeline run %s was left RUNNING by a process that is gone (%s); marked "
+                    "KILLED with %d stage run(s)", label, parent.data.tags[OWNER_TAG],
+                    len(children) - 1)
+
+
+def start_pipeline_run(tracking_uri: str, experiment: str, pipeline_run: str, config: dict) -> dict:
+    """Open the parent run every stage nests under; returns the tracking context stages share.
+    Runs of the same pipeline whose process died RUNNING are closed first."""
     exp_id = experiment_id(tracking_uri, experiment)
     client = tracking_client(tracking_uri)
-    tags = {STAGE_TAG: "pipeline", PIPELINE_TAG: pipeline_run}
+    close_dead_runs(client, exp_id)
+    tags = {STAGE_TAG: "pipeline", PIPELINE_TAG: pipeline_run, OWNER_TAG: run_owner()}
     run = client.create_run(exp_id, run_name=f"pipeline-{pipeline_run}", tags=tags)
     client.log_dict(run.info.run_id, config, "config.json")
     return {"uri": tracking_uri, "experiment_id": exp_id, "pipeline_run": pipeline_run,

@@ -10,7 +10,8 @@ import regmix.tracking.runs
 from regmix.config.loading import parse_config
 from regmix.config.schema import compiled_settings
 from regmix.errors import ConfigError, TrackingUnavailable
-from regmix.tracking.runs import retried, run_start_tracking, stage_run
+from regmix.report import build_report
+from regmix.tracking.runs import retried, run_start_tracking, stage_run, start_pipeline_run
 from regmix.train.proxy import find_finished
 from tests.conftest import tiny_config_dict
 
@@ -99,3 +100,37 @@ def test_runs_starting_together_on_a_new_store_all_start(tmp_path):
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name("regmix-race")
     assert len(client.search_runs([experiment.experiment_id])) == 3
+
+
+# A pipeline run with a stage run open, then its process killed as kill -9 would
+KILLED_RUN = """
+import os, signal, sys
+from regmix.tracking.runs import start_pipeline_run, stage_run
+tracking = start_pipeline_run(sys.argv[1], "regmix-test", "killed-run", {})
+with stage_run(tracking, "proxy", "m0000"):
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_rerun_closes_runs_whose_process_died_and_leaves_live_ones(tmp_path):
+    """Fault drill: a real process killed with SIGKILL leaves its pipeline run and a proxy run
+    RUNNING; the next run of the pipeline marks both KILLED. A run whose process lives (this
+    one) stays RUNNING, and `regmix report` on it says it is incomplete."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    live = start_pipeline_run(uri, "regmix-test", "live-run", {})
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, uri], timeout=120)
+    assert killed.returncode == -9
+    client = mlflow.MlflowClient(uri)
+
+    def statuses() -> dict[str, str]:
+        return {r.info.run_name: r.info.status
+                for r in client.search_runs([live["experiment_id"]])}
+
+    assert statuses() == {"pipeline-live-run": "RUNNING", "pipeline-killed-run": "RUNNING",
+                          "m0000": "RUNNING"}
+    start_pipeline_run(uri, "regmix-test", "rerun", {})
+    assert statuses() == {"pipeline-live-run": "RUNNING", "pipeline-killed-run": "KILLED",
+                          "m0000": "KILLED", "pipeline-rerun": "RUNNING"}
+    build_report(uri, "regmix-test", "live-run", tmp_path / "report")
+    assert "- run **incomplete**: MLflow has it RUNNING" in (
+        tmp_path / "report" / "report.md").read_text()
