@@ -2,11 +2,13 @@
 
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 import warnings
-from contextlib import redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import mlflow
@@ -73,7 +75,7 @@ def run_local(config: RegMixConfig, tracking_uri: str | None = None,
     started = time.perf_counter()
     task_log = TaskLog(sys.stdout)
     try:
-        with warnings.catch_warnings(), redirect_stdout(task_log):
+        with warnings.catch_warnings(), redirect_stdout(task_log), run_scratch():
             # kfp.local warns, task by task, that each runs here rather than in its image
             # (ghcr.io/regmix/regmix): here that is the point, the stages run from this checkout.
             warnings.filterwarnings("ignore", "You may be attemping to run a task that uses "
@@ -84,6 +86,24 @@ def run_local(config: RegMixConfig, tracking_uri: str | None = None,
             raise task_log.user_error from None
         raise PipelineFailed(f"pipeline run {label} failed: {e}") from None
     return summarize(uri, config.name, label, time.perf_counter() - started)
+
+
+@contextmanager
+def run_scratch():
+    """Point the tasks' TMPDIR at one folder of this run, removed when the run ends: each KFP
+    task writes its program into a `mktemp -d` folder it never removes (a /tmp/tmp.* per task,
+    about 30 a run), and the stages' own temporary files go there too."""
+    scratch = tempfile.mkdtemp(prefix="regmix-run-")
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = scratch
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def evidence_metric(by_stage: dict, name: str) -> float | None:

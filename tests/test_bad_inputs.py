@@ -269,7 +269,11 @@ def test_an_error_only_data_preparation_sees_still_ends_in_one_line(tmp_path, ca
     config = tmp_path / "c.yaml"
     config.write_text(corpus_case(tmp_path, {"a.jsonl": documents}, "a.jsonl"))
     monkeypatch.chdir(tmp_path)  # the pipeline root, mlruns/
+    # Fault drill: the run's tasks leave no temporary folders (each KFP task's `mktemp -d`)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     assert main(["run", "--config", str(config), "--tracking-uri",
                  f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
     err = capsys.readouterr().err
     assert "regmix: error: domain 'a':" in err and message in err, err
+    assert list((tmp_path / "tmp").iterdir()) == []
