@@ -2,6 +2,9 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from regmix.data.prepare import (
     save_chunks,
     train_chunks,
 )
+from regmix.data.tokenizer import build_tokenizer
 from regmix.errors import CorpusError
 from tests.conftest import corpus_and_tokenizer, small_corpus, tiny_config_dict
 
@@ -320,6 +324,52 @@ def test_damaged_arrays_on_the_shared_volume_are_refused_then_prepared_again(
     assert prepare_data(corpus, tokenizer, tmp_path / "again", shared_root=volume) == meta
     assert f"the prepared token arrays at {array.parent.parent} are damaged" in caplog.text
     assert TokenData.open(tmp_path / "artifact").array("train", "code").tobytes() in whole
+
+
+def test_a_long_document_is_encoded_in_pieces_to_the_same_tokens(corpus_spec):
+    """A document far longer than a piece (one line of several MB, say) is tokenized a piece
+    at a time, cut where the byte-level pre-tokenizer cuts: the same ids as in one go."""
+    corpus, tokenizer_config = corpus_and_tokenizer(corpus_spec)
+    documents = {"code": load_documents(DomainSource(name="code", path="code.jsonl"),
+                                        corpus_spec.parent)}
+    tokenizer = build_tokenizer(tokenizer_config, documents)
+    long = "".join(documents["code"]) * 2  # code: runs of spaces, newlines and tabs
+    assert len(regmix.data.prepare.pieces(long)) >= 3
+    (whole,) = [e.ids for e in tokenizer.encode_batch([long], add_special_tokens=False)]
+    short, pieced = regmix.data.prepare.encoder(tokenizer)(["a short one", long])
+    assert pieced.tolist() == whole
+    assert short.tolist() == tokenizer.encode("a short one", add_special_tokens=False).ids
+    spaceless = "y" * (2 * regmix.data.prepare.PIECE_CHARS + 5)  # cut where it must be
+    assert [len(p) for p in regmix.data.prepare.pieces(spaceless)] == [
+        regmix.data.prepare.PIECE_CHARS] * 2 + [5]
+
+
+# The small corpus plus one 5 MB document on one line, prepared in a fresh process
+PREPARE_LONG_LINE = """
+import json, resource, sys
+from pathlib import Path
+from tests.conftest import corpus_and_tokenizer, small_corpus
+from regmix.data.prepare import prepare_data
+root = Path(sys.argv[1])
+spec = small_corpus(root / "corpus", docs_per_domain=12)
+code = root / "corpus" / "code.jsonl"
+text = code.read_text()
+body = "".join(json.loads(line)["text"] for line in text.splitlines())
+code.write_text(text + json.dumps({"text": (body * 1000)[:5_000_000]}) + "\\n")
+prepare_data(*corpus_and_tokenizer(spec), root / "out")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_long_one_line_document_does_not_blow_up_memory(tmp_path):
+    """Fault drill: data preparation's peak memory follows a batch of text, not the longest
+    document: one 5 MB line peaked at about 1.2 GB (the tokenizer's working memory, ~200x the
+    text) and peaks at about 0.4 GB in pieces (`benchmarks/data_prep.py --long-document-mb`)."""
+    prepared = subprocess.run([sys.executable, "-c", PREPARE_LONG_LINE, str(tmp_path)],
+                              capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).parents[2])
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    assert int(prepared.stdout.split()[-1]) < 700  # MB
 
 
 def test_a_document_quoting_the_end_of_text_token_stays_one_document(tmp_path):
