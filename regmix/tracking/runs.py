@@ -137,9 +137,11 @@ def check_answers(uri: str) -> None:
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     client = tracking_client(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)  # this process's fluent calls log there too
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
