@@ -122,7 +122,10 @@ def checked_tracking_uri(uri: str, existing: bool = False) -> str:
 def check_answers(uri: str) -> None:
     """Raise TrackingUnavailable unless an MLflow server at `uri` answers: before a run starts,
     rather than after every stage's retries. Any HTTP answer counts (a proxy may ask for a
-    login); no connection, or none within CHECK_TIMEOUT_S, does not."""
+    login), and so does a TLS handshake whose certificate MLflow's own settings may accept
+    (MLFLOW_TRACKING_SERVER_CERT_PATH); no connection, or none within CHECK_TIMEOUT_S, does
+    not."""
+    import ssl
     import urllib.error
     import urllib.request
 
@@ -132,6 +135,8 @@ def check_answers(uri: str) -> None:
         return
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLError):
+            return
         raise TrackingUnavailable(f"the MLflow server at {uri} does not answer ({reason}); start "
                                   "it, or give another --tracking-uri") from None
 

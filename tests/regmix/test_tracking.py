@@ -11,7 +11,13 @@ from regmix.config.loading import parse_config
 from regmix.config.schema import compiled_settings
 from regmix.errors import ConfigError, TrackingUnavailable
 from regmix.report import build_report
-from regmix.tracking.runs import retried, run_start_tracking, stage_run, start_pipeline_run
+from regmix.tracking.runs import (
+    check_answers,
+    retried,
+    run_start_tracking,
+    stage_run,
+    start_pipeline_run,
+)
 from regmix.train.proxy import find_finished
 from tests.conftest import tiny_config_dict
 
@@ -134,3 +140,26 @@ def test_a_rerun_closes_runs_whose_process_died_and_leaves_live_ones(tmp_path):
     build_report(uri, "regmix-test", "live-run", tmp_path / "report")
     assert "- run **incomplete**: MLflow has it RUNNING" in (
         tmp_path / "report" / "report.md").read_text()
+
+
+def test_the_check_before_a_run_takes_any_http_answer_and_names_silence():
+    """Any HTTP answer (here a 404 from a plain server) means a server is there; once it is
+    stopped, the check names the URI in one line."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    check_answers(uri)
+    server.shutdown()
+    server.server_close()
+    with pytest.raises(TrackingUnavailable, match=f"the MLflow server at {uri} does not answer"):
+        check_answers(uri)
