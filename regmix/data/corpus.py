@@ -132,22 +132,19 @@ def load_documents(source: DomainSource, base: Path, files: list[str] | None = N
     # truncated Arrow file (a full disk, a killed copy) is removed and the files read again.
     cache = Path(args["cache_dir"]) if "cache_dir" in args else None
     cached = cache is not None and any(cache.rglob("*.arrow"))
-    try:
-        return read_documents(source, args, column)
-    except CorpusError:
-        raise
-    except Exception as e:
-        if isinstance(e, UnicodeDecodeError) or not cached:
-            raise load_error(source, kind, files, e) from None
-        log.warning("domain '%s': the datasets cache %s could not be read (%s: %s); removed, "
-                    "reading its files again", source.name, cache, type(e).__name__, e)
-        shutil.rmtree(cache, ignore_errors=True)
-    try:
-        return read_documents(source, args, column)
-    except CorpusError:
-        raise
-    except Exception as e:
-        raise load_error(source, kind, files, e) from None
+    while True:
+        try:
+            return read_documents(source, args, column)
+        except CorpusError:
+            raise
+        except Exception as e:  # datasets raises many types; the user needs the domain and cause
+            if isinstance(e, UnicodeDecodeError) or not cached:
+                raise load_error(source, kind, files, e) from None
+            log.warning("domain '%s': the datasets cache %s could not be read (%s: %s); "
+                        "removed, reading its files again", source.name, cache,
+                        type(e).__name__, e)
+            shutil.rmtree(cache, ignore_errors=True)
+            cached = False  # a second failure is the files' own
 
 
 def read_documents(source: DomainSource, args: dict, column: str) -> "Documents":
