@@ -40,8 +40,8 @@ PIECES_PER_CALL = 8
 
 def pieces(text: str) -> list[str]:
     """`text` cut into pieces of at most PIECE_CHARS characters, each cut just before a space
-    that follows a non-space and precedes one: a byte-level BPE's pre-tokenizer splits there
-    too, so the pieces' tokens are the whole text's (text without such spaces is cut anywhere)."""
+    between two non-spaces: a byte-level BPE's pre-tokenizer splits there too, so the pieces'
+    tokens are the whole text's (a stretch without such spaces is cut where it must be)."""
     found, start = [], 0
     while len(text) - start > PIECE_CHARS:
         end = start + PIECE_CHARS
