@@ -28,7 +28,7 @@ from regmix.data.tinypile.builder import build_tinypile
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Run in a child process, so that each size's peak memory is its own.
 MEASURE = """
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 from regmix.config.sections import CorpusConfig, TokenizerConfig
 from regmix.data.prepare import prepare_data
@@ -38,7 +38,9 @@ meta = prepare_data(CorpusConfig(spec=spec, validation_tokens=65536),
                     TokenizerConfig(vocab_size=4096), Path(out))
 print(json.dumps({"seconds": time.perf_counter() - started,
                   "tokens": sum(t["train"] + t["validation"] for t in meta["tokens"].values()),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  # its own peak: ru_maxrss would count the forked parent's memory too
+                  "peak_rss_mb": int(Path("/proc/self/status").read_text()
+                                     .split("VmHWM:")[1].split()[0]) / 1024}))
 """
 
 
