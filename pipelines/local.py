@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 import warnings
@@ -22,6 +23,7 @@ from regmix.pipelines.pipeline import build_pipeline
 from regmix.pipelines.progress import Display, RunView, fan_outs
 from regmix.tracking.outcome import run_outcome
 from regmix.tracking.runs import (
+    OWNER_PID_ENV,
     PROXY_STAGES,
     checked_tracking_uri,
     default_tracking_uri,
@@ -100,6 +102,9 @@ def run_local(config: RegMixConfig, tracking_uri: str | None = None,
         runner, folders = local.SubprocessRunner(use_venv=False), nullcontext()
         config = config.model_copy(update={"cluster": ClusterConfig()})
     label = uuid.uuid4().hex[:12]
+    # The run's tasks tag its MLflow run with this process, so that a rerun can tell when the
+    # run is dead and close it (regmix.tracking.runs.close_dead_runs)
+    os.environ[OWNER_PID_ENV] = str(os.getpid())
     root = pipeline_root.resolve()
     local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
     pipeline = build_pipeline(config)
@@ -132,7 +137,7 @@ def run_pipeline(pipeline, uri: str, label: str, task_log: TaskLog,
                  log_path: Path | None = None) -> None:
     """The pipeline through kfp.local, its log to `task_log`; a failure as one error."""
     try:
-        with warnings.catch_warnings(), redirect_stdout(task_log):
+        with warnings.catch_warnings(), redirect_stdout(task_log), run_scratch():
             # kfp.local warns, task by task, that each runs here rather than in its image
             # (ghcr.io/regmix/regmix): here that is the point, the stages run from this checkout.
             warnings.filterwarnings("ignore", "You may be attemping to run a task that uses "
@@ -143,6 +148,24 @@ def run_pipeline(pipeline, uri: str, label: str, task_log: TaskLog,
             raise task_log.user_error from None
         where = f"; its log: {log_path}" if log_path else ""
         raise PipelineFailed(f"pipeline run {label} failed: {e}{where}") from None
+
+
+@contextmanager
+def run_scratch():
+    """Point the tasks' TMPDIR at one folder of this run, removed when the run ends: each KFP
+    task writes its program into a `mktemp -d` folder it never removes (a /tmp/tmp.* per task,
+    about 30 a run), and the stages' own temporary files go there too."""
+    scratch = tempfile.mkdtemp(prefix="regmix-run-")
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = scratch
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: float) -> dict:

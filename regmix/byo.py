@@ -164,6 +164,11 @@ def predict_csv(model_dir: Path, mixtures: Path, out: Path) -> int:
     names = list(models)
     predictions = np.column_stack([models[n].predict(table.weights[:, columns[n]])
                                    for n in names])
+    if not np.isfinite(predictions).all():  # a model fitted on absurd losses: never written
+        row, column = np.argwhere(~np.isfinite(predictions))[0]
+        raise DataError(f"--model {model_dir}: target '{names[column]}' predicts "
+                        f"{predictions[row, column]} for the row with index {table.index[row]} "
+                        f"of {mixtures}; fit the model again with `regmix fit`")
     write_predictions_csv(out, table.index, names, predictions)
     return len(table.index)
 
@@ -198,6 +203,9 @@ def search_model(model_dir: Path, out: Path, target: str | None, method: str, tr
                                           allow_extrapolation)
     record = {"target": name,
               **search_record(chosen, recipe, constraints, allow_extrapolation, regressor)}
+    if not math.isfinite(record["predicted"]):  # a model fitted on absurd losses: never written
+        raise DataError(f"--model {model_dir}: target '{name}' predicts {record['predicted']} "
+                        "at the best mixture found; fit the model again with `regmix fit`")
     write_text(out, yaml.safe_dump(record, sort_keys=False))
     save_search_plots(chosen, recipe, dict(zip(regressor.domains, prior.tolist(), strict=True)),
                       out.parent, prefix=f"{out.stem}-")

@@ -19,6 +19,9 @@ from regmix.files import replacing
 from regmix.regression.saved import ROW_SUM_TOLERANCE
 
 INDEX_COLUMN = "index"
+# Larger cells are no loss or weight (a loss of 1e308 overflows every squared error, and a fit
+# on it is nan): refused, as a cell that is not finite is.
+MAX_ABS_VALUE = 1e6
 
 
 @dataclass
@@ -126,7 +129,12 @@ def _read_numeric_csv(path: Path, missing_ok: bool = False) -> _Csv:
                                 "fill it in or drop the row")
             try:
                 values[i, j] = float(cell)
-                problem = "" if np.isfinite(values[i, j]) else "is not finite; drop the row or re-measure it"
+                problem = ""
+                if not np.isfinite(values[i, j]):
+                    problem = "is not finite; drop the row or re-measure it"
+                elif abs(values[i, j]) > MAX_ABS_VALUE:
+                    problem = (f"is beyond ±{MAX_ABS_VALUE:g}, not a loss or weight (an "
+                               "overflow?); drop the row or re-measure it")
             except ValueError:
                 problem = "is not a number"
             if problem:

@@ -154,6 +154,10 @@ def outcome_lines(record: RunRecord, outcome: str | None) -> list[str]:
     # KFP's outcome (SUCCEEDED, FAILED, CANCELLED) or MLflow's (FINISHED, FAILED, RUNNING...)
     parent = record.latest("pipeline")
     ended = outcome if outcome is not None else parent.info.status if parent else None
+    if outcome is None and ended in ("RUNNING", "SCHEDULED"):  # read back while not closed
+        return [f"- run **incomplete**: MLflow has it {ended}, so it is still going, or its "
+                "process died without closing it (the next run of this pipeline on this host "
+                "marks a dead one KILLED); what follows is what it logged so far"]
     if ended in (None, "SUCCEEDED", "FINISHED", "RUNNING", "SCHEDULED"):
         return []
     # A killed pod (out of memory, preempted) leaves its run RUNNING: it did not finish either

@@ -2,6 +2,8 @@
 fix; never a traceback, and no started pipeline unless only data preparation can tell. One
 table, through the real CLI."""
 
+import time
+
 import pytest
 import yaml
 
@@ -139,6 +141,11 @@ CSV_CASES = [
     (mixtures_csv(GOOD_ROWS[:-1] + ["8,nan,0.9,0.1"]), GOOD_LOSSES, "'nan' is not finite"),
     (mixtures_csv(GOOD_ROWS[:-1] + ["8,inf,0.9,0.1"]), GOOD_LOSSES, "'inf' is not finite"),
     (mixtures_csv(GOOD_ROWS[:-1] + ["8,-0.1,1.0,0.1"]), GOOD_LOSSES, "negative weight -0.1"),
+    # An overflowed loss or weight is finite but fits nothing (CV RMSE nan): the row is named
+    (mixtures_csv(GOOD_ROWS), GOOD_LOSSES.replace("\n8,3.8", "\n8,1e308"),
+     "l.csv, line 9, column 'loss': '1e308' is beyond ±1e+06, not a loss or weight"),
+    (mixtures_csv(GOOD_ROWS[:-1] + ["8,1e308,0.9,0.1"]), GOOD_LOSSES,
+     "m.csv, line 9, column 'a': '1e308' is beyond ±1e+06"),
     (mixtures_csv(GOOD_ROWS[:-1] + ["8,0.5,0.9,0.1"]), GOOD_LOSSES, "weights sum to 1.5, not 1 ("),
     (GOOD_LOSSES, GOOD_LOSSES, "(is this the losses file? check --mixtures and --losses)"),
     (mixtures_csv(GOOD_ROWS), mixtures_csv([f"{i},3.5" for i in range(1, 9)], "index,loss"),
@@ -199,7 +206,7 @@ def test_bad_cli_values(tmp_path, capsys):
                       "--target 'loss': model 'per-domain' needs a target over several loss")
 
 
-def test_services_out_of_reach_are_one_line(tmp_path, capsys):
+def test_services_out_of_reach_are_one_line(tmp_path, capsys, corpus_spec):
     assert_user_error(capsys, ["report", "x", "--experiment", "e", "--tracking-uri", str(tmp_path)],
                       f"tracking URI '{tmp_path}': The filesystem tracking backend")
     assert_user_error(capsys, ["export", "--experiment", "x", "--tracking-uri", "bogus://x",
@@ -208,6 +215,14 @@ def test_services_out_of_reach_are_one_line(tmp_path, capsys):
     assert_user_error(capsys, ["report", "x", "--experiment", "e", "--tracking-uri", f"sqlite:///{tmp_path}/typo.db"],
                       "typo.db': no MLflow store there")
     assert not (tmp_path / "typo.db").exists()  # not made, empty, by the check
+    # Fault drill: a tracking server that does not answer is named before the pipeline starts
+    (tmp_path / "c.yaml").write_text(config_text(corpus_spec))
+    started = time.monotonic()
+    assert main(["run", "--config", str(tmp_path / "c.yaml"), "--tracking-uri",
+                 "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("regmix: error: the MLflow server at http://127.0.0.1:9 does not answer")
+    assert err.count("\n") == 1 and time.monotonic() - started < 30, err
     assert main(["runs", "--host", "http://127.0.0.1:9"]) == 1  # nothing listens on port 9
     err = capsys.readouterr().err
     assert "regmix: error: cannot reach the KFP API at http://127.0.0.1:9" in err, err
@@ -237,15 +252,28 @@ def test_a_tokenizer_without_a_known_end_of_text_token(tmp_path, capsys, corpus_
     assert eos_id(build_tokenizer(named, {}), named.eos_token) == 1
 
 
+# Only data preparation can tell: 2000 bytes pass the checks before the pipeline (a token is
+# at least a byte), but the tokenizer makes far fewer than 512 tokens of them; a byte that is
+# not UTF-8 after the first MB, which those checks read.
+STAGE_CASES = [
+    (b'{"text": "%s"}\n' % (b"ab" * 100) * 10, "lower corpus.validation_tokens"),
+    (b'{"text": "%s"}\n' % (b"word " * 200) * 1200 + b'{"text": "\xff"}\n',
+     "a.jsonl is not UTF-8 text (byte 1215610)"),
+]
+
+
+@pytest.mark.parametrize(("documents", "message"), STAGE_CASES)
 def test_an_error_only_data_preparation_sees_still_ends_in_one_line(tmp_path, capsys,
-                                                                     monkeypatch):
-    # 2000 bytes pass the checks before the pipeline (a token is at least a byte), but the
-    # tokenizer makes far fewer than 512 tokens of them: only data preparation can tell.
+                                                                     monkeypatch, documents,
+                                                                     message):
     config = tmp_path / "c.yaml"
-    documents = b'{"text": "%s"}\n' % (b"ab" * 100) * 10
     config.write_text(corpus_case(tmp_path, {"a.jsonl": documents}, "a.jsonl"))
     monkeypatch.chdir(tmp_path)  # the pipeline root, mlruns/
+    # Fault drill: the run's tasks leave no temporary folders (each KFP task's `mktemp -d`)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     assert main(["run", "--config", str(config), "--tracking-uri",
                  f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
     err = capsys.readouterr().err
-    assert "regmix: error: domain 'a':" in err and "lower corpus.validation_tokens" in err, err
+    assert "regmix: error: domain 'a':" in err and message in err, err
+    assert list((tmp_path / "tmp").iterdir()) == []

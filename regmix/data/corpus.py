@@ -1,11 +1,13 @@
 """A corpus's domains: where their documents come from (a spec, folders, files, `datasets`),
 and the checks run on them before any work."""
 
+import codecs
 import glob
 import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from regmix.config.sections import CorpusConfig, DomainSource, TokenizerConfig, 
 from regmix.data.tinypile.builder import build_tinypile
 from regmix.data.tokenizer import build_tokenizer, eos_id
 from regmix.errors import CorpusError
+from regmix.files import file_sha256
 
 log = logging.getLogger("regmix.data")
 # Documents tokenized (and read from disk) at a time: a few MB of text, on all cores.
@@ -117,27 +120,44 @@ def load_documents(source: DomainSource, base: Path, files: list[str] | None = N
         # A .txt file is one document (column "text"), not one document per line.
         column = "text" if kind == "text" else source.text_column
         # `datasets` keys its cache of local files on their paths and modification times: a
-        # file rewritten and copied back with its old time (cp -p, rsync -a, tar) would load
-        # the old documents. Their sizes key it too.
-        stats = [(f, (st := os.stat(f)).st_size, st.st_mtime_ns) for f in files]
-        signature = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+        # file rewritten with its old size and time (cp -p, rsync -a, tar) would load the old
+        # documents. Their content keys it here.
+        signature = hashlib.sha256(json.dumps(
+            [(f, file_sha256(f)) for f in files]).encode()).hexdigest()[:16]
         args = dict(path=kind, data_files=files, split="train",
                     cache_dir=str(Path(datasets.config.HF_DATASETS_CACHE) / "regmix" / signature))
         if kind == "text":
             args["sample_by"] = "document"
-    try:
-        ds = datasets.load_dataset(**args)
-    except Exception as e:  # datasets raises many types; the user needs the domain and cause
-        # "An error occurred while generating the dataset" says nothing: the cause says what
-        cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
-        raise CorpusError(" ".join(
-            f"domain '{source.name}': could not load {kind} data: {type(e).__name__}: {e}{cause}"
-            .split())) from None
+    # The cache `datasets` made on an earlier run is trusted only while it reads back: a
+    # truncated Arrow file (a full disk, a killed copy) is removed and the files read again.
+    cache = Path(args["cache_dir"]) if "cache_dir" in args else None
+    cached = cache is not None and any(cache.rglob("*.arrow"))
+    while True:
+        try:
+            return read_documents(source, args, column)
+        except CorpusError:
+            raise
+        except Exception as e:  # datasets raises many types; the user needs the domain and cause
+            if isinstance(e, UnicodeDecodeError) or not cached:
+                raise load_error(source, kind, files, e) from None
+            log.warning("domain '%s': the datasets cache %s could not be read (%s: %s); "
+                        "removed, reading its files again", source.name, cache,
+                        type(e).__name__, e)
+            shutil.rmtree(cache, ignore_errors=True)
+            cached = False  # a second failure is the files' own
+
+
+def read_documents(source: DomainSource, args: dict, column: str) -> "Documents":
+    """`datasets.load_dataset(**args)`'s non-empty documents in `column`."""
+    import datasets
+
+    ds = datasets.load_dataset(**args)
     if column not in ds.column_names:
         raise CorpusError(
             f"domain '{source.name}': no column '{column}' (columns: {ds.column_names}); "
             "set `text_column`"
         )
+    # Reads every record: bytes that are not UTF-8 (which `datasets` stores as they are) fail here
     docs = Documents(ds.select_columns([column]).filter(
         lambda texts: [isinstance(t, str) and bool(t.strip()) for t in texts],
         input_columns=column, batched=True))
@@ -148,6 +168,44 @@ def load_documents(source: DomainSource, base: Path, files: list[str] | None = N
         log.warning("domain '%s': %d of %d records have no text in '%s' (missing, empty or not "
                     "a string) and are skipped", source.name, len(ds) - len(docs), len(ds), column)
     return docs
+
+
+def load_error(source: DomainSource, kind: str, files: list[str] | None,
+               error: Exception) -> CorpusError:
+    """What went wrong loading a domain, as a user can act on it: the file and byte that are
+    not UTF-8, or the loader's error with its cause."""
+    chain = [error, error.__cause__, error.__context__]
+    if files and any(isinstance(e, UnicodeDecodeError) for e in chain):
+        for name in files:
+            if (offset := non_utf8_offset(name)) is not None:
+                return not_utf8(source, name, offset)
+    # "An error occurred while generating the dataset" says nothing: the cause says what
+    cause = f" ({type(error.__cause__).__name__}: {error.__cause__})" if error.__cause__ else ""
+    return CorpusError(" ".join(f"domain '{source.name}': could not load {kind} data: "
+                                f"{type(error).__name__}: {error}{cause}".split()))
+
+
+def non_utf8_offset(name: str) -> int | None:
+    """The offset of the first byte of `name` that is not UTF-8, or None (Parquet: None)."""
+    if suffix(name) == ".parquet":
+        return None
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(name, "rb") as handle:
+        while True:
+            block = handle.read(1 << 20)
+            pending = len(decoder.getstate()[0])  # a character's first bytes, from the last block
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                return offset - pending + e.start
+            if not block:
+                return None
+            offset += len(block)
+
+
+def not_utf8(source: DomainSource, name: str, offset: int) -> CorpusError:
+    return CorpusError(f"domain '{source.name}': {name} is not UTF-8 text (byte {offset}); "
+                       "convert it, e.g. iconv -t UTF-8")
 
 
 class Documents(Sequence[str]):
@@ -199,10 +257,7 @@ def preflight(corpus: CorpusConfig, tokenizer: TokenizerConfig) -> tuple[list[st
                     head.decode("utf-8")
                 except UnicodeDecodeError as e:
                     if e.start < len(head) - 4:  # not just a character cut at the 1 MB mark
-                        raise CorpusError(
-                            f"domain '{source.name}': {name} is not UTF-8 text (byte "
-                            f"{e.start}); convert it, e.g. iconv -t UTF-8"
-                        ) from None
+                        raise not_utf8(source, name, e.start) from None
             check_text_column(source, name, head)
         # A token is at least one byte: fewer bytes than validation tokens can never split.
         if size <= corpus.validation_tokens:

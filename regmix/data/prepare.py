@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,14 +24,59 @@ from regmix.data.corpus import (
 )
 from regmix.data.tokenizer import build_tokenizer, eos_id
 from regmix.errors import CorpusError
-from regmix.files import removing, replacing
+from regmix.files import damage, removing, replacing, write_checksums
 
 log = logging.getLogger("regmix.data")
 UNUSED_WARNING = 0.1  # warn when a domain's held-out tail, in neither split, is this much of it
 
 
+# ---------------------------------------------------------------- encoding
+# A document longer than this many characters is encoded a piece at a time, PIECES_PER_CALL
+# pieces at once: the tokenizer's working memory per character (offsets, alignments, token
+# strings) is about a hundred times the text, so one 50 MB line would otherwise take GBs.
+PIECE_CHARS = 1 << 17
+PIECES_PER_CALL = 8
+
+
+def pieces(text: str) -> list[str]:
+    """`text` cut into pieces of at most PIECE_CHARS characters, each cut just before a space
+    between two non-spaces: a byte-level BPE's pre-tokenizer splits there too, so the pieces'
+    tokens are the whole text's (a stretch without such spaces is cut where it must be)."""
+    found, start = [], 0
+    while len(text) - start > PIECE_CHARS:
+        end = start + PIECE_CHARS
+        cut = text.rfind(" ", start + 1, end)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1 : cut + 2].isspace()):
+            cut = text.rfind(" ", start + 1, cut)
+        cut = cut if cut > start else end
+        found.append(text[start:cut])
+        start = cut
+    found.append(text[start:])
+    return found
+
+
+def encoder(tokenizer):
+    """A function from a list of texts to their token ids (one uint32 array each), encoding
+    long documents in pieces so that memory follows the batch, not the longest document."""
+
+    def ids(texts: list[str]) -> list[np.ndarray]:
+        return [np.array(e.ids, dtype=np.uint32)
+                for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        short = [i for i, text in enumerate(texts) if len(text) <= PIECE_CHARS]
+        encoded = dict(zip(short, ids([texts[i] for i in short]), strict=True))
+        for i in sorted(set(range(len(texts))) - set(short)):
+            parts = pieces(texts[i])
+            encoded[i] = np.concatenate([a for start in range(0, len(parts), PIECES_PER_CALL)
+                                         for a in ids(parts[start : start + PIECES_PER_CALL])])
+        return [encoded[i] for i in range(len(texts))]
+
+    return encode
+
+
 # ---------------------------------------------------------------- packing
-def pack(token_lists: list[list[int]], eos: int, dtype) -> np.ndarray:
+def pack(token_lists: Sequence[Sequence[int]], eos: int, dtype) -> np.ndarray:
     lengths = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
     packed = np.full(int(lengths.sum()), eos, dtype=dtype)
     starts = np.cumsum(lengths) - lengths
@@ -54,7 +100,7 @@ def hold_out(
                           "training text (whole documents are held out); split it into several "
                           "documents (files, or JSON lines)")
     order = np.random.default_rng(seed).permutation(len(docs))
-    held_out: list[list[int]] = []
+    held_out: list[Sequence[int]] = []
     covered = 0
     while len(held_out) < len(order) and covered < validation_tokens:
         (tokens,) = encode([docs[order[len(held_out)]]])
@@ -150,10 +196,7 @@ def prepare_data(
         # A document that quotes the end-of-text token (code, docs about tokenizers) is text:
         # only pack() puts the separator between documents.
         tokenizer.encode_special_tokens = True
-
-        def encode(texts: list[str]) -> list[list[int]]:
-            return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-
+        encode = encoder(tokenizer)
         for name, docs in documents.items():
             validation, held_out, unused = hold_out(name, docs, encode, corpus.validation_tokens,
                                                     seed, eos, dtype, training=name in train_domains)
@@ -182,6 +225,7 @@ def prepare_data(
             "dtype": np.dtype(dtype).name,
             "fingerprint": digest.hexdigest()[:16],
         }
+        write_checksums(arrays)  # read back before they are trusted (TokenData.open)
         if staging:  # named by content and by the domain names the files carry
             named = meta["domains"] + targets
             names = hashlib.sha256(json.dumps(named).encode()).hexdigest()[:8]
@@ -192,7 +236,11 @@ def prepare_data(
 
 def publish(staging: Path, final: Path) -> str:
     """Move finished arrays to their content-named folder; the same arrays may be there
-    already (an earlier, or concurrent, preparation of the same data): then keep those."""
+    already (an earlier, or concurrent, preparation of the same data): then keep those, if
+    whole. Damaged ones (a full volume, a bad copy) are replaced by these."""
+    if (final / "validation").is_dir() and (problem := damage(final)) is not None:
+        log.warning("the prepared token arrays at %s are damaged (%s); replaced", final, problem)
+        shutil.rmtree(final, ignore_errors=True)
     try:
         os.replace(staging, final)
     except OSError:
@@ -218,6 +266,11 @@ class TokenData:
                 f"the prepared token arrays at {data.arrays} are gone (a cleaned volume?); "
                 "prepare the data again: start the run with `regmix submit --no-cache` (or "
                 "`regmix schedule --no-cache`)")
+        if (problem := damage(data.arrays, contents=False)) is not None:  # sizes: cheap
+            raise CorpusError(
+                f"the prepared token arrays at {data.arrays} are damaged ({problem}); prepare "
+                "the data again: rerun (`regmix run`), or start the run with `regmix submit "
+                "--no-cache` (or `regmix schedule --no-cache`)")
         return data
 
     @property

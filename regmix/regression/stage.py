@@ -71,7 +71,9 @@ def finished_proxies(results: list[dict], min_fraction: float) -> list[dict]:
         raise RuntimeError(
             f"only {len(finished)} of {len(results)} proxies finished, fewer than "
             f"regression.min_proxy_fraction={min_fraction}. Failures: {failures}. The finished "
-            "ones are in MLflow and a rerun reuses them, training only the missing proxies."
+            "ones are in MLflow and a rerun reuses them, training the others again (a damaged "
+            "checkpoint or kept result is removed first); a diverged proxy diverges again "
+            "unless its learning rate is lowered."
         )
     return finished
 

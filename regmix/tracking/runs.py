@@ -4,10 +4,13 @@ The names here are the contract users see in the MLflow UI: one experiment per p
 one parent run per pipeline run, one child run per stage task tagged `regmix.stage`.
 """
 
+import fcntl
 import functools
+import itertools
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -19,14 +22,19 @@ from regmix.errors import ConfigError, TrackingUnavailable
 
 STAGE_TAG, PIPELINE_TAG, HASH_TAG = "regmix.stage", "regmix.pipeline_run", "regmix.mixture_hash"
 CORPUS_TAG = "regmix.corpus_fingerprint"  # the prepared data (tokenizer + arrays) a proxy saw
+OWNER_TAG = "regmix.owner"  # host:pid of the process a pipeline run lives in
+OWNER_PID_ENV = "REGMIX_RUN_PID"  # set by `regmix run` for the stages it starts
 # Stages whose runs are proxies: the training draw, active-learning rounds and the gate.
 PROXY_STAGES = ("proxy", "active-proxy", "gate-proxy")
 # MLflow 3 opens an experiment of this kind on its runs table, not on the GenAI overview
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-# MLflow calls that fail transiently are retried with exponential backoff: BACKOFF_S, twice
-# that, ... over TRIES attempts (~30 s by default, on top of MLflow's own HTTP retries).
-TRIES = int(os.environ.get("REGMIX_MLFLOW_TRIES", "6"))
+# MLflow calls that fail transiently are retried with exponential backoff (BACKOFF_S, twice
+# that, ..., at most MAX_WAIT_S a wait) for RETRY_S seconds: long enough for a server pod to be
+# rescheduled and its database to come back, on top of MLflow's own HTTP retries.
+RETRY_S = float(os.environ.get("REGMIX_MLFLOW_RETRY_S", "600"))
 BACKOFF_S = float(os.environ.get("REGMIX_MLFLOW_BACKOFF_S", "1"))
+MAX_WAIT_S = 60.0
+CHECK_TIMEOUT_S = 10.0  # the check before a run: a server that does not answer in this long
 # MLflow error codes that say "try again later" rather than "this request is wrong".
 TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "IO_ERROR", "DEADLINE_EXCEEDED",
                    "REQUEST_LIMIT_EXCEEDED", "ABORTED"}
@@ -48,18 +56,23 @@ def retried(call):
 
     @functools.wraps(call)
     def with_retries(*args, **kwargs):
-        for attempt in range(TRIES):
+        first_failure = None
+        for attempt in itertools.count():
             try:
                 return call(*args, **kwargs)
             except Exception as e:
                 if not is_transient(e):
                     raise
-                if attempt == TRIES - 1:
+                first_failure = first_failure or time.monotonic()
+                spent = time.monotonic() - first_failure
+                delay = min(BACKOFF_S * 2**attempt, MAX_WAIT_S)
+                if spent + delay > RETRY_S:
                     raise TrackingUnavailable(
-                        f"MLflow failed {call.__name__} {TRIES} times, the last time with "
+                        f"MLflow failed {call.__name__} {attempt + 1} times over {spent:.0f} s "
+                        f"(REGMIX_MLFLOW_RETRY_S={RETRY_S:g}), the last time with "
                         f"{type(e).__name__}: {str(e)[:300]}") from e
-                delay = BACKOFF_S * 2**attempt
-                log.warning("MLflow %s failed (%s); retrying in %.0f s", call.__name__, e, delay)
+                log.warning("MLflow %s failed (%s); retrying in %.0f s (%.0f of %.0f s spent)",
+                            call.__name__, str(e)[:200], delay, spent, RETRY_S)
                 time.sleep(delay)
 
     return with_retries
@@ -72,11 +85,25 @@ def default_tracking_uri() -> str:
     )
 
 
+def tracking_client(uri: str):
+    """An MlflowClient for `uri`. Its first use creates a SQLite store's tables, which two
+    processes starting at once (a scheduled run beside a manual one) would both do, and one
+    fail ("table ... already exists"): a lock file beside the database lets one at a time."""
+    import mlflow
+
+    if not uri.startswith("sqlite:///"):
+        return mlflow.MlflowClient(uri)
+    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as handle:  # never deleted: another process may hold it open
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        return mlflow.MlflowClient(uri)
+
+
 def checked_tracking_uri(uri: str, existing: bool = False) -> str:
     """The MLflow tracking URI, if MLflow accepts it (a plain folder or an unknown scheme would
     otherwise fail inside the first stage, or inside `report`). With `existing`, for commands
     that read runs, a SQLite store must be there already (not made empty by a typo)."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     database = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
@@ -84,38 +111,107 @@ def checked_tracking_uri(uri: str, existing: bool = False) -> str:
         raise ConfigError(f"tracking URI '{uri}': no MLflow store there; give the URI the run "
                           "logged to (--tracking-uri, or $MLFLOW_TRACKING_URI)")
     try:
-        mlflow.MlflowClient(uri)
+        tracking_client(uri)
     except (MlflowException, OSError) as e:
         first = str(getattr(e, "message", e)).strip().split(". ")[0]
         raise ConfigError(f"tracking URI '{uri}': {first}; give sqlite:///PATH/mlflow.db or an "
                           "http(s):// MLflow server") from None
+    if uri.startswith(("http://", "https://")):
+        check_answers(uri)
     return uri
+
+
+def check_answers(uri: str) -> None:
+    """Raise TrackingUnavailable unless an MLflow server at `uri` answers: before a run starts,
+    rather than after every stage's retries. Any HTTP answer counts (a proxy may ask for a
+    login), and so does a TLS handshake whose certificate MLflow's own settings may accept
+    (MLFLOW_TRACKING_SERVER_CERT_PATH); no connection, or none within CHECK_TIMEOUT_S, does
+    not."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=CHECK_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, ssl.SSLError):
+            return
+        raise TrackingUnavailable(f"the MLflow server at {uri} does not answer ({reason}); start "
+                                  "it, or give another --tracking-uri") from None
 
 
 def experiment_id(tracking_uri: str, name: str) -> str:
     import mlflow
+    from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri)
-    experiment = mlflow.get_experiment_by_name(name)
+    client = tracking_client(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)  # this process's fluent calls log there too
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         for key, value in EXPERIMENT_KIND.items():  # experiments made before it was set
-            mlflow.MlflowClient(tracking_uri).set_experiment_tag(experiment.experiment_id, key,
-                                                                 value)
+            client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     artifacts = None
     if tracking_uri.startswith("sqlite:///"):
         # Keep artifacts beside the local database rather than in the caller's cwd.
         artifacts = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
+    try:
+        return client.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_KIND)
+    except MlflowException as e:  # another run created it since we looked: use theirs
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def run_owner() -> str:
+    """host:pid of the process a pipeline run lives in: the `regmix run` that started it
+    (OWNER_PID_ENV, which its task processes inherit), else this process."""
+    return f"{socket.gethostname()}:{os.environ.get(OWNER_PID_ENV, os.getpid())}"
+
+
+def owner_is_dead(owner: str | None) -> bool:
+    """Whether the process `run_owner` named is provably gone: on this host, and no such pid.
+    A run owned elsewhere (another machine, a pod) may be alive: never taken as dead."""
+    host, _, pid = (owner or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        return False
+    return False
+
+
+def close_dead_runs(client, exp_id: str) -> None:
+    """Mark KILLED the pipeline runs of this experiment left RUNNING by a process that died
+    (kill -9, a crash, MLflow down when the exit handler ran), and their RUNNING stage runs."""
+    for parent in client.search_runs(
+            [exp_id], f"tags.`{STAGE_TAG}` = 'pipeline' and attributes.status = 'RUNNING'"):
+        if not owner_is_dead(parent.data.tags.get(OWNER_TAG)):
+            continue
+        label = parent.data.tags[PIPELINE_TAG]
+        children = client.search_runs(
+            [exp_id], f"tags.`{PIPELINE_TAG}` = '{label}' and attributes.status = 'RUNNING'",
+            max_results=10_000)
+        for run in children:  # the parent among them
+            client.set_terminated(run.info.run_id, "KILLED")
+        log.warning("pipeline run %s was left RUNNING by a process that is gone (%s); marked "
+                    "KILLED with %d stage run(s)", label, parent.data.tags[OWNER_TAG],
+                    len(children) - 1)
 
 
 def start_pipeline_run(tracking_uri: str, experiment: str, pipeline_run: str, config: dict) -> dict:
-    """Open the parent run every stage nests under; returns the tracking context stages share."""
-    import mlflow
-
+    """Open the parent run every stage nests under; returns the tracking context stages share.
+    Runs of the same pipeline whose process died RUNNING are closed first."""
     exp_id = experiment_id(tracking_uri, experiment)
-    client = mlflow.MlflowClient(tracking_uri)
-    tags = {STAGE_TAG: "pipeline", PIPELINE_TAG: pipeline_run}
+    client = tracking_client(tracking_uri)
+    close_dead_runs(client, exp_id)
+    tags = {STAGE_TAG: "pipeline", PIPELINE_TAG: pipeline_run, OWNER_TAG: run_owner()}
     run = client.create_run(exp_id, run_name=f"pipeline-{pipeline_run}", tags=tags)
     client.log_dict(run.info.run_id, config, "config.json")
     return {"uri": tracking_uri, "experiment_id": exp_id, "pipeline_run": pipeline_run,

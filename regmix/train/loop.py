@@ -2,6 +2,7 @@
 with `accelerate`."""
 
 import ctypes
+import logging
 import math
 import os
 import shutil
@@ -17,8 +18,11 @@ import torch
 from regmix.config.sections import TrainRecipe
 from regmix.config.shapes import ModelShape
 from regmix.data.prepare import TokenData
+from regmix.files import damage, write_checksums
 from regmix.train.model import LM, missing_compiler
 from regmix.train.packed import PackedLM
+
+log = logging.getLogger("regmix.train")
 
 
 class MixtureBatches:
@@ -151,6 +155,7 @@ def save_checkpoint(accelerator, folder: Path, step: int) -> None:
     accelerator.save_state(str(partial))  # every rank: FSDP gathers, each rank writes its RNG
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_checksums(partial)  # a checkpoint damaged later is found before it is loaded
         os.replace(partial, final)  # a checkpoint folder exists whole or not at all
         for old in folder.iterdir():
             if old != final:
@@ -158,9 +163,19 @@ def save_checkpoint(accelerator, folder: Path, step: int) -> None:
     accelerator.wait_for_everyone()
 
 
-def latest_checkpoint(folder: Path | None) -> Path | None:
+def latest_checkpoint(accelerator, folder: Path | None) -> Path | None:
+    """The newest whole checkpoint in `folder`; a damaged one (a truncated file, a disk that
+    filled) is reported, removed, and training starts from the previous one or the start."""
     found = sorted(folder.glob("step-*")) if folder is not None and folder.is_dir() else []
-    return found[-1] if found else None
+    for checkpoint in reversed(found):
+        if (problem := damage(checkpoint)) is None:
+            return checkpoint
+        log.warning("checkpoint %s is damaged (%s); removed, training without it",
+                    checkpoint, problem)
+        accelerator.wait_for_everyone()  # every rank has read it before it goes
+        if accelerator.is_main_process:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
 
 
 def train_lm(
@@ -244,7 +259,7 @@ def run_training(model: LM | PackedLM, batches: list[MixtureBatches], recipe: Tr
     progress = Progress(batches)
     accelerator.register_for_checkpointing(progress)
     checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-    if (checkpoint := latest_checkpoint(checkpoint_dir)) is not None:
+    if (checkpoint := latest_checkpoint(accelerator, checkpoint_dir)) is not None:
         accelerator.load_state(str(checkpoint))
     if on_log:
         for step, losses in progress.logged:  # the curve so far, for a resumed run's log

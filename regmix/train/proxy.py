@@ -46,9 +46,25 @@ def keep_outcome(mixture_hash: str, outcome: dict) -> dict:
     return outcome
 
 
+OUTCOME_KEYS = {"val_loss", "train_loss", "tokens", "seconds", "curve"}
+
+
 def kept_outcome(mixture_hash: str) -> dict | None:
+    """The kept outcome of an earlier try, if whole; a damaged one (a truncated write, a full
+    disk) is removed with a warning, and the proxy trains again."""
     path = kept_result_path(mixture_hash)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        outcome = json.loads(path.read_text())
+        if not (isinstance(outcome, dict) and outcome.keys() >= OUTCOME_KEYS):
+            raise ValueError(f"not a proxy outcome (keys {sorted(outcome)[:8]})")
+    except (ValueError, UnicodeDecodeError, TypeError) as e:
+        log.warning("kept proxy result %s is damaged (%s); removed, the proxy trains again",
+                    path, e)
+        path.unlink(missing_ok=True)
+        return None
+    return outcome
 
 
 @contextmanager

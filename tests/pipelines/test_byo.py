@@ -333,6 +333,29 @@ def test_a_damaged_or_outdated_model_folder_is_refused_in_one_line(tmp_path, cap
     assert "targets.json names no targets" in capsys.readouterr().err
 
 
+def test_a_model_that_predicts_nan_writes_no_prediction_and_no_mixture(tmp_path, capsys):
+    """Fault drill: a model folder fitted on an overflowed loss (an older regmix let one
+    through) predicts nan: predict and search refuse in one line and write nothing."""
+    rng = np.random.default_rng(0)
+    weights = rng.dirichlet(np.ones(3), 12)
+    (tmp_path / "m.csv").write_text("index,a,b,c\n" + "".join(
+        f"{i},{','.join(f'{w:.6f}' for w in row)}\n" for i, row in enumerate(weights)))
+    (tmp_path / "l.csv").write_text("index,loss\n" + "".join(
+        f"{i},{3 + row[0]:.4f}\n" for i, row in enumerate(weights)))
+    model = tmp_path / "model"
+    assert main(["fit", "--mixtures", str(tmp_path / "m.csv"), "--losses", str(tmp_path / "l.csv"),
+                 "--target", "loss", "--model", "linear", "--out", str(model)]) == 0
+    member = model / "loss" / "0_linear" / "linear.json"
+    member.write_text(member.read_text().replace('"intercept": ', '"intercept": NaN, "was": '))
+    for command, out in (("predict", "p.csv"), ("search", "s.yaml")):
+        inputs = ["--mixtures", str(tmp_path / "m.csv")] if command == "predict" else []
+        capsys.readouterr()
+        assert main([command, "--model", str(model), *inputs, "--out", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert "target 'loss' predicts nan" in err and "fit the model again" in err, err
+        assert not (tmp_path / out).exists()
+
+
 @needs_paper_data
 def test_a_target_named_twice_or_like_a_folder_link_is_refused(tmp_path, capsys):
     mixtures, losses = first_proxies(tmp_path, 30)

@@ -2,6 +2,9 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +25,9 @@ from regmix.data.prepare import (
     save_chunks,
     train_chunks,
 )
+from regmix.data.tokenizer import build_tokenizer
 from regmix.errors import CorpusError
-from tests.conftest import corpus_and_tokenizer, tiny_config_dict
+from tests.conftest import corpus_and_tokenizer, small_corpus, tiny_config_dict
 
 
 def test_pack_puts_eos_between_documents():
@@ -195,6 +199,52 @@ def test_a_file_rewritten_with_its_old_time_is_read_again(tmp_path):
     assert list(load_documents(DomainSource(name="d", path="d.jsonl"), tmp_path)) == ["only one"]
 
 
+def test_an_edit_of_the_same_size_and_time_changes_the_fingerprint(tmp_path):
+    """Fault drill: a domain's text replaced by other text of identical size, its mtime restored
+    (touch -r, cp -p): the data is prepared again from the new text, under a new fingerprint."""
+    spec = small_corpus(tmp_path / "corpus", docs_per_domain=12)
+    first = prepare_data(*corpus_and_tokenizer(spec), tmp_path / "a")
+    path = tmp_path / "corpus" / "licenses.jsonl"
+    stat, text = path.stat(), path.read_text()
+    vowels = str.maketrans("aeiou", "eioua")  # same size, other text
+    path.write_text("".join(json.dumps({"text": json.loads(line)["text"].translate(vowels)}) + "\n"
+                            for line in text.splitlines()))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size
+    second = prepare_data(*corpus_and_tokenizer(spec), tmp_path / "b")
+    assert second["fingerprint"] != first["fingerprint"]
+
+
+def test_a_truncated_datasets_cache_is_removed_and_read_again(tmp_path, monkeypatch, caplog):
+    """Fault drill: an Arrow file of the `datasets` cache cut short (a full disk, a killed copy)
+    is reported, removed, and the domain's files read again."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(50)))
+    source = DomainSource(name="d", path="d.jsonl")
+    first = list(load_documents(source, tmp_path))
+    arrows = sorted((tmp_path / "hf").rglob("*.arrow"))
+    assert arrows
+    for arrow in arrows:
+        os.truncate(arrow, arrow.stat().st_size // 2)
+    assert list(load_documents(source, tmp_path)) == first
+    assert "domain 'd': the datasets cache" in caplog.text and "removed" in caplog.text
+
+
+def test_bytes_that_are_not_utf8_past_the_checked_head_name_the_domain_and_file(tmp_path):
+    """Fault drill: the checks before the pipeline read a file's first MB; a bad byte after it
+    is a one-line corpus error naming the domain, file and byte, not a UnicodeDecodeError."""
+    path = tmp_path / "d.jsonl"
+    good = "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(5000))
+    path.write_bytes(good.encode() + b'{"text": "bad \xff byte"}\n')
+    assert len(good) > regmix.data.corpus.PREFLIGHT_BYTES
+    with pytest.raises(CorpusError, match=f"domain 'd': {path} is not UTF-8 text "
+                                          f"\\(byte {len(good) + 14}\\)"):
+        load_documents(DomainSource(name="d", path=str(path)), tmp_path)
+
+
 def test_a_file_in_two_domains_is_refused(tmp_path):
 
     (tmp_path / "web").mkdir()
@@ -257,6 +307,73 @@ def test_on_a_cluster_the_arrays_live_once_on_the_shared_volume(tmp_path, corpus
     shutil.rmtree(volume)
     with pytest.raises(CorpusError, match="token arrays at .* are gone"):
         TokenData.open(tmp_path / "artifact")
+
+
+def test_damaged_arrays_on_the_shared_volume_are_refused_then_prepared_again(
+        tmp_path, corpus_spec, caplog):
+    """Fault drill: a token array on the shared volume cut short is not read as data: opening
+    it names the file, and the next preparation replaces it instead of keeping it."""
+    corpus, tokenizer = corpus_and_tokenizer(corpus_spec)
+    volume = tmp_path / "volume"
+    meta = prepare_data(corpus, tokenizer, tmp_path / "artifact", shared_root=volume)
+    array = TokenData.open(tmp_path / "artifact").arrays / "train" / "code.npy"
+    whole = array.read_bytes()
+    os.truncate(array, len(whole) // 2)
+    with pytest.raises(CorpusError, match=f"arrays at .* are damaged \\({array} has"):
+        TokenData.open(tmp_path / "artifact")
+    assert prepare_data(corpus, tokenizer, tmp_path / "again", shared_root=volume) == meta
+    assert f"the prepared token arrays at {array.parent.parent} are damaged" in caplog.text
+    assert TokenData.open(tmp_path / "artifact").array("train", "code").tobytes() in whole
+
+
+def test_a_long_document_is_encoded_in_pieces_to_the_same_tokens(corpus_spec):
+    """A document far longer than a piece (one line of several MB, say) is tokenized a piece
+    at a time, cut where the byte-level pre-tokenizer cuts: the same ids as in one go."""
+    corpus, tokenizer_config = corpus_and_tokenizer(corpus_spec)
+    documents = {"code": load_documents(DomainSource(name="code", path="code.jsonl"),
+                                        corpus_spec.parent)}
+    tokenizer = build_tokenizer(tokenizer_config, documents)
+    long = "".join(documents["code"]) * 2  # code: runs of spaces, newlines and tabs
+    assert len(regmix.data.prepare.pieces(long)) >= 3
+    (whole,) = [e.ids for e in tokenizer.encode_batch([long], add_special_tokens=False)]
+    short, pieced = regmix.data.prepare.encoder(tokenizer)(["a short one", long])
+    assert pieced.tolist() == whole
+    assert short.tolist() == tokenizer.encode("a short one", add_special_tokens=False).ids
+    spaceless = "y" * (2 * regmix.data.prepare.PIECE_CHARS + 5)  # cut where it must be
+    assert [len(p) for p in regmix.data.prepare.pieces(spaceless)] == [
+        regmix.data.prepare.PIECE_CHARS] * 2 + [5]
+
+
+# The small corpus plus one 5 MB document on one line, prepared in a fresh process
+PREPARE_LONG_LINE = """
+import json, sys
+from pathlib import Path
+from tests.conftest import corpus_and_tokenizer, small_corpus
+from regmix.data.prepare import prepare_data
+root = Path(sys.argv[1])
+spec = small_corpus(root / "corpus", docs_per_domain=12)
+code = root / "corpus" / "code.jsonl"
+text = code.read_text()
+body = "".join(json.loads(line)["text"] for line in text.splitlines())
+code.write_text(text + json.dumps({"text": (body * 1000)[:5_000_000]}) + "\\n")
+prepare_data(*corpus_and_tokenizer(spec), root / "out")
+# This process's own peak (ru_maxrss would count the forked test process's memory too)
+status = Path("/proc/self/status").read_text()
+print(int(status.split("VmHWM:")[1].split()[0]) // 1024)
+"""
+
+
+def test_a_long_one_line_document_does_not_blow_up_memory(tmp_path):
+    """Fault drill: data preparation's peak memory follows a batch of text, not the longest
+    document: one 5 MB line peaked at about 1.2 GB (the tokenizer's working memory, ~200x the
+    text) and peaks at about 0.4 GB in pieces (`benchmarks/data_prep.py --long-document-mb`)."""
+    prepared = subprocess.run([sys.executable, "-c", PREPARE_LONG_LINE, str(tmp_path)],
+                              capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).parents[2],
+                              env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf")})
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    peak_mb = int(prepared.stdout.split()[-1])
+    assert peak_mb < 700, prepared.stderr[-2000:]
 
 
 def test_a_document_quoting_the_end_of_text_token_stays_one_document(tmp_path):

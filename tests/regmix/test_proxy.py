@@ -152,6 +152,38 @@ def test_a_rerun_task_resumes_its_proxy_from_the_cache(prepared_data, tracking, 
     assert not folder.exists()  # the finished run in MLflow is the record now
 
 
+def test_damaged_checkpoints_and_kept_results_are_removed_and_trained_again(
+        prepared_data, tracking, tmp_path, monkeypatch, caplog):
+    """Fault drill: a truncated checkpoint model and a truncated kept result (a full disk, a
+    killed copy) are reported by name and removed; the proxies train again to the result an
+    uninterrupted run gives, instead of failing every rerun."""
+    monkeypatch.setenv("REGMIX_CACHE", str(tmp_path))
+    recipe = TrainRecipe(tokens=16_384, batch_size=8, lr=0.01, checkpoint_every=10)
+    target = {d: 1 / 3 for d in prepared_data.domains}
+    shape = SHAPES["tiny-proxy"]
+    resumed, kept = ({"id": f"m{i}", "hash": f"{i:016x}",
+                      "weights": {"code": 0.6, "changelogs": 0.2, "licenses": 0.2}} for i in (1, 2))
+
+    def killed(*args):
+        raise RuntimeError("pod evicted")
+
+    with monkeypatch.context() as m:
+        m.setattr(regmix.train.proxy, "evaluate", killed)  # killed after its last checkpoint
+        with pytest.raises(RuntimeError):
+            train_proxy(prepared_data, resumed, shape, recipe, 0, tracking, target)
+    model = tmp_path / "checkpoints" / resumed["hash"] / "step-000000030" / "model.safetensors"
+    os.truncate(model, model.stat().st_size // 2)
+    kept_result_path(kept["hash"]).parent.mkdir(parents=True, exist_ok=True)
+    kept_result_path(kept["hash"]).write_text('{"val_loss": {"code": 3.1')  # cut mid-write
+    uninterrupted = evaluate(train_lm(prepared_data, resumed["weights"], shape, recipe, 0)[0],
+                             prepared_data)
+    for mixture in (resumed, kept):
+        result = train_proxy(prepared_data, mixture, shape, recipe, 0, tracking, target)
+        assert result["val_loss"] == uninterrupted and not result["reused"]
+    assert f"{model} has" in caplog.text and f"{kept_result_path(kept['hash'])} is damaged" in caplog.text
+    assert not kept_result_path(kept["hash"]).exists()
+
+
 def test_a_proxy_another_run_is_training_is_waited_for_and_reused(prepared_data, tracking,
                                                                   tmp_path, monkeypatch):
     """Two pipeline runs at once (a manual run beside a scheduled one) train a shared proxy once."""
@@ -376,6 +408,7 @@ def test_a_proxy_trained_while_mlflow_is_down_is_kept_and_logged_later(prepared_
     from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
     monkeypatch.setattr(regmix.tracking.runs, "BACKOFF_S", 0.0)
+    monkeypatch.setattr(regmix.tracking.runs, "RETRY_S", 0.1)
     config = tiny_config_dict("unused.yaml")
     mixture = as_mixtures(np.array([[0.3, 0.3, 0.4]]), prepared_data.domains, "m",
                           proxy_key(parse_config(config), prepared_data.meta))[0]
