@@ -125,8 +125,17 @@ def format_summary(s: dict) -> str:
         f"(trained per stage: {', '.join(f'{k} {v}' for k, v in s['trained'].items())})\n"
         f"  MLflow: {mlflow['tracking_uri']} experiment '{mlflow['experiment']}' "
         f"(id {mlflow['experiment_id']}), parent run {mlflow['parent_run_id']}\n"
-        f"  see it: mlflow ui --backend-store-uri {mlflow['tracking_uri']}"
+        f"  see it: {experiment_page(mlflow['tracking_uri'], mlflow['experiment_id'])}"
     )
+
+
+def experiment_page(tracking_uri: str, experiment_id: str) -> str:
+    """How to open the experiment on its runs table: MLflow 3's UI opens on its GenAI overview
+    unless the address asks for the machine-learning view."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"
 
 
 def cmd_report(args) -> int:

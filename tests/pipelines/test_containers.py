@@ -2,6 +2,8 @@
 the project's image (built by `regmix image build`) as uid 1000, against `regmix mlflow up`'s
 MLflow server on PostgreSQL. Then a rerun that trains nothing.
 
+Then a fault drill: a proxy's container killed and the MLflow server restarted mid-run.
+
 Needs a Docker engine, the image and PostgreSQL. Where they are missing the tests skip, saying
 why, unless REGMIX_REQUIRE_DOCKER=1 (as .ci/run sets after building the image): then they fail.
 """
@@ -10,11 +12,15 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from regmix.config.cluster import IMAGE_UID
 from regmix.pipelines import mlflow_server
@@ -60,13 +66,13 @@ def rehearsal():
     uri = mlflow_server.up(folder / "server", *ports)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        yield folder, uri
+        yield folder, uri, ports
     mlflow_server.down(folder / "server")
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_in_containers(folder: Path, uri: str, name: str) -> dict:
-    code = main(["run", "--config", str(TINY), "--runner", "docker", "--tracking-uri", uri,
+def run_in_containers(folder: Path, uri: str, name: str, config: Path = TINY) -> dict:
+    code = main(["run", "--config", str(config), "--runner", "docker", "--tracking-uri", uri,
                  "--summary-json", f"{name}.json"])
     assert code == 0
     return json.loads((folder / f"{name}.json").read_text())
@@ -74,11 +80,12 @@ def run_in_containers(folder: Path, uri: str, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def first(rehearsal):
-    return run_in_containers(*rehearsal, "first")
+    folder, uri, _ = rehearsal
+    return run_in_containers(folder, uri, "first")
 
 
 def test_the_tiny_pipeline_runs_in_the_image_against_mlflow_on_postgres(rehearsal, first):
-    folder, uri = rehearsal
+    folder, uri, _ = rehearsal
     assert first["mlflow"]["tracking_uri"] == uri
     assert first["proxies_trained"] == 12 + 3 + 9 and first["failed"] == {}
     client = mlflow.MlflowClient(uri)
@@ -105,9 +112,61 @@ def test_the_tiny_pipeline_runs_in_the_image_against_mlflow_on_postgres(rehearsa
 
 
 def test_a_rerun_in_containers_trains_nothing(rehearsal, first):
-    again = run_in_containers(*rehearsal, "again")
+    folder, uri, _ = rehearsal
+    again = run_in_containers(folder, uri, "again")
     assert again["proxies_trained"] == 0 and again["proxies_reused"] == 12 + 3 + 9
     assert again["chosen_mixture"] == first["chosen_mixture"]
+
+
+def container_training(mixture_ids: list[str], after: float = 6, timeout: float = 600) -> str:
+    """The id of a container that trains one of `mixture_ids`, once it has run `after` seconds."""
+    first_seen: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        running = subprocess.run(["docker", "ps", "-q", "--no-trunc"], capture_output=True,
+                                 text=True, check=True).stdout.split()
+        for container in running:
+            args = subprocess.run(["docker", "inspect", "--format", "{{json .Args}}", container],
+                                  capture_output=True, text=True).stdout
+            if "train_proxy_op" in args and any(f'\\"{m}\\"' in args for m in mixture_ids):
+                first_seen.setdefault(container, time.monotonic())
+                if time.monotonic() - first_seen[container] >= after:
+                    return container
+        time.sleep(0.5)
+    raise AssertionError(f"no container trained any of {mixture_ids}")
+
+
+def finished_proxy_hashes(uri: str) -> list[str]:
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("regmix-tiny")
+    runs = client.search_runs([experiment.experiment_id], "tags.`regmix.stage` = 'proxy' and "
+                              "attributes.status = 'FINISHED'", max_results=1000)
+    return [r.data.tags["regmix.mixture_hash"] for r in runs]
+
+
+def test_a_killed_proxy_container_and_a_restarted_server_lose_nothing(rehearsal, first):
+    """8 more proxies: one of their containers is killed mid-training and the MLflow server
+    restarted while the run goes on; the rerun trains only what did not finish, once."""
+    folder, uri, ports = rehearsal
+    config = yaml.safe_load(TINY.read_text())
+    config["mixtures"]["count"] += 8
+    config["rank_check"]["mixtures"] = 0
+    grown = folder / "grown.yaml"
+    grown.write_text(yaml.safe_dump(config))
+    drilled = subprocess.Popen(
+        [sys.executable, "-m", "regmix.pipelines.cli", "run", "--config", str(grown), "--runner",
+         "docker", "--tracking-uri", uri], cwd=folder, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    new = [f"m{i:04d}" for i in range(12, 20)]
+    subprocess.run(["docker", "kill", container_training(new)], check=True, capture_output=True)
+    mlflow_server.down(folder / "server")
+    mlflow_server.up(folder / "server", *ports)
+    assert drilled.wait(timeout=900) != 0  # the killed task fails the run
+    before = finished_proxy_hashes(uri)
+    rerun = run_in_containers(folder, uri, "rerun", grown)
+    after = finished_proxy_hashes(uri)
+    assert len(set(after)) == len(after)  # none trained twice
+    assert len(after) == 12 + 8 and rerun["trained"]["proxy"] == len(after) - len(before) > 0
 
 
 def test_docker_runner_needs_a_server_not_a_sqlite_file(rehearsal, capsys):
