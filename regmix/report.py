@@ -137,11 +137,16 @@ def plot_baselines(record: RunRecord, path: Path) -> bool:
         margins = [stats[n]["margin"] for n in names]
         noise = [stats[n].get("noise") or 0.0 for n in names]
         colors = ["tab:green" if stats[n].get("chosen_wins") else "tab:gray" for n in names]
-        ax.barh(names, margins, xerr=noise, color=colors, capsize=4)
+        ax.barh(names, margins, xerr=noise, color=colors, capsize=4, height=0.4)
         ax.axvline(0, color="black", linewidth=0.8)
-        for y, (n, m) in enumerate(zip(names, margins, strict=True)):
-            ax.annotate(f"{stats[n]['mean']:.4f} vs chosen", (m, y), textcoords="offset points",
-                        xytext=(4, 6), fontsize=7)
+        # Zero in the middle and room around one bar: a lone bar would otherwise fill the axes
+        reach = max(abs(m) + n for m, n in zip(margins, noise, strict=True)) * 1.4 or 1.0
+        ax.set_xlim(-reach, reach)
+        ax.set_ylim(-0.75, len(names) - 0.25)
+        for y, n in enumerate(names):
+            bound = "" if stats[n].get("noise") is not None else " (one seed: no noise bound)"
+            ax.annotate(f"{stats[n]['mean']:.4f} vs chosen{bound}", (0, y),
+                        textcoords="offset points", xytext=(4, 10), fontsize=7)
         ax.set_xlabel("baseline - chosen target loss (> 0: chosen better)")
         ax.set_title(f"{size}: margin, paired noise bound")
     fig.tight_layout()
