@@ -21,6 +21,7 @@ from regmix.errors import ConfigError, ServiceError, UserError
 from regmix.files import write_text
 from regmix.pipelines import byo, kfp_api, mlflow_server
 from regmix.pipelines.image import build_image, local_image
+from regmix.pipelines.interrupt import Interrupted
 from regmix.pipelines.kfp_api import compile_package
 from regmix.pipelines.local import PipelineFailed, run_local
 from regmix.report import build_report
@@ -93,6 +94,9 @@ def cmd_run(args) -> int:
     except PipelineFailed as e:
         print(f"regmix: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"regmix: {e}", file=sys.stderr)
+        return e.exit_code
     if args.summary_json:
         write_text(args.summary_json, json.dumps(summary, indent=2))
     print(format_summary(summary))

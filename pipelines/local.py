@@ -18,9 +18,11 @@ from rich.console import Console
 from regmix.config.cluster import ClusterConfig
 from regmix.config.schema import RegMixConfig
 from regmix.errors import UserError
+from regmix.files import cache_root
 from regmix.pipelines.containers import checked_server_uri, docker_runner, writable_by_the_image
+from regmix.pipelines.interrupt import Signalled, interrupted, stopping_on_signals
 from regmix.pipelines.pipeline import build_pipeline
-from regmix.pipelines.progress import Display, RunView, fan_outs
+from regmix.pipelines.progress import ANSI, Display, RunView, fan_outs
 from regmix.tracking.outcome import run_outcome
 from regmix.tracking.runs import (
     OWNER_PID_ENV,
@@ -40,6 +42,10 @@ class PipelineFailed(RuntimeError):
 # error a stage raised is read back from its traceback's last line in the streamed task log.
 USER_ERROR_CLASSES = {error.__name__: error for error in UserError.__subclasses__()}
 USER_ERROR_LINE = re.compile(rf"^(?:regmix\.errors\.)?({'|'.join(USER_ERROR_CLASSES)}): (.+)$")
+# Any other exception a stage ended with, its traceback's last line: the root cause, which the
+# run's last line states (kfp.local's own error names only the task)
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Unavailable): .+$")
+DISK_FULL = "No space left on device"
 
 
 class TaskLog:
@@ -49,12 +55,14 @@ class TaskLog:
     checks before it do: one line naming the fix, not a stage's traceback."""
 
     def __init__(self, out, view: RunView | None = None):
-        self.out, self.view, self.user_error = out, view, None
+        self.out, self.view, self.user_error, self.cause = out, view, None, None
 
     def write(self, text: str) -> int:
         for line in text.splitlines():
             if match := USER_ERROR_LINE.match(line.strip()):
                 self.user_error = USER_ERROR_CLASSES[match[1]](match[2])
+            elif EXCEPTION_LINE.match(line.strip()):
+                self.cause = line.strip()
             if self.view is not None:
                 self.view.on_line(line)
         return self.out.write(text)
@@ -110,8 +118,11 @@ def run_local(config: RegMixConfig, tracking_uri: str | None = None,
     pipeline = build_pipeline(config)
     log_path = root / "logs" / f"{label}.log"
     started = time.perf_counter()
-    with folders:
-        run_with_output(pipeline, config, uri, label, root, log_path, verbose)
+    try:
+        with folders, stopping_on_signals():
+            run_with_output(pipeline, config, uri, label, root, log_path, verbose)
+    except Signalled as e:
+        raise interrupted(e.signum, uri, config.name, label) from None
     return summarize(uri, config.name, label, time.perf_counter() - started)
 
 
@@ -147,7 +158,20 @@ def run_pipeline(pipeline, uri: str, label: str, task_log: TaskLog,
         if task_log.user_error is not None:
             raise task_log.user_error from None
         where = f"; its log: {log_path}" if log_path else ""
-        raise PipelineFailed(f"pipeline run {label} failed: {e}{where}") from None
+        cause = f"{root_cause(task_log.cause)}; " if task_log.cause else ""
+        failed = ANSI.sub("", str(e))  # kfp.local colours task names
+        raise PipelineFailed(f"{cause}pipeline run {label} failed: {failed}{where}") from None
+
+
+def root_cause(line: str) -> str:
+    """A stage's last exception line, with what to do where this process can tell."""
+    if DISK_FULL in line:
+        free = {str(path): shutil.disk_usage(path).free / 1e9
+                for path in (cache_root(), Path.cwd()) if path.exists()}
+        where = ", ".join(f"{gb:.1f} GB free at {path}" for path, gb in free.items())
+        return (f"{line} ({where}): free some space, or point REGMIX_CACHE at a bigger disk, "
+                "then rerun the same command (finished proxies are kept)")
+    return line
 
 
 @contextmanager

@@ -277,3 +277,23 @@ def test_an_error_only_data_preparation_sees_still_ends_in_one_line(tmp_path, ca
     err = capsys.readouterr().err
     assert "regmix: error: domain 'a':" in err and message in err, err
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_stage_that_fails_states_its_root_cause_on_the_last_line(tmp_path, capsys,
+                                                                  monkeypatch):
+    """Fault drill: the cache is a file, not a folder. The stage fails with an OSError; the
+    run's last line states it, not only the failed task's name."""
+    config = tmp_path / "c.yaml"
+    documents = b'{"text": "%s"}\n' % (b"word " * 200) * 400
+    config.write_text(corpus_case(tmp_path, {"a.jsonl": documents}, "a.jsonl"))
+    (tmp_path / "b.jsonl").write_bytes(documents)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("REGMIX_CACHE", str(tmp_path / "not-a-folder"))
+    assert main(["run", "--config", str(config), "--tracking-uri",
+                 f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    # Every proxy failed alike: the cause once, with how many it hit, and no colour codes
+    assert "m0000 and 31 more: NotADirectoryError: [Errno 20] Not a directory:" in last, last
+    assert "not-a-folder/locks" in last and "its log:" in last and "\x1b" not in last
+    assert len(last) < 1000

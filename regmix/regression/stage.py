@@ -67,7 +67,12 @@ def finished_proxies(results: list[dict], min_fraction: float) -> list[dict]:
     """The finished proxies, if enough finished; otherwise a clear error that keeps them."""
     finished = [r for r in results if "error" not in r]
     if len(finished) < min_fraction * len(results):
-        failures = "; ".join(f"{r['id']}: {r['error']}" for r in results if "error" in r)
+        by_error: dict[str, list[str]] = {}  # one cause (a full disk, say) fails them all alike
+        for r in results:
+            if "error" in r:
+                by_error.setdefault(r["error"], []).append(r["id"])
+        failures = "; ".join(f"{ids[0]}{f' and {len(ids) - 1} more' if len(ids) > 1 else ''}: "
+                             f"{error}" for error, ids in by_error.items())
         raise RuntimeError(
             f"only {len(finished)} of {len(results)} proxies finished, fewer than "
             f"regression.min_proxy_fraction={min_fraction}. Failures: {failures}. The finished "
