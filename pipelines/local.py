@@ -110,16 +110,15 @@ def run_local(config: RegMixConfig, tracking_uri: str | None = None,
         runner, folders = local.SubprocessRunner(use_venv=False), nullcontext()
         config = config.model_copy(update={"cluster": ClusterConfig()})
     label = uuid.uuid4().hex[:12]
-    # The run's tasks tag its MLflow run with this process, so that a rerun can tell when the
-    # run is dead and close it (regmix.tracking.runs.close_dead_runs)
-    os.environ[OWNER_PID_ENV] = str(os.getpid())
     root = pipeline_root.resolve()
     local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
     pipeline = build_pipeline(config)
     log_path = root / "logs" / f"{label}.log"
     started = time.perf_counter()
     try:
-        with folders, stopping_on_signals():
+        # The run's tasks tag its MLflow run with this process, so that a rerun can tell when
+        # the run is dead and close it (regmix.tracking.runs.close_dead_runs)
+        with folders, stopping_on_signals(), environment(OWNER_PID_ENV, str(os.getpid())):
             run_with_output(pipeline, config, uri, label, root, log_path, verbose)
     except Signalled as e:
         raise interrupted(e.signum, uri, config.name, label) from None
@@ -180,16 +179,26 @@ def run_scratch():
     task writes its program into a `mktemp -d` folder it never removes (a /tmp/tmp.* per task,
     about 30 a run), and the stages' own temporary files go there too."""
     scratch = tempfile.mkdtemp(prefix="regmix-run-")
-    previous = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = scratch
+    try:
+        with environment("TMPDIR", scratch):
+            yield
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def environment(name: str, value: str):
+    """`name` set to `value` for the tasks this process starts within the block, and put back
+    after it: a caller's process (a test, a notebook) keeps its own environment."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop("TMPDIR", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["TMPDIR"] = previous
-        shutil.rmtree(scratch, ignore_errors=True)
+            os.environ[name] = previous
 
 
 def summarize(tracking_uri: str, experiment: str, label: str, wall_seconds: float) -> dict:

@@ -191,7 +191,8 @@ def _apt_download(names: list[str], dest: Path) -> None:
                                            dest).returncode != 0] or names
         raise RuntimeError(
             f"could not download Debian package(s) {', '.join(failed)}: `{' '.join(cmd)}` "
-            f"failed: {_tail(result.stderr)}. Check that the Debian mirror is reachable; a "
+            f"failed: {_tail(result.stderr)}. Run `apt-get update` (as root) and check that the "
+            "Debian mirror is reachable; a "
             "package that is no longer in the archive needs a replacement source in "
             "regmix/data/tinypile/sources.py.")
 
