@@ -347,8 +347,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # force: a second call in one process (a notebook, a test) logs to today's stderr, not to
+    # the stream the first call found, which may be closed since
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         return args.func(args)
     except UserError as e:
