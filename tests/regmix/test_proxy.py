@@ -126,6 +126,17 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(prepared_da
         assert torch.equal(p, q), name
 
 
+def evicted_after_last_checkpoint(monkeypatch, data, mixture, shape, recipe, tracking, target):
+    """Train the proxy until its pod is evicted, after its last checkpoint and before evaluating."""
+    def killed(*args):
+        raise RuntimeError("pod evicted")
+
+    with monkeypatch.context() as m:
+        m.setattr(regmix.train.proxy, "evaluate", killed)
+        with pytest.raises(RuntimeError):
+            train_proxy(data, mixture, shape, recipe, 0, tracking, target)
+
+
 def test_a_rerun_task_resumes_its_proxy_from_the_cache(prepared_data, tracking, tmp_path,
                                                        monkeypatch):
 
@@ -136,13 +147,8 @@ def test_a_rerun_task_resumes_its_proxy_from_the_cache(prepared_data, tracking, 
     target = {d: 1 / 3 for d in prepared_data.domains}
     shape = SHAPES["tiny-proxy"]
 
-    def killed(*args):
-        raise RuntimeError("pod evicted")
-
-    with monkeypatch.context() as m:
-        m.setattr(regmix.train.proxy, "evaluate", killed)  # killed after its last checkpoint
-        with pytest.raises(RuntimeError):
-            train_proxy(prepared_data, mixture, shape, recipe, 0, tracking, target)
+    evicted_after_last_checkpoint(monkeypatch, prepared_data, mixture, shape, recipe, tracking,
+                                  target)
     folder = tmp_path / "checkpoints" / mixture["hash"]
     assert [p.name for p in folder.iterdir()] == ["step-000000030"]
     result = train_proxy(prepared_data, mixture, shape, recipe, 0, tracking, target)
@@ -164,13 +170,8 @@ def test_damaged_checkpoints_and_kept_results_are_removed_and_trained_again(
     resumed, kept = ({"id": f"m{i}", "hash": f"{i:016x}",
                       "weights": {"code": 0.6, "changelogs": 0.2, "licenses": 0.2}} for i in (1, 2))
 
-    def killed(*args):
-        raise RuntimeError("pod evicted")
-
-    with monkeypatch.context() as m:
-        m.setattr(regmix.train.proxy, "evaluate", killed)  # killed after its last checkpoint
-        with pytest.raises(RuntimeError):
-            train_proxy(prepared_data, resumed, shape, recipe, 0, tracking, target)
+    evicted_after_last_checkpoint(monkeypatch, prepared_data, resumed, shape, recipe, tracking,
+                                  target)
     model = tmp_path / "checkpoints" / resumed["hash"] / "step-000000030" / "model.safetensors"
     os.truncate(model, model.stat().st_size // 2)
     kept_result_path(kept["hash"]).parent.mkdir(parents=True, exist_ok=True)
