@@ -149,17 +149,33 @@ class Progress:
 
 
 def save_checkpoint(accelerator, folder: Path, step: int) -> None:
-    """Write the training state to `folder/step-N` atomically, then drop older checkpoints."""
+    """Write the training state to `folder/step-N` atomically, then drop older checkpoints.
+    One that cannot be written (a full disk) is skipped: it only saves a retry some time."""
+    from accelerate.utils import gather_object
+    from safetensors import SafetensorError
+
     final = folder / f"step-{step:09d}"
     partial = folder / f".{final.name}.partial"
-    accelerator.save_state(str(partial))  # every rank: FSDP gathers, each rank writes its RNG
-    accelerator.wait_for_everyone()
+    problem = None
+    try:
+        accelerator.save_state(str(partial))  # every rank: FSDP gathers, each rank its RNG
+    except (OSError, SafetensorError) as e:
+        problem = e
+    problem = next((e for e in gather_object([problem]) if e is not None), None)  # all ranks
     if accelerator.is_main_process:
-        write_checksums(partial)  # a checkpoint damaged later is found before it is loaded
-        os.replace(partial, final)  # a checkpoint folder exists whole or not at all
-        for old in folder.iterdir():
-            if old != final:
-                shutil.rmtree(old)
+        if problem is None:
+            try:
+                write_checksums(partial)  # a checkpoint damaged later is found before loading
+                os.replace(partial, final)  # a checkpoint folder exists whole or not at all
+                for old in folder.iterdir():
+                    if old != final:
+                        shutil.rmtree(old)
+            except OSError as e:
+                problem = e
+        if problem is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+            log.warning("checkpoint %s not written (%s); training goes on without it", final,
+                        problem)
     accelerator.wait_for_everyone()
 
 

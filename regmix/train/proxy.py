@@ -42,7 +42,11 @@ def kept_result_path(mixture_hash: str) -> Path:
 
 
 def keep_outcome(mixture_hash: str, outcome: dict) -> dict:
-    write_text(kept_result_path(mixture_hash), json.dumps(outcome))
+    path = kept_result_path(mixture_hash)
+    try:
+        write_text(path, json.dumps(outcome))
+    except OSError as e:  # a full disk must not discard a proxy that MLflow can still take
+        log.warning("proxy result not kept at %s (%s); it goes to MLflow directly", path, e)
     return outcome
 
 
@@ -194,6 +198,10 @@ def record_proxy(tracking: dict, stage: str, mixture: dict, shape: ModelShape, r
             if diverged:  # ends the run FAILED, with what it measured logged
                 raise Diverged(diverged_message(outcome["val_loss"], stage, run.info.run_id))
     except TrackingUnavailable as e:
+        if not kept.exists():  # neither MLflow nor the disk took it
+            raise TrackingUnavailable(f"{e}. The trained proxy could not be kept either "
+                                      f"({kept.parent} not writable); it trains again on a "
+                                      "rerun") from None
         raise TrackingUnavailable(f"{e}. The trained proxy is kept at {kept}; rerun once MLflow "
                                   "is back and it is logged without training again") from None
     except Diverged as e:

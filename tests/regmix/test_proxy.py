@@ -185,6 +185,44 @@ def test_damaged_checkpoints_and_kept_results_are_removed_and_trained_again(
     assert not kept_result_path(kept["hash"]).exists()
 
 
+@pytest.fixture
+def full_disk(tmp_path):
+    """A small tmpfs filled to the last byte: the cache of a pod whose volume ran full."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    (mount / "locks").mkdir()  # made before the disk filled, as on a volume used before
+    try:
+        with (mount / "filler").open("wb") as filler, pytest.raises(OSError, match="No space"):
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_proxy_trained_on_a_full_disk_still_reaches_mlflow(prepared_data, tracking, full_disk,
+                                                            monkeypatch, caplog):
+    """Fault drill: with the cache's disk full, neither checkpoints nor the kept result can be
+    written; the training is not discarded: it ends as an uninterrupted run and is logged."""
+    monkeypatch.setenv("REGMIX_CACHE", str(full_disk))
+    recipe = TrainRecipe(tokens=16_384, batch_size=8, lr=0.01, checkpoint_every=10)
+    mixture = {"id": "m0001", "hash": "feedfacecafe0001",
+               "weights": {"code": 0.6, "changelogs": 0.2, "licenses": 0.2}}
+    target = {d: 1 / 3 for d in prepared_data.domains}
+    shape = SHAPES["tiny-proxy"]
+    result = train_proxy(prepared_data, mixture, shape, recipe, 0, tracking, target)
+    uninterrupted = evaluate(train_lm(prepared_data, mixture["weights"], shape, recipe, 0)[0],
+                             prepared_data)
+    assert result["val_loss"] == uninterrupted
+    assert find_finished(tracking, mixture["hash"]).info.run_id == result["run_id"]
+    assert "not written" in caplog.text and "No space left on device" in caplog.text
+    assert f"not kept at {kept_result_path(mixture['hash'])}" in caplog.text
+
+
 def test_a_proxy_another_run_is_training_is_waited_for_and_reused(prepared_data, tracking,
                                                                   tmp_path, monkeypatch):
     """Two pipeline runs at once (a manual run beside a scheduled one) train a shared proxy once."""
@@ -222,10 +260,11 @@ def test_runs_with_different_precisions_share_one_process(prepared_data):
 @pytest.mark.parametrize(("batch_size", "micro_batch_size"), [(8, 2), (12, 4)])  # 12: 4 + 2 a rank
 def test_two_processes_train_the_model_one_process_does(prepared_data, tmp_path, batch_size,
                                                        micro_batch_size):
-    """The multi-GPU path (DDP under torchrun), on CPU over gloo: same batches, same model."""
+    """The multi-GPU path (DDP under torchrun), on CPU over gloo: same batches, same model,
+    checkpoints written by both ranks on the way."""
     weights = {"code": 0.5, "changelogs": 0.3, "licenses": 0.2}
     recipe = TrainRecipe(tokens=12288, batch_size=batch_size, micro_batch_size=micro_batch_size,
-                         lr=0.01)
+                         lr=0.01, checkpoint_every=10)
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(f"""
         import json, sys
@@ -236,18 +275,20 @@ def test_two_processes_train_the_model_one_process_does(prepared_data, tmp_path,
         from regmix.train.loop import train_lm
         recipe = TrainRecipe.model_validate_json({recipe.model_dump_json()!r})
         _, loss, _, _ = train_lm(TokenData.open(sys.argv[1]), {weights!r}, SHAPES["tiny-proxy"],
-                              recipe, 0)
+                              recipe, 0, checkpoint_dir=sys.argv[2])
         if PartialState().is_main_process:
             print(json.dumps({{"processes": PartialState().num_processes, "loss": loss}}))
     """))
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script), str(prepared_data.root)],
+         str(script), str(prepared_data.root), str(tmp_path / "checkpoints")],
         env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, check=True)
     ranks = json.loads(out.stdout.strip().splitlines()[-1])
     _, loss, _, _ = train_lm(prepared_data, weights, SHAPES["tiny-proxy"], recipe, 0)
     assert ranks["processes"] == 2 and ranks["loss"] == pytest.approx(loss, rel=1e-5)
+    kept = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+    assert len(kept) == 1 and kept[0].startswith("step-")  # whole (no .partial), the last only
 
 
 def test_mixture_moves_the_domain_losses(prepared_data):
