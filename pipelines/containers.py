@@ -14,9 +14,11 @@ from kfp import local
 from regmix.config.cluster import IMAGE_UID, ClusterConfig, DataVolume
 from regmix.config.schema import RegMixConfig
 from regmix.errors import UserError
-from regmix.pipelines.image import check_engine, has_image, local_image
+from regmix.pipelines.image import check_engine, docker, has_image, local_image
+from regmix.pipelines.interrupt import TASK_STOP_SECONDS
 
 VOLUME_FOLDER = "volume"  # under the pipeline root: what a cluster keeps on its shared volume
+RUN_LABEL = "regmix.pipeline_run"  # on each task's container: the run it belongs to
 
 
 class RunnerError(UserError):
@@ -31,10 +33,11 @@ def checked_server_uri(uri: str) -> str:
     return uri
 
 
-def docker_runner(config: RegMixConfig, pipeline_root: Path,
-                  image: str | None) -> tuple[local.DockerRunner, RegMixConfig]:
+def docker_runner(config: RegMixConfig, pipeline_root: Path, image: str | None,
+                  label: str) -> tuple[local.DockerRunner, RegMixConfig]:
     """The runner, and the config with the cluster settings kfp.local honours: the image, and
-    the volume's environment (where caches, token arrays and kept work go)."""
+    the volume's environment (where caches, token arrays and kept work go). Each container
+    carries the run's label, so that an interrupted run can stop its own."""
     check_engine()
     image = image or local_image()
     if not has_image(image):
@@ -48,7 +51,8 @@ def docker_runner(config: RegMixConfig, pipeline_root: Path,
                           f"run from a folder they can enter (or chmod o+x {closed[0]})")
     volume = DataVolume(claim="rehearsal", mount_path=str(pipeline_root.resolve() / VOLUME_FOLDER))
     cluster = ClusterConfig(image=image, volume=volume)
-    runner = local.DockerRunner(user=f"{IMAGE_UID}:{IMAGE_UID}", network_mode="host")
+    runner = local.DockerRunner(user=f"{IMAGE_UID}:{IMAGE_UID}", network_mode="host",
+                                labels={RUN_LABEL: label})
     return runner, config.model_copy(update={"cluster": cluster})
 
 
@@ -63,3 +67,12 @@ def writable_by_the_image(pipeline_root: Path):
         yield
     finally:
         os.umask(previous)
+
+
+def stop_containers(label: str) -> None:
+    """Stop the run's task containers: the engine runs them, not this process, so they would
+    go on training and logging after it (docker stops the listed ones concurrently)."""
+    running = docker("ps", "-q", "--filter", f"label={RUN_LABEL}={label}", capture_output=True,
+                     text=True).stdout.split()
+    if running:
+        docker("stop", "-t", str(TASK_STOP_SECONDS), *running, capture_output=True)

@@ -19,7 +19,12 @@ from regmix.config.cluster import ClusterConfig
 from regmix.config.schema import RegMixConfig
 from regmix.errors import UserError
 from regmix.files import cache_root
-from regmix.pipelines.containers import checked_server_uri, docker_runner, writable_by_the_image
+from regmix.pipelines.containers import (
+    checked_server_uri,
+    docker_runner,
+    stop_containers,
+    writable_by_the_image,
+)
 from regmix.pipelines.interrupt import Signalled, interrupted, stopping_on_signals
 from regmix.pipelines.pipeline import build_pipeline
 from regmix.pipelines.progress import ANSI, Display, RunView, fan_outs
@@ -101,15 +106,15 @@ def run_local(config: RegMixConfig, tracking_uri: str | None = None,
     project's image; returns the run summary. The stages' log goes to a file under the pipeline
     root, a live view to stdout; `verbose` streams the log instead."""
     uri = checked_tracking_uri(tracking_uri or config.tracking.uri or default_tracking_uri())
+    label = uuid.uuid4().hex[:12]
     if config.runner == "docker":
-        runner, config = docker_runner(config, pipeline_root, image)
+        runner, config = docker_runner(config, pipeline_root, image, label)
         uri, folders = checked_server_uri(uri), writable_by_the_image(pipeline_root)
     else:
         # The `cluster` section is for Kubernetes (pods, volumes, PyTorchJobs): here every stage
         # is a subprocess on this machine, whatever the section says.
         runner, folders = local.SubprocessRunner(use_venv=False), nullcontext()
         config = config.model_copy(update={"cluster": ClusterConfig()})
-    label = uuid.uuid4().hex[:12]
     root = pipeline_root.resolve()
     local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
     pipeline = build_pipeline(config)
@@ -121,6 +126,8 @@ def run_local(config: RegMixConfig, tracking_uri: str | None = None,
         with folders, stopping_on_signals(), environment(OWNER_PID_ENV, str(os.getpid())):
             run_with_output(pipeline, config, uri, label, root, log_path, verbose)
     except Signalled as e:
+        if config.runner == "docker":
+            stop_containers(label)
         raise interrupted(e.signum, uri, config.name, label) from None
     return summarize(uri, config.name, label, time.perf_counter() - started)
 

@@ -11,6 +11,7 @@ why, unless REGMIX_REQUIRE_DOCKER=1 (as .ci/run sets after building the image): 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import yaml
 from regmix.config.cluster import IMAGE_UID
 from regmix.pipelines import mlflow_server
 from regmix.pipelines.cli import main
-from regmix.pipelines.containers import VOLUME_FOLDER
+from regmix.pipelines.containers import RUN_LABEL, VOLUME_FOLDER
 from regmix.pipelines.image import ImageError, check_engine, has_image, local_image
 
 TINY = Path(__file__).parents[2] / "configs" / "tiny.yaml"
@@ -167,6 +168,28 @@ def test_a_killed_proxy_container_and_a_restarted_server_lose_nothing(rehearsal,
     after = finished_proxy_hashes(uri)
     assert len(set(after)) == len(after)  # none trained twice
     assert len(after) == 12 + 8 and rerun["trained"]["proxy"] == len(after) - len(before) > 0
+
+
+def test_an_interrupted_run_stops_its_containers(rehearsal):
+    """SIGTERM to `regmix run --runner docker`: its task containers (the engine's, not its
+    children) stop with it, and the one line says what was kept."""
+    folder, uri, _ = rehearsal
+    config = yaml.safe_load(TINY.read_text())
+    config["seed"] = 7  # new mixtures: proxies that train
+    reseeded = folder / "reseeded.yaml"
+    reseeded.write_text(yaml.safe_dump(config))
+    run = subprocess.Popen(
+        [sys.executable, "-m", "regmix.pipelines.cli", "run", "--config", str(reseeded),
+         "--runner", "docker", "--tracking-uri", uri], cwd=folder, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    container_training([f"m{i:04d}" for i in range(12)])
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 143, err
+    assert err.strip().splitlines()[-1].endswith("rerun the same command to continue")
+    left = subprocess.run(["docker", "ps", "-q", "--filter", f"label={RUN_LABEL}"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert left == []
 
 
 def test_docker_runner_needs_a_server_not_a_sqlite_file(rehearsal, capsys):
