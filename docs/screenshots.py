@@ -1,9 +1,10 @@
 """Screenshots of what a user sees in the MLflow UI after `regmix run`.
 
-Starts `mlflow server` on the run's store (on a free local port), waits for /health, and has
-headless Chromium, driven over the DevTools protocol, save PNGs of: the experiment page (the
-runs table), MLflow's compare view of a few proxy runs, the parent run's page, its report.html
-and report.md in the artifact viewer, and what a first visit to the experiment shows.
+Starts `mlflow server` on the run's store (at http://127.0.0.1:5000, as `mlflow ui`), waits
+for /health, and has headless Chromium, driven over the DevTools protocol, save PNGs of: the
+experiment page (the runs table), MLflow's compare view of a few proxy runs, the parent run's
+page, its report.html and report.md in the artifact viewer, and what a first visit to the
+experiment shows.
 
     mkdir -p /tmp/shots-run && cd /tmp/shots-run && regmix run --config configs/tiny.yaml
     python docs/screenshots.py --tracking-uri sqlite:////tmp/shots-run/mlruns/mlflow.db \
@@ -82,8 +83,12 @@ def running(command: list[str], ready_url: str, what: str):
 
 @contextmanager
 def mlflow_server(tracking_uri: str):
-    """An `mlflow server` on the store, on a free port; yields its base URL."""
-    port = free_port()
+    """An `mlflow server` on the store, at `mlflow ui`'s address (where the run's report.md
+    links its images); yields its base URL."""
+    port = 5000
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            sys.exit(f"port {port} is taken: stop what listens there (a `mlflow ui`?) first")
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     base_url = f"http://127.0.0.1:{port}"

@@ -29,6 +29,7 @@ from regmix.tracking.runs import (
     finish_pipeline_run,
     latest_run,
     runs_by_stage,
+    ui_address,
 )
 
 
@@ -277,10 +278,11 @@ def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path,
     if parent is not None:
         client, run_id = mlflow.MlflowClient(tracking_uri), parent.info.run_id
         client.log_artifacts(run_id, str(out_dir), "report")
-        # MLflow's Markdown viewer resolves an image against the UI's address, not the file's
-        # folder: the logged copy links each through the server's get-artifact route
+        # MLflow's Markdown viewer shows an image with a relative (or data:) address as text:
+        # the logged copy links each by absolute address through the UI's get-artifact route
+        ui = ui_address(tracking_uri)
         client.log_text(run_id, markdown(lines, drawn, lambda name: (
-            f"get-artifact?path=report%2F{name}&run_uuid={run_id}")), "report/report.md")
+            f"{ui}/get-artifact?path=report%2F{name}&run_uuid={run_id}")), "report/report.md")
         tell_parent(client, parent, run_outcome(record.runs), "\n".join(lines))
     return out_dir / "report.html"
 

@@ -85,6 +85,20 @@ def default_tracking_uri() -> str:
     )
 
 
+UI_ENV = "REGMIX_MLFLOW_UI"  # where users open MLflow's UI, when not at the tracking URI
+LOCAL_UI = "http://127.0.0.1:5000"  # `mlflow ui`'s default address
+
+
+def ui_address(tracking_uri: str) -> str:
+    """Where a user opens the MLflow UI on this store: $REGMIX_MLFLOW_UI (a UI behind an
+    ingress or a port-forward), else the tracking server itself, else `mlflow ui`'s default."""
+    if address := os.environ.get(UI_ENV):
+        return address.rstrip("/")
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return LOCAL_UI
+
+
 def tracking_client(uri: str):
     """An MlflowClient for `uri`. Its first use creates a SQLite store's tables, which two
     processes starting at once (a scheduled run beside a manual one) would both do, and one
@@ -288,9 +302,11 @@ def proxy_runs(tracking_uri: str, experiment: str, stage: str = "proxy",
                 "id": params.get("mixture_id", run.info.run_name),
                 "hash": run.data.tags.get(HASH_TAG),
                 "run_id": run.info.run_id,
-                # What else a proxy's loss depends on: rows that differ here do not compare
+                # What else a proxy's loss depends on (model, training, data): rows that
+                # differ here do not compare; seeds only add noise
                 "setting": {"corpus": run.data.tags.get(CORPUS_TAG),
-                            **{k: params.get(k) for k in ("shape", "recipe", "tokens_budget")}},
+                            **{k: v for k, v in params.items()
+                               if not k.startswith("weight.") and k not in ("mixture_id", "seed")}},
                 "weights": {k[7:]: float(v) for k, v in params.items() if k.startswith("weight.")},
                 "val_loss": {k[9:]: v for k, v in metrics.items() if k.startswith("val_loss.")},
             })

@@ -152,9 +152,10 @@ def log_proxy_run(run, mixture: dict, shape: ModelShape, recipe: TrainRecipe, se
 
     now = int(time.time() * 1000)
     inputs = {f"weight.{d}": round(w, 6) for d, w in mixture["weights"].items()}
-    inputs |= {"shape": str(shape.to_dict()), "tokens_budget": recipe.tokens, "seed": seed,
-               "recipe": json.dumps(recipe.identity(), sort_keys=True),
-               "mixture_id": mixture["id"]}
+    # One param per setting (model.n_layer, train.lr, ...): columns MLflow can sort and compare
+    inputs |= {f"model.{k}": v for k, v in shape.to_dict().items()}
+    inputs |= {f"train.{k}": v for k, v in recipe.identity().items()}
+    inputs |= {"seed": seed, "mixture_id": mixture["id"]}
     params = [Param(k, str(v)) for k, v in inputs.items()]
     val_loss, seconds = outcome["val_loss"], outcome["seconds"]
     metrics = {**{f"val_loss.{d}": v for d, v in val_loss.items()},

@@ -245,7 +245,8 @@ def log_proxy(tracking, i: int, weights, tokens_budget: int = 1000, corpus: str 
               stage: str = "proxy") -> None:
     with stage_run(tracking, stage, f"{stage}-m{i}", {HASH_TAG: f"h{i}", CORPUS_TAG: corpus}):
         mlflow.log_params({f"weight.{d}": w for d, w in zip("abc", weights, strict=True)})
-        mlflow.log_params({"mixture_id": f"m{i:04d}", "shape": "tiny", "tokens_budget": tokens_budget})
+        mlflow.log_params({"mixture_id": f"m{i:04d}", "model.n_layer": 2,
+                           "train.tokens": tokens_budget})
         mlflow.log_metrics({f"val_loss.{d}": 3 + i for d in "abc"})
 
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import mlflow
 import pytest
 
@@ -46,6 +48,12 @@ def test_report_reads_the_run_back_from_mlflow(tmp_path, tracking):
     assert "<tr><td>code</td><td>0.7000</td></tr>" in page
     logged = mlflow.MlflowClient(tracking["uri"]).list_artifacts(tracking["parent_run_id"], "report")
     assert {a.path for a in logged} >= {"report/report.md", "report/report.html"}
+    # MLflow's Markdown viewer shows images only by absolute address: where `mlflow ui` serves
+    in_mlflow = mlflow.MlflowClient(tracking["uri"]).download_artifacts(
+        tracking["parent_run_id"], "report/report.md", str(tmp_path / "logged"))
+    run_id = tracking["parent_run_id"]
+    assert (f"![gate.png](http://127.0.0.1:5000/get-artifact?path=report%2Fgate.png&"
+            f"run_uuid={run_id})") in Path(in_mlflow).read_text()
 
 
 def test_a_failed_run_says_where_it_failed(tmp_path, tracking):
