@@ -158,8 +158,9 @@ def log_proxy_run(run, mixture: dict, shape: ModelShape, recipe: TrainRecipe, se
     inputs |= {"seed": seed, "mixture_id": mixture["id"]}
     params = [Param(k, str(v)) for k, v in inputs.items()]
     val_loss, seconds = outcome["val_loss"], outcome["seconds"]
-    metrics = {**{f"val_loss.{d}": v for d, v in val_loss.items()},
-               "target_loss": target_loss(val_loss, target),
+    # target_loss first: MLflow's compare view plots a run's first-logged metric by default
+    metrics = {"target_loss": target_loss(val_loss, target),
+               **{f"val_loss.{d}": v for d, v in val_loss.items()},
                "tokens": outcome["tokens"], "seconds": seconds,
                "tokens_per_second": outcome["tokens"] / seconds}
     # The curve's last point is the final train loss (the last step is always logged).
@@ -168,7 +169,7 @@ def log_proxy_run(run, mixture: dict, shape: ModelShape, recipe: TrainRecipe, se
     # MLflow takes at most 100 params and 1000 metrics per batch.
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i:i + 100])
-    every = curve + [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    every = [Metric(k, float(v), now, 0) for k, v in metrics.items()] + curve
     for i in range(0, len(every), 1000):
         client.log_batch(run_id, metrics=every[i:i + 1000])
 

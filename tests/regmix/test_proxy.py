@@ -323,6 +323,7 @@ def test_component_logs_one_run_per_proxy_and_reuses_finished_ones(prepared_data
         # What export checks rows share: the data and the recipe
         assert run.data.tags["regmix.corpus_fingerprint"] == prepared_data.fingerprint
         assert run.data.params["train.lr"] == "0.01" and run.data.params["model.n_layer"] == "1"
+        assert next(iter(run.data.metrics)) == "target_loss"  # what MLflow's compare view plots
     history = mlflow.MlflowClient(tracking["uri"]).get_metric_history(runs[0].info.run_id,
                                                                       "train_loss")
     assert len(history) >= 2  # the training curve, stepped
