@@ -154,7 +154,8 @@ def log_proxy_run(run, mixture: dict, shape: ModelShape, recipe: TrainRecipe, se
     inputs = {f"weight.{d}": round(w, 6) for d, w in mixture["weights"].items()}
     # One param per setting (model.n_layer, train.lr, ...): columns MLflow can sort and compare
     inputs |= {f"model.{k}": v for k, v in shape.to_dict().items()}
-    inputs |= {f"train.{k}": v for k, v in recipe.identity().items()}
+    inputs |= {f"train.{k}": ", ".join(map(str, v)) if isinstance(v, list) else v  # betas
+               for k, v in recipe.identity().items()}
     inputs |= {"seed": seed, "mixture_id": mixture["id"]}
     params = [Param(k, str(v)) for k, v in inputs.items()]
     val_loss, seconds = outcome["val_loss"], outcome["seconds"]
