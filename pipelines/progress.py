@@ -9,6 +9,7 @@ plain line per finished stage.
 
 import json
 import re
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -201,11 +202,17 @@ class Display:
         self.poller = threading.Thread(target=self.poll_loop, daemon=True)
 
     def __enter__(self):
-        if self.live:
-            self.live.start()
-        else:
-            self.console.print(self.header)
-        self.poller.start()
+        # Its threads block Ctrl-C and SIGTERM (a thread inherits the mask it starts with): the
+        # kernel then hands them to the main thread, whose blocking wait on a task they interrupt
+        signals = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            if self.live:
+                self.live.start()
+            else:
+                self.console.print(self.header)
+            self.poller.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, signals)
         return self
 
     def poll_loop(self) -> None:

@@ -18,10 +18,16 @@ TINY = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
 def training_tasks(run: subprocess.Popen, timeout: float = 300) -> list[psutil.Process]:
     """The run's processes once a proxy task has trained for a few seconds."""
+    def command(task: psutil.Process) -> str:
+        try:
+            return " ".join(task.cmdline())
+        except psutil.Error:  # it ended (or is a zombie) since it was listed
+            return ""
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and run.poll() is None:
         tasks = psutil.Process(run.pid).children(recursive=True)
-        if any("train_proxy_op" in " ".join(t.cmdline()) for t in tasks if t.is_running()):
+        if any("train_proxy_op" in command(t) for t in tasks):
             time.sleep(5)
             return psutil.Process(run.pid).children(recursive=True)
         time.sleep(0.5)
