@@ -39,10 +39,13 @@ def training_tasks(run: subprocess.Popen, timeout: float = 300) -> list[psutil.P
                          ids=["sigterm-to-the-run", "ctrl-c-to-the-terminal-group"])
 def test_a_signal_stops_the_run_and_its_tasks_in_one_line(tmp_path, signum, to_group):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # A session of its own, as a terminal gives a foreground job: Ctrl-C reaches its group
+    # A session of its own, as a terminal gives a foreground job: Ctrl-C reaches its group. A
+    # foreground job takes Ctrl-C even where this test runs as a background job (`cmd &` in a
+    # script ignores SIGINT, and its children inherit that)
     run = subprocess.Popen([sys.executable, "-m", "regmix.pipelines.cli", "run", "--config",
                             str(TINY), "--tracking-uri", uri], cwd=tmp_path, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     tasks = training_tasks(run)
     if to_group:
         os.killpg(run.pid, signum)
