@@ -126,7 +126,22 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(prepared_da
         assert torch.equal(p, q), name
 
 
-def evicted_after_last_checkpoint(monkeypatch, data, mixture, shape, recipe, tracking, target):
+# What the fault drills train: a tiny proxy that checkpoints every 10 of its 32 steps
+DRILL_RECIPE = TrainRecipe(tokens=16_384, batch_size=8, lr=0.01, checkpoint_every=10)
+DRILL_SHAPE = SHAPES["tiny-proxy"]
+
+
+def drill_mixture(mixture_id: str, mixture_hash: str) -> dict:
+    return {"id": mixture_id, "hash": mixture_hash,
+            "weights": {"code": 0.6, "changelogs": 0.2, "licenses": 0.2}}
+
+
+def uninterrupted_loss(data, mixture: dict) -> dict[str, float]:
+    """The drill proxy's validation losses, trained in one go with no cache."""
+    return evaluate(train_lm(data, mixture["weights"], DRILL_SHAPE, DRILL_RECIPE, 0)[0], data)
+
+
+def evicted_after_last_checkpoint(monkeypatch, data, mixture, tracking, target):
     """Train the proxy until its pod is evicted, after its last checkpoint and before evaluating."""
     def killed(*args):
         raise RuntimeError("pod evicted")
@@ -134,27 +149,21 @@ def evicted_after_last_checkpoint(monkeypatch, data, mixture, shape, recipe, tra
     with monkeypatch.context() as m:
         m.setattr(regmix.train.proxy, "evaluate", killed)
         with pytest.raises(RuntimeError):
-            train_proxy(data, mixture, shape, recipe, 0, tracking, target)
+            train_proxy(data, mixture, DRILL_SHAPE, DRILL_RECIPE, 0, tracking, target)
 
 
 def test_a_rerun_task_resumes_its_proxy_from_the_cache(prepared_data, tracking, tmp_path,
                                                        monkeypatch):
 
     monkeypatch.setenv("REGMIX_CACHE", str(tmp_path))
-    recipe = TrainRecipe(tokens=16_384, batch_size=8, lr=0.01, checkpoint_every=10)
-    mixture = {"id": "m0001", "hash": "abcdef0123456789",
-               "weights": {"code": 0.6, "changelogs": 0.2, "licenses": 0.2}}
+    mixture = drill_mixture("m0001", "abcdef0123456789")
     target = {d: 1 / 3 for d in prepared_data.domains}
-    shape = SHAPES["tiny-proxy"]
 
-    evicted_after_last_checkpoint(monkeypatch, prepared_data, mixture, shape, recipe, tracking,
-                                  target)
+    evicted_after_last_checkpoint(monkeypatch, prepared_data, mixture, tracking, target)
     folder = tmp_path / "checkpoints" / mixture["hash"]
     assert [p.name for p in folder.iterdir()] == ["step-000000030"]
-    result = train_proxy(prepared_data, mixture, shape, recipe, 0, tracking, target)
-    uninterrupted = evaluate(train_lm(prepared_data, mixture["weights"], shape, recipe, 0)[0],
-                             prepared_data)
-    assert result["val_loss"] == uninterrupted
+    result = train_proxy(prepared_data, mixture, DRILL_SHAPE, DRILL_RECIPE, 0, tracking, target)
+    assert result["val_loss"] == uninterrupted_loss(prepared_data, mixture)
     assert not folder.exists()  # the finished run in MLflow is the record now
 
 
@@ -164,22 +173,18 @@ def test_damaged_checkpoints_and_kept_results_are_removed_and_trained_again(
     killed copy) are reported by name and removed; the proxies train again to the result an
     uninterrupted run gives, instead of failing every rerun."""
     monkeypatch.setenv("REGMIX_CACHE", str(tmp_path))
-    recipe = TrainRecipe(tokens=16_384, batch_size=8, lr=0.01, checkpoint_every=10)
     target = {d: 1 / 3 for d in prepared_data.domains}
-    shape = SHAPES["tiny-proxy"]
-    resumed, kept = ({"id": f"m{i}", "hash": f"{i:016x}",
-                      "weights": {"code": 0.6, "changelogs": 0.2, "licenses": 0.2}} for i in (1, 2))
+    resumed, kept = (drill_mixture(f"m{i}", f"{i:016x}") for i in (1, 2))
 
-    evicted_after_last_checkpoint(monkeypatch, prepared_data, resumed, shape, recipe, tracking,
-                                  target)
+    evicted_after_last_checkpoint(monkeypatch, prepared_data, resumed, tracking, target)
     model = tmp_path / "checkpoints" / resumed["hash"] / "step-000000030" / "model.safetensors"
     os.truncate(model, model.stat().st_size // 2)
     kept_result_path(kept["hash"]).parent.mkdir(parents=True, exist_ok=True)
     kept_result_path(kept["hash"]).write_text('{"val_loss": {"code": 3.1')  # cut mid-write
-    uninterrupted = evaluate(train_lm(prepared_data, resumed["weights"], shape, recipe, 0)[0],
-                             prepared_data)
+    uninterrupted = uninterrupted_loss(prepared_data, resumed)
     for mixture in (resumed, kept):
-        result = train_proxy(prepared_data, mixture, shape, recipe, 0, tracking, target)
+        result = train_proxy(prepared_data, mixture, DRILL_SHAPE, DRILL_RECIPE, 0, tracking,
+                             target)
         assert result["val_loss"] == uninterrupted and not result["reused"]
     assert f"{model} has" in caplog.text and f"{kept_result_path(kept['hash'])} is damaged" in caplog.text
     assert not kept_result_path(kept["hash"]).exists()
@@ -209,15 +214,10 @@ def test_a_proxy_trained_on_a_full_disk_still_reaches_mlflow(prepared_data, trac
     """Fault drill: with the cache's disk full, neither checkpoints nor the kept result can be
     written; the training is not discarded: it ends as an uninterrupted run and is logged."""
     monkeypatch.setenv("REGMIX_CACHE", str(full_disk))
-    recipe = TrainRecipe(tokens=16_384, batch_size=8, lr=0.01, checkpoint_every=10)
-    mixture = {"id": "m0001", "hash": "feedfacecafe0001",
-               "weights": {"code": 0.6, "changelogs": 0.2, "licenses": 0.2}}
+    mixture = drill_mixture("m0001", "feedfacecafe0001")
     target = {d: 1 / 3 for d in prepared_data.domains}
-    shape = SHAPES["tiny-proxy"]
-    result = train_proxy(prepared_data, mixture, shape, recipe, 0, tracking, target)
-    uninterrupted = evaluate(train_lm(prepared_data, mixture["weights"], shape, recipe, 0)[0],
-                             prepared_data)
-    assert result["val_loss"] == uninterrupted
+    result = train_proxy(prepared_data, mixture, DRILL_SHAPE, DRILL_RECIPE, 0, tracking, target)
+    assert result["val_loss"] == uninterrupted_loss(prepared_data, mixture)
     assert find_finished(tracking, mixture["hash"]).info.run_id == result["run_id"]
     assert "not written" in caplog.text and "No space left on device" in caplog.text
     assert f"not kept at {kept_result_path(mixture['hash'])}" in caplog.text
