@@ -26,7 +26,12 @@ from regmix.pipelines.kfp_api import compile_package
 from regmix.pipelines.local import PipelineFailed, run_local
 from regmix.report import build_report
 from regmix.tracking.outcome import comparison
-from regmix.tracking.runs import UI_ENV, checked_tracking_uri, default_tracking_uri, ui_address
+from regmix.tracking.runs import (
+    LOCAL_UI,
+    checked_tracking_uri,
+    default_tracking_uri,
+    served_ui,
+)
 
 
 def checked_config(path: str) -> RegMixConfig:
@@ -136,10 +141,10 @@ def format_summary(s: dict) -> str:
 def experiment_page(tracking_uri: str, experiment_id: str) -> str:
     """How to open the experiment on its runs table: MLflow 3's UI opens on its GenAI overview
     unless the address asks for the machine-learning view."""
-    page = f"{ui_address(tracking_uri)}/#/experiments/{experiment_id}?workflowType=machine_learning"
-    if tracking_uri.startswith(("http://", "https://")) or os.environ.get(UI_ENV):
-        return page  # a UI that is up
-    return f"mlflow ui --backend-store-uri {tracking_uri} --port 5000, then {page}"
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    if served := served_ui(tracking_uri):
+        return f"{served}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --port 5000, then {LOCAL_UI}/{page}"
 
 
 def cmd_report(args) -> int:

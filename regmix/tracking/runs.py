@@ -89,14 +89,19 @@ UI_ENV = "REGMIX_MLFLOW_UI"  # where users open MLflow's UI, when not at the tra
 LOCAL_UI = "http://127.0.0.1:5000"  # `mlflow ui`'s default address
 
 
-def ui_address(tracking_uri: str) -> str:
-    """Where a user opens the MLflow UI on this store: $REGMIX_MLFLOW_UI (a UI behind an
-    ingress or a port-forward), else the tracking server itself, else `mlflow ui`'s default."""
+def served_ui(tracking_uri: str) -> str | None:
+    """The address of a UI that is up for this store: $REGMIX_MLFLOW_UI (a UI behind an
+    ingress or a port-forward), else the tracking server itself; None for a local store."""
     if address := os.environ.get(UI_ENV):
         return address.rstrip("/")
     if tracking_uri.startswith(("http://", "https://")):
         return tracking_uri.rstrip("/")
-    return LOCAL_UI
+    return None
+
+
+def ui_address(tracking_uri: str) -> str:
+    """Where a user opens the MLflow UI on this store: a served one, else `mlflow ui`'s."""
+    return served_ui(tracking_uri) or LOCAL_UI
 
 
 def tracking_client(uri: str):

@@ -162,20 +162,18 @@ def save_checkpoint(accelerator, folder: Path, step: int) -> None:
     except (OSError, SafetensorError) as e:
         problem = e
     problem = next((e for e in gather_object([problem]) if e is not None), None)  # all ranks
-    if accelerator.is_main_process:
-        if problem is None:
-            try:
-                write_checksums(partial)  # a checkpoint damaged later is found before loading
-                os.replace(partial, final)  # a checkpoint folder exists whole or not at all
-                for old in folder.iterdir():
-                    if old != final:
-                        shutil.rmtree(old)
-            except OSError as e:
-                problem = e
-        if problem is not None:
-            shutil.rmtree(partial, ignore_errors=True)
-            log.warning("checkpoint %s not written (%s); training goes on without it", final,
-                        problem)
+    if accelerator.is_main_process and problem is None:
+        try:
+            write_checksums(partial)  # a checkpoint damaged later is found before it is loaded
+            os.replace(partial, final)  # a checkpoint folder exists whole or not at all
+            for old in folder.iterdir():
+                if old != final:
+                    shutil.rmtree(old)
+        except OSError as e:
+            problem = e
+    if accelerator.is_main_process and problem is not None:
+        shutil.rmtree(partial, ignore_errors=True)
+        log.warning("checkpoint %s not written (%s); training goes on without it", final, problem)
     accelerator.wait_for_everyone()
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from regmix.pipelines.cli import main
+from regmix.pipelines.cli import experiment_page, main
 
 
 @pytest.mark.parametrize(
@@ -94,3 +94,18 @@ def test_compile_carries_the_configs_mlflow_and_warns_what_a_cluster_lacks(tmp_p
     err = capsys.readouterr().err
     assert "warning: cluster.mlflow_secret: the pods need one shared MLflow" in err
     assert "warning: cluster.retries: without cluster.volume" in err
+
+
+@pytest.mark.parametrize(("uri", "ui", "page"), [
+    ("sqlite:///x.db", None, "mlflow ui --backend-store-uri sqlite:///x.db --port 5000, then "
+                             "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"),
+    ("http://h:5000/", None, "http://h:5000/#/experiments/3?workflowType=machine_learning"),
+    ("sqlite:///x.db", "https://ui.example/",
+     "https://ui.example/#/experiments/3?workflowType=machine_learning"),
+])
+def test_the_summary_says_where_the_experiment_opens(monkeypatch, uri, ui, page):
+    if ui:
+        monkeypatch.setenv("REGMIX_MLFLOW_UI", ui)
+    else:
+        monkeypatch.delenv("REGMIX_MLFLOW_UI", raising=False)
+    assert experiment_page(uri, "3") == page

@@ -192,9 +192,8 @@ def _apt_download(names: list[str], dest: Path) -> None:
         raise RuntimeError(
             f"could not download Debian package(s) {', '.join(failed)}: `{' '.join(cmd)}` "
             f"failed: {_tail(result.stderr)}. Run `apt-get update` (as root) and check that the "
-            "Debian mirror is reachable; a "
-            "package that is no longer in the archive needs a replacement source in "
-            "regmix/data/tinypile/sources.py.")
+            "Debian mirror is reachable; a package that is no longer in the archive needs a "
+            "replacement source in regmix/data/tinypile/sources.py.")
 
 
 def _pip_download(spec: str, pip_args: tuple[str, ...], dest: Path) -> Path:
