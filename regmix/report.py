@@ -277,9 +277,12 @@ def build_report(tracking_uri: str, experiment: str, label: str, out_dir: Path,
     parent = record.latest("pipeline")
     if parent is not None:
         client, run_id = mlflow.MlflowClient(tracking_uri), parent.info.run_id
-        client.log_artifacts(run_id, str(out_dir), "report")
         # MLflow's Markdown viewer shows an image with a relative (or data:) address as text:
-        # the logged copy links each by absolute address through the UI's get-artifact route
+        # the logged report.md links each by absolute address through the UI's get-artifact
+        # route, in place of the file's relative links
+        for path in sorted(out_dir.iterdir()):
+            if path.name != "report.md":
+                client.log_artifact(run_id, str(path), "report")
         ui = ui_address(tracking_uri)
         client.log_text(run_id, markdown(lines, drawn, lambda name: (
             f"{ui}/get-artifact?path=report%2F{name}&run_uuid={run_id}")), "report/report.md")

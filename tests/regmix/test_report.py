@@ -47,7 +47,9 @@ def test_report_reads_the_run_back_from_mlflow(tmp_path, tracking):
     assert "<table><tr><th>domain</th><th>chosen weight</th></tr>" in page
     assert "<tr><td>code</td><td>0.7000</td></tr>" in page
     logged = mlflow.MlflowClient(tracking["uri"]).list_artifacts(tracking["parent_run_id"], "report")
-    assert {a.path for a in logged} >= {"report/report.md", "report/report.html"}
+    assert {a.path for a in logged} == {f"report/{name}" for name in (
+        "report.md", "report.html", "mixture.png", "gate.png", "learning_curve.png",
+        "baselines.png")}
     # MLflow's Markdown viewer shows images only by absolute address: where `mlflow ui` serves
     in_mlflow = mlflow.MlflowClient(tracking["uri"]).download_artifacts(
         tracking["parent_run_id"], "report/report.md", str(tmp_path / "logged"))

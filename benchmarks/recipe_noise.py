@@ -1,0 +1,100 @@
+"""Seed noise against the spread between mixtures, per training recipe, on fresh mixtures.
+
+Draws `--mixtures` mixtures from a config's sampler (a fixed draw, not the run's proxies, so a
+recipe is judged on nothing a report compares), trains each with every `--recipe` on `--seeds`
+seeds, and prints per recipe: the mixtures' mean target loss, the seed noise (the mean over
+mixtures of the std over seeds), the spread between mixtures (the std of their means) and their
+ratio, and seconds per run. A recipe whose noise is a large share of the spread makes the
+regression learn seed luck and the gate's bound wide (issue #28, item 6).
+
+    python benchmarks/recipe_noise.py                        # configs/evidence.yaml's proxy
+    python benchmarks/recipe_noise.py --recipe 'b16={"tokens": 200000, "batch_size": 16, "lr": 0.01}' \
+        --recipe 'b4={"tokens": 200000, "batch_size": 4, "lr": 0.005}'
+    python benchmarks/recipe_noise.py --shape local-large --mixtures 2 --seeds 3 \
+        --recipe 'b8={"tokens": 600000, "batch_size": 8, "lr": 0.005}'
+"""
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from regmix.config.loading import load_config
+from regmix.config.sections import TrainRecipe, target_loss
+from regmix.config.shapes import SHAPES, ModelShape
+from regmix.data.prepare import TokenData, data_settings, run_prepare_data
+from regmix.mixtures import draw_mixtures
+
+DRAW_SEED = 20261207  # the mixtures' draw: fixed, and apart from every pipeline seed
+FIRST_SEED = 101  # training seeds: apart from the pipeline's 0, 1, 2, ...
+
+
+def train_one(data_dir: str, shape: ModelShape, recipe: dict, weights: dict, seed: int,
+              target: dict) -> tuple[float, float]:
+    """One run in a worker process (one thread, as a pipeline task): its target loss, seconds."""
+    import torch
+
+    from regmix.train.loop import evaluate, train_lm
+
+    torch.set_num_threads(1)
+    data = TokenData.open(data_dir)
+    started = time.perf_counter()
+    model, *_ = train_lm(data, weights, shape, TrainRecipe(**recipe), seed)
+    return target_loss(evaluate(model, data), target), time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(Path(__file__).parents[1] / "configs" /
+                                                 "evidence.yaml"))
+    parser.add_argument("--shape", default=None, help="model shape (default: the proxy's)")
+    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=JSON",
+                        help="a recipe to measure (default: the config's proxy recipe)")
+    parser.add_argument("--mixtures", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    config = load_config(args.config, [])
+    shape = SHAPES[args.shape] if args.shape else config.proxy.model.resolve()
+    recipes = dict(r.split("=", 1) for r in args.recipe) or {
+        "config": config.proxy.train.model_dump_json(exclude_defaults=True)}
+    recipes = {name: json.loads(text) for name, text in recipes.items()}
+    with tempfile.TemporaryDirectory() as folder:
+        meta = run_prepare_data(data_settings(config), Path(folder))
+        target = config.regression.target_weights(meta["domains"])
+        draws = draw_mixtures(config, meta, args.mixtures, np.random.default_rng(DRAW_SEED))
+        mixtures = [dict(zip(meta["domains"], map(float, row), strict=True)) for row in draws]
+        jobs = [(name, m, s) for name in recipes for m in range(len(mixtures))
+                for s in range(FIRST_SEED, FIRST_SEED + args.seeds)]
+        with ProcessPoolExecutor(args.workers) as pool:
+            done = [pool.submit(train_one, folder, shape, recipes[n], mixtures[m], s, target)
+                    for n, m, s in jobs]
+            runs = [(*job, *future.result()) for job, future in zip(jobs, done, strict=True)]
+    results = {}
+    for name in recipes:
+        losses = np.array([[loss for n, m, _, loss, _ in runs if n == name and m == i]
+                           for i in range(len(mixtures))])
+        noise, spread = float(losses.std(axis=1, ddof=1).mean()), float(losses.mean(axis=1).std(ddof=1))
+        results[name] = {"recipe": recipes[name], "means": losses.mean(axis=1).round(4).tolist(),
+                         "seed_noise": noise, "spread": spread, "ratio": noise / spread,
+                         "seconds_per_run": float(np.mean([t for n, *_, t in runs if n == name]))}
+    if args.json:
+        print(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                          "shape": shape.to_dict(), "results": results}))
+        return
+    print(f"{args.shape or config.proxy.model.shape}, {len(mixtures)} mixtures x {args.seeds} "
+          f"seeds ({platform.machine()}, {os.cpu_count()} CPUs)")
+    for name, r in results.items():
+        print(f"  {name:<12} target loss {r['means']}  seed noise {r['seed_noise']:.4f}  spread "
+              f"{r['spread']:.4f}  ratio {r['ratio']:.2f}  {r['seconds_per_run']:.1f} s/run")
+
+
+if __name__ == "__main__":
+    main()
