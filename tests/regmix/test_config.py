@@ -99,6 +99,19 @@ def test_domain_checks(tmp_path, overrides, message):
         config.check_domains(["code", "changelogs", "licenses"])
 
 
+def test_weights_as_mlflow_shows_them_are_a_mixture(tmp_path):
+    """Weights copied from MLflow's params (6 decimals) miss 1 by rounding: accepted; a real
+    miss names its sum in enough digits to see it."""
+    domains = ["code", "changelogs", "licenses"]
+    rounded = {"code": 0.333334, "changelogs": 0.333334, "licenses": 0.333333}
+    parse_config(tiny_config_dict(tmp_path / "c.yaml", large={
+        "extra_baselines": {"mine": rounded}})).check_domains(domains)
+    off = parse_config(tiny_config_dict(tmp_path / "c.yaml", large={
+        "extra_baselines": {"mine": {**rounded, "licenses": 0.334333}}}))
+    with pytest.raises(ConfigError, match=r"large.extra_baselines.mine: .* sum to 1.001001\)"):
+        off.check_domains(domains)
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "absent.yaml")
