@@ -16,9 +16,11 @@ import argparse
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 from regmix.config.loading import load_config
+from regmix.errors import UserError
 from regmix.evidence import verdict
 from regmix.pipelines.local import run_local
 from regmix.report import load_record
@@ -70,4 +72,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a bad config or --set: one line, as the CLI says it
+        print(f"evidence: error: {e}", file=sys.stderr)
+        sys.exit(2)

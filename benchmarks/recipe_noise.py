@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +30,7 @@ from regmix.config.loading import load_config
 from regmix.config.sections import TrainRecipe, target_loss
 from regmix.config.shapes import SHAPES, ModelShape
 from regmix.data.prepare import TokenData, data_settings, run_prepare_data
+from regmix.errors import UserError
 from regmix.mixtures import draw_mixtures
 
 DRAW_SEED = 20261207  # the mixtures' draw: fixed, and apart from every pipeline seed
@@ -97,4 +99,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a bad config or --set: one line, as the CLI says it
+        print(f"recipe_noise: error: {e}", file=sys.stderr)
+        sys.exit(2)
