@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if min(args.mixtures, args.seeds) < 2:
+        parser.error("--mixtures and --seeds must be at least 2 (a spread needs two)")
     config = load_config(args.config, [])
     shape = SHAPES[args.shape] if args.shape else config.proxy.model.resolve()
     recipes = dict(r.split("=", 1) for r in args.recipe) or {
