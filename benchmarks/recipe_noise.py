@@ -25,8 +25,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
-from regmix.config.loading import load_config
+from regmix.config.loading import format_validation_error, load_config
 from regmix.config.sections import TrainRecipe, target_loss
 from regmix.config.shapes import SHAPES, ModelShape
 from regmix.data.prepare import TokenData, data_settings, run_prepare_data
@@ -69,7 +70,15 @@ def main() -> None:
     shape = SHAPES[args.shape] if args.shape else config.proxy.model.resolve()
     recipes = dict(r.split("=", 1) for r in args.recipe) or {
         "config": config.proxy.train.model_dump_json(exclude_defaults=True)}
-    recipes = {name: json.loads(text) for name, text in recipes.items()}
+    checked = {}
+    for name, text in recipes.items():  # here, not in a worker's traceback
+        try:
+            checked[name] = TrainRecipe(**json.loads(text)).model_dump(exclude_defaults=True)
+        except ValidationError as e:
+            parser.error(format_validation_error(e, f"--recipe {name}"))
+        except ValueError as e:
+            parser.error(f"--recipe {name}: not a JSON object ({e})")
+    recipes = checked
     with tempfile.TemporaryDirectory() as folder:
         meta = run_prepare_data(data_settings(config), Path(folder))
         target = config.regression.target_weights(meta["domains"])
