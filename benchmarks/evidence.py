@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from regmix.config.loading import load_config
-from regmix.errors import UserError
 from regmix.evidence import verdict
+from regmix.pipelines.exits import in_one_line
 from regmix.pipelines.local import run_local
 from regmix.report import load_record
 
@@ -72,8 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # a bad config or --set: one line, as the CLI says it
-        print(f"evidence: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(in_one_line(main, "evidence"))

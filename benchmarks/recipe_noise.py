@@ -31,14 +31,14 @@ from regmix.config.loading import format_validation_error, load_config
 from regmix.config.sections import TrainRecipe, target_loss
 from regmix.config.shapes import SHAPES, ModelShape
 from regmix.data.prepare import TokenData, data_settings, run_prepare_data
-from regmix.errors import UserError
 from regmix.mixtures import draw_mixtures
+from regmix.pipelines.exits import in_one_line
 
 DRAW_SEED = 20261207  # the mixtures' draw: fixed, and apart from every pipeline seed
 FIRST_SEED = 101  # training seeds: apart from the pipeline's 0, 1, 2, ...
 
 
-def train_one(data_dir: str, shape: ModelShape, recipe: dict, weights: dict, seed: int,
+def train_one(data_dir: str, shape: ModelShape, recipe: TrainRecipe, weights: dict, seed: int,
               target: dict) -> tuple[float, float]:
     """One run in a worker process (one thread, as a pipeline task): its target loss, seconds."""
     import torch
@@ -48,8 +48,18 @@ def train_one(data_dir: str, shape: ModelShape, recipe: dict, weights: dict, see
     torch.set_num_threads(1)
     data = TokenData.open(data_dir)
     started = time.perf_counter()
-    model, *_ = train_lm(data, weights, shape, TrainRecipe(**recipe), seed)
+    model, *_ = train_lm(data, weights, shape, recipe, seed)
     return target_loss(evaluate(model, data), target), time.perf_counter() - started
+
+
+def parsed_recipe(parser: argparse.ArgumentParser, name: str, text: str) -> TrainRecipe:
+    """A `--recipe` checked here, not in a worker's traceback."""
+    try:
+        return TrainRecipe(**json.loads(text))
+    except ValidationError as e:
+        parser.error(format_validation_error(e, f"--recipe {name}"))
+    except (ValueError, TypeError) as e:
+        parser.error(f"--recipe {name}: not a JSON object ({e})")
 
 
 def main() -> None:
@@ -68,36 +78,30 @@ def main() -> None:
         parser.error("--mixtures and --seeds must be at least 2 (a spread needs two)")
     config = load_config(args.config, [])
     shape = SHAPES[args.shape] if args.shape else config.proxy.model.resolve()
-    recipes = dict(r.split("=", 1) for r in args.recipe) or {
-        "config": config.proxy.train.model_dump_json(exclude_defaults=True)}
-    checked = {}
-    for name, text in recipes.items():  # here, not in a worker's traceback
-        try:
-            checked[name] = TrainRecipe(**json.loads(text)).model_dump(exclude_defaults=True)
-        except ValidationError as e:
-            parser.error(format_validation_error(e, f"--recipe {name}"))
-        except ValueError as e:
-            parser.error(f"--recipe {name}: not a JSON object ({e})")
-    recipes = checked
+    recipes = {"config": config.proxy.train}
+    if args.recipe:
+        recipes = {name: parsed_recipe(parser, name, text)
+                   for name, _, text in (r.partition("=") for r in args.recipe)}
     with tempfile.TemporaryDirectory() as folder:
         meta = run_prepare_data(data_settings(config), Path(folder))
         target = config.regression.target_weights(meta["domains"])
         draws = draw_mixtures(config, meta, args.mixtures, np.random.default_rng(DRAW_SEED))
         mixtures = [dict(zip(meta["domains"], map(float, row), strict=True)) for row in draws]
-        jobs = [(name, m, s) for name in recipes for m in range(len(mixtures))
-                for s in range(FIRST_SEED, FIRST_SEED + args.seeds)]
+        seeds = range(FIRST_SEED, FIRST_SEED + args.seeds)
         with ProcessPoolExecutor(args.workers) as pool:
-            done = [pool.submit(train_one, folder, shape, recipes[n], mixtures[m], s, target)
-                    for n, m, s in jobs]
-            runs = [(*job, *future.result()) for job, future in zip(jobs, done, strict=True)]
+            runs = [pool.submit(train_one, folder, shape, recipe, mixture, seed, target)
+                    for recipe in recipes.values() for mixture in mixtures for seed in seeds]
+            # (recipe, mixture, seed, [target loss, seconds])
+            measured = np.array([run.result() for run in runs]).reshape(
+                len(recipes), len(mixtures), len(seeds), 2)
     results = {}
-    for name in recipes:
-        losses = np.array([[loss for n, m, _, loss, _ in runs if n == name and m == i]
-                           for i in range(len(mixtures))])
+    for (name, recipe), (losses, seconds) in zip(recipes.items(), np.moveaxis(measured, -1, 1),
+                                                 strict=True):
         noise, spread = float(losses.std(axis=1, ddof=1).mean()), float(losses.mean(axis=1).std(ddof=1))
-        results[name] = {"recipe": recipes[name], "means": losses.mean(axis=1).round(4).tolist(),
+        results[name] = {"recipe": recipe.model_dump(exclude_defaults=True),
+                         "means": losses.mean(axis=1).round(4).tolist(),
                          "seed_noise": noise, "spread": spread, "ratio": noise / spread,
-                         "seconds_per_run": float(np.mean([t for n, *_, t in runs if n == name]))}
+                         "seconds_per_run": float(seconds.mean())}
     if args.json:
         print(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                           "shape": shape.to_dict(), "results": results}))
@@ -110,8 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:  # a bad config or --set: one line, as the CLI says it
-        print(f"recipe_noise: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(in_one_line(main, "recipe_noise"))

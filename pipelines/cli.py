@@ -7,7 +7,6 @@ the fix; they never surface as a traceback.
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -17,9 +16,10 @@ from regmix.config.schema import RegMixConfig
 from regmix.data.corpus import domain_roles, preflight
 from regmix.data.tinypile.builder import build_tinypile
 from regmix.data.tinypile.sources import DOMAINS as TINYPILE_DOMAINS
-from regmix.errors import ConfigError, ServiceError, UserError
+from regmix.errors import ConfigError
 from regmix.files import write_text
 from regmix.pipelines import byo, kfp_api, mlflow_server
+from regmix.pipelines.exits import in_one_line
 from regmix.pipelines.image import build_image, local_image
 from regmix.pipelines.interrupt import Interrupted
 from regmix.pipelines.kfp_api import compile_package
@@ -356,18 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     # the stream the first call found, which may be closed since
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"regmix: error: {e}", file=sys.stderr)
-        return 2
-    except ServiceError as e:  # a service out of reach: not the user's input, still one line
-        print(f"regmix: error: {e}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:  # `regmix ... | head`: the reader left; say nothing more
-        # Python flushes stdout again at exit: point it at nothing so that this stays quiet
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    return in_one_line(lambda: args.func(args), "regmix")
 
 
 if __name__ == "__main__":
