@@ -15,12 +15,12 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import urllib.request
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
 from regmix.errors import UserError
+from regmix.probe import http_status
 
 DEFAULT_BASE = "python:3.11-slim-bookworm"
 DEBIAN_BASE = "regmix-base:bookworm"  # made here by debootstrap when DEFAULT_BASE is out of reach
@@ -44,9 +44,7 @@ def local_image(gpu: bool = False) -> str:
 def reachable(url: str, timeout: float = 5.0) -> bool:
     """Whether an HTTPS endpoint answers at all (any HTTP status counts: a registry's 401 too)."""
     try:
-        urllib.request.urlopen(url, timeout=timeout)
-    except urllib.error.HTTPError:
-        return True
+        http_status(url, timeout)
     except OSError:
         return False
     return True

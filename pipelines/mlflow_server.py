@@ -13,10 +13,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from regmix.errors import UserError
+from regmix.probe import http_status
 
 DEFAULT_FOLDER = Path("mlruns/server")
 DATABASE = "mlflow"
@@ -45,8 +45,7 @@ def as_database_owner(command: list[str]) -> list[str]:
 
 def healthy(uri: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-            return response.status == 200
+        return http_status(f"{uri}/health", timeout=2) == 200
     except OSError:
         return False
 

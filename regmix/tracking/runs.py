@@ -19,6 +19,7 @@ from pathlib import Path
 from regmix.config.loading import parse_config
 from regmix.config.schema import check_compiled_settings
 from regmix.errors import ConfigError, TrackingUnavailable
+from regmix.probe import http_status
 
 STAGE_TAG, PIPELINE_TAG, HASH_TAG = "regmix.stage", "regmix.pipeline_run", "regmix.mixture_hash"
 CORPUS_TAG = "regmix.corpus_fingerprint"  # the prepared data (tokenizer + arrays) a proxy saw
@@ -147,14 +148,10 @@ def check_answers(uri: str) -> None:
     (MLFLOW_TRACKING_SERVER_CERT_PATH); no connection, or none within CHECK_TIMEOUT_S, does
     not."""
     import ssl
-    import urllib.error
-    import urllib.request
 
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=CHECK_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return
-    except (urllib.error.URLError, OSError) as e:
+        http_status(f"{uri.rstrip('/')}/health", CHECK_TIMEOUT_S)
+    except OSError as e:
         reason = getattr(e, "reason", e)
         if isinstance(reason, ssl.SSLError):
             return
