@@ -84,12 +84,15 @@ def compare(results: list[dict], target: dict[str, float]) -> dict:
     """Each mixture's mean and seed spread; against each baseline, the chosen mixture's margin
     over the seeds both were trained on, and whether it wins beyond seed noise: the same paired
     t bound as the gate's (a seed's luck is shared by every mixture trained on it, so comparing
-    means against each mixture's own spread hides a consistent gap behind seed noise)."""
+    means against each mixture's own spread hides a consistent gap behind seed noise). Each
+    mixture keeps its per-seed losses, to judge some of the seeds later
+    (benchmarks/seed_subset.py)."""
     losses: dict[str, dict[int, float]] = {}
     for r in results:
         losses.setdefault(r["name"], {})[int(r["seed"])] = target_loss(r["val_loss"], target)
     chosen = losses["chosen"]
-    return {name: seed_stats(by_seed) if name == "chosen" else against(chosen, by_seed)
+    return {name: {**(seed_stats(by_seed) if name == "chosen" else against(chosen, by_seed)),
+                   "losses": dict(sorted(by_seed.items()))}
             for name, by_seed in losses.items()}
 
 

@@ -56,6 +56,7 @@ def test_compare_sees_a_consistent_gap_that_seed_spread_hides():
                     TARGET)
     assert stats["uniform"]["std"] > stats["uniform"]["margin"]
     assert stats["uniform"]["chosen_wins"] and stats["uniform"]["paired_seeds"] == 3
+    assert stats["chosen"]["losses"] == pytest.approx({0: 3.0, 1: 3.2, 2: 3.4})
 
 
 def test_compare_leaves_an_unpaired_margin_undecided():
