@@ -3,7 +3,8 @@
 Gate Spearman on fresh proxies (with its bootstrap interval), the chosen mixture against the
 natural (token prior), uniform and best-proxy mixtures at proxy size in the gate and at the
 larger size, over paired seeds, and the rank-invariance Spearman proxy -> ~12x larger model.
-Long (about half an hour on 2 cores): run it on a quiet machine.
+Long (about an hour on 2 cores from nothing, estimated from docs/evidence.md's runs; 1973 s
+with the runs of its 5 and 3 seeds reused): run it on a quiet machine.
 
     python benchmarks/evidence.py [--config configs/evidence.yaml] [--json]
     python benchmarks/evidence.py --set regression.target=mean --set rank_check.mixtures=0
