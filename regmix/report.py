@@ -18,6 +18,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import mlflow
 
+from regmix.errors import UserError
 from regmix.evidence import verdict
 from regmix.files import write_text
 from regmix.tracking.outcome import run_outcome, tell_parent
@@ -49,10 +50,12 @@ def load_record(tracking_uri: str, experiment: str, label: str) -> RunRecord:
     client = mlflow.MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise ValueError(f"no MLflow experiment '{experiment}' at {tracking_uri}")
+        raise UserError(f"no MLflow experiment '{experiment}' at {tracking_uri}; give the "
+                        "experiment the run logged to (its config's name)")
     record = RunRecord(label, runs_by_stage(client, found.experiment_id, label))
     if not record.runs:
-        raise ValueError(f"no runs tagged {PIPELINE_TAG}={label} in experiment '{experiment}'")
+        raise UserError(f"no runs tagged {PIPELINE_TAG}={label} in experiment '{experiment}'; "
+                        "give the label a run's summary printed (or find it in `mlflow ui`)")
     with tempfile.TemporaryDirectory() as tmp:
         for stage, name in (("gate", "gate.json"),
                             ("evidence", "baselines.json"), ("evidence", "rank_invariance.json")):

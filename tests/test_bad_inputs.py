@@ -4,6 +4,7 @@ table, through the real CLI."""
 
 import time
 
+import mlflow
 import pytest
 import yaml
 
@@ -215,6 +216,12 @@ def test_services_out_of_reach_are_one_line(tmp_path, capsys, corpus_spec):
     assert_user_error(capsys, ["report", "x", "--experiment", "e", "--tracking-uri", f"sqlite:///{tmp_path}/typo.db"],
                       "typo.db': no MLflow store there")
     assert not (tmp_path / "typo.db").exists()  # not made, empty, by the check
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.MlflowClient(store).create_experiment("e")
+    assert_user_error(capsys, ["report", "nope", "--experiment", "e", "--tracking-uri", store],
+                      "no runs tagged regmix.pipeline_run=nope in experiment 'e'; give the label")
+    assert_user_error(capsys, ["report", "nope", "--experiment", "f", "--tracking-uri", store],
+                      "no MLflow experiment 'f' at")
     # Fault drill: a tracking server that does not answer is named before the pipeline starts
     (tmp_path / "c.yaml").write_text(config_text(corpus_spec))
     started = time.monotonic()
