@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from regmix.config.loading import load_config
-from regmix.errors import ConfigError
+from regmix.errors import UserError
 from regmix.evidence import against, verdict
-from regmix.gate import CHOSEN, compare_baselines
+from regmix.gate import compare_baselines, replica_seeds_measured
 from regmix.pipelines.exits import in_one_line
 from regmix.report import load_record
 from regmix.tracking.runs import checked_tracking_uri, default_tracking_uri
@@ -40,14 +40,12 @@ def main() -> None:
     record = load_record(uri, config.name, args.run)
     gate, large = record.artifacts.get("gate.json"), record.artifacts.get("baselines.json")
     if not gate or not large or "losses" not in large.get("chosen", {}):
-        raise ConfigError(f"run {args.run}: no gate.json and baselines.json with per-seed losses "
+        raise UserError(f"run {args.run}: no gate.json and baselines.json with per-seed losses "
                           f"in experiment {config.name}; give a finished evidence run's label")
-    gate_seeds = sorted({int(i.split("@seed")[1]) for i in gate["measured"]
-                         if i.startswith(f"{CHOSEN}@seed")})
     chosen = from_seed(large["chosen"]["losses"], args.large_from)
     sizes = {
         "gate": compare_baselines(gate["measured"],
-                                  [f"seed{k}" for k in gate_seeds if k >= args.gate_from],
+                                  replica_seeds_measured(gate["measured"], args.gate_from),
                                   list(gate["baselines"])),
         "larger": {name: against(chosen, from_seed(s["losses"], args.large_from))
                    for name, s in large.items() if name != "chosen"},

@@ -154,7 +154,7 @@ def decide(results: list[dict], predicted: dict[str, float], target: dict[str, f
         np.array([predicted[i] for i in fresh]), np.array([measured[i] for i in fresh]),
         gate.bootstrap, gate.confidence, seed=0,
     ) if len(fresh) >= 3 else (0.0, float("nan"), float("nan"))
-    seeds = [i.removeprefix(f"{CHOSEN}@") for i in measured if i.startswith(f"{CHOSEN}@")]
+    seeds = replica_seeds_measured(measured)
     paired = [s for s in seeds if f"{BEST}@{s}" in measured]
     if len(paired) >= 2:
         # Not measurably worse: the mean per-seed difference is within its paired t bound.
@@ -216,6 +216,12 @@ def decide(results: list[dict], predicted: dict[str, float], target: dict[str, f
         "tolerance_basis": basis, "measured": measured, "predicted": predicted,
         "fresh": fresh, "chosen_fitted": chosen_fitted, "baselines": baselines,
     }
+
+
+def replica_seeds_measured(measured: dict[str, float], first: int = 1) -> list[str]:
+    """The seeds ("seed<k>", k >= `first`) the chosen mixture's gate replicas were measured on."""
+    return [i.removeprefix(f"{CHOSEN}@") for i in measured
+            if i.startswith(f"{CHOSEN}@seed") and int(i.removeprefix(f"{CHOSEN}@seed")) >= first]
 
 
 def compare_baselines(measured: dict[str, float], seeds: list[str], names: list[str]) -> dict:
