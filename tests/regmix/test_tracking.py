@@ -163,3 +163,23 @@ def test_the_check_before_a_run_takes_any_http_answer_and_names_silence():
     server.server_close()
     with pytest.raises(TrackingUnavailable, match=f"the MLflow server at {uri} does not answer"):
         check_answers(uri)
+
+
+TELEMETRY_ON = ("import mlflow; from mlflow.telemetry.client import get_telemetry_client; "
+                "print(get_telemetry_client() is not None)")
+
+
+@pytest.mark.parametrize("first, chosen, telemetry", [
+    ("", None, "True"),                  # MLflow alone, outside CI: on (the test can fail)
+    ("import regmix; ", None, "False"),  # a regmix process: off, as in every task and pod
+    ("import regmix; ", "false", "True"),  # a user's explicit choice stands
+])
+def test_regmix_processes_run_without_mlflow_telemetry(first, chosen, telemetry):
+    # Its failing config fetch pops an environment variable under a running request; once in
+    # CI a container task failed with KeyError('_MLFLOW_TELEMETRY_SESSION_ID').
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}  # no CI or pytest variables: a user's shell
+    if chosen:
+        env["MLFLOW_DISABLE_TELEMETRY"] = chosen
+    shown = subprocess.run([sys.executable, "-c", first + TELEMETRY_ON], env=env,
+                           capture_output=True, text=True, check=True).stdout.split()[-1]
+    assert shown == telemetry
