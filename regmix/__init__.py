@@ -7,9 +7,12 @@ sit above it.
 """
 import os
 
-# MLflow's usage telemetry, unless the user chose otherwise: its background config fetch, when
-# it fails (no internet in a pod or container), pops an environment variable while the task's
-# own MLflow request is reading os.environ for proxies, and the task fails with a KeyError
-# ('_MLFLOW_TELEMETRY_SESSION_ID'). Set here, before any regmix module imports mlflow, it also
-# reaches every process a task starts.
+# Two MLflow defaults every regmix process (CLI, task, pod, and what they start) changes unless
+# the user set them; here, before any regmix module imports mlflow.
+# - Telemetry: its background config fetch, when it fails (no internet in a pod or container),
+#   pops an environment variable while a task's own MLflow request reads os.environ for proxies,
+#   and the task fails with KeyError('_MLFLOW_TELEMETRY_SESSION_ID').
+# - Artifact progress bars: a tqdm bar per artifact read or written, lines of noise before
+#   `regmix report`'s output and in every task log.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
