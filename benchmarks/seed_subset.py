@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     config = load_config(args.config, [])
-    uri = checked_tracking_uri(config.tracking.uri or default_tracking_uri())
+    uri = checked_tracking_uri(config.tracking.uri or default_tracking_uri(), existing=True)
     record = load_record(uri, config.name, args.run)
     gate, large = record.artifacts.get("gate.json"), record.artifacts.get("baselines.json")
     if not gate or not large or "losses" not in large.get("chosen", {}):
